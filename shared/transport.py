@@ -31,6 +31,12 @@ _COMPRESSION_TO_PROTO = {
     codec.Compression.JPEG: gesco_pb2.COMPRESSION_JPEG,
 }
 _COMPRESSION_FROM_PROTO = {value: key for key, value in _COMPRESSION_TO_PROTO.items()}
+# SNR definitions by the names shared.channels.SnrDefinition uses (no Sionna import needed here).
+_SNR_DEFINITION_TO_PROTO = {
+    "average_power": gesco_pb2.SNR_DEFINITION_AVERAGE_POWER,
+    "paper_psnr": gesco_pb2.SNR_DEFINITION_PAPER_PSNR,
+}
+_SNR_DEFINITION_FROM_PROTO = {value: key for key, value in _SNR_DEFINITION_TO_PROTO.items()}
 
 
 def new_transmission_id() -> str:
@@ -44,6 +50,24 @@ def validate_transmission_id(value: str) -> str:
         shown = value[:40] if isinstance(value, str) else value
         raise ValueError(f"transmission_id must be 32 lowercase hex characters, got {shown!r}")
     return value
+
+
+def snr_definition_to_proto(name: str) -> int:
+    """The proto enum value of an SNR definition name ("average_power" or "paper_psnr")."""
+    name = getattr(name, "value", name)
+    if name not in _SNR_DEFINITION_TO_PROTO:
+        raise ValueError(f"snr_definition must be one of {sorted(_SNR_DEFINITION_TO_PROTO)}, got {name!r}")
+    return _SNR_DEFINITION_TO_PROTO[name]
+
+
+def snr_definition_from_proto(value: int) -> str:
+    """The SNR definition name of a proto enum value; ValueError for UNSPECIFIED or unknown."""
+    if value not in _SNR_DEFINITION_FROM_PROTO:
+        raise ValueError(
+            f"channel.snr_definition must be SNR_DEFINITION_AVERAGE_POWER or "
+            f"SNR_DEFINITION_PAPER_PSNR, got {value}"
+        )
+    return _SNR_DEFINITION_FROM_PROTO[value]
 
 
 def semantic_header_to_proto(header: codec.SemanticHeader) -> gesco_pb2.SemanticHeader:

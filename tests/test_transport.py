@@ -238,3 +238,15 @@ def test_any_chunking_round_trips(chunk_words, num_symbols, seed):
     assert len(frames) == 1 + -(-num_symbols // chunk_words)
     _, received = transport.assemble_frames(frames, max_symbols=num_symbols)
     np.testing.assert_array_equal(received, symbols)
+
+
+@pytest.mark.parametrize("name", ["average_power", "paper_psnr"])
+def test_snr_definition_round_trip(name):
+    assert transport.snr_definition_from_proto(transport.snr_definition_to_proto(name)) == name
+
+
+def test_bad_snr_definitions():
+    with pytest.raises(ValueError, match="snr_definition"):
+        transport.snr_definition_to_proto("peak")
+    with pytest.raises(ValueError, match="snr_definition"):
+        transport.snr_definition_from_proto(gesco_pb2.SNR_DEFINITION_UNSPECIFIED)
