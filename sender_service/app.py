@@ -1,0 +1,302 @@
+"""Sender REST API: POST /v1/transmissions turns an upload into a semantic transmission.
+
+Handlers only parse and validate the form, run `pipeline.prepare_transmission` in a worker thread,
+stream the result to the channel simulator over gRPC and map failures to HTTP statuses. Every
+error a client sees is JSON of one shape: {"error": {"field": ..., "message": ...}}.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import grpc
+import httpx
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sender_service import receiver_client
+from sender_service.grpc_client import ChannelCallError, ChannelClient
+from sender_service.pipeline import (
+    LABEL_MAP,
+    PHOTO,
+    FieldError,
+    NotReadyError,
+    SegmenterLoader,
+    TransmissionRequest,
+    prepare_transmission,
+)
+from sender_service.settings import SenderSettings
+from shared import transport
+from shared.codec import Compression
+from shared.docs_ui import mount_local_docs
+from shared.logging_setup import request_context
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart boundaries and the small form fields around the uploaded file.
+FORM_OVERHEAD_BYTES = 64 * 1024
+MAX_SEED = 2**64 - 1
+
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """The one error body of this API."""
+    return JSONResponse(
+        {"error": {"field": field, "message": message, **extra}},
+        status_code=status_code,
+        headers=headers,
+    )
+
+
+def create_app(settings: SenderSettings | None = None) -> FastAPI:
+    """Build the app; resources (segmenter, gRPC channel, HTTP client) open in its lifespan."""
+    settings = settings or SenderSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.segmenter = SegmenterLoader(settings)
+        app.state.segmenter.start()
+        app.state.channel = ChannelClient(settings.channel_address)
+        app.state.http = httpx.AsyncClient()
+        try:
+            yield
+        finally:
+            await app.state.http.aclose()
+            await app.state.channel.close()
+
+    app = FastAPI(
+        title="gesco sender",
+        version="1",
+        description="Segments a photo (or takes a label map), encodes the present-class maps and "
+        "sends them over a simulated channel to the generative receiver.",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+    )
+    app.state.settings = settings
+    _add_error_handlers(app)
+    mount_local_docs(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up (it may still be loading the segmenter)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready once the segmenter has loaded; 503 with the reason otherwise."""
+        loader: SegmenterLoader = request.app.state.segmenter
+        body = {"ready": loader.ready, "segmenter": loader.info}
+        if loader.ready:
+            return JSONResponse(body)
+        return JSONResponse({**body, "error": loader.error or "the segmenter is loading"}, status_code=503)
+
+    @app.post(
+        "/v1/transmissions",
+        status_code=202,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "wait=true: the generated image"},
+            400: {"description": "a form field or the upload is unusable"},
+            413: {"description": "the upload is too large"},
+            422: {"description": "a form field is missing or out of range"},
+            429: {"description": "the channel or receiver is busy (see Retry-After)"},
+            502: {"description": "the channel, receiver or generation failed"},
+            503: {"description": "the channel or receiver is unreachable, or the segmenter is not ready"},
+            504: {"description": "the channel call or the wait timed out"},
+        },
+    )
+    async def create_transmission(
+        request: Request,
+        file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")],
+        kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is")] = PHOTO,
+        psnr_db: Annotated[float, Form(ge=-10, le=100, description="channel SNR in dB")] = 100.0,
+        snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr",
+        channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn",
+        equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
+        rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0,
+        sampler: Annotated[
+            str | None, Form(pattern=r"^[A-Za-z0-9_+\-]{1,32}$", description="empty: the receiver's default")
+        ] = None,
+        steps: Annotated[int | None, Form(ge=1, le=1000, description="empty: the sampler's default")] = None,
+        guidance: Annotated[float, Form(ge=0, le=20, description="classifier-free guidance scale")] = 2.0,
+        seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None,
+        downsample_factor: Annotated[
+            int | None, Form(ge=1, le=64, description="empty: the sender's setting")
+        ] = None,
+        compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None,
+        jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None,
+        use_fds: Annotated[bool, Form(description="fast denoising of the received maps")] = True,
+        wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready")] = False,
+    ) -> Response:
+        """Send one photo or label map through the channel to the receiver.
+
+        202 with the transmission's id, status and image URLs, the channel's report and the bit
+        counts; with wait=true, 200 with the generated PNG once the receiver has made it.
+        """
+        transmission_id = transport.new_transmission_id()
+        with request_context(transmission_id):
+            spec = TransmissionRequest(
+                kind=kind,
+                psnr_db=psnr_db,
+                snr_definition=snr_definition,
+                channel=channel,
+                equalize=equalize,
+                rician_k_db=rician_k_db,
+                sampler=sampler or "",
+                steps=steps or 0,
+                guidance=guidance,
+                seed=secrets.randbits(32) if seed is None else seed,
+                downsample_factor=downsample_factor or settings.downsample_factor,
+                compression=compression or settings.compression,
+                jpeg_quality=jpeg_quality or settings.jpeg_quality,
+                use_fds=use_fds,
+            )
+            data = await file.read(settings.max_upload_bytes + 1)
+            return await _transmit(request.app, spec, data, transmission_id, wait)
+
+    return app
+
+
+async def _transmit(
+    app: FastAPI, spec: TransmissionRequest, data: bytes, transmission_id: str, wait: bool
+) -> Response:
+    settings: SenderSettings = app.state.settings
+    loader: SegmenterLoader = app.state.segmenter
+    try:
+        prepared = await run_in_threadpool(
+            prepare_transmission, data, spec, settings, loader, transmission_id
+        )
+    except FieldError as error:
+        return error_response(error.status_code, error.message, field=error.field)
+    except NotReadyError as error:
+        return error_response(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"})
+
+    try:
+        ack = await app.state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
+    except ChannelCallError as error:
+        log.warning("channel call failed", extra={"grpc_code": error.code.name})
+        return _channel_error_response(error, settings, transmission_id)
+
+    public = settings.receiver_public_url
+    report = ack.channel_report
+    body = {
+        "id": transmission_id,
+        "status_url": receiver_client.status_url(public, transmission_id),
+        "image_url": receiver_client.image_url(public, transmission_id),
+        "queue_position": ack.queue_position,
+        "seed": spec.seed,
+        "channel": {
+            "model": report.model or spec.channel,
+            "requested_snr_db": report.requested_snr_db,
+            "measured_snr_db": report.measured_snr_db,
+            "snr_definition": spec.snr_definition,
+            "channel_uses": report.channel_uses,
+        },
+        "bits": {
+            "payload_bits": prepared.semantic.payload_bits,
+            "num_symbols": prepared.semantic.num_symbols,
+            "channel_uses": report.channel_uses,
+            "image_bits_jpeg": prepared.header.image_bits_jpeg,
+            "image_jpeg_quality": prepared.header.image_jpeg_quality,
+        },
+        "semantic": {
+            "height": prepared.semantic.height,
+            "width": prepared.semantic.width,
+            "present_class_ids": list(prepared.semantic.present_class_ids),
+            "downsample_factor": prepared.semantic.downsample_factor,
+            "compression": prepared.semantic.compression.value,
+        },
+        "segmenter": {"used": prepared.segmenter_used, **_segmenter_summary(loader)},
+    }
+    log.info("transmission sent", extra={"queue_position": ack.queue_position})
+    if not wait:
+        return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+    return await _wait_for_image(app, transmission_id, body)
+
+
+async def _wait_for_image(app: FastAPI, transmission_id: str, body: dict[str, Any]) -> Response:
+    settings: SenderSettings = app.state.settings
+    details = {"id": transmission_id, "status_url": body["status_url"]}
+    try:
+        png = await receiver_client.wait_for_image(
+            app.state.http,
+            settings.receiver_poll_url,
+            transmission_id,
+            settings.wait_timeout_s,
+            settings.poll_interval_s,
+        )
+    except receiver_client.ReceiverUnavailableError as error:
+        return error_response(503, str(error), **details)
+    except receiver_client.GenerationFailedError as error:
+        return error_response(502, str(error), **details)
+    except receiver_client.WaitTimeoutError as error:
+        return error_response(504, str(error), **details)
+    return Response(png, media_type="image/png", headers={"X-Transmission-Id": transmission_id})
+
+
+def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
+    return dict(loader.info) if loader.info else {"trained": False, "note": "the segmenter is loading"}
+
+
+def _channel_error_response(
+    error: ChannelCallError, settings: SenderSettings, transmission_id: str
+) -> JSONResponse:
+    status_code = _GRPC_TO_HTTP.get(error.code, 502)
+    headers = None
+    if status_code == 429:
+        headers = {"Retry-After": str(error.retry_after_s or settings.retry_after_s)}
+    message = {
+        503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
+        504: f"the channel call exceeded its {settings.rpc_timeout_s:g} s deadline: {error.details}",
+    }.get(status_code, f"the channel refused the transmission: {error.details}")
+    return error_response(
+        status_code, message, headers=headers, grpc_code=error.code.name, id=transmission_id
+    )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _field_name(error.get("loc", ())), "message": error.get("msg", "invalid")}
+            for error in exc.errors()
+        ]
+        first = errors[0] if errors else {"field": None, "message": "invalid request"}
+        return error_response(422, first["message"], field=first["field"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 413:
+            settings: SenderSettings = request.app.state.settings
+            message = f"the request body is larger than the {settings.max_upload_bytes}-byte upload limit"
+            return error_response(413, message, field="file", headers=exc.headers)
+        return error_response(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+def _field_name(location: tuple | list) -> str | None:
+    names = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    return names[0] if names else None

@@ -1,0 +1,227 @@
+"""The sender's side of the paper's framework (sec. 3.2), apart from the HTTP layer.
+
+upload -> bounded decode -> label map (segmented photo, or the uploaded map) at the semantic size
+-> present-class maps, compressed and power-normalised by `shared.codec` -> a TransmissionHeader
+and the symbols that follow it on the wire. Request errors are `FieldError`s naming the form field.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from gesco.v1 import gesco_pb2
+from sender_service.settings import REPO_ROOT, SenderSettings
+from shared import codec, imageio, transport
+
+log = logging.getLogger(__name__)
+
+PHOTO = "photo"
+LABEL_MAP = "label_map"
+
+
+class FieldError(ValueError):
+    """A request value the sender cannot use; `field` is the form field to blame."""
+
+    def __init__(self, field: str, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.status_code = status_code
+
+
+class NotReadyError(RuntimeError):
+    """The segmenter has not loaded (yet, or at all): photos cannot be segmented."""
+
+
+@dataclass(frozen=True)
+class TransmissionRequest:
+    """Everything a client chose for one transmission, already range-checked by the HTTP layer."""
+
+    kind: str = PHOTO
+    psnr_db: float = 100.0
+    snr_definition: str = "paper_psnr"
+    channel: str = "awgn"
+    equalize: bool = True
+    rician_k_db: float = 6.0
+    sampler: str = ""
+    steps: int = 0
+    guidance: float = 2.0
+    seed: int = 0
+    downsample_factor: int = 1
+    compression: codec.Compression = codec.Compression.NONE
+    jpeg_quality: int = 75
+    use_fds: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedTransmission:
+    """A transmission ready to stream: the wire header, the symbols and what the client is told."""
+
+    header: gesco_pb2.TransmissionHeader
+    symbols: np.ndarray
+    semantic: codec.SemanticHeader
+    segmenter_used: bool
+
+
+@dataclass
+class SegmenterLoader:
+    """Loads the segmenter off the event loop at startup; /readyz reports when it is usable.
+
+    A missing checkpoint falls back to an untrained network (label maps are then arbitrary), which
+    keeps the pipeline runnable on a fresh clone; `info` says so in every response.
+    """
+
+    settings: SenderSettings
+    segmenter: Any = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="segmenter-loader", daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.segmenter is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout) and self.segmenter is not None
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        if not self.ready:
+            raise NotReadyError(self.error or "the segmenter is still loading")
+        with self._lock:  # one forward pass at a time keeps memory flat under load
+            return self.segmenter.segment(image)
+
+    def _load(self) -> None:
+        from shared.segmenter import Segmenter, SegmenterConfig  # torch import off the startup path
+
+        path = self.settings.checkpoint_path
+        try:
+            if path.is_file():
+                segmenter = Segmenter.from_checkpoint(path, device=self.settings.device)
+                info = {"trained": True, "checkpoint": _display_path(path)}
+                log.info("segmenter loaded", extra={"checkpoint": str(path)})
+            else:
+                config = SegmenterConfig(num_classes=self.settings.num_classes)
+                segmenter = Segmenter.untrained(config, device=self.settings.device)
+                info = {
+                    "trained": False,
+                    "checkpoint": None,
+                    "note": f"checkpoint {_display_path(path)} not found: an untrained segmenter "
+                    "is in use, so label maps from photos are arbitrary",
+                }
+                log.warning("segmenter checkpoint missing: using an untrained segmenter",
+                            extra={"checkpoint": str(path)})
+            if segmenter.config.num_classes != self.settings.num_classes:
+                raise ValueError(
+                    f"the segmenter predicts {segmenter.config.num_classes} classes but "
+                    f"num_classes is {self.settings.num_classes}"
+                )
+            info["device"] = str(segmenter.device)
+            self.info = info
+            self.segmenter = segmenter
+        except Exception as error:  # readiness must report any load failure, never crash the app
+            self.error = f"segmenter failed to load from {path}: {error}"
+            self.info = {"trained": False, "checkpoint": _display_path(path), "error": self.error}
+            log.exception("segmenter failed to load")
+        finally:
+            self._ready.set()
+
+
+def prepare_transmission(
+    data: bytes,
+    request: TransmissionRequest,
+    settings: SenderSettings,
+    segmenter: SegmenterLoader,
+    transmission_id: str,
+) -> PreparedTransmission:
+    """Turn an upload into the header and symbols of one transmission (blocking: run it off the
+    event loop)."""
+    height, width = settings.map_height, settings.map_width
+    factor = request.downsample_factor
+    if height % factor or width % factor:
+        raise FieldError(
+            "downsample_factor",
+            f"downsample_factor {factor} must divide the semantic map size {height}x{width}",
+        )
+    try:
+        if request.kind == PHOTO:
+            image = imageio.decode_image_bounded(data, settings.max_upload_bytes, settings.max_pixels)
+        else:
+            labels = imageio.decode_label_map_png(
+                data, settings.num_classes, settings.max_upload_bytes, settings.max_pixels
+            )
+    except imageio.UploadTooLargeError as error:
+        raise FieldError("file", str(error), status_code=413) from error
+    except imageio.ImageDecodeError as error:
+        raise FieldError("file", str(error)) from error
+
+    if request.kind == PHOTO:
+        image = _resize(image, height, width, cv2.INTER_AREA)
+        labels = segmenter.segment(image)
+        image_bits = codec.jpeg_bits(image, settings.image_jpeg_quality)
+        image_quality = settings.image_jpeg_quality
+    else:
+        labels = _resize(labels, height, width, cv2.INTER_NEAREST)
+        image_bits, image_quality = 0, 0
+
+    config = codec.CodecConfig(
+        num_classes=settings.num_classes,
+        downsample_factor=factor,
+        compression=request.compression,
+        jpeg_quality=request.jpeg_quality,
+    )
+    encoded = codec.encode_label_map(labels, config)
+    header = gesco_pb2.TransmissionHeader(
+        transmission_id=transmission_id,
+        semantic=transport.semantic_header_to_proto(encoded.header),
+        channel=gesco_pb2.ChannelRequest(
+            model=request.channel,
+            snr_db=request.psnr_db,
+            snr_definition=transport.snr_definition_to_proto(request.snr_definition),
+            equalize=request.equalize,
+            seed=request.seed,
+            rician_k_db=request.rician_k_db,
+        ),
+        sampling=gesco_pb2.SamplingRequest(
+            sampler=request.sampler,
+            steps=request.steps,
+            guidance=request.guidance,
+            seed=request.seed,
+            use_fds=request.use_fds,
+        ),
+        image_bits_jpeg=image_bits,
+        image_jpeg_quality=image_quality,
+    )
+    return PreparedTransmission(
+        header=header,
+        symbols=encoded.symbols,
+        semantic=encoded.header,
+        segmenter_used=request.kind == PHOTO,
+    )
+
+
+def _resize(array: np.ndarray, height: int, width: int, shrink_interpolation: int) -> np.ndarray:
+    """Resize to (height, width); maps already at that size are passed through untouched."""
+    if array.shape[:2] == (height, width):
+        return array
+    enlarging = array.shape[0] * array.shape[1] < height * width
+    interpolation = (
+        cv2.INTER_LINEAR if enlarging and shrink_interpolation == cv2.INTER_AREA else shrink_interpolation
+    )
+    return np.ascontiguousarray(cv2.resize(array, (width, height), interpolation=interpolation))
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)

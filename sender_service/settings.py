@@ -1,0 +1,69 @@
+"""Sender service settings, read from GESCO_SENDER_* environment variables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.codec import Compression
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SenderSettings(BaseSettings):
+    """Where the sender listens and sends, its semantic codec defaults and its input bounds."""
+
+    model_config = SettingsConfigDict(env_prefix="GESCO_SENDER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    channel_address: str = "127.0.0.1:50051"
+    # Base of the status and image URLs handed to clients.
+    receiver_public_url: str = "http://127.0.0.1:8001"
+    # Where the sender itself polls the receiver for wait=true (inside Docker: http://receiver:8001);
+    # empty means receiver_public_url.
+    receiver_internal_url: str = ""
+    # A relative path is resolved against the repository root; a missing file means an untrained
+    # segmenter (the responses and logs say so).
+    segmenter_checkpoint: Path = Path("models/segmenter-camvid.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_classes: int = Field(12, ge=2, le=256)
+    # The semantic size every label map is resized to (nearest) before encoding.
+    map_height: int = Field(96, ge=8, le=4096)
+    map_width: int = Field(128, ge=8, le=4096)
+    downsample_factor: int = Field(1, ge=1, le=64)
+    compression: Compression = Compression.NONE
+    jpeg_quality: int = Field(75, ge=1, le=100)
+    # Quality of the JPEG that sizes the full-image comparison (image_bits_jpeg).
+    image_jpeg_quality: int = Field(75, ge=1, le=100)
+    rpc_timeout_s: float = Field(30.0, gt=0)
+    wait_timeout_s: float = Field(600.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    # Retry-After (seconds) sent with 429 when the channel or receiver gives no hint.
+    retry_after_s: int = Field(5, ge=1)
+    max_upload_bytes: int = Field(20_000_000, ge=1)
+    max_pixels: int = Field(25_000_000, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("receiver_public_url", "receiver_internal_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        path = self.segmenter_checkpoint
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    @property
+    def receiver_poll_url(self) -> str:
+        return self.receiver_internal_url or self.receiver_public_url
