@@ -1,0 +1,34 @@
+"""`python -m channel_sim`: serve Channel.Transmit until SIGTERM or SIGINT."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from channel_sim.server import build_server, set_serving
+from channel_sim.settings import ChannelSettings
+from shared.logging_setup import configure_logging
+
+log = logging.getLogger("channel_sim")
+
+
+def main() -> None:
+    settings = ChannelSettings()
+    configure_logging("channel_sim", settings.log_level)
+    server, receiver_channel, health_servicer = build_server(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    set_serving(health_servicer, True)
+    log.info("listening", extra={"address": f"{settings.host}:{settings.port}",
+                                 "receiver_address": settings.receiver_address})
+    stop.wait()
+    log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    set_serving(health_servicer, False)
+    server.stop(settings.shutdown_grace_s).wait()
+    receiver_channel.close()
+
+
+if __name__ == "__main__":
+    main()

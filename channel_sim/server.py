@@ -1,0 +1,173 @@
+"""gRPC Channel.Transmit: assemble the stream, corrupt the symbols, forward them to the receiver.
+
+The handler only parses, calls shared.channels and maps errors to statuses; the receiver's answer
+(its ack, or its error with any `retry-after` trailer) goes back to the caller unchanged in meaning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from channel_sim.settings import ChannelSettings
+from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from shared import channels, transport
+from shared.logging_setup import clean_request_id, request_context
+
+log = logging.getLogger("channel_sim")
+
+RETRY_AFTER_METADATA_KEY = "retry-after"
+# Receiver errors whose code already says the right thing to the sender.
+_PASSED_THROUGH = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class CallRejected(Exception):
+    """Ends a call with a status, details and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing = trailing
+
+
+def channel_config_from_proto(request: gesco_pb2.ChannelRequest) -> channels.ChannelConfig:
+    """The channel condition a header asks for; ValueError names the bad field."""
+    try:
+        model = channels.ChannelModel(request.model)
+    except ValueError:
+        names = [m.value for m in channels.ChannelModel]
+        raise ValueError(f"channel.model must be one of {names}, got {request.model[:40]!r}") from None
+    try:
+        return channels.ChannelConfig(
+            model=model,
+            snr_db=request.snr_db,
+            snr_definition=channels.SnrDefinition(transport.snr_definition_from_proto(request.snr_definition)),
+            equalize=request.equalize,
+            rician_k_db=request.rician_k_db,
+        )
+    except ValueError as error:
+        raise ValueError(f"channel: {error}") from None
+
+
+class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
+    def __init__(self, settings: ChannelSettings, receiver: gesco_pb2_grpc.ReceiverStub) -> None:
+        self._settings = settings
+        self._receiver = receiver
+
+    def Transmit(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
+        started = time.perf_counter()
+        request_id = clean_request_id(dict(context.invocation_metadata()).get(transport.REQUEST_ID_METADATA_KEY))
+        fields: dict[str, object] = {}
+        with request_context(request_id):
+            try:
+                ack = self._transmit(request_iterator, context, request_id, fields)
+            except CallRejected as rejected:
+                self._log_call(fields, rejected.code, started, rejected.details)
+                if rejected.trailing:
+                    context.set_trailing_metadata(rejected.trailing)
+                context.abort(rejected.code, rejected.details)
+            except Exception:
+                log.exception("transmit failed")
+                self._log_call(fields, grpc.StatusCode.INTERNAL, started, "internal error")
+                context.abort(grpc.StatusCode.INTERNAL, "internal error in the channel simulator")
+            self._log_call(fields, grpc.StatusCode.OK, started, "")
+            return ack
+
+    def _transmit(self, request_iterator, context, request_id, fields) -> gesco_pb2.TransmissionAck:
+        try:
+            header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
+            fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
+            config = channel_config_from_proto(header.channel)
+            fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
+            output = channels.apply_channel(
+                symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale
+            )
+        except ValueError as error:
+            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        report = gesco_pb2.ChannelReport(
+            model=config.model.value,
+            requested_snr_db=config.snr_db,
+            measured_snr_db=output.measured_snr_db,
+            snr_definition=header.channel.snr_definition,
+            channel_uses=output.channel_uses,
+        )
+        header.channel_report.CopyFrom(report)
+        fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
+        ack = self._forward(header, output.symbols, request_id or header.transmission_id, context)
+        ack.channel_report.CopyFrom(report)
+        return ack
+
+    def _forward(self, header, symbols, request_id: str, context) -> gesco_pb2.TransmissionAck:
+        remaining = context.time_remaining()
+        timeout = self._settings.forward_timeout_s if remaining is None else min(remaining, self._settings.forward_timeout_s)
+        if timeout <= 0:
+            raise CallRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to forward to the receiver")
+        try:
+            return self._receiver.Receive(
+                transport.symbol_frames(header, symbols),
+                metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),),
+                timeout=timeout,
+            )
+        except grpc.RpcError as error:
+            raise receiver_error(error) from None
+
+    def _log_call(self, fields: dict, code: grpc.StatusCode, started: float, details: str) -> None:
+        log.info(
+            "transmit",
+            extra={**fields, "code": code.name, "details": details[:300],
+                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+        )
+
+
+def receiver_error(error: grpc.RpcError) -> CallRejected:
+    """The status to give the sender for a failed call to the receiver."""
+    code = error.code()
+    details = error.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return CallRejected(code, f"receiver unavailable: {details}" if details else "receiver unavailable")
+    if code in _PASSED_THROUGH:
+        trailing = tuple(
+            (key, value) for key, value in (error.trailing_metadata() or ())
+            if key == RETRY_AFTER_METADATA_KEY
+        )
+        return CallRejected(code, details or f"receiver: {code.name}", trailing)
+    return CallRejected(grpc.StatusCode.INTERNAL, f"receiver failed with {code.name}: {details}")
+
+
+def build_server(settings: ChannelSettings) -> tuple[grpc.Server, grpc.Channel, health.HealthServicer]:
+    """A started-able server bound to settings.host:port, and the channel to the receiver."""
+    receiver_channel = grpc.insecure_channel(settings.receiver_address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers))
+    gesco_pb2_grpc.add_ChannelServicer_to_server(
+        ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel)), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    address = f"{settings.host}:{settings.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, receiver_channel, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name):
+        health_servicer.set(name, status)

@@ -1,0 +1,28 @@
+"""Channel simulator settings, read from GESCO_CHANNEL_* environment variables."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ChannelSettings(BaseSettings):
+    """Where the simulator listens, where it forwards, and how much it accepts."""
+
+    model_config = SettingsConfigDict(env_prefix="GESCO_CHANNEL_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=1, le=65535)
+    receiver_address: str = "127.0.0.1:50052"
+    max_symbols: int = Field(8_000_000, ge=1)
+    max_workers: int = Field(8, ge=1)
+    # Deadline of the call to the receiver: the caller's remaining time, at most this.
+    forward_timeout_s: float = Field(30.0, gt=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value

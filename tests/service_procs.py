@@ -1,0 +1,100 @@
+"""Start the services as real subprocesses on free loopback ports and wait until they answer."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_service(
+    module: str,
+    env: dict[str, str],
+    ready_url: str | None = None,
+    grpc_port: int | None = None,
+    timeout: float = 60.0,
+) -> subprocess.Popen:
+    """Run `python -m module` with `env` added to this environment; return once it is ready.
+
+    Ready means `ready_url` answers 200 (when given) and the gRPC health check on 127.0.0.1:grpc_port
+    says SERVING (when given). The process's stderr goes to a temporary file, shown if it dies or
+    never becomes ready, and available afterwards as `proc.log_path`.
+    """
+    log_file = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log_path = Path(log_file.name)  # type: ignore[attr-defined]
+    log_file.close()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{module} exited with {proc.returncode}:\n{service_log(proc)}")
+            if _http_ready(ready_url) and _grpc_serving(grpc_port):
+                return proc
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{module} not ready after {timeout:.0f} s:\n{service_log(proc)}")
+            time.sleep(0.2)
+    except BaseException:
+        stop_service(proc)
+        raise
+
+
+def stop_service(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL after `timeout` seconds; return the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def service_log(proc: subprocess.Popen) -> str:
+    """What the service has written to stdout and stderr so far."""
+    path = getattr(proc, "log_path", None)
+    return path.read_text(errors="replace") if path and path.exists() else ""
+
+
+def _http_ready(url: str | None) -> bool:
+    if url is None:
+        return True
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _grpc_serving(port: int | None) -> bool:
+    if port is None:
+        return True
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
