@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Room for the multipart boundaries and the small form fields around the uploaded file.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_SEED = 2**64 - 1
+BODY_TOO_LARGE_SCOPE_KEY = "gesco.body_too_large"
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -89,9 +90,9 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
     app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     _add_error_handlers(app)
     mount_local_docs(app)
 
@@ -272,6 +273,49 @@ def _channel_error_response(
     )
 
 
+class BodySizeLimit:
+    """Cap the request body at `max_body_size` bytes with the API's JSON 413.
+
+    A declared Content-Length over the limit is refused before anything is read; a streamed body
+    is cut off once it passes the limit (the form parser's error then becomes the same 413).
+    """
+
+    def __init__(self, app, max_body_size: int) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_size:
+            await _too_large_response(self.max_body_size)(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_with_limit():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_size:
+                    scope[BODY_TOO_LARGE_SCOPE_KEY] = True
+                    raise BodyTooLargeError
+            return message
+
+        await self.app(scope, receive_with_limit, send)
+
+
+class BodyTooLargeError(Exception):
+    """Raised into the form parser when a streamed body passes the limit."""
+
+
+def _too_large_response(max_body_size: int) -> JSONResponse:
+    limit = max_body_size - FORM_OVERHEAD_BYTES
+    return error_response(413, f"the request body is larger than the {limit}-byte upload limit", field="file")
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -284,11 +328,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if exc.status_code == 413:
+        if request.scope.get(BODY_TOO_LARGE_SCOPE_KEY):
             settings: SenderSettings = request.app.state.settings
-            message = f"the request body is larger than the {settings.max_upload_bytes}-byte upload limit"
-            return error_response(413, message, field="file", headers=exc.headers)
+            return _too_large_response(settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(Exception)

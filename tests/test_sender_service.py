@@ -1,0 +1,389 @@
+"""The sender as a real process: input validation, error mapping, and the happy path against a fake
+channel (gRPC) and a fake receiver (REST) served by this test process."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from sender_service import receiver_client
+from shared import transport
+from shared.imageio import encode_png
+from tests.service_procs import free_port, service_log, start_service, stop_service
+
+MAP_HEIGHT, MAP_WIDTH = 96, 128
+MAX_PIXELS = 20_000
+MAX_UPLOAD_BYTES = 300_000
+
+
+def blocky_label_map(height: int = MAP_HEIGHT, width: int = MAP_WIDTH) -> np.ndarray:
+    labels = np.zeros((height, width), dtype=np.uint8)
+    labels[: height // 2] = 3
+    labels[height // 2 :, : width // 2] = 5
+    labels[height // 4 : height // 2, width // 4 : width // 2] = 8
+    return labels
+
+
+def photo(height: int = 60, width: int = 80) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def post(base: str, data: bytes, filename: str = "upload.png", **fields) -> httpx.Response:
+    form = {key: str(value) for key, value in fields.items()}
+    return httpx.post(
+        f"{base}/v1/transmissions", files={"file": (filename, data)}, data=form, timeout=60
+    )
+
+
+def assert_error(response: httpx.Response, status: int, field: str | None, text: str = "") -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["field"] == field, error
+    assert text.lower() in error["message"].lower(), error
+    return error
+
+
+def wait_ready(base: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the sender's segmenter never became ready")
+
+
+@pytest.fixture(scope="module")
+def lone_sender():
+    """A sender whose channel address is a closed port."""
+    port, closed = free_port(), free_port()
+    env = {
+        "GESCO_SENDER_PORT": str(port),
+        "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{closed}",
+        "GESCO_SENDER_MAX_PIXELS": str(MAX_PIXELS),
+        "GESCO_SENDER_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "GESCO_SENDER_DEVICE": "cpu",
+    }
+    base = f"http://127.0.0.1:{port}"
+    proc = start_service("sender_service", env, ready_url=f"{base}/healthz")
+    proc.base = base  # type: ignore[attr-defined]
+    yield proc
+    stop_service(proc)
+
+
+@pytest.mark.parametrize(
+    ("data", "fields", "status", "field", "text"),
+    [
+        (b"this is not an image", {}, 400, "file", "not a recognised image"),
+        (encode_png(photo())[:300], {}, 400, "file", "truncated"),
+        (b"", {}, 400, "file", "empty"),
+        (encode_png(photo(200, 200)), {}, 400, "file", "pixels"),
+        (encode_png(np.full((8, 8), 12, dtype=np.uint8)), {"kind": "label_map"}, 400, "file", "class id 12"),
+        (encode_png(photo(8, 8)), {"kind": "label_map"}, 400, "file", "single-channel"),
+        (encode_png(blocky_label_map()), {"kind": "label_map", "downsample_factor": 5}, 400,
+         "downsample_factor", "must divide"),
+        (b"x" * (MAX_UPLOAD_BYTES + 100_000), {}, 413, "file", "upload limit"),
+        (b"x" * (MAX_UPLOAD_BYTES + 10), {}, 413, "file", "limit"),
+        (encode_png(photo()), {"kind": "sketch"}, 422, "kind", "photo"),
+        (encode_png(photo()), {"psnr_db": 100.5}, 422, "psnr_db", "less than or equal to 100"),
+        (encode_png(photo()), {"psnr_db": -11}, 422, "psnr_db", "greater than or equal to -10"),
+        (encode_png(photo()), {"psnr_db": "loud"}, 422, "psnr_db", "number"),
+        (encode_png(photo()), {"steps": 0}, 422, "steps", "greater than or equal to 1"),
+        (encode_png(photo()), {"steps": 1001}, 422, "steps", "less than or equal to 1000"),
+        (encode_png(photo()), {"guidance": 20.5}, 422, "guidance", "less than or equal to 20"),
+        (encode_png(photo()), {"seed": -1}, 422, "seed", "greater than or equal to 0"),
+        (encode_png(photo()), {"channel": "fiber"}, 422, "channel", "awgn"),
+        (encode_png(photo()), {"snr_definition": "peak"}, 422, "snr_definition", "paper_psnr"),
+        (encode_png(photo()), {"compression": "zip"}, 422, "compression", "jpeg"),
+        (encode_png(photo()), {"sampler": "no spaces"}, 422, "sampler", "pattern"),
+    ],
+    ids=[
+        "not-an-image", "truncated-png", "empty", "too-many-pixels", "label-id-too-big",
+        "rgb-label-map", "factor-not-dividing", "body-too-large", "file-too-large", "bad-kind",
+        "psnr-high", "psnr-low", "psnr-text", "steps-zero", "steps-high", "guidance-high",
+        "seed-negative", "bad-channel", "bad-snr-definition", "bad-compression", "bad-sampler",
+    ],
+)
+def test_bad_input_is_a_json_4xx_naming_the_field(lone_sender, data, fields, status, field, text) -> None:
+    assert_error(post(lone_sender.base, data, **fields), status, field, text)
+
+
+def test_missing_file_is_a_422_naming_file(lone_sender) -> None:
+    response = httpx.post(f"{lone_sender.base}/v1/transmissions", data={"kind": "photo"}, timeout=30)
+    assert_error(response, 422, "file")
+
+
+def test_channel_down_is_503_and_the_process_survives(lone_sender) -> None:
+    for kind, data in (
+        ("label_map", encode_png(blocky_label_map())),
+        ("label_map", encode_png(blocky_label_map(48, 64))),
+    ):
+        error = assert_error(post(lone_sender.base, data, kind=kind, psnr_db=20), 503, None, "unavailable")
+        assert error["grpc_code"] == "UNAVAILABLE" and len(error["id"]) == 32
+    wait_ready(lone_sender.base)
+    # A valid photo after all the bad requests still gets through decoding and segmentation.
+    assert_error(post(lone_sender.base, encode_png(photo())), 503, None, "unavailable")
+    assert lone_sender.poll() is None, service_log(lone_sender)
+    assert httpx.get(f"{lone_sender.base}/healthz", timeout=5).json() == {"status": "ok"}
+
+
+def test_readyz_reports_the_segmenter(lone_sender) -> None:
+    wait_ready(lone_sender.base)
+    body = httpx.get(f"{lone_sender.base}/readyz", timeout=5).json()
+    assert body["ready"] is True and isinstance(body["segmenter"]["trained"], bool)
+
+
+def test_docs_are_local_and_openapi_lists_the_form(lone_sender) -> None:
+    page = httpx.get(f"{lone_sender.base}/docs", timeout=5)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
+    assert "/openapi.json" in page.text
+    assert httpx.get(f"{lone_sender.base}/redoc", timeout=5).status_code == 404
+    spec = httpx.get(f"{lone_sender.base}/openapi.json", timeout=5).json()
+    operation = spec["paths"]["/v1/transmissions"]["post"]
+    assert "202" in operation["responses"]
+
+
+# --- against fakes: a gRPC channel and the receiver's REST API, both in this process -------------
+
+
+class FakeChannel(gesco_pb2_grpc.ChannelServicer):
+    """Assembles what the sender streams; answers an ack, or the error/delay set on it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.abort: tuple[grpc.StatusCode, str, tuple] | None = None
+        self.delay_s = 0.0
+
+    def Transmit(self, request_iterator, context):
+        header, symbols = transport.assemble_frames(request_iterator, max_symbols=10_000_000)
+        self.calls.append({"header": header, "symbols": symbols, "metadata": dict(context.invocation_metadata())})
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.abort is not None:
+            code, details, trailing = self.abort
+            context.set_trailing_metadata(trailing)
+            context.abort(code, details)
+        report = gesco_pb2.ChannelReport(
+            model=header.channel.model,
+            requested_snr_db=header.channel.snr_db,
+            measured_snr_db=header.channel.snr_db,
+            snr_definition=header.channel.snr_definition,
+            channel_uses=(len(symbols) + 1) // 2,
+        )
+        return gesco_pb2.TransmissionAck(
+            transmission_id=header.transmission_id, queue_position=1, channel_report=report
+        )
+
+
+class FakeReceiverRest(BaseHTTPRequestHandler):
+    """GET /v1/transmissions/{id} -> {"status": ...}; .../image -> a PNG."""
+
+    status = "done"
+    png = encode_png(np.zeros((MAP_HEIGHT, MAP_WIDTH, 3), dtype=np.uint8))
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.endswith("/image"):
+            self._answer(200, "image/png", self.png)
+        else:
+            self._answer(200, "application/json", json.dumps({"status": self.status, "error": "boom"}).encode())
+
+    def _answer(self, code: int, media_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", media_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    channel = FakeChannel()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    gesco_pb2_grpc.add_ChannelServicer_to_server(channel, server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    rest = ThreadingHTTPServer(("127.0.0.1", 0), FakeReceiverRest)
+    threading.Thread(target=rest.serve_forever, daemon=True).start()
+    channel.grpc_port = grpc_port
+    channel.rest_port = rest.server_address[1]
+    yield channel
+    rest.shutdown()
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def sender(fakes):
+    port = free_port()
+    env = {
+        "GESCO_SENDER_PORT": str(port),
+        "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{fakes.grpc_port}",
+        "GESCO_SENDER_RECEIVER_PUBLIC_URL": "http://receiver.example:8001",
+        "GESCO_SENDER_RECEIVER_INTERNAL_URL": f"http://127.0.0.1:{fakes.rest_port}",
+        "GESCO_SENDER_RPC_TIMEOUT_S": "1.5",
+        "GESCO_SENDER_POLL_INTERVAL_S": "0.05",
+        "GESCO_SENDER_DEVICE": "cpu",
+    }
+    base = f"http://127.0.0.1:{port}"
+    proc = start_service("sender_service", env, ready_url=f"{base}/readyz")
+    proc.base = base  # type: ignore[attr-defined]
+    yield proc
+    stop_service(proc)
+
+
+@pytest.fixture
+def channel(fakes):
+    fakes.calls.clear()
+    fakes.abort, fakes.delay_s = None, 0.0
+    FakeReceiverRest.status = "done"
+    yield fakes
+    fakes.abort, fakes.delay_s = None, 0.0
+
+
+def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
+    labels = blocky_label_map()
+    response = post(sender.base, encode_png(labels), kind="label_map", psnr_db=30, seed=7,
+                    channel="rician", rician_k_db=3, steps=5, guidance=1.5, sampler="ddim", use_fds="false")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    call = channel.calls[-1]
+    header = call["header"]
+    assert call["metadata"]["x-request-id"] == body["id"] == header.transmission_id
+    assert body["status_url"] == f"http://receiver.example:8001/v1/transmissions/{body['id']}"
+    assert body["image_url"] == body["status_url"] + "/image"
+    assert response.headers["location"] == body["status_url"]
+    assert body["queue_position"] == 1 and body["seed"] == 7
+    assert list(header.semantic.present_class_ids) == [0, 3, 5, 8]
+    assert (header.semantic.height, header.semantic.width) == (MAP_HEIGHT, MAP_WIDTH)
+    assert header.channel.model == "rician" and header.channel.snr_db == 30
+    assert header.channel.rician_k_db == 3 and header.channel.seed == 7
+    assert header.channel.snr_definition == gesco_pb2.SNR_DEFINITION_PAPER_PSNR
+    assert header.sampling.steps == 5 and header.sampling.guidance == 1.5
+    assert header.sampling.sampler == "ddim" and header.sampling.use_fds is False
+    assert header.image_bits_jpeg == 0
+    assert len(call["symbols"]) == 4 * MAP_HEIGHT * MAP_WIDTH
+    assert np.mean(call["symbols"].astype(np.float64) ** 2) == pytest.approx(1.0, rel=1e-5)
+    assert body["bits"] == {
+        "payload_bits": 4 * MAP_HEIGHT * MAP_WIDTH,
+        "num_symbols": 4 * MAP_HEIGHT * MAP_WIDTH,
+        "channel_uses": 2 * MAP_HEIGHT * MAP_WIDTH,
+        "image_bits_jpeg": 0,
+        "image_jpeg_quality": 0,
+    }
+    assert body["channel"]["model"] == "rician" and body["segmenter"]["used"] is False
+
+
+def test_label_maps_of_another_size_are_resized_nearest(sender, channel) -> None:
+    small = blocky_label_map(48, 64)
+    response = post(sender.base, encode_png(small), kind="label_map", downsample_factor=4, compression="jpeg")
+    assert response.status_code == 202, response.text
+    semantic = channel.calls[-1]["header"].semantic
+    assert (semantic.height, semantic.width, semantic.map_height, semantic.map_width) == (96, 128, 24, 32)
+    assert semantic.compression == gesco_pb2.COMPRESSION_JPEG
+    assert list(semantic.present_class_ids) == [0, 3, 5, 8]
+
+
+def test_photo_is_segmented_and_sized_as_jpeg(sender, channel) -> None:
+    response = post(sender.base, encode_png(photo(120, 160)), filename="photo.png")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    header = channel.calls[-1]["header"]
+    assert header.image_bits_jpeg > 0 and header.image_jpeg_quality == 75
+    assert body["bits"]["image_bits_jpeg"] == header.image_bits_jpeg
+    assert body["segmenter"]["used"] is True and isinstance(body["segmenter"]["trained"], bool)
+    assert header.sampling.steps == 0 and header.sampling.sampler == ""
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "retry_after"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400, None),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "7"),
+        (grpc.StatusCode.UNAVAILABLE, 503, None),
+        (grpc.StatusCode.INTERNAL, 502, None),
+    ],
+)
+def test_channel_errors_map_to_http(sender, channel, code, status, retry_after) -> None:
+    channel.abort = (code, "nope", (("retry-after", "7"),))
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map")
+    error = assert_error(response, status, None, "nope")
+    assert error["grpc_code"] == code.name
+    assert response.headers.get("retry-after") == retry_after
+
+
+def test_channel_deadline_is_504(sender, channel) -> None:
+    channel.delay_s = 2.5
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map")
+    assert_error(response, 504, None, "deadline")
+
+
+def test_wait_returns_the_png(sender, channel) -> None:
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map", wait="true")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-transmission-id"] == channel.calls[-1]["header"].transmission_id
+    assert response.content == FakeReceiverRest.png
+
+
+def test_wait_on_a_failed_generation_is_502(sender, channel) -> None:
+    FakeReceiverRest.status = "failed"
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map", wait="true")
+    error = assert_error(response, 502, None, "boom")
+    assert error["id"] == channel.calls[-1]["header"].transmission_id
+
+
+# --- the polling client against httpx's mock transport --------------------------------------------
+
+
+def _poll(handler, timeout_s: float = 2.0) -> bytes:
+    async def run() -> bytes:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await receiver_client.wait_for_image(client, "http://r", "a" * 32, timeout_s, 0.01)
+
+    return asyncio.run(run())
+
+
+def test_polling_waits_through_queued_and_running() -> None:
+    states = iter(["queued", "running", "done"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/image"):
+            return httpx.Response(200, content=b"\x89PNG fake")
+        return httpx.Response(200, json={"status": next(states)})
+
+    assert _poll(handler) == b"\x89PNG fake"
+
+
+def test_polling_a_refused_connection_is_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(receiver_client.ReceiverUnavailableError, match="cannot be reached"):
+        _poll(handler)
+
+
+def test_polling_times_out() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"status": "running"})
+
+    with pytest.raises(receiver_client.WaitTimeoutError):
+        _poll(handler, timeout_s=0.2)
+
+
+def test_polling_a_forgotten_transmission_fails() -> None:
+    with pytest.raises(receiver_client.GenerationFailedError, match="does not know"):
+        _poll(lambda request: httpx.Response(404, json={"error": "unknown"}))
