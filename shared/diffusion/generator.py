@@ -1,0 +1,129 @@
+"""The receiver's image generator: a semantic U-Net, its diffusion process and the samplers.
+
+Loading it is the one place that turns a checkpoint file into something that makes images; the
+services, evaluation and benchmarks all go through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from shared.checkpoints import load_checkpoint
+from shared.device import select_device
+from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
+from shared.diffusion.samplers import SAMPLER_NAMES, GuidedModel, make_sampler
+from shared.diffusion.unet import SemanticUNet, UNetConfig
+
+CHECKPOINT_KIND = "semantic-diffusion"
+
+
+@dataclass(frozen=True)
+class SemanticDiffusionConfig:
+    """Everything needed to rebuild a trained model: the network and its noise process."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SemanticDiffusionConfig":
+        unet = {k: tuple(v) if isinstance(v, list) else v for k, v in data["unet"].items()}
+        return cls(unet=UNetConfig(**unet), diffusion=DiffusionConfig(**data["diffusion"]))
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """What the status of every transmission reports about the model that produced it."""
+
+    name: str
+    trained: bool
+    image_height: int
+    image_width: int
+    num_classes: int
+    checkpoint: str | None
+    parameters: int
+    training_steps: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SemanticImageGenerator:
+    """Generates RGB images from K-channel semantic maps with any registered sampler."""
+
+    sampler_names: tuple[str, ...] = SAMPLER_NAMES
+    default_sampler: str = "ddim"
+
+    def __init__(self, network: SemanticUNet, config: SemanticDiffusionConfig, info: GeneratorInfo, device: torch.device) -> None:
+        self.network = network.to(device).eval()
+        self.config = config
+        self.info = info
+        self.device = device
+        self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+
+    @classmethod
+    def load(cls, checkpoint_path: str | Path | None, device: str = "auto",
+             untrained_config: SemanticDiffusionConfig | None = None, seed: int = 0) -> "SemanticImageGenerator":
+        """Load a trained checkpoint, or build a random model when there is none (labelled untrained)."""
+        torch_device = select_device(device)
+        if checkpoint_path is not None and Path(checkpoint_path).is_file():
+            payload = load_checkpoint(checkpoint_path, CHECKPOINT_KIND)
+            config = SemanticDiffusionConfig.from_dict(payload["config"])
+            network = SemanticUNet(config.unet)
+            network.load_state_dict(payload["state_dict"])
+            meta = payload["meta"]
+            info = _info(network, config, name=meta.get("name", Path(checkpoint_path).stem), trained=True,
+                         checkpoint=str(checkpoint_path), training_steps=meta.get("step"))
+        else:
+            config = untrained_config or SemanticDiffusionConfig()
+            torch.manual_seed(seed)
+            network = SemanticUNet(config.unet)
+            info = _info(network, config, name="untrained-random-init", trained=False, checkpoint=None, training_steps=0)
+        return cls(network, config, info, torch_device)
+
+    @property
+    def max_steps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    def default_steps(self, sampler: str) -> int:
+        return min(make_sampler(sampler).default_steps, self.max_steps)
+
+    def validate_request(self, sampler: str, steps: int, guidance: float) -> None:
+        """Raise ValueError for settings no sampler can honour, before any work is queued."""
+        if sampler not in self.sampler_names:
+            raise ValueError(f"unknown sampler {sampler!r}: expected one of {self.sampler_names}")
+        if not 1 <= steps <= self.max_steps:
+            raise ValueError(f"steps must lie in [1, {self.max_steps}], got {steps}")
+        if not (np.isfinite(guidance) and 0.0 <= guidance <= 20.0):
+            raise ValueError(f"guidance must lie in [0, 20], got {guidance}")
+
+    @torch.inference_mode()
+    def generate(self, conditions: torch.Tensor, sampler: str, steps: int, guidance: float, seeds: Sequence[int]) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 for conditions (B, K, H, W) at the model's resolution."""
+        cfg = self.config.unet
+        expected = (cfg.num_classes, cfg.image_height, cfg.image_width)
+        if conditions.ndim != 4 or tuple(conditions.shape[1:]) != expected:
+            raise ValueError(f"conditions must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(conditions.shape)}")
+        if len(seeds) != conditions.shape[0]:
+            raise ValueError(f"need one seed per image: {conditions.shape[0]} images, {len(seeds)} seeds")
+        if not torch.isfinite(conditions).all():
+            raise ValueError("conditions contain NaN or infinite values")
+        self.validate_request(sampler, steps, guidance)
+        model_fn = GuidedModel(self.network, conditions.to(self.device, torch.float32), guidance)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        shape = (conditions.shape[0], cfg.in_channels, cfg.image_height, cfg.image_width)
+        images = make_sampler(sampler).sample(self.diffusion, model_fn, shape, generators, steps)
+        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _info(network: SemanticUNet, config: SemanticDiffusionConfig, name: str, trained: bool,
+          checkpoint: str | None, training_steps: int | None) -> GeneratorInfo:
+    return GeneratorInfo(
+        name=name, trained=trained, image_height=config.unet.image_height, image_width=config.unet.image_width,
+        num_classes=config.unet.num_classes, checkpoint=checkpoint,
+        parameters=sum(p.numel() for p in network.parameters()), training_steps=training_steps,
+    )
