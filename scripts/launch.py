@@ -1,0 +1,458 @@
+"""Run the three gesco services as local processes, without Docker.
+
+    python scripts/launch.py up [--foreground]   start receiver, channel and sender; wait until ready
+    python scripts/launch.py status              which are running and ready
+    python scripts/launch.py demo                send the bundled example, save the generated image
+    python scripts/launch.py down                SIGTERM, then SIGKILL after a grace period
+
+Ports come from the flags, else from the services' own variables (GESCO_SENDER_PORT,
+GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT), else 8000, 8001, 50052,
+50051. The launcher wires the addresses between the services unless those are set explicitly.
+Pid files, logs, the port map and the demo output live under run/ (git-ignored). Run it with the
+project's virtual environment (`make up` does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = REPO_ROOT / "run"
+PORTS_FILE = RUN_DIR / "ports.json"
+DEFAULT_EXAMPLES = {
+    "photo": REPO_ROOT / "examples" / "street_photo.jpg",
+    "label_map": REPO_ROOT / "examples" / "street_labels.png",
+}
+
+
+@dataclass(frozen=True)
+class Ports:
+    sender: int
+    receiver_http: int
+    receiver_grpc: int
+    channel: int
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    module: str
+    http_ready: str | None  # URL answering 200 once ready
+    grpc_port: int | None  # port whose gRPC health check says SERVING once ready
+    listen: dict[str, str]  # where it listens: the launcher's flags decide
+    wiring: dict[str, str]  # where it finds the others: variables set by the user win
+
+    @property
+    def pid_file(self) -> Path:
+        return RUN_DIR / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return RUN_DIR / f"{self.name}.log"
+
+
+def services(ports: Ports, host: str = "127.0.0.1") -> list[Service]:
+    """The three services in start order (the receiver first: it loads the largest model)."""
+    receiver_url = f"http://{host}:{ports.receiver_http}"
+    return [
+        Service(
+            "receiver",
+            "receiver_service",
+            f"{receiver_url}/readyz",
+            ports.receiver_grpc,
+            {
+                "GESCO_RECEIVER_HOST": host,
+                "GESCO_RECEIVER_HTTP_PORT": str(ports.receiver_http),
+                "GESCO_RECEIVER_GRPC_PORT": str(ports.receiver_grpc),
+            },
+            {"GESCO_RECEIVER_PUBLIC_URL": receiver_url},
+        ),
+        Service(
+            "channel",
+            "channel_sim",
+            None,
+            ports.channel,
+            {"GESCO_CHANNEL_HOST": host, "GESCO_CHANNEL_PORT": str(ports.channel)},
+            {"GESCO_CHANNEL_RECEIVER_ADDRESS": f"{host}:{ports.receiver_grpc}"},
+        ),
+        Service(
+            "sender",
+            "sender_service",
+            f"http://{host}:{ports.sender}/readyz",
+            None,
+            {"GESCO_SENDER_HOST": host, "GESCO_SENDER_PORT": str(ports.sender)},
+            {
+                "GESCO_SENDER_CHANNEL_ADDRESS": f"{host}:{ports.channel}",
+                "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_url,
+            },
+        ),
+    ]
+
+
+def process_env(service: Service) -> dict[str, str]:
+    """This environment with the service's ports, and its wiring unless the user set it."""
+    return {**service.wiring, **os.environ, **service.listen, "PYTHONUNBUFFERED": "1"}
+
+
+# --- process bookkeeping ------------------------------------------------------------------------
+
+
+def read_pid(service: Service) -> int | None:
+    """The pid in the service's pid file if that process is alive and is this service."""
+    try:
+        pid = int(service.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        cmdline = None
+    if cmdline is not None:
+        return pid if service.module.encode() in cmdline else None
+    try:  # no /proc (macOS): trust a live pid
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def is_ready(service: Service, host: str) -> bool:
+    if service.http_ready is not None and not _http_ok(service.http_ready):
+        return False
+    return service.grpc_port is None or _grpc_serving(host, service.grpc_port)
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _grpc_serving(host: str, port: int) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def stop_pid(pid: int, grace_s: float) -> str:
+    """SIGTERM the process group, then SIGKILL after `grace_s`; say how it ended."""
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return "stopped"
+        time.sleep(0.1)
+    _signal(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    return "killed after the grace period"
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        if os.getpgid(pid) == pid:  # started by us in its own session: take its children too
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own child, if it is one
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is as good as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port)
+    all_services = services(ports, args.host)
+    RUN_DIR.mkdir(exist_ok=True)
+    running = [s.name for s in all_services if read_pid(s)]
+    if running:
+        print(f"already running: {', '.join(running)} (see `status`; `down` stops them)")
+        return 1
+    busy = [f"{name} port {port}" for name, port in vars(ports).items() if port_in_use(args.host, port)]
+    if busy:
+        print(f"ports in use: {', '.join(busy)}; free them or choose others with the --*-port flags")
+        return 1
+    PORTS_FILE.write_text(json.dumps({"host": args.host, **vars(ports)}, indent=2) + "\n")
+
+    started: list[tuple[Service, subprocess.Popen]] = []
+    for service in all_services:
+        output = None if args.foreground else service.log_file.open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", service.module],
+            cwd=REPO_ROOT,
+            env=process_env(service),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            start_new_session=not args.foreground,
+        )
+        if output:
+            output.close()
+        service.pid_file.write_text(f"{proc.pid}\n")
+        started.append((service, proc))
+        print(f"started {service.name} (pid {proc.pid})" + ("" if args.foreground else f", log {_rel(service.log_file)}"))
+
+    if not _wait_ready(started, args.host, args.timeout):
+        for service, proc in reversed(started):
+            stop_pid(proc.pid, args.grace)
+            service.pid_file.unlink(missing_ok=True)
+        return 1
+    print_urls(ports, args.host)
+    if not args.foreground:
+        print("stop them with: python scripts/launch.py down   (or: make down)")
+        return 0
+    return _supervise(started, args.grace)
+
+
+def _wait_ready(started: list[tuple[Service, subprocess.Popen]], host: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    pending = [service for service, _ in started]
+    procs = {service.name: proc for service, proc in started}
+    while pending:
+        for service in list(pending):
+            proc = procs[service.name]
+            if proc.poll() is not None:
+                print(f"{service.name} exited with code {proc.returncode}; last log lines:")
+                print(tail(service.log_file))
+                return False
+            if is_ready(service, host):
+                print(f"{service.name} is ready")
+                pending.remove(service)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            print(f"not ready after {timeout_s:.0f} s: {names}; last log lines:")
+            for service in pending:
+                print(f"--- {service.name}\n{tail(service.log_file)}")
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def _supervise(started: list[tuple[Service, subprocess.Popen]], grace_s: float) -> int:
+    """Foreground mode: wait for Ctrl-C (or any service exiting), then stop them all."""
+    stop = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    print("running in the foreground; Ctrl-C stops all three")
+    code = 0
+    while not stop:
+        for service, proc in started:
+            if proc.poll() is not None:
+                print(f"{service.name} exited with code {proc.returncode}; stopping the others")
+                stop, code = True, 1
+                break
+        time.sleep(0.3)
+    for service, proc in reversed(started):
+        if proc.poll() is None:
+            print(f"{service.name}: {stop_pid(proc.pid, grace_s)}")
+        service.pid_file.unlink(missing_ok=True)
+    return code
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    ports = load_ports(args)
+    stopped_any = False
+    for service in reversed(services(ports, args.host)):
+        pid = read_pid(service)
+        if pid is None:
+            print(f"{service.name}: not running")
+        else:
+            print(f"{service.name} (pid {pid}): {stop_pid(pid, args.grace)}")
+            stopped_any = True
+        service.pid_file.unlink(missing_ok=True)
+    if not stopped_any:
+        print("nothing was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    ports = load_ports(args)
+    all_up = True
+    for service in services(ports, args.host):
+        pid = read_pid(service)
+        if pid is None:
+            state, all_up = "not running", False
+        elif is_ready(service, args.host):
+            state = f"ready (pid {pid})"
+        else:
+            state, all_up = f"running, not ready (pid {pid})", False
+        print(f"{service.name:9s} {state}")
+    if all_up:
+        print_urls(ports, args.host)
+    return 0 if all_up else 3
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+
+    ports = load_ports(args)
+    sender_url = args.sender_url or f"http://{args.host}:{ports.sender}"
+    source = Path(args.input) if args.input else DEFAULT_EXAMPLES[args.kind]
+    fields = {"kind": args.kind, "psnr_db": str(args.psnr_db), "steps": str(args.steps),
+              "seed": str(args.seed), "wait": "true"}
+    print(f"sending {_rel(source)} as a {args.kind} to {sender_url} at {args.psnr_db:g} dB, "
+          f"{args.steps} sampling steps (this can take a while on a CPU)...")
+    started = time.monotonic()
+    try:
+        response = httpx.post(
+            f"{sender_url}/v1/transmissions",
+            files={"file": (source.name, source.read_bytes())},
+            data=fields,
+            timeout=args.timeout,
+        )
+    except httpx.HTTPError as error:
+        print(f"the sender at {sender_url} cannot be reached ({error}); start the services with "
+              "`python scripts/launch.py up` (or `make up`)")
+        return 1
+    if response.status_code != 200 or response.headers.get("content-type") != "image/png":
+        print(f"the demo failed: HTTP {response.status_code}: {response.text[:1000]}")
+        return 1
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(response.content)
+    transmission_id = response.headers.get("x-transmission-id", "?")
+    receiver_url = f"http://{args.host}:{ports.receiver_http}"
+    print(f"transmission {transmission_id} done in {time.monotonic() - started:.1f} s")
+    print(f"status:             {receiver_url}/v1/transmissions/{transmission_id}")
+    print(f"denoised label map: {receiver_url}/v1/transmissions/{transmission_id}/maps/fds_labels.png")
+    print(f"generated image saved to {output.resolve()}")
+    return 0
+
+
+def load_ports(args: argparse.Namespace) -> Ports:
+    """The ports of the last `up` (run/ports.json), overridden by flags given explicitly."""
+    try:
+        saved = json.loads(PORTS_FILE.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    explicit = {name: getattr(args, f"{name}_port") for name in ("sender", "receiver_http", "receiver_grpc", "channel")}
+    return Ports(**{name: value if value is not None else int(saved.get(name, _default_port(name)))
+                    for name, value in explicit.items()})
+
+
+def print_urls(ports: Ports, host: str) -> None:
+    print(f"sender REST      http://{host}:{ports.sender}   (API docs: http://{host}:{ports.sender}/docs)")
+    print(f"receiver REST    http://{host}:{ports.receiver_http}   (API docs: http://{host}:{ports.receiver_http}/docs)")
+    print(f"channel gRPC     {host}:{ports.channel}")
+    print(f"receiver gRPC    {host}:{ports.receiver_grpc}")
+
+
+_PORT_DEFAULTS = {
+    "sender": ("GESCO_SENDER_PORT", 8000),
+    "receiver_http": ("GESCO_RECEIVER_HTTP_PORT", 8001),
+    "receiver_grpc": ("GESCO_RECEIVER_GRPC_PORT", 50052),
+    "channel": ("GESCO_CHANNEL_PORT", 50051),
+}
+
+
+def _default_port(name: str) -> int:
+    variable, default = _PORT_DEFAULTS[name]
+    return int(os.environ.get(variable, default))
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, port_defaults: bool) -> None:
+        sub.add_argument("--host", default="127.0.0.1", help="interface the services bind and are reached on")
+        for name, (variable, default) in _PORT_DEFAULTS.items():
+            flag = "--" + name.replace("_", "-") + "-port"
+            value = int(os.environ.get(variable, default)) if port_defaults else None
+            sub.add_argument(flag, type=int, default=value, help=f"default ${variable} or {default}")
+        sub.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+
+    up = commands.add_parser("up", help="start the three services and wait until they are ready")
+    common(up, port_defaults=True)
+    up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops all")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    up.set_defaults(handler=cmd_up)
+
+    down = commands.add_parser("down", help="stop the services started by `up`")
+    common(down, port_defaults=False)
+    down.set_defaults(handler=cmd_down)
+
+    status = commands.add_parser("status", help="show which services run and are ready")
+    common(status, port_defaults=False)
+    status.set_defaults(handler=cmd_status)
+
+    demo = commands.add_parser("demo", help="send the bundled example and save the generated image")
+    common(demo, port_defaults=False)
+    demo.add_argument("--kind", choices=sorted(DEFAULT_EXAMPLES), default="photo")
+    demo.add_argument("--input", help="file to send instead of the bundled example")
+    demo.add_argument("--psnr-db", type=float, default=20.0)
+    demo.add_argument("--steps", type=int, default=10, help="sampling steps (few: a CPU is slow)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--sender-url", help="default: the sender started by `up`")
+    demo.add_argument("--output", default=str(RUN_DIR / "demo-output.png"))
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the image")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
