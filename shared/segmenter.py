@@ -1,0 +1,304 @@
+"""A compact CNN semantic segmenter and the segmentation metrics.
+
+`SegmenterNet` is a small encoder-decoder (about 1.2 M parameters at `base_channels=32`) that
+runs at 96x128 by default:
+
+* a full-resolution stem (C/2 channels), then three stride-2 stages at 1/2 (C), 1/4 (2C) and
+  1/8 (4C) resolution built from residual 3x3 blocks; the 1/8 stage uses dilations 1, 2, 4 for a
+  wide receptive field without further downsampling;
+* a light pyramid pooling module (global, 2x2 and 4x4 average pools) for scene context;
+* a U-Net-style decoder that upsamples back to full resolution, fusing the skip features of
+  every stage, and a 1x1 classifier giving logits (B, K, H, W).
+
+The network is fully convolutional, so it accepts any input size; `Segmenter` (the inference
+wrapper used by the sender service and the evaluation) always resizes inputs to the configured
+input size, predicts there and resizes the label map back (nearest neighbour).
+
+Metrics: `confusion_matrix` (rows = target, columns = prediction), `miou`, `per_class_iou`,
+`pixel_accuracy`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.checkpoints import load_checkpoint, save_checkpoint
+from shared.device import select_device
+
+CHECKPOINT_KIND = "segmenter"
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    num_classes: int = 12
+    base_channels: int = 32
+    input_height: int = 96
+    input_width: int = 128
+    dropout: float = 0.1
+    ignore_index: int | None = 11  # the dataset's void/unlabelled id (metadata for evaluation)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2 or self.num_classes > 256:
+            raise ValueError(f"num_classes must be in 2..256, not {self.num_classes}")
+        if self.base_channels < 4 or self.base_channels % 2:
+            raise ValueError(f"base_channels must be an even number >= 4, not {self.base_channels}")
+        if self.input_height < 8 or self.input_width < 8:
+            raise ValueError(f"input size must be at least 8x8, not {self.input_height}x{self.input_width}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _cbr(ch, ch, dilation=dilation)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(self.conv1(x))))
+
+
+class PyramidPool(nn.Module):
+    """Average-pool to 1x1, 2x2 and 4x4 grids, project, upsample and fuse with the input."""
+
+    def __init__(self, cin: int, branch: int, cout: int, bins: Sequence[int] = (1, 2, 4)) -> None:
+        super().__init__()
+        self.bins = tuple(bins)
+        self.branches = nn.ModuleList(_cbr(cin, branch, k=1) for _ in self.bins)
+        self.fuse = _cbr(cin + branch * len(self.bins), cout, k=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        feats = [x]
+        for b, branch in zip(self.bins, self.branches):
+            y = branch(F.adaptive_avg_pool2d(x, b))
+            feats.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        return self.fuse(torch.cat(feats, dim=1))
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SegmenterNet(nn.Module):
+    """Encoder-decoder CNN: (B, 3, H, W) in [-1, 1] -> logits (B, K, H, W)."""
+
+    def __init__(self, config: SegmenterConfig = SegmenterConfig()) -> None:
+        super().__init__()
+        self.config = config
+        c = config.base_channels
+        h = c // 2
+        self.stem = _cbr(3, h)  # 1/1
+        self.enc1 = nn.Sequential(_cbr(h, c, stride=2), ResBlock(c))  # 1/2
+        self.enc2 = nn.Sequential(_cbr(c, 2 * c, stride=2), ResBlock(2 * c), ResBlock(2 * c))  # 1/4
+        self.enc3 = nn.Sequential(  # 1/8, dilated context
+            _cbr(2 * c, 4 * c, stride=2), ResBlock(4 * c, 1), ResBlock(4 * c, 2), ResBlock(4 * c, 4)
+        )
+        self.ppm = PyramidPool(4 * c, c, 2 * c)
+        self.dec2 = _cbr(4 * c, 2 * c)  # up(ppm) + enc2
+        self.dec1 = _cbr(3 * c, c)  # up(dec2) + enc1
+        self.dec0 = _cbr(c + h, h)  # up(dec1) + stem
+        self.drop = nn.Dropout2d(config.dropout)
+        self.head = nn.Conv2d(h, config.num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for block in self.modules():  # start residual branches near identity
+            if isinstance(block, ResBlock):
+                nn.init.zeros_(block.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s0 = self.stem(x)
+        s1 = self.enc1(s0)
+        s2 = self.enc2(s1)
+        s3 = self.ppm(self.enc3(s2))
+        d2 = self.dec2(torch.cat([_up(s3, s2), s2], dim=1))
+        d1 = self.dec1(torch.cat([_up(d2, s1), s1], dim=1))
+        d0 = self.dec0(torch.cat([_up(d1, s0), s0], dim=1))
+        return self.head(self.drop(d0))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _config_from_dict(d: dict[str, Any]) -> SegmenterConfig:
+    names = {f.name for f in dataclasses.fields(SegmenterConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"segmenter checkpoint has unknown config fields {sorted(unknown)}")
+    return SegmenterConfig(**d)
+
+
+class Segmenter:
+    """Inference wrapper around `SegmenterNet` (eval mode, float32, no gradients)."""
+
+    def __init__(
+        self,
+        net: SegmenterNet,
+        device: str | torch.device = "auto",
+        trained: bool = True,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.net = net.to(self.device).float().eval()
+        self.config: SegmenterConfig = net.config
+        self.trained = trained
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> Segmenter:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"segmenter checkpoint not found: {path}")
+        payload = load_checkpoint(path, CHECKPOINT_KIND)
+        net = SegmenterNet(_config_from_dict(payload["config"]))
+        net.load_state_dict(payload["state_dict"])
+        return cls(net, device=device, trained=True, meta=payload.get("meta", {}))
+
+    @classmethod
+    def untrained(
+        cls, config: SegmenterConfig = SegmenterConfig(), device: str | torch.device = "auto", seed: int = 0
+    ) -> Segmenter:
+        """Randomly initialised network (deterministic for a given `seed`), for when no checkpoint exists."""
+        cpu_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            net = SegmenterNet(config)
+        finally:
+            torch.random.set_rng_state(cpu_state)
+        return cls(net, device=device, trained=False, meta={"untrained": True, "seed": seed})
+
+    def save(self, path: str | Path, meta: dict[str, Any] | None = None, half: bool = True) -> None:
+        save_checkpoint(path, CHECKPOINT_KIND, self.config, self.net.state_dict(), {**self.meta, **(meta or {})}, half=half)
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [-1, 1] at the network input size -> logits (B, K, h, w)."""
+        return self.net(images.to(self.device, torch.float32))
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 RGB image of any size -> HxW uint8 label ids at the same size."""
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"image must be a numpy array, not {type(image).__name__}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8, not {image.dtype}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be HxWx3 RGB, got shape {image.shape}")
+        h, w = image.shape[:2]
+        if h == 0 or w == 0:
+            raise ValueError(f"image is empty (shape {image.shape})")
+        ih, iw = self.config.input_height, self.config.input_width
+        if (h, w) != (ih, iw):
+            shrink = h * w > ih * iw
+            image = cv2.resize(image, (iw, ih), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
+        pred = self.logits(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
+        if (h, w) != (ih, iw):
+            pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
+        return pred
+
+    def segment_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [-1, 1], any H, W -> (B, H, W) int64 label ids on the input's device."""
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"images must be a torch.Tensor, not {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [-1, 1], not {images.dtype}")
+        if images.numel() == 0:
+            raise ValueError(f"images is empty (shape {tuple(images.shape)})")
+        h, w = images.shape[-2:]
+        size = (self.config.input_height, self.config.input_width)
+        with torch.inference_mode():
+            x = images.to(self.device, torch.float32)
+            if (h, w) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            pred = self.net(x).argmax(1)
+            if (h, w) != size:
+                pred = F.interpolate(pred[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+        return pred.to(images.device)
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """(K, K) int64 counts, rows = target class, columns = predicted class.
+
+    `pred` and `target` are integer arrays/tensors of the same shape. Pixels whose target equals
+    `ignore_index` are skipped; every other id must lie in [0, num_classes).
+    """
+    p = _to_numpy(pred).ravel()
+    t = _to_numpy(target).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target sizes differ: {_to_numpy(pred).shape} vs {_to_numpy(target).shape}")
+    if p.size and not (np.issubdtype(p.dtype, np.integer) and np.issubdtype(t.dtype, np.integer)):
+        raise ValueError(f"pred and target must hold integer ids, not {p.dtype} / {t.dtype}")
+    p = p.astype(np.int64)
+    t = t.astype(np.int64)
+    if ignore_index is not None:
+        keep = t != ignore_index
+        p, t = p[keep], t[keep]
+    for name, a in (("pred", p), ("target", t)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise ValueError(f"{name} ids must be in [0, {num_classes}), got [{a.min()}, {a.max()}]")
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_iou(conf: np.ndarray) -> np.ndarray:
+    """IoU per class = TP / (TP + FP + FN); NaN for a class absent from both target and prediction."""
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+
+
+def miou(conf: np.ndarray, exclude: Sequence[int] = ()) -> float:
+    """Mean IoU over the classes present in the target or the prediction (union > 0), leaving out
+    the ids in `exclude`. NaN when no class qualifies.
+
+    CamVid convention (11 classes, void excluded): build `conf` with `ignore_index=11` (void
+    target pixels skipped) and call `miou(conf, exclude=[11])`; pixels of real classes predicted as
+    void still count as misses for their class.
+    """
+    ious = per_class_iou(conf)
+    keep = np.ones(len(ious), dtype=bool)
+    keep[list(exclude)] = False
+    vals = ious[keep & ~np.isnan(ious)]
+    return float(vals.mean()) if vals.size else float("nan")
+
+
+def pixel_accuracy(conf: np.ndarray) -> float:
+    """Share of counted pixels predicted correctly (trace / total); NaN for an empty matrix."""
+    conf = np.asarray(conf)
+    total = conf.sum()
+    return float(np.trace(conf) / total) if total else float("nan")

@@ -1,0 +1,226 @@
+"""shared/segmenter.py and training/train_segmenter.py on small synthetic data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.checkpoints import save_checkpoint
+from shared.segmenter import (
+    Segmenter,
+    SegmenterConfig,
+    SegmenterNet,
+    confusion_matrix,
+    count_parameters,
+    miou,
+    per_class_iou,
+    pixel_accuracy,
+)
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite shares a small machine with training runs; oversubscribed threads crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL = SegmenterConfig(num_classes=5, base_channels=8, input_height=24, input_width=32)
+
+
+def test_default_net_size_and_shapes() -> None:
+    net = SegmenterNet()
+    assert 0.5e6 <= count_parameters(net) <= 2e6
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, 96, 128)).shape == (2, 12, 96, 128)
+    small = SegmenterNet(SMALL).eval()
+    with torch.no_grad():
+        assert small(torch.zeros(1, 3, 37, 53)).shape == (1, 5, 37, 53)  # any size, not only multiples of 8
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        SegmenterConfig(num_classes=1)
+    with pytest.raises(ValueError):
+        SegmenterConfig(base_channels=7)
+    with pytest.raises(ValueError):
+        SegmenterConfig(input_height=4)
+
+
+def test_segment_size_round_trip() -> None:
+    seg = Segmenter.untrained(SMALL, device="cpu", seed=1)
+    assert seg.trained is False and seg.config == SMALL
+    rng = np.random.default_rng(0)
+    for shape in ((37, 53, 3), (24, 32, 3), (7, 300, 3)):
+        out = seg.segment(rng.integers(0, 256, shape, dtype=np.uint8))
+        assert out.shape == shape[:2] and out.dtype == np.uint8 and out.max() < SMALL.num_classes
+    batch = torch.rand(3, 3, 41, 29) * 2 - 1
+    pred = seg.segment_batch(batch)
+    assert pred.shape == (3, 41, 29) and pred.dtype == torch.int64
+    assert int(pred.min()) >= 0 and int(pred.max()) < SMALL.num_classes
+
+
+def test_segment_and_segment_batch_agree_at_input_size() -> None:
+    seg = Segmenter.untrained(SMALL, device="cpu", seed=2)
+    img = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert np.array_equal(seg.segment(img), seg.segment_batch(x)[0].numpy().astype(np.uint8))
+
+
+def test_untrained_is_seeded_and_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = Segmenter.untrained(SMALL, device="cpu", seed=4)
+    after = torch.rand(3)
+    b = Segmenter.untrained(SMALL, device="cpu", seed=4)
+    assert torch.equal(expected, after)
+    for (k, v), (_, w) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_confusion_matrix_and_metrics_known_answers() -> None:
+    target = np.array([[0, 0, 1, 1], [2, 2, 2, 3]])
+    pred = np.array([[0, 1, 1, 1], [2, 2, 0, 3]])
+    conf = confusion_matrix(pred, target, 4)
+    expected = np.array([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 1]])
+    assert np.array_equal(conf, expected) and conf.dtype == np.int64
+    # IoU: c0 = 1/(2+2-1) = 1/3, c1 = 2/3, c2 = 2/3, c3 = 1
+    assert np.allclose(per_class_iou(conf), [1 / 3, 2 / 3, 2 / 3, 1.0])
+    assert miou(conf) == pytest.approx((1 / 3 + 2 / 3 + 2 / 3 + 1) / 4)
+    assert miou(conf, exclude=[3]) == pytest.approx((1 / 3 + 2 / 3 + 2 / 3) / 3)
+    assert pixel_accuracy(conf) == pytest.approx(6 / 8)
+    # ignore_index drops target pixels; torch tensors are accepted
+    conf_ign = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 4, ignore_index=3)
+    assert conf_ign.sum() == 7 and conf_ign[3].sum() == 0
+    # a class absent from target and prediction does not count
+    conf5 = confusion_matrix(pred, target, 5)
+    assert np.isnan(per_class_iou(conf5)[4])
+    assert miou(conf5) == pytest.approx(miou(conf))
+    perfect = confusion_matrix(target, target, 4)
+    assert miou(perfect) == 1.0 and pixel_accuracy(perfect) == 1.0
+    assert np.isnan(miou(np.zeros((3, 3)))) and np.isnan(pixel_accuracy(np.zeros((3, 3))))
+
+
+def test_confusion_matrix_errors() -> None:
+    with pytest.raises(ValueError, match="differ"):
+        confusion_matrix(np.zeros(3, int), np.zeros(4, int), 2)
+    with pytest.raises(ValueError, match="target"):
+        confusion_matrix(np.zeros(3, int), np.array([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="pred"):
+        confusion_matrix(np.array([0, -1, 0]), np.zeros(3, int), 2)
+    with pytest.raises(ValueError, match="integer"):
+        confusion_matrix(np.zeros(3), np.zeros(3), 2)
+
+
+def test_bad_inputs() -> None:
+    seg = Segmenter.untrained(SMALL, device="cpu")
+    for bad in (
+        np.zeros((8, 8, 3), np.float32),
+        np.zeros((8, 8), np.uint8),
+        np.zeros((8, 8, 4), np.uint8),
+        np.zeros((0, 8, 3), np.uint8),
+        [[1, 2, 3]],
+    ):
+        with pytest.raises(ValueError):
+            seg.segment(bad)  # type: ignore[arg-type]
+    for bad in (torch.zeros(3, 8, 8), torch.zeros(1, 1, 8, 8), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, 3, 8, 8)):
+        with pytest.raises(ValueError):
+            seg.segment_batch(bad)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    seg = Segmenter.untrained(SMALL, device="cpu", seed=7)
+    img = np.random.default_rng(3).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    full = tmp_path / "full.pt"
+    seg.save(full, meta={"val_miou_void_excluded": 0.5}, half=False)
+    loaded = Segmenter.from_checkpoint(full, device="cpu")
+    assert loaded.trained and loaded.config == SMALL and loaded.meta["val_miou_void_excluded"] == 0.5
+    assert np.array_equal(loaded.segment(img), seg.segment(img))
+    half = tmp_path / "half.pt"
+    seg.save(half)  # fp16 weights, as shipped
+    a, b = Segmenter.from_checkpoint(half, "cpu"), Segmenter.from_checkpoint(half, "cpu")
+    assert np.array_equal(a.segment(img), b.segment(img))
+    assert (a.segment(img) == seg.segment(img)).mean() > 0.95
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, "diffusion", SMALL, seg.net.state_dict())
+    with pytest.raises(ValueError, match="segmenter"):
+        Segmenter.from_checkpoint(other, "cpu")
+    with pytest.raises(FileNotFoundError):
+        Segmenter.from_checkpoint(tmp_path / "missing.pt", "cpu")
+
+
+def _synthetic_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is given by colour blocks: a learnable toy segmentation task."""
+    labels = torch.randint(0, 3, (n, 3, 4), generator=gen)
+    labels = F.interpolate(labels[:, None].float(), size=(24, 32), mode="nearest")[:, 0].long()
+    colours = torch.tensor([[-0.8, -0.8, 0.8], [0.8, -0.8, -0.8], [-0.8, 0.8, -0.8]])
+    images = colours[labels].permute(0, 3, 1, 2) + 0.1 * torch.randn(n, 3, 24, 32, generator=gen)
+    return images, labels
+
+
+def test_few_training_steps_reduce_loss() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    net = SegmenterNet(SegmenterConfig(num_classes=3, base_channels=8, input_height=24, input_width=32))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x, y = _synthetic_batch(8, gen)
+    net.eval()
+    with torch.no_grad():
+        before = F.cross_entropy(net(x), y).item()
+    net.train()
+    for _ in range(12):
+        xb, yb = _synthetic_batch(8, gen)
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        after = F.cross_entropy(net(x), y).item()
+    assert after < 0.6 * before
+
+
+def _fake_camvid(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for i in range(n):
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "labels").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(root / split / "images" / f"{i}.png"), rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+            cv2.imwrite(str(root / split / "labels" / f"{i}.png"), rng.integers(0, 12, (12, 16), dtype=np.uint8))
+    return root
+
+
+def test_training_script_resumes_exactly(tmp_path: Path) -> None:
+    from training import train_segmenter
+
+    data_root = _fake_camvid(tmp_path / "camvid")
+    common = [
+        "--data-root", str(data_root), "--batch-size", "4", "--base-channels", "8", "--input-height", "24",
+        "--input-width", "32", "--warmup-steps", "2", "--min-lr-ratio", "1", "--minutes", "5", "--log-every", "1",
+    ]  # fmt: skip
+    straight = tmp_path / "straight"
+    out = train_segmenter.main(common + ["--out-dir", str(straight), "--model-path", str(straight / "m.pt"), "--max-steps", "4"])
+    assert out["step"] == 4 and out["epoch"] == 2
+    resumed = tmp_path / "resumed"
+    args = common + ["--out-dir", str(resumed), "--model-path", str(resumed / "m.pt")]
+    train_segmenter.main(args + ["--max-steps", "2"])
+    out2 = train_segmenter.main(args + ["--max-steps", "4"])
+    assert out2["step"] == 4
+    a = torch.load(straight / "state.pt", weights_only=False)
+    b = torch.load(resumed / "state.pt", weights_only=False)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert "resumed from" in (resumed / "log.txt").read_text()
+    seg = Segmenter.from_checkpoint(straight / "m.pt", "cpu")
+    assert seg.trained and "val_miou_void_excluded" in seg.meta and seg.meta["epoch"] >= 1
+    assert seg.segment(np.zeros((12, 16, 3), np.uint8)).shape == (12, 16)
