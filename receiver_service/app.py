@@ -1,0 +1,197 @@
+"""Receiver REST API, and the lifespan that runs the gRPC server, model loading and worker with it.
+
+Clients poll GET /v1/transmissions/{id} until the status is done or failed, then fetch the image
+and the debug maps. The store is read straight from disk, so the API needs no lock with the worker
+beyond the store's own.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from receiver_service.grpc_server import build_grpc_server, set_serving
+from receiver_service.settings import ReceiverSettings
+from receiver_service.store import JobStatus, TransmissionStore, UnknownTransmissionError
+from receiver_service.worker import GenerationWorker
+from shared.docs_ui import mount_local_docs
+from shared.transport import TRANSMISSION_ID_PATTERN
+
+log = logging.getLogger("receiver_service")
+
+TransmissionId = Annotated[
+    str, Path(pattern=TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
+]
+# URL name of each debug map -> store artifact.
+MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels"}
+
+
+class ChannelInfo(BaseModel):
+    model: str | None
+    snr_definition: str | None
+    requested_snr_db: float | None
+    measured_snr_db: float | None
+    channel_uses: int | None
+
+
+class BitsInfo(BaseModel):
+    payload_bits: int
+    num_symbols: int
+    image_bits_jpeg: int
+
+
+class SamplingInfo(BaseModel):
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    use_fds: bool
+
+
+class TransmissionStatus(BaseModel):
+    id: str
+    status: JobStatus
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    timings_ms: dict[str, float]
+    channel: ChannelInfo
+    bits: BitsInfo
+    sampling: SamplingInfo
+    semantic: dict[str, Any]
+    output: dict[str, int]
+    model: dict[str, Any]
+    urls: dict[str, str]
+
+
+def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
+    settings = settings or ReceiverSettings()
+    store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s)
+    worker = GenerationWorker(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        recovered = store.open()
+        if recovered:
+            log.warning("marked unfinished jobs of the previous run failed", extra={"transmission_ids": recovered})
+        grpc_server, health_servicer = build_grpc_server(settings, worker)
+        grpc_server.start()
+        log.info("gRPC listening", extra={"address": f"{settings.host}:{settings.grpc_port}"})
+
+        def load() -> None:
+            worker.load_model()
+            if worker.ready:
+                set_serving(health_servicer, True)
+
+        threading.Thread(target=load, name="model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+            set_serving(health_servicer, False)
+            grpc_server.stop(settings.shutdown_grace_s).wait()
+            worker.stop(settings.shutdown_grace_s)
+
+    app = FastAPI(
+        title="gesco receiver",
+        description="Status and results of semantic transmissions received over gRPC.",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.worker = worker
+    mount_local_docs(app)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is up (the model may still be loading)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "model loading or failed to load"}})
+    def readyz() -> Response:
+        """200 once the model is loaded and transmissions are accepted."""
+        if worker.generator is not None:
+            return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
+        if worker.load_error:
+            return JSONResponse({"status": "failed", "error": worker.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
+             responses={404: {"description": "unknown or evicted transmission"}})
+    def get_transmission(transmission_id: TransmissionId) -> Any:
+        """Status, timings, channel report, bit counts, sampling and model of one transmission."""
+        try:
+            record = store.get(transmission_id)
+        except UnknownTransmissionError:
+            return _unknown(transmission_id)
+        return status_json(record, settings.public_url)
+
+    @app.get("/v1/transmissions/{transmission_id}/image", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not done"}})
+    def get_image(transmission_id: TransmissionId) -> Response:
+        """The generated image (PNG) once the status is done."""
+        return _artifact_response(store, transmission_id, "image")
+
+    @app.get("/v1/transmissions/{transmission_id}/maps/{map_name}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not written yet"}})
+    def get_map(transmission_id: TransmissionId, map_name: str) -> Response:
+        """received.png / fds.png: argmax of the received / FDS maps, coloured by class;
+        fds_labels.png: the FDS argmax class ids as 8-bit values at the transmitted size."""
+        if map_name not in MAP_ARTIFACTS:
+            return JSONResponse({"detail": f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}"},
+                                status_code=404)
+        return _artifact_response(store, transmission_id, MAP_ARTIFACTS[map_name])
+
+    return app
+
+
+def status_json(record: dict[str, Any], public_url: str) -> dict[str, Any]:
+    """The public status of a stored record: ISO timestamps, urls, no internal fields."""
+    base = f"{public_url}/v1/transmissions/{record['id']}"
+    public = {key: record[key] for key in TransmissionStatus.model_fields if key in record}
+    for key in ("created_at", "started_at", "finished_at"):
+        public[key] = _iso(record.get(key))
+    public["urls"] = {
+        "status": base,
+        "image": f"{base}/image",
+        **{f"maps_{name.removesuffix('.png')}": f"{base}/maps/{name}" for name in MAP_ARTIFACTS},
+    }
+    return public
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _unknown(transmission_id: str) -> JSONResponse:
+    return JSONResponse({"detail": f"no transmission {transmission_id} (unknown or evicted)"}, status_code=404)
+
+
+def _artifact_response(store: TransmissionStore, transmission_id: str, name: str) -> Response:
+    try:
+        path = store.artifact_path(transmission_id, name)
+        record = store.get(transmission_id) if path is None else None
+        data = path.read_bytes() if path is not None else None
+    except (UnknownTransmissionError, FileNotFoundError):
+        return _unknown(transmission_id)
+    if data is None:
+        assert record is not None
+        detail = f"transmission {transmission_id} is {record['status']}; no {name} is available"
+        if record.get("error"):
+            detail += f" ({record['error']})"
+        return JSONResponse({"detail": detail, "status": record["status"]}, status_code=409)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})

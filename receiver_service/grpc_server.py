@@ -1,0 +1,94 @@
+"""gRPC Receiver.Receive: assemble the stream, queue the job, acknowledge with its queue position.
+
+Health says NOT_SERVING until the model is loaded, so a load balancer (or the channel's caller)
+never routes a transmission to a receiver that cannot generate it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from receiver_service.settings import ReceiverSettings
+from receiver_service.store import DuplicateTransmissionError
+from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
+from shared import transport
+from shared.logging_setup import clean_request_id, request_context
+
+log = logging.getLogger("receiver_service.grpc")
+
+RETRY_AFTER_METADATA_KEY = "retry-after"
+RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
+
+
+class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
+    def __init__(self, worker: GenerationWorker, max_symbols: int) -> None:
+        self._worker = worker
+        self._max_symbols = max_symbols
+
+    def Receive(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
+        started = time.perf_counter()
+        request_id = clean_request_id(dict(context.invocation_metadata()).get(transport.REQUEST_ID_METADATA_KEY))
+        fields: dict[str, object] = {}
+        with request_context(request_id):
+            code, details, trailing = grpc.StatusCode.OK, "", ()
+            try:
+                if not self._worker.ready:
+                    raise NotReadyError(self._worker.load_error or "the model is still loading")
+                header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
+                fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
+                position = self._worker.submit(header, symbols, request_id or header.transmission_id)
+                fields["queue_position"] = position
+            except NotReadyError as error:
+                code, details = grpc.StatusCode.UNAVAILABLE, f"receiver not ready: {error}"
+            except ValueError as error:
+                code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            except DuplicateTransmissionError as error:
+                code, details = grpc.StatusCode.ALREADY_EXISTS, f"transmission {error} was already received"
+            except QueueFullError as error:
+                code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+                trailing = ((RETRY_AFTER_METADATA_KEY, str(error.retry_after_s)),)
+            except Exception:  # noqa: BLE001 - logged with its traceback, reported as INTERNAL
+                log.exception("receive failed")
+                code, details = grpc.StatusCode.INTERNAL, "internal error in the receiver"
+            log.info("receive", extra={**fields, "code": code.name, "details": details[:300],
+                                       "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            if code is not grpc.StatusCode.OK:
+                if trailing:
+                    context.set_trailing_metadata(trailing)
+                context.abort(code, details)
+            return gesco_pb2.TransmissionAck(
+                transmission_id=header.transmission_id,
+                queue_position=position,
+                channel_report=header.channel_report,
+            )
+
+
+def build_grpc_server(
+    settings: ReceiverSettings, worker: GenerationWorker
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """The Receiver service with health (NOT_SERVING for now) and reflection, bound to its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_grpc_workers))
+    gesco_pb2_grpc.add_ReceiverServicer_to_server(ReceiverServicer(worker, settings.max_symbols), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    set_serving(health_servicer, False)
+    reflection.enable_server_reflection(
+        (RECEIVER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", RECEIVER_SERVICE_NAME):
+        health_servicer.set(name, status)

@@ -1,0 +1,55 @@
+"""Receiver settings, read from GESCO_RECEIVER_* environment variables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ReceiverSettings(BaseSettings):
+    """Ports, model, queue, store and sampling defaults of the receiver process."""
+
+    model_config = SettingsConfigDict(env_prefix="GESCO_RECEIVER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50052, ge=1, le=65535)
+    http_port: int = Field(8001, ge=1, le=65535)
+    # Base of the URLs the status JSON hands out (the address clients reach this process at).
+    public_url: str = "http://127.0.0.1:8001"
+    # Relative paths are taken from the repository root; a missing file gives an untrained model.
+    checkpoint: Path = Path("models/diffusion-camvid.pt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(0, ge=0)  # 0: torch's default
+    queue_size: int = Field(8, ge=1)  # jobs waiting behind the one being generated
+    store_dir: Path = Path("var/receiver")
+    store_max_items: int = Field(500, ge=1)
+    store_max_age_s: float = Field(24 * 3600.0, gt=0)
+    # Used for a header without a SamplingRequest; "" / 0 within one mean the same defaults.
+    default_sampler: str = ""  # "": the model's default sampler
+    default_steps: int = Field(0, ge=0)  # 0: the sampler's default
+    default_guidance: float = Field(0.0, ge=0.0, le=20.0)
+    output_height: int = Field(0, ge=0)  # 0: the model's resolution
+    output_width: int = Field(0, ge=0)
+    max_symbols: int = Field(8_000_000, ge=1)
+    max_grpc_workers: int = Field(8, ge=1)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("checkpoint", "store_dir")
+    @classmethod
+    def _from_repo_root(cls, value: Path) -> Path:
+        return value if value.is_absolute() else REPO_ROOT / value

@@ -1,0 +1,358 @@
+"""Generation worker: a bounded job queue and one thread that turns received symbols into images.
+
+Entry points (gRPC, REST) never run the model: `submit` validates and queues, the worker thread
+takes jobs in small batches (`next_batch`, one job for now) and hands each batch to `run_batch`,
+which decodes the maps (shared.link), samples the generator and encodes the PNGs. The model is
+loaded in the background (`load_model`) so the process answers health checks while it loads.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gesco.v1 import gesco_pb2
+from receiver_service import views
+from receiver_service.settings import ReceiverSettings
+from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
+from shared import codec, link, transport
+from shared.diffusion.generator import SemanticImageGenerator
+from shared.imageio import encode_png
+from shared.logging_setup import request_context
+
+log = logging.getLogger("receiver_service.worker")
+
+MAX_GUIDANCE = 20.0
+MAX_BATCH_SIZE = 1  # dynamic batching raises this; run_batch already takes a batch
+# Until a job has been timed, a full queue asks clients to come back after this long.
+INITIAL_JOB_SECONDS = 5.0
+
+
+class NotReadyError(Exception):
+    """The model is not loaded (yet, or it failed to load)."""
+
+
+class QueueFullError(Exception):
+    """Every queue slot is taken; retry after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the receiver's queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class SamplingChoice:
+    """How one job is sampled, with every default resolved."""
+
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    use_fds: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Job:
+    """One queued transmission: decoded header, received symbols and how to sample them."""
+
+    transmission_id: str
+    request_id: str
+    semantic: codec.SemanticHeader
+    symbols: np.ndarray
+    sampling: SamplingChoice
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class JobResult:
+    """What run_batch produced for one job: its PNGs and stage timings, or the error."""
+
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def resolve_sampling(
+    request: gesco_pb2.SamplingRequest | None,
+    generator: SemanticImageGenerator,
+    settings: ReceiverSettings,
+) -> SamplingChoice:
+    """Fill the request's defaults and check it against the model; ValueError names the field.
+
+    A header without a SamplingRequest gets the receiver's defaults throughout (seed 0, FDS on).
+    Within a request an empty sampler and 0 steps mean the defaults; guidance is taken as sent.
+    """
+    if request is None:
+        request = gesco_pb2.SamplingRequest(guidance=settings.default_guidance, seed=0, use_fds=True)
+    sampler = request.sampler or settings.default_sampler or generator.default_sampler
+    if sampler not in generator.sampler_names:
+        raise ValueError(f"sampling.sampler must be one of {list(generator.sampler_names)}, got {sampler[:40]!r}")
+    steps = request.steps or settings.default_steps or generator.default_steps(sampler)
+    if not 1 <= steps <= generator.max_steps:
+        raise ValueError(f"sampling.steps must be in 1..{generator.max_steps}, got {steps}")
+    guidance = request.guidance
+    if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+        raise ValueError(f"sampling.guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
+    return SamplingChoice(sampler=sampler, steps=int(steps), guidance=float(guidance),
+                          seed=int(request.seed), use_fds=bool(request.use_fds))
+
+
+def output_size(settings: ReceiverSettings, generator: SemanticImageGenerator) -> tuple[int, int]:
+    """(height, width) of the stored image: the settings, 0 meaning the model's resolution."""
+    return (settings.output_height or generator.info.image_height,
+            settings.output_width or generator.info.image_width)
+
+
+def job_record(
+    header: gesco_pb2.TransmissionHeader,
+    semantic: codec.SemanticHeader,
+    sampling: SamplingChoice,
+    generator: SemanticImageGenerator,
+    size: tuple[int, int],
+    request_id: str,
+    now: float,
+) -> dict[str, Any]:
+    """The status.json record of a newly queued job."""
+    report = header.channel_report if header.HasField("channel_report") else None
+    return {
+        "id": header.transmission_id,
+        "status": JobStatus.QUEUED.value,
+        "error": None,
+        "request_id": request_id,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "timings_ms": {},
+        "channel": {
+            "model": report.model if report else None,
+            "snr_definition": _snr_definition_name(report.snr_definition) if report else None,
+            "requested_snr_db": report.requested_snr_db if report else None,
+            "measured_snr_db": report.measured_snr_db if report else None,
+            "channel_uses": report.channel_uses if report else None,
+        },
+        "bits": {
+            "payload_bits": semantic.payload_bits,
+            "num_symbols": semantic.num_symbols,
+            "image_bits_jpeg": header.image_bits_jpeg,
+        },
+        "sampling": sampling.as_dict(),
+        "semantic": {
+            "num_classes": semantic.num_classes,
+            "height": semantic.height,
+            "width": semantic.width,
+            "map_height": semantic.map_height,
+            "map_width": semantic.map_width,
+            "present_class_ids": list(semantic.present_class_ids),
+            "downsample_factor": semantic.downsample_factor,
+            "compression": semantic.compression.value,
+            "jpeg_quality": semantic.jpeg_quality,
+        },
+        "output": {"height": size[0], "width": size[1]},
+        "model": generator.info.as_dict(),
+    }
+
+
+def _snr_definition_name(value: int) -> str | None:
+    try:
+        return transport.snr_definition_from_proto(value)
+    except ValueError:
+        return None
+
+
+def run_batch(
+    jobs: Sequence[Job], generator: SemanticImageGenerator, size: tuple[int, int]
+) -> list[JobResult]:
+    """Decode, sample and encode a batch of jobs that share sampler, steps and guidance.
+
+    A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
+    """
+    results = [JobResult() for _ in jobs]
+    info = generator.info
+    prepared: list[tuple[int, link.ReceivedViews, np.ndarray]] = []
+    for index, job in enumerate(jobs):
+        started = time.perf_counter()
+        try:
+            received = link.received_views(job.symbols, job.semantic, job.sampling.use_fds)
+            condition = link.received_condition(
+                job.symbols, job.semantic, (info.image_height, info.image_width), job.sampling.use_fds
+            )
+        except ValueError as error:
+            results[index].error = f"decoding the received maps failed: {error}"
+            continue
+        results[index].timings_ms["decode_fds"] = _elapsed_ms(started)
+        prepared.append((index, received, condition))
+    if not prepared:
+        return results
+    sampling = jobs[prepared[0][0]].sampling
+    started = time.perf_counter()
+    try:
+        images = generator.generate(
+            torch.from_numpy(np.stack([condition for _, _, condition in prepared])),
+            sampler=sampling.sampler,
+            steps=sampling.steps,
+            guidance=sampling.guidance,
+            seeds=[jobs[index].sampling.seed for index, _, _ in prepared],
+        )
+    except Exception as error:  # noqa: BLE001 - the job records any sampling failure
+        log.exception("sampling failed")
+        for index, _, _ in prepared:
+            results[index].error = f"sampling failed: {error}"
+        return results
+    sample_ms = _elapsed_ms(started)
+    for (index, received, _), image in zip(prepared, images):
+        started = time.perf_counter()
+        results[index].artifacts = {
+            "image": encode_png(views.resize_image(image, *size)),
+            "maps_received": views.maps_png(received.noisy_maps),
+            "maps_fds": views.maps_png(received.fds_maps),
+            "fds_labels": views.labels_png(received.fds_maps),
+        }
+        results[index].timings_ms.update(sample=sample_ms, png=_elapsed_ms(started))
+    return results
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 2)
+
+
+class GenerationWorker:
+    """Owns the model, the bounded queue and the worker thread; the services call `submit`."""
+
+    def __init__(self, settings: ReceiverSettings, store: TransmissionStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.generator: SemanticImageGenerator | None = None
+        self.load_error: str | None = None
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        self._submit_lock = threading.Lock()
+        self._pending = 0  # queued or running
+        self._job_seconds = INITIAL_JOB_SECONDS
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.generator is not None
+
+    def load_model(self) -> None:
+        """Load the generator (blocking; run it in a thread) and start the worker thread."""
+        try:
+            if self.settings.torch_threads:
+                torch.set_num_threads(self.settings.torch_threads)
+            checkpoint = self.settings.checkpoint
+            generator = SemanticImageGenerator.load(
+                str(checkpoint) if checkpoint.is_file() else None, device=self.settings.device
+            )
+            default = self.settings.default_sampler
+            if default and default not in generator.sampler_names:
+                raise ValueError(f"default_sampler {default!r} is not one of {list(generator.sampler_names)}")
+        except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.exception("loading the model failed")
+            return
+        if not checkpoint.is_file():
+            log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
+        log.info("model loaded", extra={"model": generator.info.as_dict()})
+        self.generator = generator
+        if not self._stop.is_set():
+            self._thread.start()
+
+    def submit(self, header: gesco_pb2.TransmissionHeader, symbols: np.ndarray, request_id: str) -> int:
+        """Validate a received transmission against the model and queue it; return jobs ahead.
+
+        Raises NotReadyError, ValueError (bad request), DuplicateTransmissionError, QueueFullError.
+        """
+        generator = self.generator
+        if generator is None or self._stop.is_set():
+            raise NotReadyError(self.load_error or "the model is still loading")
+        semantic = transport.semantic_header_from_proto(header.semantic)
+        if semantic.num_classes != generator.info.num_classes:
+            raise ValueError(
+                f"semantic.num_classes {semantic.num_classes} does not match the model's "
+                f"{generator.info.num_classes} classes"
+            )
+        sampling = resolve_sampling(header.sampling if header.HasField("sampling") else None, generator, self.settings)
+        size = output_size(self.settings, generator)
+        job = Job(header.transmission_id, request_id, semantic, symbols, sampling)
+        with self._submit_lock:
+            if self.store.contains(job.transmission_id):
+                raise DuplicateTransmissionError(job.transmission_id)
+            if self._queue.full():
+                raise QueueFullError(max(1, math.ceil(self._job_seconds)))
+            self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
+            ahead = self._pending
+            self._queue.put_nowait(job)
+            self._pending += 1
+        return ahead
+
+    def stop(self, timeout: float) -> None:
+        """Take no more jobs and wait up to `timeout` s for the one in progress.
+
+        Jobs still queued or running stay so on disk; the next start marks them failed.
+        """
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def next_batch(self) -> list[Job]:
+        """Up to MAX_BATCH_SIZE jobs sharing sampler, steps and guidance (empty when idle)."""
+        try:
+            return [self._queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self.next_batch()
+            if not batch:
+                continue
+            try:
+                self._process(batch)
+            except Exception:  # noqa: BLE001 - e.g. a full disk; keep serving the next jobs
+                log.exception("processing a batch failed")
+            finally:
+                with self._submit_lock:
+                    self._pending -= len(batch)
+
+    def _process(self, batch: list[Job]) -> None:
+        assert self.generator is not None
+        started = time.monotonic()
+        size = output_size(self.settings, self.generator)
+        for job in batch:
+            with request_context(job.request_id):
+                self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
+                                  timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
+                log.info("job started", extra={"transmission_id": job.transmission_id, **job.sampling.as_dict()})
+        try:
+            results = run_batch(batch, self.generator, size)
+        except Exception as error:  # noqa: BLE001 - never lose a job to an unexpected error
+            log.exception("generation failed")
+            results = [JobResult(error=f"{type(error).__name__}: {error}") for _ in batch]
+        for job, result in zip(batch, results):
+            with request_context(job.request_id):
+                self._finish(job, result, started)
+        self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(batch)
+
+    def _finish(self, job: Job, result: JobResult, started: float) -> None:
+        timings = {**result.timings_ms, "total": round((time.monotonic() - started) * 1000.0, 2)}
+        try:
+            for name, data in result.artifacts.items():
+                self.store.write_artifact(job.transmission_id, name, data)
+        except OSError as error:
+            result.error = f"storing the results failed: {error}"
+        status = JobStatus.FAILED if result.error else JobStatus.DONE
+        self.store.update(job.transmission_id, status=status.value, error=result.error,
+                          finished_at=time.time(), timings_ms=timings)
+        log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
+                                        "error": result.error, "timings_ms": timings})
