@@ -183,10 +183,10 @@ def run_batch(
     for index, job in enumerate(jobs):
         started = time.perf_counter()
         try:
-            received = link.received_views(job.symbols, job.semantic, job.sampling.use_fds)
-            condition = link.received_condition(
-                job.symbols, job.semantic, (info.image_height, info.image_width), job.sampling.use_fds
-            )
+            # The debug views always show FDS; the model gets FDS maps only when the job asks.
+            received = link.received_views(job.symbols, job.semantic, use_fds=True)
+            maps = received.fds_maps if job.sampling.use_fds else received.noisy_maps
+            condition = link.resize_maps(maps, (info.image_height, info.image_width))
         except ValueError as error:
             results[index].error = f"decoding the received maps failed: {error}"
             continue

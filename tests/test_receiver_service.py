@@ -227,3 +227,232 @@ def test_debug_pngs():
     many[299] = 1.0
     wide = cv2.imdecode(np.frombuffer(labels_png(many), np.uint8), cv2.IMREAD_UNCHANGED)
     assert wide.dtype == np.uint16 and (wide == 299).all()
+
+
+# ------------------------------------------------------------------- worker with a fake generator
+
+from receiver_service import worker as worker_module  # noqa: E402
+from receiver_service.worker import (  # noqa: E402
+    GenerationWorker,
+    NotReadyError,
+    QueueFullError,
+    resolve_sampling,
+)
+from shared.diffusion.generator import GeneratorInfo  # noqa: E402
+
+NUM_CLASSES = 12
+
+
+class FakeGenerator:
+    """Paints each pixel with the colour of its condition's argmax; `gate` holds generation."""
+
+    sampler_names = ("ddim", "ddpm")
+    default_sampler = "ddim"
+    max_steps = 100
+
+    def __init__(self) -> None:
+        self.info = GeneratorInfo(name="fake", trained=False, image_height=24, image_width=32,
+                                  num_classes=NUM_CLASSES, checkpoint=None, parameters=0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[dict] = []
+        self.fail_with: Exception | None = None
+
+    def default_steps(self, sampler: str) -> int:
+        return {"ddim": 50, "ddpm": 100}[sampler]
+
+    def generate(self, conditions, sampler, steps, guidance, seeds):
+        self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,
+                               guidance=guidance, seeds=list(seeds)))
+        assert self.gate.wait(30)
+        if self.fail_with is not None:
+            raise self.fail_with
+        labels = conditions.argmax(dim=1).numpy()
+        return class_palette(NUM_CLASSES)[labels]
+
+
+@pytest.fixture()
+def fake_generator(monkeypatch):
+    generator = FakeGenerator()
+
+    class Loader:
+        @staticmethod
+        def load(checkpoint_path, device="auto"):
+            generator.loaded_from = (checkpoint_path, device)
+            return generator
+
+    monkeypatch.setattr(worker_module, "SemanticImageGenerator", Loader)
+    return generator
+
+
+def make_settings(tmp_path: Path, **overrides) -> ReceiverSettings:
+    values = dict(store_dir=tmp_path / "store", checkpoint=tmp_path / "missing.pt", device="cpu",
+                  queue_size=2, output_height=30, output_width=40, grpc_port=free_port(), http_port=free_port())
+    values.update(overrides)
+    return ReceiverSettings(**values)
+
+
+@pytest.fixture()
+def running_worker(tmp_path, fake_generator):
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path), store)
+    worker.load_model()
+    assert worker.ready
+    yield worker
+    fake_generator.gate.set()
+    worker.stop(5)
+
+
+def street_label_map(height: int = 24, width: int = 32) -> np.ndarray:
+    label_map = np.full((height, width), 3, dtype=np.int64)  # road
+    label_map[: height // 3] = 0  # sky
+    label_map[height // 3 : 2 * height // 3, : width // 2] = 1  # building
+    label_map[2 * height // 3 :, width // 2 :] = 8  # car
+    return label_map
+
+
+def transmission(label_map: np.ndarray | None = None, transmission_id: str | None = None,
+                 sampling: gesco_pb2.SamplingRequest | None = None, factor: int = 1):
+    label_map = street_label_map() if label_map is None else label_map
+    encoded = codec.encode_label_map(label_map, codec.CodecConfig(NUM_CLASSES, downsample_factor=factor))
+    header = gesco_pb2.TransmissionHeader(
+        transmission_id=transmission_id or transport.new_transmission_id(),
+        semantic=transport.semantic_header_to_proto(encoded.header),
+        channel=gesco_pb2.ChannelRequest(model="awgn", snr_db=30.0,
+                                         snr_definition=gesco_pb2.SNR_DEFINITION_PAPER_PSNR, equalize=True),
+        image_bits_jpeg=12345,
+    )
+    if sampling is not None:
+        header.sampling.CopyFrom(sampling)
+    return header, encoded.symbols
+
+
+def wait_for_status(store: TransmissionStore, transmission_id: str, statuses, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = store.get(transmission_id)
+        if record["status"] in statuses:
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.05)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_worker_generates_and_stores_everything(running_worker, fake_generator):
+    sampling = gesco_pb2.SamplingRequest(sampler="ddpm", steps=7, guidance=2.5, seed=99, use_fds=True)
+    header, symbols = transmission(sampling=sampling)
+    assert running_worker.submit(header, symbols, "req-1") == 0
+    record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
+    assert record["status"] == "done", record["error"]
+    assert record["sampling"] == {"sampler": "ddpm", "steps": 7, "guidance": 2.5, "seed": 99, "use_fds": True}
+    assert set(record["timings_ms"]) == {"queue_wait", "decode_fds", "sample", "png", "total"}
+    assert record["bits"]["image_bits_jpeg"] == 12345 and record["bits"]["num_symbols"] == symbols.size
+    assert record["model"]["name"] == "fake" and record["model"]["trained"] is False
+    assert record["request_id"] == "req-1"
+    (call,) = fake_generator.calls
+    assert call == dict(shape=(1, NUM_CLASSES, 24, 32), sampler="ddpm", steps=7, guidance=2.5, seeds=[99])
+    store = running_worker.store
+    image = decode_png(store.artifact_path(header.transmission_id, "image").read_bytes())
+    assert image.shape == (30, 40, 3)
+    labels = decode_png(store.artifact_path(header.transmission_id, "fds_labels").read_bytes())
+    np.testing.assert_array_equal(labels, street_label_map())
+    for name in ("maps_received", "maps_fds"):
+        assert decode_png(store.artifact_path(header.transmission_id, name).read_bytes()).shape == (24, 32, 3)
+
+
+def test_worker_decodes_downsampled_maps_at_the_transmitted_size(running_worker):
+    label_map = street_label_map(48, 64)
+    header, symbols = transmission(label_map, factor=4)
+    running_worker.submit(header, symbols, "req")
+    assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
+    labels = decode_png(running_worker.store.artifact_path(header.transmission_id, "fds_labels").read_bytes())
+    assert labels.shape == (48, 64)
+    assert np.mean(labels == label_map) > 0.9
+
+
+def test_header_without_sampling_gets_the_defaults(running_worker, fake_generator):
+    header, symbols = transmission()
+    running_worker.submit(header, symbols, "req")
+    record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
+    assert record["sampling"] == {"sampler": "ddim", "steps": 50, "guidance": 0.0, "seed": 0, "use_fds": True}
+
+
+def test_queue_full_duplicates_and_positions(running_worker, fake_generator):
+    fake_generator.gate.clear()
+    jobs = [transmission() for _ in range(4)]
+    assert running_worker.submit(*jobs[0], "a") == 0
+    wait_for_status(running_worker.store, jobs[0][0].transmission_id, {"running"})
+    assert running_worker.submit(*jobs[1], "b") == 1
+    assert running_worker.submit(*jobs[2], "c") == 2  # queue_size 2: both slots now taken
+    with pytest.raises(QueueFullError) as raised:
+        running_worker.submit(*jobs[3], "d")
+    assert raised.value.retry_after_s >= 1
+    assert not running_worker.store.contains(jobs[3][0].transmission_id)
+    with pytest.raises(DuplicateTransmissionError):
+        running_worker.submit(*jobs[1], "b again")
+    fake_generator.gate.set()
+    for header, _ in jobs[:3]:
+        assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
+    assert running_worker.submit(*jobs[3], "d") == 0
+
+
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        (gesco_pb2.SamplingRequest(sampler="euler"), "sampling.sampler"),
+        (gesco_pb2.SamplingRequest(steps=101), "sampling.steps"),
+        (gesco_pb2.SamplingRequest(guidance=20.5), "sampling.guidance"),
+        (gesco_pb2.SamplingRequest(guidance=-1.0), "sampling.guidance"),
+        (gesco_pb2.SamplingRequest(guidance=float("nan")), "sampling.guidance"),
+    ],
+)
+def test_bad_sampling_requests(running_worker, sampling, message):
+    header, symbols = transmission(sampling=sampling)
+    with pytest.raises(ValueError, match=message):
+        running_worker.submit(header, symbols, "req")
+    assert not running_worker.store.contains(header.transmission_id)
+
+
+def test_num_classes_must_match_the_model(running_worker):
+    label_map = street_label_map()
+    encoded = codec.encode_label_map(label_map, codec.CodecConfig(num_classes=19))
+    header, _ = transmission()
+    header.semantic.CopyFrom(transport.semantic_header_to_proto(encoded.header))
+    with pytest.raises(ValueError, match="num_classes"):
+        running_worker.submit(header, encoded.symbols, "req")
+
+
+def test_sampling_failure_marks_the_job_failed(running_worker, fake_generator):
+    fake_generator.fail_with = RuntimeError("out of memory")
+    header, symbols = transmission()
+    running_worker.submit(header, symbols, "req")
+    record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
+    assert record["status"] == "failed" and "out of memory" in record["error"]
+    fake_generator.fail_with = None
+    header, symbols = transmission()
+    running_worker.submit(header, symbols, "req")
+    assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
+
+
+def test_not_ready_before_the_model_is_loaded(tmp_path):
+    store = TransmissionStore(tmp_path, max_items=5, max_age_s=60)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path), store)
+    header, symbols = transmission()
+    with pytest.raises(NotReadyError, match="loading"):
+        worker.submit(header, symbols, "req")
+
+
+def test_resolve_sampling_uses_settings_defaults(tmp_path):
+    generator = FakeGenerator()
+    settings = make_settings(tmp_path, default_sampler="ddpm", default_steps=12, default_guidance=1.5)
+    assert resolve_sampling(None, generator, settings).as_dict() == {
+        "sampler": "ddpm", "steps": 12, "guidance": 1.5, "seed": 0, "use_fds": True}
+    request = gesco_pb2.SamplingRequest(guidance=0.0, seed=2**64 - 1, use_fds=False)
+    assert resolve_sampling(request, generator, settings).as_dict() == {
+        "sampler": "ddpm", "steps": 12, "guidance": 0.0, "seed": 2**64 - 1, "use_fds": False}
+    assert resolve_sampling(request, generator, make_settings(tmp_path)).steps == 50
