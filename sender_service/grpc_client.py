@@ -9,6 +9,13 @@ from shared import transport
 
 # Trailing-metadata key a busy channel or receiver may set with the seconds to wait.
 RETRY_AFTER_METADATA_KEY = "retry-after"
+# Calls fail fast while the connection is down; short reconnect backoff means a restarted channel
+# simulator is used again within seconds instead of after gRPC's default of up to two minutes.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 class ChannelCallError(Exception):
@@ -26,7 +33,7 @@ class ChannelClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = gesco_pb2_grpc.ChannelStub(self._channel)
 
     async def transmit(
