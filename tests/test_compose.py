@@ -154,3 +154,18 @@ def test_dockerfile_builds_stubs_and_copies_what_services_need() -> None:
     assert "grpc_tools.protoc" in dockerfile
     for folder in ("shared", "channel_sim", "receiver_service", "sender_service", "models", "protos"):
         assert f"COPY {folder}/ {folder}/" in dockerfile
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    """The README's configuration tables must follow the settings classes."""
+    import enum
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    for prefix, settings in SETTINGS.items():
+        for name, field in settings.model_fields.items():
+            variable = f"{prefix}{name.upper()}"
+            row = next((line for line in readme.splitlines() if line.startswith(f"| `{variable}` |")), None)
+            assert row is not None, f"README lacks {variable}"
+            default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+            shown = row.split("|")[2]
+            assert (f"`{default}`" in shown) or (default == "" and "empty" in shown), (variable, shown)
