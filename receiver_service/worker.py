@@ -245,6 +245,11 @@ class GenerationWorker:
     def ready(self) -> bool:
         return self.generator is not None
 
+    @property
+    def busy(self) -> bool:
+        """The worker thread is alive (after `stop`: still inside a batch)."""
+        return self._thread.is_alive()
+
     def load_model(self) -> None:
         """Load the generator (blocking; run it in a thread) and start the worker thread."""
         try:

@@ -456,3 +456,298 @@ def test_resolve_sampling_uses_settings_defaults(tmp_path):
     assert resolve_sampling(request, generator, settings).as_dict() == {
         "sampler": "ddpm", "steps": 12, "guidance": 0.0, "seed": 2**64 - 1, "use_fds": False}
     assert resolve_sampling(request, generator, make_settings(tmp_path)).steps == 50
+
+
+# ---------------------------------------------------------- REST + gRPC in process (fake generator)
+
+from fastapi.testclient import TestClient  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from receiver_service.app import create_app  # noqa: E402
+
+
+@pytest.fixture()
+def app_client(tmp_path, fake_generator):
+    settings = make_settings(tmp_path, public_url="http://receiver.test:8001", queue_size=1)
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.settings = settings
+        yield client
+        fake_generator.gate.set()
+
+
+def receive(port: int, frames, request_id: str = "req-rest"):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return gesco_pb2_grpc.ReceiverStub(channel).Receive(
+            iter(list(frames)), metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),), timeout=20)
+
+
+def test_rest_status_image_and_maps(app_client, fake_generator):
+    fake_generator.gate.clear()
+    header, symbols = transmission(sampling=gesco_pb2.SamplingRequest(steps=3, seed=5, use_fds=True))
+    header.channel_report.CopyFrom(gesco_pb2.ChannelReport(
+        model="awgn", requested_snr_db=30.0, measured_snr_db=29.8,
+        snr_definition=gesco_pb2.SNR_DEFINITION_PAPER_PSNR, channel_uses=symbols.size // 2))
+    ack = receive(app_client.settings.grpc_port, transport.symbol_frames(header, symbols))
+    assert ack.transmission_id == header.transmission_id and ack.queue_position == 0
+    assert ack.channel_report.measured_snr_db == pytest.approx(29.8)
+    tid = header.transmission_id
+
+    status = app_client.get(f"/v1/transmissions/{tid}").json()
+    assert status["status"] in ("queued", "running")
+    response = app_client.get(f"/v1/transmissions/{tid}/image")
+    assert response.status_code == 409 and response.json()["status"] in ("queued", "running")
+    fake_generator.gate.set()
+    deadline = time.monotonic() + 30
+    while (status := app_client.get(f"/v1/transmissions/{tid}").json())["status"] != "done":
+        assert status["status"] != "failed" and time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+    assert status["id"] == tid and status["error"] is None
+    assert status["channel"] == {"model": "awgn", "snr_definition": "paper_psnr", "requested_snr_db": 30.0,
+                                 "measured_snr_db": pytest.approx(29.8), "channel_uses": symbols.size // 2}
+    assert status["bits"] == {"payload_bits": int(header.semantic.payload_bits), "num_symbols": symbols.size,
+                              "image_bits_jpeg": 12345}
+    assert status["sampling"] == {"sampler": "ddim", "steps": 3, "guidance": 0.0, "seed": 5, "use_fds": True}
+    assert status["model"]["name"] == "fake" and status["model"]["trained"] is False
+    assert status["created_at"].endswith("+00:00") and status["finished_at"] >= status["created_at"]
+    assert set(status["timings_ms"]) >= {"decode_fds", "sample", "png", "total"}
+    base = f"http://receiver.test:8001/v1/transmissions/{tid}"
+    assert status["urls"] == {"status": base, "image": f"{base}/image", "maps_received": f"{base}/maps/received.png",
+                              "maps_fds": f"{base}/maps/fds.png", "maps_fds_labels": f"{base}/maps/fds_labels.png"}
+    assert "request_id" not in status
+
+    image = app_client.get(f"/v1/transmissions/{tid}/image")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert decode_png(image.content).shape == (30, 40, 3)
+    labels = app_client.get(f"/v1/transmissions/{tid}/maps/fds_labels.png")
+    np.testing.assert_array_equal(decode_png(labels.content), street_label_map())
+    for name in ("received.png", "fds.png"):
+        assert app_client.get(f"/v1/transmissions/{tid}/maps/{name}").status_code == 200
+    assert app_client.get(f"/v1/transmissions/{tid}/maps/secret.png").status_code == 404
+
+
+@pytest.mark.parametrize("bad_id", ["abc", "ABCDEF0123456789ABCDEF0123456789", "0" * 33, "..%2F..%2Fetc"])
+def test_rest_rejects_bad_ids_naming_the_field(app_client, bad_id):
+    for suffix in ("", "/image", "/maps/fds.png"):
+        response = app_client.get(f"/v1/transmissions/{bad_id}{suffix}")
+        assert response.status_code in (404, 422)
+        if response.status_code == 422:
+            assert response.json()["detail"][0]["loc"] == ["path", "transmission_id"]
+    assert app_client.get("/v1/transmissions/abc").status_code == 422
+
+
+def test_rest_unknown_id_is_404(app_client):
+    unknown = transport.new_transmission_id()
+    for suffix in ("", "/image", "/maps/received.png"):
+        response = app_client.get(f"/v1/transmissions/{unknown}{suffix}")
+        assert response.status_code == 404 and "detail" in response.json()
+
+
+def test_health_ready_docs_and_grpc_health(app_client):
+    assert app_client.get("/healthz").json() == {"status": "ok"}
+    ready = app_client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["model"]["name"] == "fake"
+    docs = app_client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    assert "/v1/transmissions/{transmission_id}" in app_client.get("/openapi.json").json()["paths"]
+    with grpc.insecure_channel(f"127.0.0.1:{app_client.settings.grpc_port}") as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="gesco.v1.Receiver"), timeout=5)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_errors_in_process(app_client, fake_generator):
+    port = app_client.settings.grpc_port
+    header, symbols = transmission()
+    frames = list(transport.symbol_frames(header, symbols, chunk_bytes=256))
+    for bad, code in [(frames[1:], grpc.StatusCode.INVALID_ARGUMENT), (frames[:-1], grpc.StatusCode.INVALID_ARGUMENT)]:
+        with pytest.raises(grpc.RpcError) as raised:
+            receive(port, bad)
+        assert raised.value.code() == code
+    fake_generator.gate.clear()
+    receive(port, frames)
+    with pytest.raises(grpc.RpcError) as raised:
+        receive(port, frames)
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    wait_for_status(app_client.app.state.store, header.transmission_id, {"running"})
+    receive(port, transport.symbol_frames(*transmission()))  # fills the one queue slot
+    with pytest.raises(grpc.RpcError) as raised:
+        receive(port, transport.symbol_frames(*transmission()))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(dict(raised.value.trailing_metadata())["retry-after"]) >= 1
+    fake_generator.gate.set()
+
+
+# ------------------------------------------------------------ real processes, untrained model
+
+E2E_SAMPLING = gesco_pb2.SamplingRequest(sampler="ddim", steps=2, guidance=0.0, seed=11, use_fds=True)
+E2E_OUTPUT = (72, 96)
+
+
+def receiver_env(tmp_path: Path, store_dir: Path, **overrides) -> tuple[dict[str, str], int, int]:
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
+        "GESCO_RECEIVER_HTTP_PORT": str(http_port),
+        "GESCO_RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
+        "GESCO_RECEIVER_STORE_DIR": str(store_dir),
+        "GESCO_RECEIVER_CHECKPOINT": str(tmp_path / "no-such-checkpoint.pt"),
+        "GESCO_RECEIVER_DEVICE": "cpu",
+        "GESCO_RECEIVER_QUEUE_SIZE": "4",
+        "GESCO_RECEIVER_OUTPUT_HEIGHT": str(E2E_OUTPUT[0]),
+        "GESCO_RECEIVER_OUTPUT_WIDTH": str(E2E_OUTPUT[1]),
+        **{f"GESCO_RECEIVER_{key.upper()}": str(value) for key, value in overrides.items()},
+    }
+    return env, grpc_port, http_port
+
+
+def start_receiver(env: dict[str, str], grpc_port: int, http_port: int):
+    proc = start_service("receiver_service", env, ready_url=f"http://127.0.0.1:{http_port}/readyz",
+                         grpc_port=grpc_port, timeout=180)
+    proc.grpc_port, proc.http_port = grpc_port, http_port
+    return proc
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("receiver-e2e")
+    env, grpc_port, http_port = receiver_env(tmp_path, tmp_path / "store")
+    receiver = start_receiver(env, grpc_port, http_port)
+    channel_port = free_port()
+    try:
+        channel = start_service("channel_sim", {"GESCO_CHANNEL_PORT": str(channel_port),
+                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}"},
+                                grpc_port=channel_port, timeout=180)
+    except BaseException:
+        stop_service(receiver)
+        raise
+    channel.port = channel_port
+    yield receiver, channel
+    assert stop_service(channel) == 0, service_log(channel)
+    assert stop_service(receiver) == 0, service_log(receiver)
+
+
+def e2e_transmission(snr_db: float = 40.0, sampling=E2E_SAMPLING, transmission_id: str | None = None):
+    label_map = street_label_map(48, 64)
+    header, symbols = transmission(label_map, transmission_id=transmission_id, sampling=sampling)
+    header.channel.snr_db = snr_db
+    return header, symbols, label_map
+
+
+def via_channel(port: int, frames, request_id: str = "req-e2e", timeout: float = 60.0):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return gesco_pb2_grpc.ChannelStub(channel).Transmit(
+            iter(list(frames)), metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),), timeout=timeout)
+
+
+def poll_status(http_port: int, transmission_id: str, statuses, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = httpx.get(f"http://127.0.0.1:{http_port}/v1/transmissions/{transmission_id}", timeout=10).json()
+        if status["status"] in statuses:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+
+
+def test_e2e_transmission_through_the_channel_ends_done(services):
+    receiver, channel = services
+    header, symbols, label_map = e2e_transmission()
+    ack = via_channel(channel.port, transport.symbol_frames(header, symbols, chunk_bytes=4096), "req-e2e-done")
+    assert ack.transmission_id == header.transmission_id
+    assert ack.channel_report.model == "awgn" and ack.channel_report.channel_uses == -(-symbols.size // 2)
+
+    status = poll_status(receiver.http_port, header.transmission_id, {"done", "failed"})
+    assert status["status"] == "done", status["error"]
+    assert status["channel"]["model"] == "awgn"
+    assert status["channel"]["snr_definition"] == "paper_psnr"
+    assert status["channel"]["requested_snr_db"] == 40.0
+    assert abs(status["channel"]["measured_snr_db"] - 40.0) < 1.0
+    assert status["bits"]["num_symbols"] == symbols.size and status["bits"]["image_bits_jpeg"] == 12345
+    assert status["sampling"] == {"sampler": "ddim", "steps": 2, "guidance": 0.0, "seed": 11, "use_fds": True}
+    assert status["model"]["trained"] is False and status["model"]["checkpoint"] is None
+    assert status["model"]["num_classes"] == NUM_CLASSES
+    assert status["timings_ms"]["sample"] > 0
+
+    image = httpx.get(status["urls"]["image"], timeout=10)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert decode_png(image.content).shape == (*E2E_OUTPUT, 3)
+    labels = decode_png(httpx.get(status["urls"]["maps_fds_labels"], timeout=10).content)
+    np.testing.assert_array_equal(labels, label_map)
+    for key in ("maps_received", "maps_fds"):
+        assert decode_png(httpx.get(status["urls"][key], timeout=10).content).shape == (48, 64, 3)
+
+    job_lines = [json.loads(line) for line in service_log(receiver).splitlines() if line.startswith("{")]
+    tagged = [line for line in job_lines if line.get("request_id") == "req-e2e-done"]
+    assert {"receive", "job started", "job finished"} <= {line["msg"] for line in tagged}
+
+
+def test_e2e_bad_input_is_invalid_argument_and_the_next_request_works(services):
+    receiver, channel = services
+    header, symbols, _ = e2e_transmission()
+    frames = list(transport.symbol_frames(header, symbols, chunk_bytes=1024))
+    nan_symbols = symbols.copy()
+    nan_symbols[-1] = np.nan
+    unknown_sampler, _, _ = e2e_transmission(sampling=gesco_pb2.SamplingRequest(sampler="euler", steps=2))
+    bad_streams = {
+        "no header": frames[1:],
+        "chunks short": frames[:-1],
+        "chunks long": [*frames, frames[-1]],
+        "nan": list(transport.symbol_frames(header, nan_symbols)),
+        "unknown sampler": list(transport.symbol_frames(unknown_sampler, symbols)),
+    }
+    for name, bad in bad_streams.items():
+        for send, port in ((via_channel, channel.port), (receive, receiver.grpc_port)):
+            with pytest.raises(grpc.RpcError) as raised:
+                send(port, bad)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, raised.value.details())
+    ack = via_channel(channel.port, frames)
+    assert ack.transmission_id == header.transmission_id
+    with pytest.raises(grpc.RpcError) as raised:
+        via_channel(channel.port, frames)
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    bad_id = httpx.get(f"http://127.0.0.1:{receiver.http_port}/v1/transmissions/not-an-id", timeout=10)
+    assert bad_id.status_code == 422 and bad_id.json()["detail"][0]["loc"] == ["path", "transmission_id"]
+
+
+def test_e2e_queue_full_then_restart_fails_unfinished_jobs(tmp_path):
+    store_dir = tmp_path / "store"
+    slow = gesco_pb2.SamplingRequest(sampler="ddim", steps=1000, guidance=0.0, seed=1, use_fds=True)
+    env, grpc_port, http_port = receiver_env(tmp_path, store_dir, queue_size=1)
+    receiver = start_receiver(env, grpc_port, http_port)
+    try:
+        running, _, _ = e2e_transmission(sampling=slow)
+        queued, _, _ = e2e_transmission(sampling=slow)
+        rejected, symbols, _ = e2e_transmission(sampling=slow)
+        assert receive(grpc_port, transport.symbol_frames(running, symbols)).queue_position == 0
+        poll_status(http_port, running.transmission_id, {"running"}, timeout=60)
+        assert receive(grpc_port, transport.symbol_frames(queued, symbols)).queue_position == 1
+        with pytest.raises(grpc.RpcError) as raised:
+            receive(grpc_port, transport.symbol_frames(rejected, symbols))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(raised.value.trailing_metadata())["retry-after"]) >= 1
+        receiver.send_signal(signal.SIGKILL)  # a crash: nothing gets to clean up
+        receiver.wait(30)
+    finally:
+        stop_service(receiver)
+
+    env, grpc_port, http_port = receiver_env(tmp_path, store_dir, queue_size=1)
+    receiver = start_receiver(env, grpc_port, http_port)
+    try:
+        for header in (running, queued):
+            status = poll_status(http_port, header.transmission_id, {"failed"}, timeout=5)
+            assert status["error"] == RESTART_ERROR
+        unknown = httpx.get(f"http://127.0.0.1:{http_port}/v1/transmissions/{rejected.transmission_id}", timeout=10)
+        assert unknown.status_code == 404
+        # A clean shutdown with a job in progress still exits promptly and with status 0.
+        receive(grpc_port, transport.symbol_frames(rejected, symbols))
+        poll_status(http_port, rejected.transmission_id, {"running"}, timeout=60)
+        started = time.monotonic()
+        assert stop_service(receiver, timeout=30) == 0, service_log(receiver)
+        assert time.monotonic() - started < 30
+    finally:
+        stop_service(receiver)
