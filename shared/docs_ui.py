@@ -24,6 +24,7 @@ _PAGE = """<!doctype html>
   header { background: #1d2330; color: #fff; padding: 14px 24px; }
   header h1 { margin: 0; font-size: 20px; }
   header p { margin: 4px 0 0; opacity: .8; }
+  header button { margin-top: 8px; font: inherit; font-size: 13px; cursor: pointer; }
   main { max-width: 1000px; margin: 0 auto; padding: 16px 24px 48px; }
   details.op { background: #fff; border: 1px solid #d8dce3; border-radius: 6px; margin: 8px 0; }
   details.op > summary { cursor: pointer; padding: 8px 12px; list-style: none; }
@@ -45,7 +46,8 @@ _PAGE = """<!doctype html>
 </style>
 </head>
 <body>
-<header><h1>__TITLE__</h1><p id="subtitle">loading __OPENAPI_URL__ ...</p></header>
+<header><h1>__TITLE__</h1><p id="subtitle">loading __OPENAPI_URL__ ...</p>
+<button id="toggle" type="button">expand all</button></header>
 <main>
   <p id="error"></p>
   <div id="intro"></div>
@@ -78,6 +80,13 @@ function resolve(ref) {
 
 function constraints(schema) {
   const notes = [];
+  // Optional fields are anyOf [T, null]: their bounds live on the non-null branch.
+  for (const branch of (schema.anyOf || schema.oneOf || [])) {
+    if (branch.type !== "null" && !branch.$ref) {
+      const inner = constraints(Object.assign({}, branch, {default: undefined}));
+      if (inner) notes.push(inner.slice(2, -1));
+    }
+  }
   for (const key of ["format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
                      "minLength", "maxLength", "pattern", "minItems", "maxItems"]) {
     if (schema[key] !== undefined) notes.push(key + ": " + schema[key]);
@@ -205,6 +214,12 @@ function render() {
          renderSchema(schema, new Set([name])))));
   }
 }
+
+document.getElementById("toggle").addEventListener("click", event => {
+  const opening = event.target.textContent === "expand all";
+  for (const node of document.querySelectorAll("details")) node.open = opening;
+  event.target.textContent = opening ? "collapse all" : "expand all";
+});
 
 fetch(OPENAPI_URL)
   .then(response => { if (!response.ok) throw new Error("HTTP " + response.status); return response.json(); })
