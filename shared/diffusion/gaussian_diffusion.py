@@ -20,9 +20,12 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
-    """DDPM's linear schedule, rescaled so any T spans the same noise range as T = 1000."""
+    """DDPM's linear schedule, rescaled so any T spans the same noise range as T = 1000.
+
+    Betas are capped below 1: a beta of 1 would leave no signal and make x_0 unrecoverable.
+    """
     scale = 1000 / num_timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    return np.minimum(np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64), 0.999)
 
 
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:

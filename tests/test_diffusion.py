@@ -1,0 +1,201 @@
+"""Diffusion maths, network and samplers on tiny CPU configurations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
+from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+from shared.diffusion.samplers import DDIMSampler, DDPMSampler, GuidedModel, make_sampler, spaced_timesteps
+from shared.diffusion.unet import SemanticUNet, UNetConfig
+
+TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
+                  attention_downsample=(2,), head_channels=32, spade_hidden=16)
+
+
+@pytest.fixture(scope="module")
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion.from_config(DiffusionConfig(schedule="linear", num_timesteps=1000))
+
+
+def test_schedules_are_valid_and_cosine_ends_near_zero_signal() -> None:
+    for betas in (linear_betas(1000), cosine_betas(1000)):
+        assert betas.shape == (1000,) and (betas > 0).all() and (betas < 1).all()
+    assert np.cumprod(1 - cosine_betas(1000))[-1] < 1e-4
+    assert linear_betas(1000)[0] == pytest.approx(1e-4) and linear_betas(1000)[-1] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="schedule"):
+        make_betas("quadratic", 10)
+
+
+def test_q_sample_matches_closed_form(diffusion: GaussianDiffusion) -> None:
+    x0, noise = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    t = torch.tensor([0, 499, 999])
+    abar = np.cumprod(1 - linear_betas(1000))[[0, 499, 999]]
+    expected = torch.tensor(np.sqrt(abar), dtype=torch.float32)[:, None, None, None] * x0 \
+        + torch.tensor(np.sqrt(1 - abar), dtype=torch.float32)[:, None, None, None] * noise
+    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), expected)
+
+
+def test_posterior_matches_closed_form(diffusion: GaussianDiffusion) -> None:
+    betas = linear_betas(1000)
+    abar = np.cumprod(1 - betas)
+    x0, xt = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([1, 700])
+    mean, var, _ = diffusion.q_posterior(x0, xt, t)
+    for i, step in enumerate(t.tolist()):
+        ab, ab_prev, beta = abar[step], abar[step - 1], betas[step]
+        exp_mean = (np.sqrt(ab_prev) * beta / (1 - ab)) * x0[i] + (np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)) * xt[i]
+        torch.testing.assert_close(mean[i], exp_mean.float())
+        assert float(var[i].flatten()[0]) == pytest.approx((1 - ab_prev) / (1 - ab) * beta, rel=1e-5)
+
+
+def test_eps_and_start_predictions_invert_each_other(diffusion: GaussianDiffusion) -> None:
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([10, 900])
+    xt = diffusion.q_sample(x0, t, noise)
+    torch.testing.assert_close(diffusion.predict_start_from_eps(xt, t, noise), x0, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.predict_eps_from_start(xt, t, x0), noise, atol=1e-3, rtol=1e-3)
+
+
+def test_learned_variance_spans_posterior_to_beta(diffusion: GaussianDiffusion) -> None:
+    t = torch.tensor([500])
+    low = diffusion.learned_log_variance(-torch.ones(1, 1, 1, 1), t)
+    high = diffusion.learned_log_variance(torch.ones(1, 1, 1, 1), t)
+    assert float(low) == pytest.approx(diffusion.posterior_log_variance_clipped[500], rel=1e-5)
+    assert float(high) == pytest.approx(np.log(diffusion.betas[500]), rel=1e-5)
+
+
+def test_respacing_keeps_alpha_bar(diffusion: GaussianDiffusion) -> None:
+    use = spaced_timesteps(1000, 10)
+    assert len(use) == 10 and use[0] == 0 and use[-1] == 999
+    spaced = diffusion.respaced(use)
+    np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[use], rtol=1e-10)
+    assert spaced.model_timesteps(torch.tensor([0, 9])).tolist() == [0, 999]
+    with pytest.raises(ValueError, match="steps"):
+        spaced_timesteps(1000, 0)
+
+
+def test_unet_shapes_and_config_validation() -> None:
+    net = SemanticUNet(TINY)
+    out = net(torch.randn(2, 3, 8, 16), torch.tensor([3, 999]), torch.rand(2, 4, 8, 16))
+    assert out.shape == (2, 6, 8, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        UNetConfig(image_height=50, image_width=64)
+
+
+def test_hybrid_loss_falls_when_overfitting_one_batch() -> None:
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    net = SemanticUNet(TINY)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    x0 = torch.rand(4, 3, 8, 16) * 2 - 1
+    cond = torch.rand(4, 4, 8, 16)
+    t = torch.tensor([5, 30, 60, 90])
+    noise = torch.randn_like(x0)
+
+    def loss() -> tuple[torch.Tensor, torch.Tensor]:
+        terms = diffusion.training_losses(lambda x, ts: net(x, ts, cond), x0, t, noise)
+        return terms["loss"].mean(), terms["vb"].mean()
+
+    first, first_vb = (v.item() for v in loss())
+    for _ in range(40):
+        value, _ = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    last, last_vb = (v.item() for v in loss())
+    assert last < 0.5 * first
+    assert last_vb < first_vb  # the variance head learns too
+
+
+def test_vb_term_trains_only_the_variance_output() -> None:
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    eps = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    v = torch.zeros(2, 3, 4, 4, requires_grad=True)
+    terms = diffusion.training_losses(lambda x, ts: torch.cat([eps, v], dim=1), torch.rand(2, 3, 4, 4), torch.tensor([3, 50]))
+    terms["vb"].sum().backward()
+    assert eps.grad is None or float(eps.grad.abs().sum()) == 0.0
+    assert float(v.grad.abs().sum()) > 0.0
+
+
+def test_guidance_zero_equals_conditional_prediction() -> None:
+    torch.manual_seed(1)
+    net = SemanticUNet(TINY).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)  # zero-initialised heads would hide differences
+    x, t, cond = torch.randn(2, 3, 8, 16), torch.tensor([10, 500]), torch.rand(2, 4, 8, 16)
+    with torch.no_grad():
+        conditional = net(x, t, cond)
+        torch.testing.assert_close(GuidedModel(net, cond, 0.0)(x, t), conditional)
+        guided = GuidedModel(net, cond, 2.0)(x, t)
+        unconditional = net(x, t, torch.zeros_like(cond))
+    eps_c, eps_u = conditional[:, :3], unconditional[:, :3]
+    torch.testing.assert_close(guided[:, :3], eps_c + 2.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided[:, 3:], conditional[:, 3:])
+    with pytest.raises(ValueError, match="guidance"):
+        GuidedModel(net, cond, -1.0)
+
+
+@pytest.mark.parametrize("sampler,steps", [(DDPMSampler(), 20), (DDPMSampler(), 7), (DDIMSampler(), 5), (DDIMSampler(eta=1.0), 4)])
+def test_samplers_return_shape_and_range(sampler, steps: int) -> None:
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=20))
+    net = SemanticUNet(TINY).eval()
+    with torch.no_grad():
+        out = sampler.sample(diffusion, GuidedModel(net, torch.rand(2, 4, 8, 16), 1.5), (2, 3, 8, 16),
+                             [torch.Generator().manual_seed(i) for i in range(2)], steps)
+    assert out.shape == (2, 3, 8, 16)
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+
+
+def test_make_sampler_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_sampler("euler")
+    with pytest.raises(ValueError, match="eta"):
+        make_sampler("ddim", eta=2.0)
+
+
+@pytest.fixture(scope="module")
+def generator() -> SemanticImageGenerator:
+    return SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(unet=TINY))
+
+
+def test_generator_is_deterministic_and_batch_independent(generator: SemanticImageGenerator) -> None:
+    assert not generator.info.trained and generator.info.num_classes == 4
+    cond = torch.zeros(2, 4, 8, 16)
+    cond[:, 1] = 1
+    pair = generator.generate(cond, "ddim", 3, 2.0, seeds=[7, 8])
+    alone = generator.generate(cond[:1], "ddim", 3, 2.0, seeds=[7])
+    assert pair.shape == (2, 8, 16, 3) and pair.dtype == np.uint8
+    np.testing.assert_array_equal(pair[0], alone[0])
+    assert not np.array_equal(pair[0], pair[1])
+
+
+def test_generator_rejects_bad_requests(generator: SemanticImageGenerator) -> None:
+    cond = torch.zeros(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="shape"):
+        generator.generate(torch.zeros(1, 5, 8, 16), "ddim", 2, 1.0, [0])
+    with pytest.raises(ValueError, match="seed"):
+        generator.generate(cond, "ddim", 2, 1.0, [0, 1])
+    with pytest.raises(ValueError, match="steps"):
+        generator.generate(cond, "ddim", 0, 1.0, [0])
+    with pytest.raises(ValueError, match="sampler"):
+        generator.generate(cond, "plms", 2, 1.0, [0])
+    with pytest.raises(ValueError, match="guidance"):
+        generator.generate(cond, "ddim", 2, float("nan"), [0])
+    with pytest.raises(ValueError, match="NaN"):
+        generator.generate(torch.full((1, 4, 8, 16), float("nan")), "ddim", 2, 1.0, [0])
+
+
+def test_checkpoint_round_trip(tmp_path, generator: SemanticImageGenerator) -> None:
+    from shared.checkpoints import save_checkpoint
+    from shared.diffusion.generator import CHECKPOINT_KIND
+
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, CHECKPOINT_KIND, generator.config, generator.network.state_dict(), {"name": "tiny", "step": 3})
+    loaded = SemanticImageGenerator.load(path, "cpu")
+    assert loaded.info.trained and loaded.info.name == "tiny" and loaded.info.training_steps == 3
+    assert loaded.config == generator.config
+    with pytest.raises(ValueError, match="expected"):
+        from shared.checkpoints import load_checkpoint
+        load_checkpoint(path, "segmenter")
