@@ -34,6 +34,8 @@ MAX_GUIDANCE = 20.0
 MAX_BATCH_SIZE = 1  # dynamic batching raises this; run_batch already takes a batch
 # Until a job has been timed, a full queue asks clients to come back after this long.
 INITIAL_JOB_SECONDS = 5.0
+# An idle worker applies the store's age limit this often (creating a job applies it too).
+EVICT_INTERVAL_S = 60.0
 
 
 class NotReadyError(Exception):
@@ -318,9 +320,13 @@ class GenerationWorker:
             return []
 
     def _run(self) -> None:
+        last_evicted = time.monotonic()
         while not self._stop.is_set():
             batch = self.next_batch()
             if not batch:
+                if time.monotonic() - last_evicted > EVICT_INTERVAL_S:
+                    self.store.evict()
+                    last_evicted = time.monotonic()
                 continue
             try:
                 self._process(batch)

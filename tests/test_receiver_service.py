@@ -598,6 +598,7 @@ def receiver_env(tmp_path: Path, store_dir: Path, **overrides) -> tuple[dict[str
         "GESCO_RECEIVER_CHECKPOINT": str(tmp_path / "no-such-checkpoint.pt"),
         "GESCO_RECEIVER_DEVICE": "cpu",
         "GESCO_RECEIVER_QUEUE_SIZE": "4",
+        "GESCO_RECEIVER_TORCH_THREADS": "1",
         "GESCO_RECEIVER_OUTPUT_HEIGHT": str(E2E_OUTPUT[0]),
         "GESCO_RECEIVER_OUTPUT_WIDTH": str(E2E_OUTPUT[1]),
         **{f"GESCO_RECEIVER_{key.upper()}": str(value) for key, value in overrides.items()},
