@@ -17,7 +17,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import REPO_ROOT, ReceiverSettings
