@@ -40,6 +40,7 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
             try:
                 if not self._worker.ready:
                     raise NotReadyError(self._worker.load_error or "the model is still loading")
+                self._worker.check_capacity()
                 header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
                 fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
                 position = self._worker.submit(header, symbols, request_id or header.transmission_id)

@@ -275,6 +275,15 @@ class GenerationWorker:
         if not self._stop.is_set():
             self._thread.start()
 
+    def check_capacity(self) -> None:
+        """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
+        if self._queue.full():
+            raise QueueFullError(self.retry_after_s())
+
+    def retry_after_s(self) -> int:
+        """Seconds until a queue slot is likely free: the recent time per job, at least 1."""
+        return max(1, math.ceil(self._job_seconds))
+
     def submit(self, header: gesco_pb2.TransmissionHeader, symbols: np.ndarray, request_id: str) -> int:
         """Validate a received transmission against the model and queue it; return jobs ahead.
 
@@ -296,7 +305,7 @@ class GenerationWorker:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
             if self._queue.full():
-                raise QueueFullError(max(1, math.ceil(self._job_seconds)))
+                raise QueueFullError(self.retry_after_s())
             self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
             ahead = self._pending
             self._queue.put_nowait(job)
