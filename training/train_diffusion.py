@@ -8,8 +8,9 @@ the hybrid loss trains the learned variances.
 
     python -m training.train_diffusion --data-root ../shared/data/camvid --minutes 60
 
-Resumes from <out_dir>/state.pt when it exists (model, EMA, optimiser, step, RNG states). The
-EMA weights are exported (fp16) to --export-path whenever the validation loss improves.
+Resumes from <out_dir>/state.pt when it exists (model, EMA, optimiser, step, RNG states), or
+warm-starts from shipped weights with --init-from. The EMA weights are exported (fp16) to
+--export-path whenever the validation loss improves.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.channels import ChannelConfig, SnrDefinition
-from shared.checkpoints import save_checkpoint
+from shared.checkpoints import load_checkpoint, save_checkpoint
 from shared.codec import CodecConfig
 from shared.data import CAMVID_INFO, camvid, colorize
 from shared.device import select_device
@@ -45,6 +46,7 @@ class TrainConfig:
     data_root: str = "../shared/data/camvid"
     out_dir: str = "runs/diffusion"
     export_path: str = "models/diffusion-camvid.pt"
+    init_from: str = ""  # a shipped checkpoint to warm-start from when out_dir has no state
     model_name: str = "gesco-camvid-48x64"
     # resolutions: the model's, and the one the sender transmits its maps at
     image_height: int = 48
@@ -183,9 +185,21 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.out_dir / "state.pt")
 
+    def warm_start(self, path: Path) -> None:
+        """Continue from shipped EMA weights (no optimiser state ships), e.g. on a new machine."""
+        payload = load_checkpoint(path, CHECKPOINT_KIND)
+        if SemanticDiffusionConfig.from_dict(payload["config"]) != self.model_cfg:
+            raise ValueError(f"{path} was trained with another model configuration")
+        self.model.load_state_dict(payload["state_dict"])
+        self.ema.load_state_dict(payload["state_dict"])
+        self.step = int(payload["meta"].get("step", 0))
+        self.wall_seconds = float(payload["meta"].get("wall_seconds", 0.0))
+
     def load_state(self) -> bool:
         path = self.out_dir / "state.pt"
         if not path.exists():
+            if self.cfg.init_from:
+                self.warm_start(Path(self.cfg.init_from))
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
