@@ -47,6 +47,7 @@ class Pipeline:
             "GESCO_RECEIVER_OUTPUT_WIDTH": str(OUTPUT_WIDTH),
             "GESCO_RECEIVER_DEVICE": "cpu",
             "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
+            "GESCO_RECEIVER_TORCH_THREADS": "1",
         }
         self.receiver = None
         self.start_receiver()
