@@ -7,7 +7,8 @@ import torch
 
 from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
 from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.samplers import DDIMSampler, DDPMSampler, GuidedModel, make_sampler, spaced_timesteps
+from shared.diffusion.samplers import (SAMPLER_NAMES, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, GuidedModel,
+                                      log_snr_timesteps, make_sampler, per_image_noise, spaced_timesteps)
 from shared.diffusion.unet import SemanticUNet, UNetConfig
 
 TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
@@ -137,7 +138,9 @@ def test_guidance_zero_equals_conditional_prediction() -> None:
         GuidedModel(net, cond, -1.0)
 
 
-@pytest.mark.parametrize("sampler,steps", [(DDPMSampler(), 20), (DDPMSampler(), 7), (DDPMSampler(), 1), (DDIMSampler(), 5), (DDIMSampler(), 1), (DDIMSampler(eta=1.0), 4)])
+@pytest.mark.parametrize("sampler,steps", [(DDPMSampler(), 20), (DDPMSampler(), 7), (DDPMSampler(), 1), (DDIMSampler(), 5), (DDIMSampler(), 1), (DDIMSampler(eta=1.0), 4),
+                                           (DPMSolverPP2MSampler(), 6), (DPMSolverPP2MSampler(), 2), (DPMSolverPP2MSampler(), 1),
+                                           (DPMSolverPP2MSampler(spacing="time"), 4)])
 def test_samplers_return_shape_and_range(sampler, steps: int) -> None:
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=20))
     net = SemanticUNet(TINY).eval()
@@ -199,3 +202,76 @@ def test_checkpoint_round_trip(tmp_path, generator: SemanticImageGenerator) -> N
     with pytest.raises(ValueError, match="expected"):
         from shared.checkpoints import load_checkpoint
         load_checkpoint(path, "segmenter")
+
+
+class ExactGaussianModel:
+    """The exact network for data x_0 ~ N(mean, std^2) per pixel; std = 0 is a single point.
+
+    E[x_0 | x_t] = mean + alpha std^2 / (alpha^2 std^2 + sigma^2) (x_t - alpha mean), and epsilon
+    follows from it, so a sampler's only error is its own discretisation of the ODE.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, mean: float, std: float) -> None:
+        self.alphas_cumprod = torch.from_numpy(diffusion.alphas_cumprod)
+        self.mean, self.std = mean, std
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha_bar = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        x_start = self.mean + alpha * self.std**2 / (alpha**2 * self.std**2 + sigma**2) * (x - alpha * self.mean)
+        eps = ((x - alpha * x_start) / sigma).float()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+
+def _seeded(count: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(100 + i) for i in range(count)]
+
+
+def test_log_snr_timesteps_are_distinct_and_evenly_spread(diffusion: GaussianDiffusion) -> None:
+    for steps in (1, 2, 10, 50, 1000):
+        timesteps = log_snr_timesteps(diffusion.alphas_cumprod, steps)
+        assert len(timesteps) == steps and (np.diff(timesteps) > 0).all() and timesteps[-1] == 999
+    log_snr = np.log(diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod))
+    even = -np.diff(log_snr[log_snr_timesteps(diffusion.alphas_cumprod, 10)])
+    uniform_time = -np.diff(log_snr[spaced_timesteps(1000, 10)])
+    assert even.max() / even.min() < 1.5 < uniform_time.max() / uniform_time.min()
+    with pytest.raises(ValueError, match="steps"):
+        log_snr_timesteps(diffusion.alphas_cumprod, 0)
+
+
+@pytest.mark.parametrize("sampler", [DPMSolverPP2MSampler(), DPMSolverPP2MSampler(spacing="time"), DDIMSampler()])
+def test_ten_steps_land_on_a_single_data_point(diffusion: GaussianDiffusion, sampler) -> None:
+    out = sampler.sample(diffusion, ExactGaussianModel(diffusion, 0.3, 0.0), (2, 3, 4, 4), _seeded(2), 10)
+    torch.testing.assert_close(out, torch.full_like(out, 0.3), atol=1e-4, rtol=0)
+
+
+def test_dpm_solver_follows_the_exact_ode_closer_than_ddim(diffusion: GaussianDiffusion) -> None:
+    mean, std, shape = 0.2, 0.15, (4, 3, 8, 8)
+    model = ExactGaussianModel(diffusion, mean, std)
+    # The ODE keeps z = (x_t - alpha_t mean) / sqrt(alpha_t^2 std^2 + sigma_t^2) fixed; the last
+    # model call then maps x_0's state at t = 0 to its x_0 prediction.
+    alpha_bar = diffusion.alphas_cumprod
+    x_noisiest = per_image_noise(_seeded(4), shape, torch.device("cpu")).double()
+    z = (x_noisiest - np.sqrt(alpha_bar[-1]) * mean) / np.sqrt(alpha_bar[-1] * std**2 + 1 - alpha_bar[-1])
+    exact = (mean + np.sqrt(alpha_bar[0]) * std**2 / np.sqrt(alpha_bar[0] * std**2 + 1 - alpha_bar[0]) * z).float()
+    errors = {name: (sampler.sample(diffusion, model, shape, _seeded(4), 10) - exact).abs().mean().item()
+              for name, sampler in [("dpmpp2m", DPMSolverPP2MSampler()), ("ddim", DDIMSampler())]}
+    assert errors["dpmpp2m"] < 0.005
+    assert errors["dpmpp2m"] < errors["ddim"] / 10
+
+
+def test_dpm_solver_is_deterministic_per_image_seed() -> None:
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=50))
+    torch.manual_seed(2)
+    net = SemanticUNet(TINY).eval()
+    cond = torch.rand(2, 4, 8, 16)
+    sampler = make_sampler("dpmpp2m")
+    assert isinstance(sampler, DPMSolverPP2MSampler) and "dpmpp2m" in SAMPLER_NAMES
+    with torch.no_grad():
+        first = sampler.sample(diffusion, GuidedModel(net, cond, 1.5), (2, 3, 8, 16), _seeded(2), 5)
+        again = sampler.sample(diffusion, GuidedModel(net, cond, 1.5), (2, 3, 8, 16), _seeded(2), 5)
+        alone = sampler.sample(diffusion, GuidedModel(net, cond[1:], 1.5), (1, 3, 8, 16), _seeded(2)[1:], 5)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    torch.testing.assert_close(first[1:], alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="spacing"):
+        DPMSolverPP2MSampler(spacing="karras").sample(diffusion, GuidedModel(net, cond, 0.0), (2, 3, 8, 16), _seeded(2), 3)

@@ -114,20 +114,95 @@ class DDIMSampler:
         return x.clamp(-1, 1)
 
 
+def log_snr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> np.ndarray:
+    """`steps` distinct timesteps (ascending) as evenly spread in log-SNR as the chain allows.
+
+    Uniform time crowds the steps where little happens and leaves one large log-SNR jump at the
+    clean end, where a few-step solver loses most; uniform log-SNR spreads that jump out.
+    """
+    num_timesteps = len(alphas_cumprod)
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
+    log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # falls strictly with t
+    picked, upper = [], num_timesteps - 1
+    for k, target in enumerate(np.linspace(log_snr[-1], log_snr[0], steps)):
+        # Nearest to the target among the indices that still leave room for the remaining steps.
+        candidates = np.arange(steps - 1 - k, upper + 1)
+        index = int(candidates[np.argmin(np.abs(log_snr[candidates] - target))])
+        picked.append(index)
+        upper = index - 1
+    return np.array(picked[::-1], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DPMSolverPP2MSampler:
+    """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow
+    ODE in data prediction, so few steps still reach the images that DDPM needs hundreds for.
+
+    With lambda = log(alpha / sigma) and h = lambda_next - lambda_now, one step is
+    x_next = (sigma_next / sigma_now) x + alpha_next (1 - e^-h) D, where D extrapolates the last two
+    clipped x_0 predictions linearly in lambda (D = x_0 on the first step). Predicting x_0 and
+    clipping it to [-1, 1] keeps guided sampling stable, which epsilon-based solvers are not. As in
+    DDIM, the last model call (at t = 0) returns its x_0.
+
+    Timesteps are uniform in log-SNR by default (`spacing="time"`: `spaced_timesteps`). The authors
+    suggest log-SNR for low-resolution images such as ours; on a Gaussian toy whose exact ODE
+    solution is known it is about ten times closer at 10 steps (tests/test_diffusion.py).
+    """
+
+    spacing: str = "log_snr"
+    name: str = "dpmpp2m"
+    default_steps: int = 20
+
+    def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
+               generators: list[torch.Generator], steps: int) -> torch.Tensor:
+        if self.spacing == "log_snr":
+            timesteps = log_snr_timesteps(diffusion.alphas_cumprod, steps)
+        elif self.spacing == "time":
+            timesteps = spaced_timesteps(diffusion.num_timesteps, steps)
+        else:
+            raise ValueError(f"unknown spacing {self.spacing!r}: expected 'log_snr' or 'time'")
+        process = diffusion.respaced(timesteps)
+        alpha = np.sqrt(process.alphas_cumprod)
+        sigma = np.sqrt(1.0 - process.alphas_cumprod)
+        log_snr = np.log(alpha) - np.log(sigma)
+        device = _device_of(model_fn)
+        x = per_image_noise(generators, shape, device)
+        previous_x_start, previous_h = None, None
+        for i in reversed(range(process.num_timesteps)):
+            t = _timestep_batch(i, shape[0], device)
+            x_start = process.p_mean_variance(model_fn(x, process.model_timesteps(t)), x, t)["pred_xstart"]
+            if i == 0:
+                break
+            h = float(log_snr[i - 1] - log_snr[i])
+            if previous_x_start is None:
+                direction = x_start
+            else:
+                half_inverse_ratio = 0.5 * h / previous_h
+                direction = (1 + half_inverse_ratio) * x_start - half_inverse_ratio * previous_x_start
+            x = float(sigma[i - 1] / sigma[i]) * x + float(alpha[i - 1] * -np.expm1(-h)) * direction
+            previous_x_start, previous_h = x_start, h
+        return x_start.clamp(-1, 1)
+
+
 def _device_of(model_fn: ModelFn) -> torch.device:
+    """The network's device; CPU for a model function without parameters (e.g. a closed form)."""
     network = getattr(model_fn, "network", model_fn)
-    return next(network.parameters()).device
+    parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def make_sampler(name: str, eta: float = 0.0) -> Sampler:
-    """The sampler registered under `name` ("ddpm" or "ddim")."""
+    """The sampler registered under `name` (one of SAMPLER_NAMES)."""
     if name == "ddpm":
         return DDPMSampler()
     if name == "ddim":
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
         return DDIMSampler(eta=eta)
+    if name == "dpmpp2m":
+        return DPMSolverPP2MSampler()
     raise ValueError(f"unknown sampler {name!r}: expected one of {SAMPLER_NAMES}")
 
 
-SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim")
+SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "dpmpp2m")
