@@ -17,10 +17,10 @@ from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared import channels, transport
 from shared.logging_setup import clean_request_id, request_context
+from shared.metrics import ServiceMetrics
 
 log = logging.getLogger("channel_sim")
 
-RETRY_AFTER_METADATA_KEY = "retry-after"
 # Receiver errors whose code already says the right thing to the sender.
 _PASSED_THROUGH = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,9 +62,12 @@ def channel_config_from_proto(request: gesco_pb2.ChannelRequest) -> channels.Cha
 
 
 class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
-    def __init__(self, settings: ChannelSettings, receiver: gesco_pb2_grpc.ReceiverStub) -> None:
+    def __init__(
+        self, settings: ChannelSettings, receiver: gesco_pb2_grpc.ReceiverStub, metrics: ServiceMetrics
+    ) -> None:
         self._settings = settings
         self._receiver = receiver
+        self._metrics = metrics
 
     def Transmit(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
         started = time.perf_counter()
@@ -87,13 +90,15 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
 
     def _transmit(self, request_iterator, context, request_id, fields) -> gesco_pb2.TransmissionAck:
         try:
-            header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
+            with self._metrics.time_stage("assemble"):
+                header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
             fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
             config = channel_config_from_proto(header.channel)
             fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
-            output = channels.apply_channel(
-                symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale
-            )
+            with self._metrics.time_stage("channel"):
+                output = channels.apply_channel(
+                    symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale
+                )
         except ValueError as error:
             raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         report = gesco_pb2.ChannelReport(
@@ -105,7 +110,8 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         )
         header.channel_report.CopyFrom(report)
         fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
-        ack = self._forward(header, output.symbols, request_id or header.transmission_id, context)
+        with self._metrics.time_stage("forward"):
+            ack = self._forward(header, output.symbols, request_id or header.transmission_id, context)
         ack.channel_report.CopyFrom(report)
         return ack
 
@@ -140,18 +146,23 @@ def receiver_error(error: grpc.RpcError) -> CallRejected:
     if code in _PASSED_THROUGH:
         trailing = tuple(
             (key, value) for key, value in (error.trailing_metadata() or ())
-            if key == RETRY_AFTER_METADATA_KEY
+            if key == transport.RETRY_AFTER_METADATA_KEY
         )
         return CallRejected(code, details or f"receiver: {code.name}", trailing)
     return CallRejected(grpc.StatusCode.INTERNAL, f"receiver failed with {code.name}: {details}")
 
 
-def build_server(settings: ChannelSettings) -> tuple[grpc.Server, grpc.Channel, health.HealthServicer]:
+def build_server(
+    settings: ChannelSettings, metrics: ServiceMetrics | None = None
+) -> tuple[grpc.Server, grpc.Channel, health.HealthServicer]:
     """A started-able server bound to settings.host:port, and the channel to the receiver."""
-    receiver_channel = grpc.insecure_channel(settings.receiver_address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers))
+    metrics = metrics or ServiceMetrics()
+    receiver_channel = grpc.insecure_channel(settings.receiver_address, options=transport.CLIENT_CHANNEL_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers), interceptors=[metrics.grpc_interceptor()]
+    )
     gesco_pb2_grpc.add_ChannelServicer_to_server(
-        ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel)), server
+        ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel), metrics), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,10 +19,10 @@ from receiver_service.store import DuplicateTransmissionError
 from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
 from shared import transport
 from shared.logging_setup import clean_request_id, request_context
+from shared.metrics import ServiceMetrics
 
 log = logging.getLogger("receiver_service.grpc")
 
-RETRY_AFTER_METADATA_KEY = "retry-after"
 RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 
 
@@ -53,7 +53,7 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 code, details = grpc.StatusCode.ALREADY_EXISTS, f"transmission {error} was already received"
             except QueueFullError as error:
                 code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-                trailing = ((RETRY_AFTER_METADATA_KEY, str(error.retry_after_s)),)
+                trailing = ((transport.RETRY_AFTER_METADATA_KEY, str(error.retry_after_s)),)
             except Exception:  # noqa: BLE001 - logged with its traceback, reported as INTERNAL
                 log.exception("receive failed")
                 code, details = grpc.StatusCode.INTERNAL, "internal error in the receiver"
@@ -71,10 +71,13 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
 
 
 def build_grpc_server(
-    settings: ReceiverSettings, worker: GenerationWorker
+    settings: ReceiverSettings, worker: GenerationWorker, metrics: ServiceMetrics | None = None
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The Receiver service with health (NOT_SERVING for now) and reflection, bound to its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_grpc_workers))
+    metrics = metrics or ServiceMetrics()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_grpc_workers), interceptors=[metrics.grpc_interceptor()]
+    )
     gesco_pb2_grpc.add_ReceiverServicer_to_server(ReceiverServicer(worker, settings.max_symbols), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

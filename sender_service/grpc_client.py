@@ -7,15 +7,6 @@ import numpy as np
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared import transport
 
-# Trailing-metadata key a busy channel or receiver may set with the seconds to wait.
-RETRY_AFTER_METADATA_KEY = "retry-after"
-# Calls fail fast while the connection is down; short reconnect backoff means a restarted channel
-# simulator is used again within seconds instead of after gRPC's default of up to two minutes.
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 
 
 class ChannelCallError(Exception):
@@ -33,7 +24,7 @@ class ChannelClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=transport.CLIENT_CHANNEL_OPTIONS)
         self._stub = gesco_pb2_grpc.ChannelStub(self._channel)
 
     async def transmit(
@@ -55,7 +46,7 @@ class ChannelClient:
 
 def _retry_after(metadata: grpc.aio.Metadata | None) -> int | None:
     for key, value in metadata or ():
-        if key == RETRY_AFTER_METADATA_KEY:
+        if key == transport.RETRY_AFTER_METADATA_KEY:
             try:
                 return max(1, int(float(value)))
             except (TypeError, ValueError):

@@ -20,6 +20,15 @@ from shared import codec
 MAX_CHUNK_BYTES = 1 << 20
 TRANSMISSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 REQUEST_ID_METADATA_KEY = "x-request-id"
+# Trailing-metadata key with the seconds a busy receiver asks callers to wait.
+RETRY_AFTER_METADATA_KEY = "retry-after"
+# Client channels between the services: a restarted peer is used again within seconds instead
+# of after gRPC's default reconnect backoff of up to two minutes.
+CLIENT_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 # Bounds on what a header may ask a receiver to allocate (K maps at height x width).
 MAX_NUM_CLASSES = 1024
 MAX_IMAGE_SIDE = 4096
