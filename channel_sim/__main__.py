@@ -8,6 +8,7 @@ import threading
 from channel_sim.server import build_server, set_serving
 from channel_sim.settings import ChannelSettings
 from shared.logging_setup import configure_logging
+from shared.metrics import ServiceMetrics, start_metrics_server
 
 log = logging.getLogger("channel_sim")
 
@@ -15,7 +16,12 @@ log = logging.getLogger("channel_sim")
 def main() -> None:
     settings = ChannelSettings()
     configure_logging("channel_sim", settings.log_level)
-    server, receiver_channel, health_servicer = build_server(settings)
+    metrics = ServiceMetrics()
+    server, receiver_channel, health_servicer = build_server(settings, metrics)
+    stop_metrics = None
+    if settings.metrics_port:
+        stop_metrics = start_metrics_server(metrics, settings.host, settings.metrics_port)
+        log.info("metrics listening", extra={"address": f"{settings.host}:{settings.metrics_port}"})
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -28,6 +34,8 @@ def main() -> None:
     set_serving(health_servicer, False)
     server.stop(settings.shutdown_grace_s).wait()
     receiver_channel.close()
+    if stop_metrics is not None:
+        stop_metrics()
 
 
 if __name__ == "__main__":

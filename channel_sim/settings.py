@@ -20,6 +20,8 @@ class ChannelSettings(BaseSettings):
     # Deadline of the call to the receiver: the caller's remaining time, at most this.
     forward_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # Prometheus /metrics over HTTP on host:metrics_port; 0 turns it off.
+    metrics_port: int = Field(9051, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -22,6 +22,7 @@ from receiver_service.settings import ReceiverSettings
 from receiver_service.store import JobStatus, TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
 from shared.docs_ui import mount_local_docs
+from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
 from shared.transport import TRANSMISSION_ID_PATTERN
 
 log = logging.getLogger("receiver_service")
@@ -75,14 +76,16 @@ class TransmissionStatus(BaseModel):
 def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     settings = settings or ReceiverSettings()
     store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s)
-    worker = GenerationWorker(settings, store)
+    metrics = ServiceMetrics(queue=True)
+    worker = GenerationWorker(settings, store, metrics)
+    metrics.queue_depth.set_function(lambda: worker.queue_depth)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         recovered = store.open()
         if recovered:
             log.warning("marked unfinished jobs of the previous run failed", extra={"transmission_ids": recovered})
-        grpc_server, health_servicer = build_grpc_server(settings, worker)
+        grpc_server, health_servicer = build_grpc_server(settings, worker, metrics)
         grpc_server.start()
         log.info("gRPC listening", extra={"address": f"{settings.host}:{settings.grpc_port}"})
 
@@ -112,7 +115,15 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.worker = worker
+    app.state.metrics = metrics
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     mount_local_docs(app)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by route/status and gRPC method/code, queue depth,
+        batch sizes, stage latencies, process."""
+        return metrics.response()
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

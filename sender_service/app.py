@@ -35,6 +35,7 @@ from shared import transport
 from shared.codec import Compression
 from shared.docs_ui import mount_local_docs
 from shared.logging_setup import request_context
+from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,16 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     _add_error_handlers(app)
     mount_local_docs(app)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by route and status, stage latencies, process."""
+        return metrics.response()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -181,6 +189,7 @@ async def _transmit(
 ) -> Response:
     settings: SenderSettings = app.state.settings
     loader: SegmenterLoader = app.state.segmenter
+    metrics: ServiceMetrics = app.state.metrics
     try:
         prepared = await run_in_threadpool(
             prepare_transmission, data, spec, settings, loader, transmission_id
@@ -189,9 +198,12 @@ async def _transmit(
         return error_response(error.status_code, error.message, field=error.field)
     except NotReadyError as error:
         return error_response(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"})
+    for stage, seconds in prepared.timings_s.items():
+        metrics.observe_stage(stage, seconds)
 
     try:
-        ack = await app.state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
+        with metrics.time_stage("channel_rpc"):
+            ack = await app.state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
     except ChannelCallError as error:
         log.warning("channel call failed", extra={"grpc_code": error.code.name})
         return _channel_error_response(error, settings, transmission_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class PreparedTransmission:
     symbols: np.ndarray
     semantic: codec.SemanticHeader
     segmenter_used: bool
+    # Seconds spent per stage ("decode", "segment" for photos, "encode"), for the service's metrics.
+    timings_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,6 +155,8 @@ def prepare_transmission(
             "downsample_factor",
             f"downsample_factor {factor} must divide the semantic map size {height}x{width}",
         )
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     try:
         if request.kind == PHOTO:
             image = imageio.decode_image_bounded(data, settings.max_upload_bytes, settings.max_pixels)
@@ -163,16 +168,20 @@ def prepare_transmission(
         raise FieldError("file", str(error), status_code=413) from error
     except imageio.ImageDecodeError as error:
         raise FieldError("file", str(error)) from error
+    timings["decode"] = time.perf_counter() - started
 
     if request.kind == PHOTO:
         image = _resize(image, height, width, cv2.INTER_AREA)
+        started = time.perf_counter()
         labels = segmenter.segment(image)
+        timings["segment"] = time.perf_counter() - started
         image_bits = codec.jpeg_bits(image, settings.image_jpeg_quality)
         image_quality = settings.image_jpeg_quality
     else:
         labels = _resize(labels, height, width, cv2.INTER_NEAREST)
         image_bits, image_quality = 0, 0
 
+    started = time.perf_counter()
     config = codec.CodecConfig(
         num_classes=settings.num_classes,
         downsample_factor=factor,
@@ -180,6 +189,7 @@ def prepare_transmission(
         jpeg_quality=request.jpeg_quality,
     )
     encoded = codec.encode_label_map(labels, config)
+    timings["encode"] = time.perf_counter() - started
     header = gesco_pb2.TransmissionHeader(
         transmission_id=transmission_id,
         semantic=transport.semantic_header_to_proto(encoded.header),
@@ -206,6 +216,7 @@ def prepare_transmission(
         symbols=encoded.symbols,
         semantic=encoded.header,
         segmenter_used=request.kind == PHOTO,
+        timings_s=timings,
     )
 
 

@@ -7,9 +7,11 @@ import threading
 from concurrent import futures
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared import codec, transport
@@ -60,9 +62,11 @@ def channel_proc(fake_receiver):
         "GESCO_CHANNEL_PORT": str(port),
         "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{fake_receiver.port}",
         "GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20",
+        "GESCO_CHANNEL_METRICS_PORT": str(metrics_port := free_port()),
     }
     proc = start_service("channel_sim", env, grpc_port=port, timeout=120)
     proc.port = port
+    proc.metrics_port = metrics_port
     yield proc
     assert stop_service(proc) == 0, service_log(proc)
 
@@ -236,7 +240,8 @@ def test_reflection_lists_the_services(channel_port):
 
 def test_receiver_down_is_unavailable():
     port = free_port()
-    env = {"GESCO_CHANNEL_PORT": str(port), "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{free_port()}"}
+    env = {"GESCO_CHANNEL_PORT": str(port), "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{free_port()}",
+           "GESCO_CHANNEL_METRICS_PORT": "0"}
     proc = start_service("channel_sim", env, grpc_port=port, timeout=120)
     try:
         maps = encoded()
@@ -260,3 +265,28 @@ def test_one_structured_log_line_per_call(channel_proc, receiver):
     assert ok["code"] == "OK" and ok["transmission_id"] == header.transmission_id
     assert ok["model"] == "awgn" and ok["num_symbols"] == maps.symbols.size and ok["duration_ms"] > 0
     assert bad["code"] == "INVALID_ARGUMENT" and "empty" in bad["details"]
+
+
+def test_metrics_port_counts_calls_by_code_and_times_stages(channel_proc, receiver):
+    def value(text: str, name: str, **labels: str) -> float:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return 0.0
+
+    url = f"http://127.0.0.1:{channel_proc.metrics_port}/metrics"
+    before = httpx.get(url, timeout=5).text
+    maps = encoded()
+    transmit(channel_proc.port, transport.symbol_frames(make_header(maps), maps.symbols))
+    with pytest.raises(grpc.RpcError):
+        transmit(channel_proc.port, [])
+    after = httpx.get(url, timeout=5).text
+    method = "/gesco.v1.Channel/Transmit"
+    for code in ("OK", "INVALID_ARGUMENT"):
+        assert value(after, "gesco_grpc_requests_total", method=method, code=code) == \
+            value(before, "gesco_grpc_requests_total", method=method, code=code) + 1
+    for stage in ("assemble", "channel", "forward"):
+        assert value(after, "gesco_stage_duration_seconds_count", stage=stage) > \
+            value(before, "gesco_stage_duration_seconds_count", stage=stage)
+    assert value(after, "process_resident_memory_bytes") > 0

@@ -57,6 +57,7 @@ class Pipeline:
                 "GESCO_CHANNEL_PORT": str(self.channel_port),
                 "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{self.receiver_grpc}",
                 "GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20",
+                "GESCO_CHANNEL_METRICS_PORT": "0",
             },
             grpc_port=self.channel_port,
             timeout=120,
