@@ -24,7 +24,10 @@ class ReceiverSettings(BaseSettings):
     checkpoint: Path = Path("models/diffusion-camvid.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
-    queue_size: int = Field(8, ge=1)  # jobs waiting behind the one being generated
+    queue_size: int = Field(8, ge=1)  # jobs waiting behind the batch being generated
+    # Dynamic batching: compatible jobs (same sampler, steps, guidance) share one sampling run.
+    max_batch_size: int = Field(4, ge=1)  # 1: no batching
+    max_queue_delay_ms: float = Field(10.0, ge=0.0)  # how long the oldest job waits for company
     store_dir: Path = Path("var/receiver")
     store_max_items: int = Field(500, ge=1)
     store_max_age_s: float = Field(24 * 3600.0, gt=0)

@@ -1,8 +1,9 @@
 """Generation worker: a bounded job queue and one thread that turns received symbols into images.
 
 Entry points (gRPC, REST) never run the model: `submit` validates and queues, the worker thread
-takes jobs in small batches (`next_batch`, one job for now) and hands each batch to `run_batch`,
-which decodes the maps (shared.link), samples the generator and encodes the PNGs. The model is
+takes jobs in batches (`next_batch`, dynamic batching as in Triton's dynamic batcher) and hands
+each batch to `run_batch`, which decodes the maps (shared.link), samples the generator once for
+the whole batch and encodes the PNGs. The model is
 loaded in the background (`load_model`) so the process answers health checks while it loads.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,12 +29,10 @@ from shared import codec, link, transport
 from shared.diffusion.generator import SemanticImageGenerator
 from shared.imageio import encode_png
 from shared.logging_setup import request_context
-from shared.metrics import ServiceMetrics
 
 log = logging.getLogger("receiver_service.worker")
 
 MAX_GUIDANCE = 20.0
-MAX_BATCH_SIZE = 1  # dynamic batching raises this; run_batch already takes a batch
 # Until a job has been timed, a full queue asks clients to come back after this long.
 INITIAL_JOB_SECONDS = 5.0
 # An idle worker applies the store's age limit this often (creating a job applies it too).
@@ -63,6 +63,11 @@ class SamplingChoice:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def batch_key(self) -> tuple[str, int, float]:
+        """Jobs with equal keys can share one generate() call; seeds and FDS are per image."""
+        return (self.sampler, self.steps, self.guidance)
 
 
 @dataclass
@@ -232,15 +237,15 @@ def _elapsed_ms(started: float) -> float:
 class GenerationWorker:
     """Owns the model, the bounded queue and the worker thread; the services call `submit`."""
 
-    def __init__(
-        self, settings: ReceiverSettings, store: TransmissionStore, metrics: ServiceMetrics | None = None
-    ) -> None:
+    def __init__(self, settings: ReceiverSettings, store: TransmissionStore) -> None:
         self.settings = settings
         self.store = store
-        self.metrics = metrics
         self.generator: SemanticImageGenerator | None = None
         self.load_error: str | None = None
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
+        # Jobs taken from the queue that did not fit the batch being formed: older than anything
+        # still queued, so the next batch starts with them (FIFO, no starvation). Worker thread only.
+        self._held: deque[Job] = deque()
         self._submit_lock = threading.Lock()
         self._pending = 0  # queued or running
         self._job_seconds = INITIAL_JOB_SECONDS
@@ -250,11 +255,6 @@ class GenerationWorker:
     @property
     def ready(self) -> bool:
         return self.generator is not None
-
-    @property
-    def queue_depth(self) -> int:
-        """Jobs waiting behind the batch being generated."""
-        return self._queue.qsize()
 
     @property
     def busy(self) -> bool:
@@ -284,9 +284,14 @@ class GenerationWorker:
         if not self._stop.is_set():
             self._thread.start()
 
+    @property
+    def waiting_jobs(self) -> int:
+        """Jobs accepted but not yet in a batch (queued or held back for a later batch)."""
+        return self._queue.qsize() + len(self._held)
+
     def check_capacity(self) -> None:
         """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
-        if self._queue.full():
+        if self.waiting_jobs >= self.settings.queue_size:
             raise QueueFullError(self.retry_after_s())
 
     def retry_after_s(self) -> int:
@@ -313,7 +318,7 @@ class GenerationWorker:
         with self._submit_lock:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
-            if self._queue.full():
+            if self.waiting_jobs >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
             self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
             ahead = self._pending
@@ -331,11 +336,36 @@ class GenerationWorker:
             self._thread.join(timeout)
 
     def next_batch(self) -> list[Job]:
-        """Up to MAX_BATCH_SIZE jobs sharing sampler, steps and guidance (empty when idle)."""
-        try:
-            return [self._queue.get(timeout=0.2)]
-        except queue.Empty:
-            return []
+        """The oldest job and up to max_batch_size - 1 later ones with its batch key (empty when idle).
+
+        As Triton's dynamic batcher: compatible jobs may join until max_queue_delay_ms after the
+        oldest job arrived, so under load (jobs queued while the last batch ran) nobody waits, and
+        alone a job waits at most that delay. A full batch leaves at once. Jobs of other settings
+        are held back, in order, to open the next batches.
+        """
+        if self._held:
+            first = self._held.popleft()
+        else:
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                return []
+        batch, limit = [first], self.settings.max_batch_size
+        for job in list(self._held):
+            if len(batch) == limit:
+                break
+            if job.sampling.batch_key == first.sampling.batch_key:
+                self._held.remove(job)
+                batch.append(job)
+        deadline = first.enqueued_at + self.settings.max_queue_delay_ms / 1000.0
+        while len(batch) < limit:
+            try:
+                remaining = deadline - time.monotonic()
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            (batch if job.sampling.batch_key == first.sampling.batch_key else self._held).append(job)
+        return batch
 
     def _run(self) -> None:
         last_evicted = time.monotonic()
@@ -371,7 +401,6 @@ class GenerationWorker:
         for job, result in zip(batch, results):
             with request_context(job.request_id):
                 self._finish(job, result, started)
-        self._observe(batch, results, started)
         self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(batch)
 
     def _finish(self, job: Job, result: JobResult, started: float) -> None:
@@ -386,14 +415,3 @@ class GenerationWorker:
                           finished_at=time.time(), timings_ms=timings)
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
                                         "error": result.error, "timings_ms": timings})
-
-    def _observe(self, batch: list[Job], results: list[JobResult], started: float) -> None:
-        """Batch size and each job's stage latencies (a batch's sampling time counts per job)."""
-        if self.metrics is None:
-            return
-        if self.metrics.batch_size is not None:
-            self.metrics.batch_size.observe(len(batch))
-        for job, result in zip(batch, results):
-            self.metrics.observe_stage("queue_wait", max(0.0, started - job.enqueued_at))
-            for stage, milliseconds in result.timings_ms.items():
-                self.metrics.observe_stage(stage, milliseconds / 1000.0)

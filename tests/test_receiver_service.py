@@ -457,6 +457,137 @@ def test_resolve_sampling_uses_settings_defaults(tmp_path):
     assert resolve_sampling(request, generator, make_settings(tmp_path)).steps == 50
 
 
+# ------------------------------------------------------------------------------ dynamic batching
+
+
+def submit_while_busy(worker, fake_generator, samplings):
+    """Hold the worker in a first job, queue one job per sampling request, then let it run."""
+    fake_generator.gate.clear()
+    first = transmission(sampling=gesco_pb2.SamplingRequest(sampler="ddim", steps=3, seed=100))
+    worker.submit(*first, "first")
+    wait_for_status(worker.store, first[0].transmission_id, {"running"})
+    jobs = [transmission(sampling=sampling) for sampling in samplings]
+    for header, symbols in jobs:
+        worker.submit(header, symbols, "req")
+    fake_generator.gate.set()
+    for header, _ in [first, *jobs]:
+        assert wait_for_status(worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
+    return [(call["sampler"], call["seeds"]) for call in fake_generator.calls[1:]]
+
+
+def batching_worker(tmp_path, **overrides) -> GenerationWorker:
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, queue_size=8, **overrides), store)
+    worker.load_model()
+    return worker
+
+
+def ddim(seed: int) -> gesco_pb2.SamplingRequest:
+    return gesco_pb2.SamplingRequest(sampler="ddim", steps=3, seed=seed)
+
+
+def ddpm(seed: int) -> gesco_pb2.SamplingRequest:
+    return gesco_pb2.SamplingRequest(sampler="ddpm", steps=3, seed=seed)
+
+
+def test_batches_gather_compatible_jobs_and_keep_the_others_in_order(tmp_path, fake_generator):
+    worker = batching_worker(tmp_path, max_batch_size=2)
+    try:
+        calls = submit_while_busy(worker, fake_generator, [ddim(1), ddpm(2), ddim(3), ddim(4), ddpm(5)])
+    finally:
+        worker.stop(5)
+    # ddpm(2) waits for the batch opened before it, then opens the next one ahead of the later
+    # ddim(4); no batch exceeds two jobs or mixes settings.
+    assert calls == [("ddim", [1, 3]), ("ddpm", [2, 5]), ("ddim", [4])]
+
+
+def test_batch_size_one_disables_batching(tmp_path, fake_generator):
+    worker = batching_worker(tmp_path, max_batch_size=1, max_queue_delay_ms=500)
+    try:
+        started = time.monotonic()
+        calls = submit_while_busy(worker, fake_generator, [ddim(1), ddim(2), ddpm(3)])
+    finally:
+        worker.stop(5)
+    assert calls == [("ddim", [1]), ("ddim", [2]), ("ddpm", [3])]
+    assert time.monotonic() - started < 2.0  # a batch of one never waits for company
+
+
+def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generator):
+    worker = batching_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=5000)
+    try:
+        started = time.monotonic()
+        jobs = [transmission(sampling=ddim(seed)) for seed in (1, 2)]
+        worker.submit(*jobs[0], "a")
+        time.sleep(0.1)
+        worker.submit(*jobs[1], "b")
+        for header, _ in jobs:
+            wait_for_status(worker.store, header.transmission_id, {"done"})
+        assert time.monotonic() - started < 4.0  # the batch left when full, not at the deadline
+        assert [call["seeds"] for call in fake_generator.calls] == [[1, 2]]
+    finally:
+        worker.stop(5)
+    worker = batching_worker(tmp_path / "short", max_batch_size=2, max_queue_delay_ms=0)
+    try:
+        fake_generator.calls.clear()
+        for seed in (3, 4):
+            header, symbols = transmission(sampling=ddim(seed))
+            worker.submit(header, symbols, "req")
+            wait_for_status(worker.store, header.transmission_id, {"done"})
+        assert [call["seeds"] for call in fake_generator.calls] == [[3], [4]]
+    finally:
+        worker.stop(5)
+
+
+def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
+    worker = batching_worker(tmp_path, max_batch_size=4, max_queue_delay_ms=300)
+    worker.settings.queue_size = 2
+    try:
+        fake_generator.gate.clear()
+        first = transmission(sampling=ddim(1))
+        worker.submit(*first, "a")
+        worker.submit(*transmission(sampling=ddpm(2)), "b")  # held back while "a" waits for company
+        wait_for_status(worker.store, first[0].transmission_id, {"running"})
+        assert worker.waiting_jobs == 1
+        worker.submit(*transmission(sampling=ddim(3)), "c")
+        with pytest.raises(QueueFullError):
+            worker.submit(*transmission(sampling=ddim(4)), "d")
+    finally:
+        fake_generator.gate.set()
+        worker.stop(5)
+
+
+def test_an_image_is_the_same_batched_or_alone(tmp_path):
+    """Per-image generators: a job's image must not depend on its batch mates."""
+    from shared.diffusion.gaussian_diffusion import DiffusionConfig
+    from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+    from shared.diffusion.unet import UNetConfig
+    from receiver_service.worker import Job, SamplingChoice, run_batch
+
+    unet = UNetConfig(num_classes=NUM_CLASSES, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
+                      attention_downsample=(2,), head_channels=32, spade_hidden=16)
+    generator = SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(
+        unet=unet, diffusion=DiffusionConfig(num_timesteps=50)))
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        for parameter in generator.network.parameters():
+            torch.nn.init.normal_(parameter, std=0.05)  # zero-initialised heads would hide differences
+    jobs = []
+    for seed, label in ((1, 3), (2, 8), (3, 3)):
+        label_map = street_label_map()
+        label_map[:8] = label
+        header, symbols = transmission(label_map)
+        semantic = transport.semantic_header_from_proto(header.semantic)
+        sampling = SamplingChoice(sampler="dpmpp2m", steps=4, guidance=1.5, seed=seed, use_fds=seed != 2)
+        jobs.append(Job(header.transmission_id, "req", semantic, symbols, sampling))
+    batched = run_batch(jobs, generator, (8, 16))
+    alone = [run_batch([job], generator, (8, 16))[0] for job in jobs]
+    for together, single in zip(batched, alone):
+        assert together.error is None and single.error is None
+        np.testing.assert_array_equal(decode_png(together.artifacts["image"]), decode_png(single.artifacts["image"]))
+    assert not np.array_equal(decode_png(batched[0].artifacts["image"]), decode_png(batched[2].artifacts["image"]))
+
+
 # ---------------------------------------------------------- REST + gRPC in process (fake generator)
 
 from fastapi.testclient import TestClient  # noqa: E402
@@ -620,8 +751,7 @@ def services(tmp_path_factory):
     channel_port = free_port()
     try:
         channel = start_service("channel_sim", {"GESCO_CHANNEL_PORT": str(channel_port),
-                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}",
-                                                "GESCO_CHANNEL_METRICS_PORT": "0"},
+                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}"},
                                 grpc_port=channel_port, timeout=180)
     except BaseException:
         stop_service(receiver)
