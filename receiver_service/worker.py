@@ -29,6 +29,7 @@ from shared import codec, link, transport
 from shared.diffusion.generator import SemanticImageGenerator
 from shared.imageio import encode_png
 from shared.logging_setup import request_context
+from shared.metrics import ServiceMetrics
 
 log = logging.getLogger("receiver_service.worker")
 
@@ -237,9 +238,12 @@ def _elapsed_ms(started: float) -> float:
 class GenerationWorker:
     """Owns the model, the bounded queue and the worker thread; the services call `submit`."""
 
-    def __init__(self, settings: ReceiverSettings, store: TransmissionStore) -> None:
+    def __init__(
+        self, settings: ReceiverSettings, store: TransmissionStore, metrics: ServiceMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics
         self.generator: SemanticImageGenerator | None = None
         self.load_error: str | None = None
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
@@ -255,6 +259,11 @@ class GenerationWorker:
     @property
     def ready(self) -> bool:
         return self.generator is not None
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting behind the batch being generated."""
+        return self._queue.qsize()
 
     @property
     def busy(self) -> bool:
@@ -401,6 +410,7 @@ class GenerationWorker:
         for job, result in zip(batch, results):
             with request_context(job.request_id):
                 self._finish(job, result, started)
+        self._observe(batch, results, started)
         self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(batch)
 
     def _finish(self, job: Job, result: JobResult, started: float) -> None:
@@ -415,3 +425,14 @@ class GenerationWorker:
                           finished_at=time.time(), timings_ms=timings)
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
                                         "error": result.error, "timings_ms": timings})
+
+    def _observe(self, batch: list[Job], results: list[JobResult], started: float) -> None:
+        """Batch size and each job's stage latencies (a batch's sampling time counts per job)."""
+        if self.metrics is None:
+            return
+        if self.metrics.batch_size is not None:
+            self.metrics.batch_size.observe(len(batch))
+        for job, result in zip(batch, results):
+            self.metrics.observe_stage("queue_wait", max(0.0, started - job.enqueued_at))
+            for stage, milliseconds in result.timings_ms.items():
+                self.metrics.observe_stage(stage, milliseconds / 1000.0)

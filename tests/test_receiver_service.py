@@ -751,7 +751,8 @@ def services(tmp_path_factory):
     channel_port = free_port()
     try:
         channel = start_service("channel_sim", {"GESCO_CHANNEL_PORT": str(channel_port),
-                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}"},
+                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}",
+                                                "GESCO_CHANNEL_METRICS_PORT": "0"},
                                 grpc_port=channel_port, timeout=180)
     except BaseException:
         stop_service(receiver)
