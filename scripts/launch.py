@@ -350,6 +350,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{sender_url}/v1/transmissions",
             files={"file": (source.name, source.read_bytes())},
             data=fields,
+            headers={"X-API-Key": api_key} if (api_key := os.environ.get("GESCO_SENDER_API_KEY")) else None,
             timeout=args.timeout,
         )
     except httpx.HTTPError as error:

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sender_service import receiver_client
+from sender_service.auth import API_KEY_HEADER, ApiKeyGuard
 from sender_service.grpc_client import ChannelCallError, ChannelClient
 from sender_service.pipeline import (
     LABEL_MAP,
@@ -95,6 +96,9 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    api_key = settings.api_key.get_secret_value()
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)  # before the body is read
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     _add_error_handlers(app)
     mount_local_docs(app)
@@ -124,6 +128,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         responses={
             200: {"content": {"image/png": {}}, "description": "wait=true: the generated image"},
             400: {"description": "a form field or the upload is unusable"},
+            401: {"description": f"an API key is configured and the {API_KEY_HEADER} header lacks it"},
             413: {"description": "the upload is too large"},
             422: {"description": "a form field is missing or out of range"},
             429: {"description": "the channel or receiver is busy (see Retry-After)"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.codec import Compression
@@ -46,6 +46,8 @@ class SenderSettings(BaseSettings):
     max_upload_bytes: int = Field(20_000_000, ge=1)
     max_pixels: int = Field(25_000_000, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Required in the X-API-Key header of every request but health, metrics and docs; empty: off.
+    api_key: SecretStr = SecretStr("")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from channel_sim.settings import ChannelSettings
 from receiver_service.settings import ReceiverSettings
@@ -167,5 +168,7 @@ def test_readme_documents_every_setting_with_its_default() -> None:
             row = next((line for line in readme.splitlines() if line.startswith(f"| `{variable}` |")), None)
             assert row is not None, f"README lacks {variable}"
             default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+            if isinstance(default, SecretStr):
+                default = default.get_secret_value()
             shown = row.split("|")[2]
             assert (f"`{default}`" in shown) or (default == "" and "empty" in shown), (variable, shown)

@@ -1,0 +1,42 @@
+"""Optional API key of the sender's REST API, checked before any request body is read.
+
+With GESCO_SENDER_API_KEY set, every request except the health, metrics and docs endpoints must
+carry it in the `X-API-Key` header; others get the API's JSON error with 401. The key is compared
+in constant time and never logged or echoed.
+"""
+from __future__ import annotations
+
+import secrets
+
+from fastapi.responses import JSONResponse
+
+API_KEY_HEADER = "X-API-Key"
+# Probes, scrapers and the docs page work without the key (the schema reveals no secret).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+
+
+class ApiKeyGuard:
+    """ASGI middleware: 401 for a missing or wrong key on any path outside OPEN_PATHS."""
+
+    def __init__(self, app, api_key: str) -> None:
+        if not api_key:
+            raise ValueError("an empty API key would let every request through; do not add the guard")
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"error": {"field": API_KEY_HEADER,
+                       "message": f"a valid API key is required in the {API_KEY_HEADER} header"}},
+            status_code=401,
+            headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'},
+        )
+        await response(scope, receive, send)
+
+    def _authorised(self, scope) -> bool:
+        name = API_KEY_HEADER.lower().encode()
+        given = [value for key, value in scope["headers"] if key == name]
+        return len(given) == 1 and secrets.compare_digest(given[0], self._key)
