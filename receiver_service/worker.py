@@ -262,8 +262,8 @@ class GenerationWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting behind the batch being generated."""
-        return self._queue.qsize()
+        """Jobs waiting behind the batch being generated (queued or held back for a later batch)."""
+        return self._queue.qsize() + len(self._held)
 
     @property
     def busy(self) -> bool:
@@ -293,14 +293,9 @@ class GenerationWorker:
         if not self._stop.is_set():
             self._thread.start()
 
-    @property
-    def waiting_jobs(self) -> int:
-        """Jobs accepted but not yet in a batch (queued or held back for a later batch)."""
-        return self._queue.qsize() + len(self._held)
-
     def check_capacity(self) -> None:
         """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
-        if self.waiting_jobs >= self.settings.queue_size:
+        if self.queue_depth >= self.settings.queue_size:
             raise QueueFullError(self.retry_after_s())
 
     def retry_after_s(self) -> int:
@@ -327,7 +322,7 @@ class GenerationWorker:
         with self._submit_lock:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
-            if self.waiting_jobs >= self.settings.queue_size:
+            if self.queue_depth >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
             self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
             ahead = self._pending

@@ -548,7 +548,7 @@ def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
         worker.submit(*first, "a")
         worker.submit(*transmission(sampling=ddpm(2)), "b")  # held back while "a" waits for company
         wait_for_status(worker.store, first[0].transmission_id, {"running"})
-        assert worker.waiting_jobs == 1
+        assert worker.queue_depth == 1
         worker.submit(*transmission(sampling=ddim(3)), "c")
         with pytest.raises(QueueFullError):
             worker.submit(*transmission(sampling=ddim(4)), "d")
