@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from shared import channels, transport
+from shared import channels, grpc_security, transport
 from shared.logging_setup import clean_request_id, request_context
 from shared.metrics import ServiceMetrics
 
@@ -157,7 +157,16 @@ def build_server(
 ) -> tuple[grpc.Server, grpc.Channel, health.HealthServicer]:
     """A started-able server bound to settings.host:port, and the channel to the receiver."""
     metrics = metrics or ServiceMetrics()
-    receiver_channel = grpc.insecure_channel(settings.receiver_address, options=transport.CLIENT_CHANNEL_OPTIONS)
+    receiver_credentials = grpc_security.channel_credentials(
+        settings.receiver_tls_ca_file, settings.receiver_tls_cert_file, settings.receiver_tls_key_file,
+        prefix="GESCO_CHANNEL_RECEIVER_TLS_",
+    )
+    server_credentials = grpc_security.server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file, prefix="GESCO_CHANNEL_TLS_"
+    )
+    receiver_channel = grpc_security.open_channel(
+        settings.receiver_address, receiver_credentials, options=transport.CLIENT_CHANNEL_OPTIONS
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers), interceptors=[metrics.grpc_interceptor()]
     )
@@ -172,9 +181,7 @@ def build_server(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(service_names, server)
-    address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
+    grpc_security.add_port(server, f"{settings.host}:{settings.port}", server_credentials)
     return server, receiver_channel, health_servicer
 
 

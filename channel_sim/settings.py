@@ -22,6 +22,14 @@ class ChannelSettings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, ge=0)
     # Prometheus /metrics over HTTP on host:metrics_port; 0 turns it off.
     metrics_port: int = Field(9051, ge=0, le=65535)
+    # TLS of this server (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # TLS to the receiver: its CA turns TLS on; a certificate and key are presented for mutual TLS.
+    receiver_tls_ca_file: str = ""
+    receiver_tls_cert_file: str = ""
+    receiver_tls_key_file: str = ""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

@@ -17,7 +17,7 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError
 from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
-from shared import transport
+from shared import grpc_security, transport
 from shared.logging_setup import clean_request_id, request_context
 from shared.metrics import ServiceMetrics
 
@@ -75,6 +75,9 @@ def build_grpc_server(
 ) -> tuple[grpc.Server, health.HealthServicer]:
     """The Receiver service with health (NOT_SERVING for now) and reflection, bound to its port."""
     metrics = metrics or ServiceMetrics()
+    credentials = grpc_security.server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file, prefix="GESCO_RECEIVER_TLS_"
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_grpc_workers), interceptors=[metrics.grpc_interceptor()]
     )
@@ -86,9 +89,7 @@ def build_grpc_server(
         (RECEIVER_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address}")
+    grpc_security.add_port(server, f"{settings.host}:{settings.grpc_port}", credentials)
     return server, health_servicer
 
 

@@ -41,6 +41,10 @@ class ReceiverSettings(BaseSettings):
     max_grpc_workers: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # TLS of the gRPC server (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from sender_service.pipeline import (
     prepare_transmission,
 )
 from sender_service.settings import SenderSettings
-from shared import transport
+from shared import grpc_security, transport
 from shared.codec import Compression
 from shared.docs_ui import mount_local_docs
 from shared.logging_setup import request_context
@@ -71,12 +71,17 @@ def error_response(
 def create_app(settings: SenderSettings | None = None) -> FastAPI:
     """Build the app; resources (segmenter, gRPC channel, HTTP client) open in its lifespan."""
     settings = settings or SenderSettings()
+    # Read now, so a bad TLS setting stops the process at startup rather than failing each call.
+    channel_credentials = grpc_security.channel_credentials(
+        settings.channel_tls_ca_file, settings.channel_tls_cert_file, settings.channel_tls_key_file,
+        prefix="GESCO_SENDER_CHANNEL_TLS_",
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.segmenter = SegmenterLoader(settings)
         app.state.segmenter.start()
-        app.state.channel = ChannelClient(settings.channel_address)
+        app.state.channel = ChannelClient(settings.channel_address, channel_credentials)
         app.state.http = httpx.AsyncClient()
         try:
             yield

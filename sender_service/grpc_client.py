@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from shared import transport
+from shared import grpc_security, transport
 
 
 
@@ -22,9 +22,9 @@ class ChannelCallError(Exception):
 class ChannelClient:
     """An asyncio gRPC channel to the channel simulator, opened once per process."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=transport.CLIENT_CHANNEL_OPTIONS)
+        self._channel = grpc_security.open_aio_channel(address, credentials, options=transport.CLIENT_CHANNEL_OPTIONS)
         self._stub = gesco_pb2_grpc.ChannelStub(self._channel)
 
     async def transmit(

@@ -48,6 +48,11 @@ class SenderSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Required in the X-API-Key header of every request but health, metrics and docs; empty: off.
     api_key: SecretStr = SecretStr("")
+    # TLS to the channel simulator (PEM paths): its CA turns TLS on; a certificate and key are
+    # presented for mutual TLS. Empty: plaintext.
+    channel_tls_ca_file: str = ""
+    channel_tls_cert_file: str = ""
+    channel_tls_key_file: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
