@@ -154,14 +154,14 @@ class DPMSolverPP2MSampler:
     name: str = "dpmpp2m"
     default_steps: int = 20
 
+    def __post_init__(self) -> None:
+        if self.spacing not in ("log_snr", "time"):
+            raise ValueError(f"unknown spacing {self.spacing!r}: expected 'log_snr' or 'time'")
+
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
                generators: list[torch.Generator], steps: int) -> torch.Tensor:
-        if self.spacing == "log_snr":
-            timesteps = log_snr_timesteps(diffusion.alphas_cumprod, steps)
-        elif self.spacing == "time":
-            timesteps = spaced_timesteps(diffusion.num_timesteps, steps)
-        else:
-            raise ValueError(f"unknown spacing {self.spacing!r}: expected 'log_snr' or 'time'")
+        timesteps = (log_snr_timesteps(diffusion.alphas_cumprod, steps) if self.spacing == "log_snr"
+                     else spaced_timesteps(diffusion.num_timesteps, steps))
         process = diffusion.respaced(timesteps)
         alpha = np.sqrt(process.alphas_cumprod)
         sigma = np.sqrt(1.0 - process.alphas_cumprod)
