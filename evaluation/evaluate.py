@@ -1,0 +1,483 @@
+"""Reproduce the paper's tables on CamVid: our link, its ablations and classical baselines.
+
+    python -m evaluation.evaluate --split val --snrs 1,5,10,15,20,30,100 \\
+        --methods ours,no_fds,no_noisy,no_both,analog,digital,real \\
+        --model models/diffusion-camvid.pt --ablation-model models/diffusion-camvid-clean.pt \\
+        --segmenter models/segmenter-camvid.pt --sampler ddim --steps 25 --guidance 2 --seed 0 \\
+        --out docs/results
+
+Every image is evaluated at the sender's map size (96x128 by default): the label map that is
+sent and the original image are the dataset's, resized there. Ours and the ablations go through
+the receiver's pipeline (`shared.link.simulate_link`, then `generator.generate`), the generated
+image is resized from the model's resolution to the map size for the metrics. Channel noise and
+sampling seeds derive from --seed and the image index only, so every method sees the same channel
+realisation for an image and SNR, and a run is reproducible. Writes results.json, results.md,
+plots/*.png and grid*.png under --out (see `evaluation.report`).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from evaluation import report
+from evaluation.baselines import DigitalPlan, analog_transmit, digital_transmit, jpeg_encode, plan_digital
+from evaluation.metrics import (
+    SegmenterProbe,
+    TorchScriptInception,
+    TorchScriptLpips,
+    frechet_distance,
+    psnr,
+    segmentation_scores,
+    ssim,
+    summarize,
+)
+from shared.channels import ChannelConfig, SnrDefinition
+from shared.codec import CodecConfig, encode_label_map
+from shared.data import CAMVID_INFO, REPO_ROOT, camvid, default_data_root
+from shared.device import select_device
+from shared.checkpoints import load_checkpoint
+from shared.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.link import simulate_link
+from shared.segmenter import Segmenter
+
+DEFAULT_SNRS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
+DEFINITION_IDS = {SnrDefinition.PAPER_PSNR: 1, SnrDefinition.AVERAGE_POWER: 2}
+GREY = 128
+NA = "n/a"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the tables. `fds` and `noisy_training` are Table 5's columns."""
+
+    name: str
+    label: str
+    kind: str  # "semantic", "analog", "digital" or "real"
+    model: str | None = None  # "model" or "ablation_model"
+    fds: bool | None = None
+    noisy_training: bool | None = None
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ours", "ours (noisy training + FDS)", "semantic", "model", True, True),
+        Method("no_fds", "ablation: without FDS", "semantic", "model", False, True),
+        Method("no_noisy", "ablation: without noisy training", "semantic", "ablation_model", True, False),
+        Method("no_both", "ablation: without FDS and noisy training", "semantic", "ablation_model", False, False),
+        Method("analog", "analog: RGB pixels as symbols", "analog"),
+        Method("digital", "digital: JPEG + 5G LDPC + QAM", "digital"),
+        Method("real", "real image (segmenter upper bound, no channel)", "real"),
+    )
+}
+ABLATIONS = ("no_fds", "no_noisy", "no_both")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--data-root", default=None, help="CamVid root (default: $GESCO_DATA_ROOT or ../shared/data/camvid)")
+    p.add_argument("--snrs", type=_floats, default=DEFAULT_SNRS, help="comma-separated SNRs in dB")
+    p.add_argument("--methods", type=_names, default=tuple(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--definitions", type=_names, default=(SnrDefinition.PAPER_PSNR.value, SnrDefinition.AVERAGE_POWER.value),
+                   help="SNR definitions for ours and the baselines")
+    p.add_argument("--ablation-definitions", type=_names, default=(SnrDefinition.PAPER_PSNR.value,),
+                   help="SNR definitions for the ablations (Table 5 uses the paper's PSNR)")
+    p.add_argument("--model", default="models/diffusion-camvid.pt", help="noisy-trained generator")
+    p.add_argument("--ablation-model", default="models/diffusion-camvid-clean.pt", help="generator trained on clean maps")
+    p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
+    p.add_argument("--lpips", default=None, help="TorchScript LPIPS network (NVIDIA vgg16.pt); without it LPIPS is n/a")
+    p.add_argument("--inception", default=None,
+                   help="TorchScript Inception (NVIDIA inception-2015-12-05.pt); without it FID is n/a")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="evaluate N images evenly spread over the split (0: all)")
+    p.add_argument("--map-height", type=int, default=96, help="the sender's map height = evaluated resolution")
+    p.add_argument("--map-width", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="images generated together")
+    p.add_argument("--ldpc-iterations", type=int, default=20)
+    p.add_argument("--cliff-snrs", type=_floats, default=(-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0),
+                   help="extra SNRs for the digital link's decode-failure curve only (empty string: none)")
+    p.add_argument("--cliff-images", type=int, default=20, help="images of the extra cliff SNRs (0: all)")
+    p.add_argument("--grid-image", type=int, default=0, help="position, among the evaluated images, of the grid's scene")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--report", default=None, help="also write the Markdown report here (links relative to it)")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}: choose from {list(METHODS)}")
+    for name in ("definitions", "ablation_definitions"):
+        try:
+            setattr(args, name, tuple(SnrDefinition(d) for d in getattr(args, name)))
+        except ValueError as error:
+            p.error(str(error))
+    if not args.snrs:
+        p.error("--snrs is empty")
+    return args
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SeedSequence needs them non-negative)."""
+    state = np.random.SeedSequence([int(p) + 2**31 for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def _snr_code(snr_db: float) -> int:
+    return int(round(snr_db * 1000))
+
+
+def snr_key(snr_db: float) -> str:
+    return f"{snr_db:g}"
+
+
+def evenly_spread(total: int, limit: int) -> list[int]:
+    """`limit` indices spread over [0, total) (CamVid val is a few sequences; the first N would be one)."""
+    if limit <= 0 or limit >= total:
+        return list(range(total))
+    return sorted(set(np.linspace(0, total - 1, limit).round().astype(int).tolist()))
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize RGB uint8 as the receiver does for its output size: area when shrinking, else bicubic."""
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def _relative(path: str | os.PathLike[str] | None) -> str | None:
+    """Paths as recorded in the report: relative to the repository when possible."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).resolve(), REPO_ROOT)
+
+
+def _load_generator(path: str, num_classes: int, device: str) -> tuple[SemanticImageGenerator | None, str | None]:
+    if not Path(path).is_file():
+        return None, f"checkpoint {_relative(path)} not found"
+    try:
+        generator = SemanticImageGenerator.load(path, device)
+    except Exception as error:  # noqa: BLE001 - reported in the results as the reason
+        return None, f"checkpoint {_relative(path)} could not be loaded: {error}"
+    if generator.info.num_classes != num_classes:
+        return None, f"checkpoint {_relative(path)} has {generator.info.num_classes} classes, the data {num_classes}"
+    return generator, None
+
+
+class Evaluation:
+    """Holds the data, the networks and the per-image channel plans of one run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = select_device(args.device)
+        self.info = CAMVID_INFO
+        root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
+        self.data_root = root
+        size = (args.map_height, args.map_width)
+        dataset = camvid(root, args.split, size=size)
+        self.split_size = len(dataset)
+        self.indices = evenly_spread(len(dataset), args.limit)
+        self.names = [dataset.pairs[i][0].name for i in self.indices]
+        self.images = dataset.images[self.indices]
+        self.labels = dataset.labels[self.indices]
+        self.size = size
+        self.codec = CodecConfig(num_classes=self.info.num_classes)
+        self.encoded = [encode_label_map(label, self.codec) for label in self.labels]
+        self.probe = SegmenterProbe(Segmenter.from_checkpoint(args.segmenter, self.device))
+        self.lpips = TorchScriptLpips(args.lpips, self.device) if args.lpips else None
+        self.inception = TorchScriptInception(args.inception, self.device) if args.inception else None
+        self.generators: dict[str, SemanticImageGenerator] = {}
+        self.unavailable: dict[str, str] = {}
+        needed = {METHODS[m].model for m in args.methods if METHODS[m].model}
+        for key in sorted(needed):
+            generator, reason = _load_generator(getattr(args, key), self.info.num_classes, args.device)
+            if generator is None:
+                self.unavailable[key] = reason or "unavailable"
+            else:
+                self.generators[key] = generator
+        for generator in self.generators.values():
+            generator.validate_request(args.sampler, args.steps, args.guidance)
+        self.real_labels, self.real_features = self.probe(self.images)
+        self.real_inception = self.inception(self.images) if self.inception else None
+        self.plans: list[DigitalPlan] | None = None
+
+    # --- channel uses ----------------------------------------------------------------------------
+    def semantic_uses(self, i: int) -> int:
+        return math.ceil(self.encoded[i].header.num_symbols / 2)
+
+    def digital_plans(self) -> list[DigitalPlan]:
+        """One plan per image, within the channel uses of the semantic link for that image."""
+        if self.plans is None:
+            self.plans = [plan_digital(image, self.semantic_uses(i)) for i, image in enumerate(self.images)]
+        return self.plans
+
+    def channel(self, definition: SnrDefinition, snr_db: float) -> ChannelConfig:
+        return ChannelConfig(snr_db=snr_db, snr_definition=definition)
+
+    def channel_seed(self, position: int, definition: SnrDefinition, snr_db: float) -> int:
+        return _seed(self.args.seed, 2, DEFINITION_IDS[definition], _snr_code(snr_db), self.indices[position])
+
+    def sampling_seed(self, position: int) -> int:
+        return _seed(self.args.seed, 1, self.indices[position])
+
+    # --- transmissions -----------------------------------------------------------------------------
+    def semantic(self, method: Method, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
+        generator = self.generators[method.model]
+        height, width = generator.info.image_height, generator.info.image_width
+        channel = self.channel(definition, snr_db)
+        outputs, measured, map_accuracy = [], [], []
+        for start in range(0, len(self.images), self.args.batch_size):
+            positions = range(start, min(start + self.args.batch_size, len(self.images)))
+            conditions = []
+            for i in positions:
+                link = simulate_link(self.labels[i], self.codec, channel, seed=self.channel_seed(i, definition, snr_db),
+                                     out_size=(height, width), use_fds=bool(method.fds))
+                conditions.append(link.condition)
+                measured.append(link.channel.measured_snr_db)
+                sent = cv2.resize(self.labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
+                map_accuracy.append(float((link.condition.argmax(0) == sent).mean()))
+            generated = generator.generate(torch.from_numpy(np.stack(conditions)), self.args.sampler, self.args.steps,
+                                           self.args.guidance, [self.sampling_seed(i) for i in positions])
+            outputs.extend(resize_image(image, *self.size) for image in generated)
+        uses = [self.semantic_uses(i) for i in range(len(self.images))]
+        extra = {"channel_uses": uses, "measured_snr_db": measured, "condition_pixel_accuracy": map_accuracy}
+        return np.stack(outputs), extra
+
+    def analog(self, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
+        channel = self.channel(definition, snr_db)
+        results = [analog_transmit(image, channel, self.channel_seed(i, definition, snr_db))
+                   for i, image in enumerate(self.images)]
+        extra = {"channel_uses": [r.channel_uses for r in results], "measured_snr_db": [r.measured_snr_db for r in results]}
+        return np.stack([r.image for r in results]), extra
+
+    def digital(self, definition: SnrDefinition, snr_db: float, positions: list[int] | None = None
+                ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decoded JPEGs; a failure leaves a mid-grey image and is listed in `failed`."""
+        plans = self.digital_plans()
+        channel = self.channel(definition, snr_db)
+        positions = list(range(len(self.images))) if positions is None else positions
+        images, failures, uses, measured, failed_blocks = [], [], [], [], []
+        for i in positions:
+            result = digital_transmit(plans[i], self.images[i].shape, channel, self.channel_seed(i, definition, snr_db),
+                                      map_scale=self.encoded[i].header.scale, max_iterations=self.args.ldpc_iterations)
+            images.append(result.image if result.image is not None else np.full_like(self.images[i], GREY))
+            failures.append(result.failure)
+            uses.append(result.channel_uses)
+            measured.append(result.measured_snr_db)
+            failed_blocks.append(result.failed_blocks)
+        extra = {
+            "channel_uses": uses, "measured_snr_db": measured, "failed_code_blocks": failed_blocks,
+            "decode_failures": sum(f is not None for f in failures),
+            "failed_images": [self.names[i] for i, f in zip(positions, failures) if f is not None],
+            "failure_kinds": {kind: failures.count(kind) for kind in ("crc", "jpeg") if kind in failures},
+        }
+        return np.stack(images), extra
+
+    # --- metrics ---------------------------------------------------------------------------------
+    def score(self, received: np.ndarray) -> dict[str, Any]:
+        labels, features = self.probe(received)
+        ious, accuracies, pooled = segmentation_scores(labels, self.labels, self.info.num_classes, self.info.ignore_index)
+        per_image = {"miou": ious, "pixel_accuracy": accuracies, "ssim": ssim(received, self.images),
+                     "psnr": psnr(received, self.images)}
+        if self.lpips is not None:
+            per_image["lpips"] = self.lpips(received, self.images)
+        scores: dict[str, Any] = {name: summarize(values) for name, values in per_image.items()}
+        if self.lpips is None:
+            scores["lpips"] = NA
+        scores["pooled_miou"] = float(report.pooled_miou(pooled, self.info.ignore_index))
+        scores["frechet_segmenter_distance"] = frechet_distance(features, self.real_features)
+        scores["fid"] = frechet_distance(self.inception(received), self.real_inception) if self.inception else NA
+        scores["per_image"] = {name: [float(v) for v in values] for name, values in per_image.items()}
+        return scores
+
+    def score_real(self) -> dict[str, Any]:
+        ious, accuracies, pooled = segmentation_scores(self.real_labels, self.labels, self.info.num_classes,
+                                                       self.info.ignore_index)
+        return {
+            "miou": summarize(ious), "pixel_accuracy": summarize(accuracies),
+            "pooled_miou": float(report.pooled_miou(pooled, self.info.ignore_index)),
+            "per_image": {"miou": ious.tolist(), "pixel_accuracy": accuracies.tolist()},
+            "note": "the original image itself: image metrics are trivial (SSIM 1, PSNR inf, distances 0)",
+        }
+
+    def bits(self) -> dict[str, Any]:
+        """Bits and channel uses per image of every transmission, at the evaluated resolution."""
+        plans = self.digital_plans()
+        per_image = {
+            "present_classes": [len(e.header.present_class_ids) for e in self.encoded],
+            "ours_payload_bits": [e.header.payload_bits for e in self.encoded],
+            "ours_channel_uses": [self.semantic_uses(i) for i in range(len(self.images))],
+            "analog_channel_uses": [math.ceil(image.size / 2) for image in self.images],
+            "raw_rgb_bits": [image.size * 8 for image in self.images],
+            "jpeg_q75_bits": [len(jpeg_encode(image, 75)) * 8 for image in self.images],
+            "digital_jpeg_quality": [p.jpeg_quality for p in plans],
+            "digital_mcs": [p.mcs.name for p in plans],
+            "digital_jpeg_bits": [p.jpeg_bits for p in plans],
+            "digital_coded_bits": [p.coded_bits for p in plans],
+            "digital_channel_uses": [p.channel_uses for p in plans],
+            "digital_over_budget": [p.over_budget for p in plans],
+        }
+        ratio = np.asarray(per_image["ours_payload_bits"], float) / np.asarray(per_image["jpeg_q75_bits"], float)
+        per_image["ours_over_jpeg_q75"] = ratio.tolist()
+        summary = {k: summarize(v) for k, v in per_image.items() if k not in ("digital_mcs", "digital_over_budget")}
+        summary["digital_over_budget"] = int(sum(per_image["digital_over_budget"]))
+        summary["digital_mcs_counts"] = {name: per_image["digital_mcs"].count(name) for name in sorted(set(per_image["digital_mcs"]))}
+        return {"summary": summary, "per_image": per_image}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    ev = Evaluation(args)
+    _log(f"evaluating {len(ev.indices)} of {ev.split_size} {args.split} images at {ev.size[0]}x{ev.size[1]}")
+    snrs = sorted(set(args.snrs))
+    grid_position = min(max(args.grid_image, 0), len(ev.indices) - 1)
+    methods_info: dict[str, Any] = {}
+    for name in args.methods:
+        method = METHODS[name]
+        status = "ok"
+        if method.model and method.model in ev.unavailable:
+            status = f"not run: {ev.unavailable[method.model]}"
+        methods_info[name] = {"label": method.label, "kind": method.kind, "status": status, "fds": method.fds,
+                              "noisy_training": method.noisy_training, "definitions": []}
+    results: dict[str, Any] = {}
+    grid: dict[str, Any] = {"scene": ev.names[grid_position], "original": ev.images[grid_position],
+                            "labels": ev.labels[grid_position], "segmented": ev.real_labels[grid_position],
+                            "images": {}}
+    timings: dict[str, float] = {}
+    for definition in args.definitions:
+        per_definition: dict[str, Any] = {}
+        for name in args.methods:
+            method = METHODS[name]
+            if methods_info[name]["status"] != "ok":
+                continue
+            if name in ABLATIONS and definition not in args.ablation_definitions:
+                continue
+            methods_info[name]["definitions"].append(definition.value)
+            if method.kind == "real":
+                per_definition[name] = {"no channel": ev.score_real()}
+                continue
+            per_snr: dict[str, Any] = {}
+            for snr_db in snrs:
+                t0 = time.monotonic()
+                if method.kind == "semantic":
+                    received, extra = ev.semantic(method, definition, snr_db)
+                elif method.kind == "analog":
+                    received, extra = ev.analog(definition, snr_db)
+                else:
+                    received, extra = ev.digital(definition, snr_db)
+                seconds = time.monotonic() - t0
+                scores = ev.score(received)
+                for key in ("channel_uses", "measured_snr_db", "condition_pixel_accuracy"):
+                    if key in extra:
+                        scores[key] = summarize(extra.pop(key))
+                scores.update(extra)
+                scores["seconds_per_image"] = seconds / len(received)
+                per_snr[snr_key(snr_db)] = scores
+                timings[name] = timings.get(name, 0.0) + seconds
+                grid["images"].setdefault(definition.value, {}).setdefault(name, {})[snr_key(snr_db)] = received[grid_position]
+                _log(f"[{definition.value}] {name} @ {snr_db:g} dB: mIoU {scores['miou']['mean']:.3f}, "
+                     f"{seconds / len(received):.2f} s/image")
+            per_definition[name] = per_snr
+        results[definition.value] = per_definition
+    cliff = _cliff(ev, args, snrs) if "digital" in args.methods and args.cliff_snrs else None
+    wall = time.monotonic() - started
+    command = "python -m evaluation.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return {
+        "settings": _settings(ev, args, snrs, command, wall, timings),
+        "snr_definitions": report.DEFINITION_TEXT,
+        "methods": methods_info,
+        "results": results,
+        "bits": ev.bits(),
+        "digital_cliff": cliff,
+        "grid": grid,
+    }
+
+
+def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[str, Any]:
+    """Decode-failure rate of the digital link on a finer SNR sweep (no generation involved)."""
+    positions = evenly_spread(len(ev.images), args.cliff_images)
+    out: dict[str, Any] = {"images": len(positions), "curves": {}}
+    for definition in args.definitions:
+        curve = {}
+        for snr_db in sorted(set(args.cliff_snrs) | set(snrs)):
+            _, extra = ev.digital(definition, snr_db, positions)
+            curve[snr_key(snr_db)] = extra["decode_failures"] / len(positions)
+        out["curves"][definition.value] = curve
+        _log(f"[{definition.value}] digital cliff: {curve}")
+    return out
+
+
+def _settings(ev: Evaluation, args: argparse.Namespace, snrs: list[float], command: str, wall: float,
+              timings: dict[str, float]) -> dict[str, Any]:
+    models = {}
+    for key in ("model", "ablation_model"):
+        generator = ev.generators.get(key)
+        models[key] = {"path": _relative(getattr(args, key)), "info": None, "noisy_training": None,
+                       "unavailable": ev.unavailable.get(key)}
+        if generator is not None:
+            models[key]["info"] = generator.info.as_dict() | {"checkpoint": _relative(generator.info.checkpoint)}
+            meta = load_checkpoint(getattr(args, key), CHECKPOINT_KIND)["meta"]
+            models[key]["noisy_training"] = meta.get("noisy_training")
+    segmenter = ev.probe.segmenter
+    return {
+        "command": command,
+        "wall_time_s": round(wall, 1),
+        "seconds_by_method": {k: round(v, 1) for k, v in timings.items()},
+        "torch_threads": torch.get_num_threads(),
+        "device": str(ev.device),
+        "dataset": "CamVid", "split": args.split, "data_root": _relative(ev.data_root),
+        "images": len(ev.indices), "split_images": ev.split_size, "image_names": ev.names,
+        "evaluated_resolution": list(ev.size),
+        "generator_resolution": {k: [g.info.image_height, g.info.image_width] for k, g in ev.generators.items()},
+        "snrs_db": snrs, "definitions": [d.value for d in args.definitions],
+        "ablation_definitions": [d.value for d in args.ablation_definitions],
+        "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "batch_size": args.batch_size, "ldpc_iterations": args.ldpc_iterations,
+        "models": models,
+        "segmenter": {"path": _relative(args.segmenter), "trained": segmenter.trained,
+                      "input_size": [segmenter.config.input_height, segmenter.config.input_width],
+                      "val_miou": segmenter.meta.get("val_miou_void_excluded")},
+        "lpips": _relative(args.lpips) or NA, "inception": _relative(args.inception) or NA,
+        "num_classes": ev.info.num_classes, "ignore_index": ev.info.ignore_index,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = run(args, argv)
+    paths = report.write_all(results, Path(args.out), Path(args.report) if args.report else None)
+    _log(f"wrote {', '.join(str(p) for p in paths)} in {results['settings']['wall_time_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
