@@ -92,6 +92,11 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         try:
             with self._metrics.time_stage("assemble"):
                 header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
+        except grpc.RpcError:  # raised by the request stream: the caller cancelled or ran out of time
+            raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
+        except ValueError as error:
+            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        try:
             fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
             config = channel_config_from_proto(header.channel)
             fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
@@ -120,12 +125,19 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         timeout = self._settings.forward_timeout_s if remaining is None else min(remaining, self._settings.forward_timeout_s)
         if timeout <= 0:
             raise CallRejected(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to forward to the receiver")
+        call = self._receiver.Receive.future(
+            transport.symbol_frames(header, symbols),
+            metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),),
+            timeout=timeout,
+        )
+        # The caller cancelling (or its deadline passing) cancels the forward: nothing is left
+        # streaming to the receiver for a caller that is gone.
+        if not context.add_callback(call.cancel):
+            call.cancel()
         try:
-            return self._receiver.Receive(
-                transport.symbol_frames(header, symbols),
-                metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),),
-                timeout=timeout,
-            )
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away; the forward was cancelled") from None
         except grpc.RpcError as error:
             raise receiver_error(error) from None
 

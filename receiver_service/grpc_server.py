@@ -26,6 +26,10 @@ log = logging.getLogger("receiver_service.grpc")
 RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 
 
+class CallerGoneError(Exception):
+    """The caller cancelled, or its deadline passed, before its job was queued."""
+
+
 class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
     def __init__(self, worker: GenerationWorker, max_symbols: int) -> None:
         self._worker = worker
@@ -41,12 +45,19 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 if not self._worker.ready:
                     raise NotReadyError(self._worker.load_error or "the model is still loading")
                 self._worker.check_capacity()
-                header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
+                try:
+                    header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
+                except grpc.RpcError:  # raised by the request stream when the call has ended
+                    raise CallerGoneError("the caller went away while streaming") from None
                 fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
+                if not context.is_active():  # no one would learn the job's id: do not queue it
+                    raise CallerGoneError("the caller went away before the job was queued")
                 position = self._worker.submit(header, symbols, request_id or header.transmission_id)
                 fields["queue_position"] = position
             except NotReadyError as error:
                 code, details = grpc.StatusCode.UNAVAILABLE, f"receiver not ready: {error}"
+            except CallerGoneError as error:
+                code, details = grpc.StatusCode.CANCELLED, str(error)
             except ValueError as error:
                 code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
             except DuplicateTransmissionError as error:
