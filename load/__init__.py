@@ -1,0 +1,1 @@
+"""Load generators: a locust file for the REST path and a gRPC load client (see docs/load-testing.md)."""
