@@ -92,9 +92,11 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         try:
             with self._metrics.time_stage("assemble"):
                 header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
-        except grpc.RpcError:  # raised by the request stream: the caller cancelled or ran out of time
-            raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
-        except ValueError as error:
+        except (grpc.RpcError, ValueError) as error:  # the stream breaks off when the call ends
+            if caller_gone(context):
+                raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
+            if isinstance(error, grpc.RpcError):
+                raise
             raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         try:
             fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
@@ -147,6 +149,12 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
             extra={**fields, "code": code.name, "details": details[:300],
                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
         )
+
+
+def caller_gone(context: grpc.ServicerContext) -> bool:
+    """The call was cancelled or its deadline has passed."""
+    remaining = context.time_remaining()
+    return not context.is_active() or (remaining is not None and remaining <= 0)
 
 
 def receiver_error(error: grpc.RpcError) -> CallRejected:

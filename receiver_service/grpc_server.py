@@ -47,10 +47,12 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 self._worker.check_capacity()
                 try:
                     header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
-                except grpc.RpcError:  # raised by the request stream when the call has ended
-                    raise CallerGoneError("the caller went away while streaming") from None
+                except (grpc.RpcError, ValueError):  # the stream breaks off when the call ends
+                    if caller_gone(context):
+                        raise CallerGoneError("the caller went away while streaming") from None
+                    raise
                 fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
-                if not context.is_active():  # no one would learn the job's id: do not queue it
+                if caller_gone(context):  # no one would learn the job's id: do not queue it
                     raise CallerGoneError("the caller went away before the job was queued")
                 position = self._worker.submit(header, symbols, request_id or header.transmission_id)
                 fields["queue_position"] = position
@@ -79,6 +81,12 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 queue_position=position,
                 channel_report=header.channel_report,
             )
+
+
+def caller_gone(context: grpc.ServicerContext) -> bool:
+    """The call was cancelled or its deadline has passed."""
+    remaining = context.time_remaining()
+    return not context.is_active() or (remaining is not None and remaining <= 0)
 
 
 def build_grpc_server(
