@@ -129,13 +129,17 @@ class DigitalPlan:
 
 
 def _layout(payload_bits: int, mcs: Mcs) -> tuple[int, int, int]:
-    """(num_blocks, k, n) for a payload: TB CRC24A, equal code blocks with a CRC24B each."""
+    """(num_blocks, k, n) for a payload: TB CRC24A, equal code blocks with a CRC24B each.
+
+    n is a multiple of the bits per symbol, so each block fills whole QAM symbols.
+    """
     tb_bits = payload_bits + CRC_BITS
     max_block = MAX_CODE_BLOCK_BITS_BG2 if mcs.code_rate <= 0.25 else MAX_CODE_BLOCK_BITS_BG1
     num_blocks = math.ceil(tb_bits / (max_block - CRC_BITS))
     k = math.ceil(tb_bits / num_blocks) + CRC_BITS
     m = mcs.bits_per_symbol
-    n = math.ceil(k / mcs.code_rate / m) * m
+    # Rounded down: the rate never falls below the scheme's (Sionna refuses r < 1/5, and < 1/3 on BG1).
+    n = math.floor(k / mcs.code_rate / m) * m
     return num_blocks, k, n
 
 

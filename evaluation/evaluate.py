@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from evaluation import report
+from evaluation.cache import ConfigCache, file_stamp
 from evaluation.baselines import DigitalPlan, analog_transmit, digital_transmit, jpeg_encode, plan_digital
 from evaluation.metrics import (
     SegmenterProbe,
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SNR definitions for ours and the baselines")
     p.add_argument("--ablation-definitions", type=_names, default=(SnrDefinition.PAPER_PSNR.value,),
                    help="SNR definitions for the ablations (Table 5 uses the paper's PSNR)")
+    p.add_argument("--ablation-snrs", type=_floats, default=None,
+                   help="SNRs for the ablations (default: --snrs; Table 5 needs only 10)")
     p.add_argument("--model", default="models/diffusion-camvid.pt", help="noisy-trained generator")
     p.add_argument("--ablation-model", default="models/diffusion-camvid-clean.pt", help="generator trained on clean maps")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
@@ -124,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--cache-dir", default="runs/evaluation-cache",
+                   help="finished configurations are kept here and reused by a rerun with the same settings")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--report", default=None, help="also write the Markdown report here (links relative to it)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -136,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(str(error))
     if not args.snrs:
         p.error("--snrs is empty")
+    if args.ablation_snrs is None:
+        args.ablation_snrs = args.snrs
     return args
 
 
@@ -374,6 +382,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                             "labels": ev.labels[grid_position], "segmented": ev.real_labels[grid_position],
                             "images": {}}
     timings: dict[str, float] = {}
+    cache = ConfigCache(None if args.no_cache else Path(args.cache_dir), {
+        "split": args.split, "data_root": str(ev.data_root.resolve()), "names": ev.names, "indices": ev.indices,
+        "size": list(ev.size), "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
+        "guidance": args.guidance, "ldpc_iterations": args.ldpc_iterations,
+        **{key: file_stamp(getattr(args, key)) for key in ("segmenter", "lpips", "inception")},
+    })
     for definition in args.definitions:
         per_definition: dict[str, Any] = {}
         for name in args.methods:
@@ -387,33 +401,26 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                 per_definition[name] = {"no channel": ev.score_real()}
                 continue
             per_snr: dict[str, Any] = {}
-            for snr_db in snrs:
-                t0 = time.monotonic()
-                if method.kind == "semantic":
-                    received, extra = ev.semantic(method, definition, snr_db)
-                elif method.kind == "analog":
-                    received, extra = ev.analog(definition, snr_db)
+            for snr_db in sorted(set(args.ablation_snrs)) if name in ABLATIONS else snrs:
+                key = {"method": name, "definition": definition.value, "snr": snr_key(snr_db),
+                       "model": file_stamp(getattr(args, method.model)) if method.model else None}
+                cached = cache.load(key)
+                if cached is not None:
+                    scores, grid_image = cached
+                    _log(f"[{definition.value}] {name} @ {snr_db:g} dB: from the cache")
                 else:
-                    received, extra = ev.digital(definition, snr_db)
-                seconds = time.monotonic() - t0
-                scores = ev.score(received)
-                for key in ("channel_uses", "measured_snr_db", "condition_pixel_accuracy"):
-                    if key in extra:
-                        scores[key] = summarize(extra.pop(key))
-                scores.update(extra)
-                scores["seconds_per_image"] = seconds / len(received)
+                    scores, grid_image = _configuration(ev, method, definition, snr_db, grid_position)
+                    cache.save(key, scores, grid_image)
                 per_snr[snr_key(snr_db)] = scores
-                timings[name] = timings.get(name, 0.0) + seconds
-                grid["images"].setdefault(definition.value, {}).setdefault(name, {})[snr_key(snr_db)] = received[grid_position]
-                _log(f"[{definition.value}] {name} @ {snr_db:g} dB: mIoU {scores['miou']['mean']:.3f}, "
-                     f"{seconds / len(received):.2f} s/image")
+                timings[name] = timings.get(name, 0.0) + scores["seconds_per_image"] * len(ev.indices)
+                grid["images"].setdefault(definition.value, {}).setdefault(name, {})[snr_key(snr_db)] = grid_image
             per_definition[name] = per_snr
         results[definition.value] = per_definition
-    cliff = _cliff(ev, args, snrs) if "digital" in args.methods and args.cliff_snrs else None
+    cliff = _cliff(ev, args, snrs) if methods_info.get("digital") and args.cliff_snrs else None
     wall = time.monotonic() - started
     command = "python -m evaluation.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     return {
-        "settings": _settings(ev, args, snrs, command, wall, timings),
+        "settings": _settings(ev, args, snrs, command, wall, timings) | {"configurations_from_cache": cache.hits},
         "snr_definitions": report.DEFINITION_TEXT,
         "methods": methods_info,
         "results": results,
@@ -421,6 +428,28 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
         "digital_cliff": cliff,
         "grid": grid,
     }
+
+
+def _configuration(ev: Evaluation, method: Method, definition: SnrDefinition, snr_db: float,
+                   grid_position: int) -> tuple[dict[str, Any], np.ndarray]:
+    """Transmit every image once at one SNR and score what arrives; also the grid scene's image."""
+    started = time.monotonic()
+    if method.kind == "semantic":
+        received, extra = ev.semantic(method, definition, snr_db)
+    elif method.kind == "analog":
+        received, extra = ev.analog(definition, snr_db)
+    else:
+        received, extra = ev.digital(definition, snr_db)
+    seconds = time.monotonic() - started
+    scores = ev.score(received)
+    for key in ("channel_uses", "measured_snr_db", "condition_pixel_accuracy"):
+        if key in extra:
+            scores[key] = summarize(extra.pop(key))
+    scores.update(extra)
+    scores["seconds_per_image"] = seconds / len(received)
+    _log(f"[{definition.value}] {method.name} @ {snr_db:g} dB: mIoU {scores['miou']['mean']:.3f}, "
+         f"{scores['seconds_per_image']:.2f} s/image")
+    return scores, received[grid_position]
 
 
 def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[str, Any]:
@@ -459,7 +488,8 @@ def _settings(ev: Evaluation, args: argparse.Namespace, snrs: list[float], comma
         "images": len(ev.indices), "split_images": ev.split_size, "image_names": ev.names,
         "evaluated_resolution": list(ev.size),
         "generator_resolution": {k: [g.info.image_height, g.info.image_width] for k, g in ev.generators.items()},
-        "snrs_db": snrs, "definitions": [d.value for d in args.definitions],
+        "snrs_db": snrs, "ablation_snrs_db": sorted(set(args.ablation_snrs)),
+        "definitions": [d.value for d in args.definitions],
         "ablation_definitions": [d.value for d in args.ablation_definitions],
         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
         "batch_size": args.batch_size, "ldpc_iterations": args.ldpc_iterations,

@@ -152,11 +152,18 @@ class SegmenterProbe:
         return np.concatenate(labels), np.concatenate(features)
 
 
+def _load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
+    """The published metric networks are TorchScript files; torch warns that TorchScript is deprecated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
+
+
 class TorchScriptLpips:
     """LPIPS (VGG16) from NVIDIA's TorchScript `vgg16.pt`: squared distance of its LPIPS features."""
 
     def __init__(self, path: str | Path, device: torch.device) -> None:
-        self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.model = _load_torchscript(path, device)
         self.device = device
 
     @torch.inference_mode()
@@ -178,7 +185,7 @@ class TorchScriptInception:
     """2048-d pool features of NVIDIA's TorchScript `inception-2015-12-05.pt` (the FID network)."""
 
     def __init__(self, path: str | Path, device: torch.device) -> None:
-        self.model = torch.jit.load(str(path), map_location=device).eval()
+        self.model = _load_torchscript(path, device)
         self.device = device
 
     @torch.inference_mode()

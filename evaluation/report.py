@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from shared.data import colorize  # noqa: E402
@@ -55,14 +56,14 @@ def pooled_miou(conf: np.ndarray, ignore_index: int | None) -> float:
 
 
 # --- JSON ------------------------------------------------------------------------------------------
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON: inf as "inf", NaN as null, numpy scalars and arrays as Python values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -120,7 +121,8 @@ def _table(results: dict[str, Any], definition: str, key: str, decimals: int) ->
             value = _cell(entry, decimals) if entry is not None else "reference"
             lines.append(f"| {info['label']} | " + " | ".join([value] * len(columns)) + " |")
             continue
-        cells = [_cell(per_definition[name][c].get(key), decimals) for c in columns]
+        cells = [_cell(per_definition[name][c].get(key), decimals) if c in per_definition[name] else "—"
+                 for c in columns]
         lines.append(f"| {info['label']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -351,7 +353,7 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
                     continue
                 means, stds = [], []
                 for snr in snrs:
-                    entry = per_snr[f"{snr:g}"].get(key)
+                    entry = per_snr.get(f"{snr:g}", {}).get(key)
                     if isinstance(entry, dict):
                         mean = entry["mean"]
                         means.append(mean if math.isfinite(mean) else np.nan)
@@ -385,8 +387,11 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         for definition, curve in cliff["curves"].items():
             xs = sorted(curve, key=float)
             ax.plot([float(x) for x in xs], [curve[x] for x in xs], marker="o", label=DEFINITION_TITLE[definition])
+        ticks = sorted({float(x) for curve in cliff["curves"].values() for x in curve})
         ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("SNR (dB)")
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("SNR (dB), each curve in its definition (symmetric log axis above 10 dB)")
         ax.set_ylabel("decode failure rate")
         ax.set_title("digital link (JPEG + 5G LDPC + QAM): the cliff")
         ax.grid(alpha=0.3)
@@ -437,7 +442,7 @@ def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None =
     plots = plot_metrics(results, out_dir / "plots")
     grids = plot_grids(results, grid, out_dir)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(_jsonable(results), indent=1, ensure_ascii=False) + "\n")
+    json_path.write_text(json.dumps(jsonable(results), indent=1, ensure_ascii=False) + "\n")
     md_path = out_dir / "results.md"
     md_path.write_text(markdown(results, out_dir, out_dir, plots, grids))
     written = [json_path, md_path, *plots, *grids]

@@ -1,0 +1,228 @@
+"""The evaluation package: metrics, baselines and the command end to end on a tiny fake CamVid."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from evaluation import evaluate
+from evaluation.baselines import MCS_TABLE, analog_transmit, digital_transmit, jpeg_decode, plan_digital
+from evaluation.metrics import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
+from shared.channels import ChannelConfig
+from shared.checkpoints import save_checkpoint
+from shared.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
+from shared.diffusion.unet import UNetConfig
+from shared.segmenter import Segmenter, SegmenterConfig
+
+H, W = 24, 32
+TINY = UNetConfig(num_classes=12, image_height=12, image_width=16, model_channels=32, channel_mult=(1, 2),
+                  attention_downsample=(2,), head_channels=32, spade_hidden=16)
+
+
+def _scene(rng: np.random.Generator, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """A blocky street-like label map and an image whose colours follow it, plus noise."""
+    labels = np.zeros((H, W), np.uint8)
+    labels[: H // 3] = 0  # sky
+    labels[H // 3: 2 * H // 3] = 1  # building
+    labels[2 * H // 3:] = 3  # road
+    labels[10:18, 4 + i: 12 + i] = 8  # car
+    labels[0, :] = 11  # void
+    palette = rng.integers(0, 256, (12, 3))
+    image = np.clip(palette[labels] + rng.normal(0, 12, (H, W, 3)), 0, 255).astype(np.uint8)
+    return image, labels
+
+
+@pytest.fixture(scope="module")
+def fake_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        image, labels = _scene(rng, i)
+        for kind, array in (("images", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), ("labels", labels)):
+            path = root / "camvid" / "val" / kind / f"f{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(path), array)
+    generator = SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(unet=TINY))
+    save_checkpoint(root / "diffusion.pt", CHECKPOINT_KIND, generator.config, generator.network.state_dict(),
+                    {"name": "tiny", "step": 1, "noisy_training": True})
+    Segmenter.untrained(SegmenterConfig(base_channels=8, input_height=H, input_width=W), device="cpu").save(root / "segmenter.pt")
+
+    class FakeLpips(torch.nn.Module):  # the interface of NVIDIA's TorchScript vgg16.pt
+        def forward(self, x: torch.Tensor, resize_images: bool = True, return_lpips: bool = False) -> torch.Tensor:
+            return x.flatten(1) / 255.0 / math.sqrt(x[0].numel())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript, as the published weights use
+        torch.jit.script(FakeLpips()).save(str(root / "lpips.pt"))
+    return {"root": root}
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+def test_ssim_identical_constant_and_single_window() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (2, 16, 20, 3), dtype=np.uint8)
+    np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-12)
+    x, y = np.full((1, 12, 12, 3), 100, np.uint8), np.full((1, 12, 12, 3), 150, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert ssim(x, y)[0] == pytest.approx((2 * 100 * 150 + c1) / (100**2 + 150**2 + c1))
+    # An 11x11 image has exactly one window: the weighted statistics of the paper's formula.
+    p, q = (rng.integers(0, 256, (11, 11, 3)).astype(np.float64) for _ in range(2))
+    g = gaussian_window()
+    w = np.outer(g, g)[..., None]
+    mx, my = (w * p).sum((0, 1)), (w * q).sum((0, 1))
+    vx, vy = (w * p * p).sum((0, 1)) - mx**2, (w * q * q).sum((0, 1)) - my**2
+    cov = (w * p * q).sum((0, 1)) - mx * my
+    c2 = (0.03 * 255) ** 2
+    expected = np.mean((2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    assert ssim(p.astype(np.uint8), q.astype(np.uint8))[0] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="at least"):
+        ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))
+
+
+def test_psnr_known_values_and_identical() -> None:
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0] = 1
+    b[1] = 255
+    np.testing.assert_allclose(psnr(b, a), [20 * np.log10(255), 0.0])
+    assert np.isposinf(psnr(a, a)).all()
+    assert summarize(psnr(a, a))["mean"] == math.inf
+    assert summarize([1.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 2}
+
+
+def test_frechet_distance_identical_and_shifted() -> None:
+    features = np.random.default_rng(2).normal(size=(400, 6))
+    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, 0, 2, 0, 0, 0])
+    assert frechet_distance(features, features + shift) == pytest.approx(5.0, rel=1e-6)
+    assert frechet_distance(features[:2], features[:2]) == pytest.approx(0.0, abs=1e-6)  # singular covariances
+
+
+def test_segmentation_scores_ignore_void() -> None:
+    target = np.array([[[0, 1], [11, 3]]])
+    ious, accuracy, pooled = segmentation_scores(target, target, 12, 11)
+    assert ious.tolist() == [1.0] and accuracy.tolist() == [1.0] and pooled.sum() == 3
+    pred = np.array([[[0, 0], [5, 3]]])  # the void pixel's prediction does not count
+    ious, accuracy, _ = segmentation_scores(pred, target, 12, 11)
+    assert accuracy[0] == pytest.approx(2 / 3) and ious[0] == pytest.approx((0.5 + 0 + 1) / 3)
+
+
+# --- baselines -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    return _scene(np.random.default_rng(3), 0)[0]
+
+
+def test_digital_decodes_exactly_at_100_db_and_fails_at_low_snr(photo: np.ndarray) -> None:
+    plan = plan_digital(photo, None, quality=75, mcs=MCS_TABLE[2])
+    sent = jpeg_decode(plan.jpeg_bytes, photo.shape)
+    good = digital_transmit(plan, photo.shape, ChannelConfig(snr_db=100.0, snr_definition="average_power"), seed=1)
+    assert good.failure is None and good.failed_blocks == 0
+    np.testing.assert_array_equal(good.image, sent)
+    assert good.channel_uses == plan.channel_uses
+    bad = digital_transmit(plan, photo.shape, ChannelConfig(snr_db=-10.0, snr_definition="average_power"), seed=1)
+    assert bad.image is None and bad.failure == "crc" and bad.failed_blocks == plan.num_blocks
+
+
+def test_digital_plan_fits_the_budget_or_says_so(photo: np.ndarray) -> None:
+    generous = plan_digital(photo, 100_000)
+    assert not generous.over_budget and generous.jpeg_quality == 75 and generous.mcs == MCS_TABLE[0]
+    tight = plan_digital(photo, 2_000)
+    assert tight.channel_uses <= 2_000 or tight.over_budget
+    impossible = plan_digital(photo, 10)
+    assert impossible.over_budget and impossible.channel_uses > 10
+
+
+def test_analog_is_near_exact_at_100_db(photo: np.ndarray) -> None:
+    result = analog_transmit(photo, ChannelConfig(snr_db=100.0), seed=0)
+    assert np.abs(result.image.astype(int) - photo).max() <= 1
+    assert result.channel_uses == photo.size // 2 and result.payload_bits == photo.size * 8
+    noisy = analog_transmit(photo, ChannelConfig(snr_db=1.0), seed=0)
+    assert psnr(noisy.image, photo)[0] < 15
+
+
+def test_seeds_and_subsets_are_deterministic() -> None:
+    assert evaluate._seed(0, 2, 1, 1000, 5) == evaluate._seed(0, 2, 1, 1000, 5)
+    assert evaluate._seed(0, 2, 1, 1000, 5) != evaluate._seed(0, 2, 1, 1000, 6)
+    assert evaluate.evenly_spread(101, 3) == [0, 50, 100]
+    assert evaluate.evenly_spread(5, 0) == list(range(5))
+
+
+# --- end to end ------------------------------------------------------------------------------------
+def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
+    root = fake_setup["root"]
+    out = root / "results"
+    argv = [
+        "--split", "val", "--data-root", str(root / "camvid"), "--snrs", "1,100", "--limit", "2",
+        "--methods", "ours,no_fds,no_noisy,no_both,analog,digital,real",
+        "--model", str(root / "diffusion.pt"), "--ablation-model", str(root / "missing.pt"),
+        "--segmenter", str(root / "segmenter.pt"), "--lpips", str(root / "lpips.pt"),
+        "--sampler", "ddim", "--steps", "2", "--guidance", "2", "--seed", "0",
+        "--map-height", str(H), "--map-width", str(W), "--cliff-snrs=0", "--cliff-images", "1", "--ablation-snrs", "1",
+        "--device", "cpu", "--out", str(out), "--report", str(root / "report.md"), "--cache-dir", str(root / "cache"),
+    ]
+    evaluate.main(argv)
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["configurations_from_cache"] == 0
+    assert "](results/grid.png)" in (root / "report.md").read_text()
+    # A rerun with the same settings takes every configuration from the cache, with the same numbers.
+    evaluate.main(argv[:-1] + [str(root / "cache")] + ["--out", str(root / "rerun")])
+    rerun = json.loads((root / "rerun" / "results.json").read_text())
+    assert rerun["settings"]["configurations_from_cache"] == 2 * 3 * 2 + 1  # definitions x methods x SNRs + no_fds
+    assert rerun["results"] == results["results"] and rerun["bits"] == results["bits"]
+    assert results["settings"]["images"] == 2 and results["settings"]["evaluated_resolution"] == [H, W]
+    assert {k: results["settings"][k] for k in ("sampler", "steps", "guidance", "seed")} == \
+        {"sampler": "ddim", "steps": 2, "guidance": 2.0, "seed": 0}
+    assert results["methods"]["no_noisy"]["status"].startswith("not run: checkpoint")
+    assert results["methods"]["no_both"]["status"].startswith("not run: checkpoint")
+    assert set(results["results"]) == {"paper_psnr", "average_power"}
+    assert "no_fds" in results["results"]["paper_psnr"] and "no_fds" not in results["results"]["average_power"]
+    for definition, per_method in results["results"].items():
+        assert set(per_method) == {"ours", "analog", "digital", "real"} | ({"no_fds"} if definition == "paper_psnr" else set())
+        for name, per_snr in per_method.items():
+            if name == "real":
+                assert 0 <= per_snr["no channel"]["miou"]["mean"] <= 1
+                continue
+            assert set(per_snr) == ({"1"} if name == "no_fds" else {"1", "100"})
+            for snr, scores in per_snr.items():
+                for key in ("miou", "pixel_accuracy", "ssim", "lpips", "channel_uses"):
+                    assert math.isfinite(scores[key]["mean"]) and math.isfinite(scores[key]["std"]), (name, snr, key)
+                assert len(scores["per_image"]["miou"]) == 2
+                assert math.isfinite(scores["frechet_segmenter_distance"]) and scores["fid"] == "n/a"
+                assert scores["psnr"]["mean"] == "inf" or math.isfinite(scores["psnr"]["mean"])
+    digital = results["results"]["average_power"]["digital"]
+    assert digital["100"]["decode_failures"] == 0
+    assert set(results["digital_cliff"]["curves"]["paper_psnr"]) == {"0", "1", "100"}
+    bits = results["bits"]["summary"]
+    assert bits["ours_channel_uses"]["mean"] == bits["ours_payload_bits"]["mean"] / 2
+    assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
+    markdown = (out / "results.md").read_text()
+    for heading in ("## mIoU", "## SSIM", "## LPIPS", "## FID", "Frechet segmenter distance", "layout of Table 5",
+                    "## Bits", "decode failures", "## Acceptance checks"):
+        assert heading in markdown, heading
+    assert "| Method \\ PSNR (dB) | 100 | 1 |" in markdown and "| Method \\ SNR (dB) | 100 | 1 |" in markdown
+    assert "| ablation: without FDS | — | " in markdown  # run at 1 dB only
+    assert "not run: checkpoint" in markdown and "sampler `ddim`, 2 steps, classifier-free guidance 2" in markdown
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert "miou_paper_psnr.png" in plots and "ssim_average_power.png" in plots and "digital_cliff.png" in plots
+    assert "fid_paper_psnr.png" not in plots  # nothing to draw without Inception weights
+    assert (out / "grid.png").stat().st_size > 0 and (out / "grid_average_power.png").exists()
+
+
+def test_code_block_layouts_are_valid_5g_codes() -> None:
+    from evaluation.baselines import _layout
+    from sionna.phy.fec.ldpc import LDPC5GEncoder
+
+    for mcs in MCS_TABLE:
+        for payload in (100, 3_000, 3_801, 3_816, 8_401, 25_000, 200_000):
+            blocks, k, n = _layout(payload, mcs)
+            assert blocks * (k - 24) >= payload + 24 and n % mcs.bits_per_symbol == 0
+            assert mcs.code_rate <= k / n <= 0.95 and k <= (3840 if mcs.code_rate <= 0.25 else 8448)
+            if payload in (100, 3_816, 25_000):  # Sionna checks the 38.212 limits on construction
+                LDPC5GEncoder(k, n, num_bits_per_symbol=mcs.bits_per_symbol)
