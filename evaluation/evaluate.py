@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ldpc-iterations", type=int, default=20)
     p.add_argument("--cliff-snrs", type=_floats, default=(-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0),
                    help="extra SNRs for the digital link's decode-failure curve only (empty string: none)")
-    p.add_argument("--cliff-images", type=int, default=20, help="images of the extra cliff SNRs (0: all)")
+    p.add_argument("--cliff-images", type=int, default=10, help="images of the extra cliff SNRs (0: all)")
     p.add_argument("--grid-image", type=int, default=0, help="position, among the evaluated images, of the grid's scene")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -452,13 +452,16 @@ def _configuration(ev: Evaluation, method: Method, definition: SnrDefinition, sn
     return scores, received[grid_position]
 
 
-def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[str, Any]:
-    """Decode-failure rate of the digital link on a finer SNR sweep (no generation involved)."""
+def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[str, Any] | None:
+    """Decode-failure rate of the digital link at extra SNRs, on a subset (no generation involved)."""
+    extra_snrs = sorted(set(args.cliff_snrs) - set(snrs))
+    if not extra_snrs:
+        return None
     positions = evenly_spread(len(ev.images), args.cliff_images)
     out: dict[str, Any] = {"images": len(positions), "curves": {}}
     for definition in args.definitions:
         curve = {}
-        for snr_db in sorted(set(args.cliff_snrs) | set(snrs)):
+        for snr_db in extra_snrs:
             _, extra = ev.digital(definition, snr_db, positions)
             curve[snr_key(snr_db)] = extra["decode_failures"] / len(positions)
         out["curves"][definition.value] = curve

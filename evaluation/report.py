@@ -308,7 +308,13 @@ def _bits_section(results: dict[str, Any]) -> list[str]:
              f"{_cell(summary['ours_over_jpeg_q75'], 2)}. Digital schemes chosen: "
              + ", ".join(f"{k}: {v}" for k, v in summary["digital_mcs_counts"].items())
              + f"; JPEG quality {_cell(summary['digital_jpeg_quality'], 1)}; "
-             f"{summary['digital_over_budget']} image(s) did not fit ours' channel uses (sent with the smallest scheme)."]
+             f"{summary['digital_over_budget']} image(s) did not fit ours' channel uses (sent with the smallest scheme).",
+             "",
+             "The digital link is sized to ours' channel uses per image (at most; the rest of the budget is unused). "
+             "The analog baseline is not: it sends one real symbol a pixel value (three a pixel), ours one a pixel "
+             f"for each of its C present classes, so ours uses "
+             f"{summary['ours_channel_uses']['mean'] / summary['analog_channel_uses']['mean']:.1f}x the analog "
+             "baseline's channel uses on average."]
     return lines
 
 
@@ -327,10 +333,24 @@ def _digital_section(results: dict[str, Any]) -> list[str]:
               "(no SNR feedback), so the link works perfectly above a threshold and loses everything below it."]
     cliff = results.get("digital_cliff")
     if cliff:
-        lines += ["", f"Failure rate on a finer sweep ({cliff['images']} images):", ""]
+        lines += ["", f"Failure rate at extra SNRs ({cliff['images']} of the images, no generation involved):", ""]
         for definition, curve in cliff["curves"].items():
             lines.append(f"- {DEFINITION_TITLE[definition]}: " + ", ".join(f"{k} dB: {v:.2f}" for k, v in curve.items()))
     return lines
+
+
+def failure_curves(results: dict[str, Any]) -> dict[str, dict[float, tuple[float, bool]]]:
+    """Decode-failure rate by SNR per definition: (rate, from the extra sweep) over both sweeps."""
+    curves: dict[str, dict[float, tuple[float, bool]]] = {}
+    n = results["settings"]["images"]
+    for definition in results["settings"]["definitions"]:
+        per_snr = results["results"].get(definition, {}).get("digital", {})
+        curve = {float(snr): (entry["decode_failures"] / n, False) for snr, entry in per_snr.items()}
+        cliff = results.get("digital_cliff") or {"curves": {}}
+        curve.update({float(snr): (rate, True) for snr, rate in cliff["curves"].get(definition, {}).items()})
+        if curve:
+            curves[definition] = dict(sorted(curve.items()))
+    return curves
 
 
 # --- plots and grid ----------------------------------------------------------------------------------
@@ -381,19 +401,23 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
-    cliff = results.get("digital_cliff")
-    if cliff:
+    curves = failure_curves(results)
+    if curves:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for definition, curve in cliff["curves"].items():
-            xs = sorted(curve, key=float)
-            ax.plot([float(x) for x in xs], [curve[x] for x in xs], marker="o", label=DEFINITION_TITLE[definition])
-        ticks = sorted({float(x) for curve in cliff["curves"].values() for x in curve})
+        for definition, curve in curves.items():
+            line, = ax.plot(list(curve), [rate for rate, _ in curve.values()], label=DEFINITION_TITLE[definition])
+            for extra, marker in ((False, "o"), (True, "x")):
+                points = [(snr, rate) for snr, (rate, is_extra) in curve.items() if is_extra == extra]
+                if points:
+                    ax.plot(*zip(*points), linestyle="none", marker=marker, color=line.get_color())
+        ticks = sorted({snr for curve in curves.values() for snr in curve})
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("SNR (dB), each curve in its definition (symmetric log axis above 10 dB)")
         ax.set_ylabel("decode failure rate")
-        ax.set_title("digital link (JPEG + 5G LDPC + QAM): the cliff")
+        ax.set_title("digital link (JPEG + 5G LDPC + QAM): the cliff (o: all images, x: extra SNRs on a subset)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -198,7 +198,7 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
                 assert scores["psnr"]["mean"] == "inf" or math.isfinite(scores["psnr"]["mean"])
     digital = results["results"]["average_power"]["digital"]
     assert digital["100"]["decode_failures"] == 0
-    assert set(results["digital_cliff"]["curves"]["paper_psnr"]) == {"0", "1", "100"}
+    assert results["digital_cliff"]["curves"]["paper_psnr"].keys() == {"0"}  # the extra SNRs only
     bits = results["bits"]["summary"]
     assert bits["ours_channel_uses"]["mean"] == bits["ours_payload_bits"]["mean"] / 2
     assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
