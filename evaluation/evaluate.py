@@ -183,6 +183,17 @@ def _relative(path: str | os.PathLike[str] | None) -> str | None:
     return os.path.relpath(Path(path).resolve(), REPO_ROOT)
 
 
+def _portable(argv: list[str]) -> list[str]:
+    """The command as recorded: absolute paths made relative to the repository."""
+    out = []
+    for token in argv:
+        flag, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if value.startswith("/"):
+            value = _relative(value) or value
+        out.append(f"{flag}{eq}{value}")
+    return out
+
+
 def _load_generator(path: str, num_classes: int, device: str) -> tuple[SemanticImageGenerator | None, str | None]:
     if not Path(path).is_file():
         return None, f"checkpoint {_relative(path)} not found"
@@ -418,7 +429,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
         results[definition.value] = per_definition
     cliff = _cliff(ev, args, snrs) if methods_info.get("digital") and args.cliff_snrs else None
     wall = time.monotonic() - started
-    command = "python -m evaluation.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m evaluation.evaluate " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
     return {
         "settings": _settings(ev, args, snrs, command, wall, timings) | {"configurations_from_cache": cache.hits},
         "snr_definitions": report.DEFINITION_TEXT,

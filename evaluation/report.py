@@ -208,6 +208,11 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
         s["command"],
         "```",
         "",
+    ]
+    if s.get("configurations_from_cache"):
+        lines += [f"{s['configurations_from_cache']} configurations were taken from the cache of an earlier run "
+                  "with the same settings; the wall time counts this run only.", ""]
+    lines += [
         "## Settings",
         "",
         f"- Images: {s['images']} of the {s['split_images']} {s['split']} images"
