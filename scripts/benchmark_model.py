@@ -1,7 +1,7 @@
 """Micro-benchmark of the semantic diffusion model on this machine (not a test: numbers vary).
 
 Prints the parameter count, forward latency at batch 1 and 2 (one guided step runs the network
-on 2x the batch), and the time to sample one image with DDIM at 10, 25 and 50 steps.
+on 2x the batch), and the time to sample one image with DDIM at 10, 25 and 50 steps and with the default sampler.
 
     python -m scripts.benchmark_model [--checkpoint models/diffusion-camvid.pt] [--threads 2]
 """
@@ -56,9 +56,9 @@ def main() -> None:
             t = torch.full((batch,), 500, device=generator.device)
             ms = timed(lambda: generator.network(x, t, condition[:batch]), args.repeats)
             print(f"forward, batch {batch}: {ms:.1f} ms")
-    for steps in (10, 25, 50):
-        ms = timed(lambda: generator.generate(condition[:1], "ddim", steps, args.guidance, [0]), max(1, args.repeats // 2))
-        print(f"DDIM {steps} steps, guidance {args.guidance} (cond+uncond in one batch-2 forward), 1 image: {ms / 1000:.2f} s")
+    for sampler, steps in (("ddim", 10), ("ddim", 25), ("ddim", 50), (generator.default_sampler, generator.default_steps(generator.default_sampler))):
+        ms = timed(lambda: generator.generate(condition[:1], sampler, steps, args.guidance, [0]), max(1, args.repeats // 2))
+        print(f"{sampler.upper()} {steps} steps, guidance {args.guidance} (cond+uncond in one batch-2 forward), 1 image: {ms / 1000:.2f} s")
 
 
 if __name__ == "__main__":
