@@ -26,14 +26,13 @@ from receiver_service import views
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
 from shared import codec, link, transport
-from shared.diffusion.generator import SemanticImageGenerator
+from shared.diffusion.generator import MAX_GUIDANCE, SemanticImageGenerator
 from shared.imageio import encode_png
 from shared.logging_setup import request_context
 from shared.metrics import ServiceMetrics
 
 log = logging.getLogger("receiver_service.worker")
 
-MAX_GUIDANCE = 20.0
 # Until a job has been timed, a full queue asks clients to come back after this long.
 INITIAL_JOB_SECONDS = 5.0
 # An idle worker applies the store's age limit this often (creating a job applies it too).

@@ -34,6 +34,7 @@ from sender_service.pipeline import (
 from sender_service.settings import SenderSettings
 from shared import grpc_security, transport
 from shared.codec import Compression
+from shared.diffusion.generator import MAX_GUIDANCE
 from shared.docs_ui import mount_local_docs
 from shared.logging_setup import request_context
 from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
@@ -155,7 +156,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
             str | None, Form(pattern=r"^[A-Za-z0-9_+\-]{1,32}$", description="empty: the receiver's default")
         ] = None,
         steps: Annotated[int | None, Form(ge=1, le=1000, description="empty: the sampler's default")] = None,
-        guidance: Annotated[float, Form(ge=0, le=20, description="classifier-free guidance scale")] = 2.0,
+        guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0,
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None,
         downsample_factor: Annotated[
             int | None, Form(ge=1, le=64, description="empty: the sender's setting")

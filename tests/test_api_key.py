@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent import futures
 
-import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from gesco.v1 import gesco_pb2_grpc
 from sender_service.app import create_app
 from sender_service.auth import ApiKeyGuard
 from sender_service.settings import SenderSettings
 from shared.imageio import encode_png
 from shared.logging_setup import JsonFormatter
-from tests.test_sender_service import FakeChannel, blocky_label_map
+from tests.test_sender_service import blocky_label_map, serve_fake_channel
 
 API_KEY = "s3cret-key-for-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
 def fake_channel():
-    servicer = FakeChannel()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    gesco_pb2_grpc.add_ChannelServicer_to_server(servicer, server)
-    servicer.port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer
-    server.stop(0)
+    with serve_fake_channel() as channel:
+        yield channel
 
 
 def sender_client(fake_channel, **settings) -> TestClient:

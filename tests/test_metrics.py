@@ -4,7 +4,6 @@ test_channel_service.py)."""
 from __future__ import annotations
 
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -13,15 +12,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gesco.v1 import gesco_pb2_grpc
-from receiver_service.app import create_app as create_receiver_app
 from sender_service.app import create_app as create_sender_app
 from sender_service.settings import SenderSettings
 from shared import transport
 from shared.imageio import encode_png
 from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
-from tests.test_receiver_service import fake_generator, make_settings, receive, transmission  # noqa: F401
-from tests.test_sender_service import FakeChannel, blocky_label_map, photo
+from tests.test_receiver_service import fake_generator, make_settings, ready_client, receive, transmission  # noqa: F401
+from tests.test_sender_service import blocky_label_map, photo, serve_fake_channel
 
 
 def sample_value(text: str, name: str, **labels: str) -> float:
@@ -73,13 +70,8 @@ def test_queue_metrics_only_where_asked() -> None:
 
 @pytest.fixture(scope="module")
 def fake_channel():
-    servicer = FakeChannel()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    gesco_pb2_grpc.add_ChannelServicer_to_server(servicer, server)
-    servicer.port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield servicer
-    server.stop(0)
+    with serve_fake_channel() as channel:
+        yield channel
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +126,8 @@ def test_sender_counts_a_413_refused_before_routing(sender_client) -> None:
 
 @pytest.fixture()
 def receiver_client(tmp_path, fake_generator):  # noqa: F811 - the fixture imported above
-    settings = make_settings(tmp_path, queue_size=2)
-    with TestClient(create_receiver_app(settings)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        client.settings = settings
+    with ready_client(make_settings(tmp_path, queue_size=2), fake_generator) as client:
         yield client
-        fake_generator.gate.set()
 
 
 def test_receiver_metrics_grpc_codes_queue_batches_and_stages(receiver_client, fake_generator) -> None:  # noqa: F811

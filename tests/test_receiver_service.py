@@ -10,6 +10,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -596,9 +598,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from receiver_service.app import create_app  # noqa: E402
 
 
-@pytest.fixture()
-def app_client(tmp_path, fake_generator):
-    settings = make_settings(tmp_path, public_url="http://receiver.test:8001", queue_size=1)
+@contextmanager
+def ready_client(settings, fake_generator) -> Iterator[TestClient]:
+    """An in-process receiver app whose model has loaded; releases the fake generator on exit."""
     with TestClient(create_app(settings)) as client:
         deadline = time.monotonic() + 30
         while client.get("/readyz").status_code != 200:
@@ -607,6 +609,12 @@ def app_client(tmp_path, fake_generator):
         client.settings = settings
         yield client
         fake_generator.gate.set()
+
+
+@pytest.fixture()
+def app_client(tmp_path, fake_generator):
+    with ready_client(make_settings(tmp_path, public_url="http://receiver.test:8001", queue_size=1), fake_generator) as client:
+        yield client
 
 
 def receive(port: int, frames, request_id: str = "req-rest"):

@@ -7,7 +7,9 @@ import io
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -210,20 +212,28 @@ class FakeReceiverRest(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def fakes():
+@contextmanager
+def serve_fake_channel() -> Iterator[FakeChannel]:
+    """A FakeChannel on a free loopback port (its `.port`), for tests of the sender."""
     channel = FakeChannel()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     gesco_pb2_grpc.add_ChannelServicer_to_server(channel, server)
-    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    channel.port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    rest = ThreadingHTTPServer(("127.0.0.1", 0), FakeReceiverRest)
-    threading.Thread(target=rest.serve_forever, daemon=True).start()
-    channel.grpc_port = grpc_port
-    channel.rest_port = rest.server_address[1]
-    yield channel
-    rest.shutdown()
-    server.stop(0)
+    try:
+        yield channel
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    with serve_fake_channel() as channel:
+        rest = ThreadingHTTPServer(("127.0.0.1", 0), FakeReceiverRest)
+        threading.Thread(target=rest.serve_forever, daemon=True).start()
+        channel.rest_port = rest.server_address[1]
+        yield channel
+        rest.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +241,7 @@ def sender(fakes):
     port = free_port()
     env = {
         "GESCO_SENDER_PORT": str(port),
-        "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{fakes.grpc_port}",
+        "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{fakes.port}",
         "GESCO_SENDER_RECEIVER_PUBLIC_URL": "http://receiver.example:8001",
         "GESCO_SENDER_RECEIVER_INTERNAL_URL": f"http://127.0.0.1:{fakes.rest_port}",
         "GESCO_SENDER_RPC_TIMEOUT_S": "1.5",

@@ -20,6 +20,7 @@ from shared.diffusion.samplers import SAMPLER_NAMES, GuidedModel, make_sampler
 from shared.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
+MAX_GUIDANCE = 20.0  # the largest classifier-free guidance scale a request may ask for
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ class SemanticImageGenerator:
             raise ValueError(f"unknown sampler {sampler!r}: expected one of {self.sampler_names}")
         if not 1 <= steps <= self.max_steps:
             raise ValueError(f"steps must lie in [1, {self.max_steps}], got {steps}")
-        if not (np.isfinite(guidance) and 0.0 <= guidance <= 20.0):
-            raise ValueError(f"guidance must lie in [0, 20], got {guidance}")
+        if not (np.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
+            raise ValueError(f"guidance must lie in [0, {MAX_GUIDANCE:g}], got {guidance}")
 
     @torch.inference_mode()
     def generate(self, conditions: torch.Tensor, sampler: str, steps: int, guidance: float, seeds: Sequence[int]) -> np.ndarray:
