@@ -59,6 +59,37 @@ def test_eps_and_start_predictions_invert_each_other(diffusion: GaussianDiffusio
     torch.testing.assert_close(diffusion.predict_eps_from_start(xt, t, x0), noise, atol=1e-3, rtol=1e-3)
 
 
+def test_velocity_parametrisation_recovers_start_noise_and_posterior() -> None:
+    velocity = GaussianDiffusion.from_config(DiffusionConfig(prediction="velocity"))
+    x0, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    t = torch.tensor([3, 999])
+    xt = velocity.q_sample(x0, t, noise)
+    target = velocity.velocity(x0, t, noise)
+    start, eps = velocity.start_and_eps(target, xt, t)
+    torch.testing.assert_close(start, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eps, noise, atol=1e-5, rtol=0)
+    exact = torch.cat([target, torch.zeros_like(target)], dim=1)
+    out = velocity.p_mean_variance(exact, xt, t, clip=False)
+    torch.testing.assert_close(out["mean"], velocity.q_posterior(x0, xt, t)[0], atol=1e-5, rtol=0)
+    assert float(velocity.training_losses(lambda x, ts: exact, x0, t, noise)["mse"].max()) < 1e-10
+    assert velocity.respaced([0, 500, 999]).prediction == "velocity"
+
+
+def test_velocity_error_at_high_noise_stays_bounded_unlike_epsilon() -> None:
+    """The reason to train on velocity: the same output error moves x_0 ~160x less at t = T."""
+    t, xt, error = torch.tensor([999]), torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.01)
+    shifts = {}
+    for prediction in ("epsilon", "velocity"):
+        process = GaussianDiffusion.from_config(DiffusionConfig(prediction=prediction))
+        shifts[prediction] = float((process.start_and_eps(error, xt, t)[0]).abs().max())
+    assert shifts["velocity"] < 0.011 and shifts["epsilon"] > 1.0
+
+
+def test_unknown_prediction_is_rejected() -> None:
+    with pytest.raises(ValueError, match="prediction"):
+        GaussianDiffusion.from_config(DiffusionConfig(prediction="x0"))
+
+
 def test_learned_variance_spans_posterior_to_beta(diffusion: GaussianDiffusion) -> None:
     t = torch.tensor([500])
     low = diffusion.learned_log_variance(-torch.ones(1, 1, 1, 1), t)

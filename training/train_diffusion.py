@@ -61,6 +61,7 @@ class TrainConfig:
     spade_hidden: int = 32
     dropout: float = 0.0
     schedule: str = "linear"
+    prediction: str = "velocity"  # the mean's parametrisation: "velocity" or "epsilon"
     # optimisation
     batch_size: int = 8
     lr: float = 2e-4
@@ -106,7 +107,7 @@ def model_config(cfg: TrainConfig) -> SemanticDiffusionConfig:
         model_channels=cfg.model_channels, channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
         attention_downsample=tuple(cfg.attention_downsample), spade_hidden=cfg.spade_hidden, dropout=cfg.dropout,
     )
-    return SemanticDiffusionConfig(unet=unet, diffusion=DiffusionConfig(schedule=cfg.schedule))
+    return SemanticDiffusionConfig(unet=unet, diffusion=DiffusionConfig(schedule=cfg.schedule, prediction=cfg.prediction))
 
 
 def channel_conditions(labels: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
@@ -186,10 +187,14 @@ class Trainer:
         tmp.replace(self.out_dir / "state.pt")
 
     def warm_start(self, path: Path) -> None:
-        """Continue from shipped EMA weights (no optimiser state ships), e.g. on a new machine."""
+        """Continue from shipped EMA weights (no optimiser state ships), e.g. on a new machine.
+
+        The network must match; the noise process may differ, which fine-tunes a model to another
+        schedule or parametrisation (the features carry over, the output head relearns).
+        """
         payload = load_checkpoint(path, CHECKPOINT_KIND)
-        if SemanticDiffusionConfig.from_dict(payload["config"]) != self.model_cfg:
-            raise ValueError(f"{path} was trained with another model configuration")
+        if SemanticDiffusionConfig.from_dict(payload["config"]).unet != self.model_cfg.unet:
+            raise ValueError(f"{path} was trained with another network configuration")
         self.model.load_state_dict(payload["state_dict"])
         self.ema.load_state_dict(payload["state_dict"])
         self.step = int(payload["meta"].get("step", 0))

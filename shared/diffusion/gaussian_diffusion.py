@@ -1,7 +1,11 @@
 """Gaussian diffusion maths: schedules, q(x_t|x_0), the posterior, p(x_{t-1}|x_t) and the losses.
 
-After Improved DDPM (Nichol & Dhariwal 2021): the network predicts epsilon and a value v in
-[-1, 1] that interpolates the log-variance between beta_t and the posterior variance. Training
+After Improved DDPM (Nichol & Dhariwal 2021): the network predicts the mean's parameter and a
+value v in [-1, 1] that interpolates the log-variance between beta_t and the posterior variance.
+The mean's parameter is epsilon, or the velocity sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans &
+Ho 2022), which stays well conditioned at high noise: with epsilon, x_0 = (x_t - sqrt(1 - abar)
+eps) / sqrt(abar) multiplies the network's error by up to 1 / sqrt(abar_T) ~ 160 on the linear
+schedule, and an imperfect network's first sampling steps then fix wrong global colours. Training
 uses the hybrid loss L_simple + lambda * L_vlb, with the variational term computed on a frozen
 mean so that it only trains the variances. Everything here is a pure function of tensors; the
 network is passed in and never sees the schedule.
@@ -16,7 +20,9 @@ import numpy as np
 import torch
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x_t, t) -> (B, 2C, H, W) network output: epsilon then the variance interpolation v."""
+"""(x_t, t) -> (B, 2C, H, W) network output: the mean's parameter, then the variance interpolation v."""
+
+PREDICTIONS = ("epsilon", "velocity")
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
@@ -52,6 +58,7 @@ class DiffusionConfig:
     schedule: str = "linear"
     num_timesteps: int = 1000
     vlb_weight: float = 0.001  # lambda of the hybrid loss
+    prediction: str = "epsilon"  # what the network's first C outputs are: "epsilon" or "velocity"
 
 
 def _extract(values: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -88,10 +95,14 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusion:
     """A diffusion process over `betas`; respaced processes are GaussianDiffusion objects too."""
 
-    def __init__(self, betas: np.ndarray, timestep_map: np.ndarray | None = None, vlb_weight: float = 0.001) -> None:
+    def __init__(self, betas: np.ndarray, timestep_map: np.ndarray | None = None, vlb_weight: float = 0.001,
+                 prediction: str = "epsilon") -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.prediction = prediction
         self.betas = betas
         self.num_timesteps = len(betas)
         # The network was trained on the full chain; a respaced chain feeds it the original indices.
@@ -114,7 +125,8 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
-        return cls(make_betas(config.schedule, config.num_timesteps), vlb_weight=config.vlb_weight)
+        return cls(make_betas(config.schedule, config.num_timesteps), vlb_weight=config.vlb_weight,
+                   prediction=config.prediction)
 
     def respaced(self, use_timesteps: list[int] | np.ndarray) -> "GaussianDiffusion":
         """The process restricted to `use_timesteps` (ascending), with betas that keep alpha_bar."""
@@ -123,7 +135,8 @@ class GaussianDiffusion:
             raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps})")
         alpha_bar = self.alphas_cumprod[use]
         betas = 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
-        return GaussianDiffusion(betas, timestep_map=self.timestep_map[use], vlb_weight=self.vlb_weight)
+        return GaussianDiffusion(betas, timestep_map=self.timestep_map[use], vlb_weight=self.vlb_weight,
+                                 prediction=self.prediction)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as the network knows them (the original chain's indices)."""
@@ -150,6 +163,19 @@ class GaussianDiffusion:
         return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x_start)
                 / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
+    def velocity(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the velocity target."""
+        return (_extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * noise
+                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start)
+
+    def start_and_eps(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_0, eps) implied by the network's mean output under this process's parametrisation."""
+        if self.prediction == "epsilon":
+            return self.predict_start_from_eps(x_t, t, prediction), prediction
+        a = _extract(self.sqrt_alphas_cumprod, t, x_t.ndim)
+        s = _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        return a * x_t - s * prediction, s * x_t + a * prediction
+
     # --- reverse process -------------------------------------------------------------------------
     def learned_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Interpolate log-variance between the posterior's (v = -1) and beta_t (v = 1)."""
@@ -159,10 +185,10 @@ class GaussianDiffusion:
         return frac * max_log + (1 - frac) * min_log
 
     def p_mean_variance(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip: bool = True) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) from a network output (epsilon, v) already computed for (x_t, t)."""
-        eps, v = output.chunk(2, dim=1)
+        """p(x_{t-1} | x_t) from a network output (mean parameter, v) already computed for (x_t, t)."""
+        prediction, v = output.chunk(2, dim=1)
         log_variance = self.learned_log_variance(v, t)
-        x_start = self.predict_start_from_eps(x_t, t, eps)
+        x_start, eps = self.start_and_eps(prediction, x_t, t)
         if clip:
             x_start = x_start.clamp(-1, 1)
         mean, _, _ = self.q_posterior(x_start, x_t, t)
@@ -178,17 +204,18 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model_fn: ModelFn, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Hybrid loss per example: MSE on epsilon + lambda * T * L_t (the VLB estimate).
+        """Hybrid loss per example: MSE on the mean parameter + lambda * T * L_t (the VLB estimate).
 
         L_vlb = sum_t L_t is estimated by T * L_t for a uniform t, so the variational term gets
-        weight lambda * T (= 1 for lambda = 0.001, T = 1000). It sees a detached epsilon, so it
+        weight lambda * T (= 1 for lambda = 0.001, T = 1000). It sees a detached mean, so it
         trains the variance output alone and cannot disturb the mean.
         """
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
         output = model_fn(x_t, self.model_timesteps(t))
-        eps, v = output.chunk(2, dim=1)
-        mse = _mean_flat((noise - eps) ** 2)
-        frozen = torch.cat([eps.detach(), v], dim=1)
+        prediction, v = output.chunk(2, dim=1)
+        target = noise if self.prediction == "epsilon" else self.velocity(x_start, t, noise)
+        mse = _mean_flat((target - prediction) ** 2)
+        frozen = torch.cat([prediction.detach(), v], dim=1)
         vb = self.vlb_terms(frozen, x_start, x_t, t) * (self.vlb_weight * self.num_timesteps)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
