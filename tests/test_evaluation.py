@@ -226,3 +226,32 @@ def test_code_block_layouts_are_valid_5g_codes() -> None:
             assert mcs.code_rate <= k / n <= 0.95 and k <= (3840 if mcs.code_rate <= 0.25 else 8448)
             if payload in (100, 3_816, 25_000):  # Sionna checks the 38.212 limits on construction
                 LDPC5GEncoder(k, n, num_bits_per_symbol=mcs.bits_per_symbol)
+
+
+def test_sampler_sweep_scores_every_configuration_and_picks_the_fewest_close_steps(fake_setup: dict[str, Path],
+                                                                                    tmp_path: Path) -> None:
+    from scripts import sampler_sweep
+
+    root = fake_setup["root"]
+    out, report_path = tmp_path / "sweep.json", tmp_path / "sweep.md"
+    sampler_sweep.main(["--configs", "ddpm:3,ddim:2,dpmpp2m:1", "--reference", "ddpm:3", "--limit", "2", "--data-root", str(root / "camvid"),
+                        "--model", str(root / "diffusion.pt"), "--segmenter", str(root / "segmenter.pt"),
+                        "--tolerance", "1.0", "--out", str(out), "--report", str(report_path)])
+    result = json.loads(out.read_text())
+    assert [(r["sampler"], r["steps"]) for r in result["rows"]] == [("ddpm", 3), ("ddim", 2), ("dpmpp2m", 1)]
+    assert all(0.0 <= r["miou"]["mean"] <= 1.0 and len(r["per_image_miou"]) == 2 for r in result["rows"])
+    # A tolerance of 1 admits every row: the default is the one with the fewest steps.
+    assert result["default"]["sampler"] == "dpmpp2m" and result["default"]["steps"] == 1
+    assert "| ddim | 2 |" in report_path.read_text()
+
+
+def test_sampler_sweep_default_needs_the_reference_and_respects_the_tolerance() -> None:
+    from scripts.sampler_sweep import pick_default
+
+    def row(sampler: str, steps: int, miou: float, seconds: float) -> dict:
+        return {"sampler": sampler, "steps": steps, "miou": {"mean": miou}, "seconds_per_image": seconds}
+
+    rows = [row("ddpm", 1000, 0.40, 100.0), row("ddpm", 50, 0.39, 5.0), row("ddim", 10, 0.30, 1.0)]
+    assert pick_default(rows, 0.02, ("ddpm", 1000)) == {"sampler": "ddpm", "steps": 50, "speedup_vs_reference": 20.0}
+    assert pick_default(rows, 0.15, ("ddpm", 1000))["sampler"] == "ddim"
+    assert pick_default(rows[1:], 0.02, ("ddpm", 1000)) is None

@@ -1,0 +1,124 @@
+"""mIoU against sampler and steps at one SNR: picks the serving default (issue: fast serving).
+
+Runs our link (noisy-trained model + FDS) on CamVid val images through the evaluation's own
+pipeline (`evaluation.evaluate.Evaluation`), once per sampler configuration, with the same
+channel realisations and sampling seeds for every configuration. The default is the fewest-step
+configuration whose mIoU is within --tolerance of the reference (--reference, by default DDPM on
+the full chain of 1000 steps).
+
+    python -m scripts.sampler_sweep --snr-db 10 --limit 16 \
+        --configs ddpm:1000,ddpm:250,ddpm:50,ddpm:25,ddpm:10,ddim:50,ddim:25,ddim:10,dpmpp2m:20,dpmpp2m:10 \
+        --out docs/sampler-sweep.json --report docs/sampler-sweep.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.evaluate import METHODS, Evaluation, parse_args
+from shared.channels import SnrDefinition
+
+
+
+def parse_config(text: str) -> tuple[str, int]:
+    sampler, _, steps = text.partition(":")
+    return sampler.strip(), int(steps)
+
+
+def parse_configs(text: str) -> list[tuple[str, int]]:
+    return [parse_config(item) for item in text.split(",")]
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Score every configuration, in the order given, on the same channel noise and seeds."""
+    eval_args = parse_args(["--methods", "ours", "--snrs", str(args.snr_db), "--limit", str(args.limit),
+                            "--model", args.model, "--segmenter", args.segmenter, "--guidance", str(args.guidance),
+                            "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
+                           + (["--data-root", args.data_root] if args.data_root else []))
+    ev = Evaluation(eval_args)
+    definition = SnrDefinition(args.definition)
+    rows = []
+    for sampler, steps in args.configs:
+        ev.args.sampler, ev.args.steps = sampler, steps
+        for generator in ev.generators.values():
+            generator.validate_request(sampler, steps, args.guidance)
+        started = time.monotonic()
+        images, _ = ev.semantic(METHODS["ours"], definition, args.snr_db)
+        seconds = (time.monotonic() - started) / len(images)
+        scores = ev.score(images)
+        rows.append({"sampler": sampler, "steps": steps, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+                     "per_image_miou": scores["per_image"]["miou"], "seconds_per_image": seconds})
+        print(f"{sampler}:{steps}  mIoU {scores['miou']['mean']:.3f}  {seconds:.2f} s/image", file=sys.stderr, flush=True)
+    return {"snr_db": args.snr_db, "definition": definition.value, "images": ev.names, "guidance": args.guidance,
+            "seed": args.seed, "model": args.model, "rows": rows, "reference": list(args.reference),
+            "default": pick_default(rows, args.tolerance, args.reference), "tolerance": args.tolerance}
+
+
+def pick_default(rows: list[dict[str, Any]], tolerance: float, reference_config: tuple[str, int]) -> dict[str, Any] | None:
+    """The fewest steps (then the fastest) whose mean mIoU is within `tolerance` of the reference."""
+    reference = next((r for r in rows if (r["sampler"], r["steps"]) == tuple(reference_config)), None)
+    if reference is None:
+        return None
+    close = [r for r in rows if r["miou"]["mean"] >= reference["miou"]["mean"] - tolerance]
+    best = min(close, key=lambda r: (r["steps"], r["seconds_per_image"]))
+    return {"sampler": best["sampler"], "steps": best["steps"],
+            "speedup_vs_reference": reference["seconds_per_image"] / best["seconds_per_image"]}
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    lines = [
+        f"# Sampler sweep: mIoU against steps at {result['snr_db']:g} dB ({result['definition']})", "",
+        f"{len(result['images'])} CamVid val images, guidance {result['guidance']:g}, seed {result['seed']}, "
+        f"model `{result['model']}`. Same channel noise and sampling seeds in every row.", "",
+        "```sh", command, "```", "",
+        "| sampler | steps | mIoU (mean ± std) | pixel accuracy | s / image |", "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['miou']['mean']:.3f} ± {r['miou']['std']:.3f} | "
+                     f"{r['pixel_accuracy']['mean']:.3f} | {r['seconds_per_image']:.2f} |")
+    default = result["default"]
+    lines.append("")
+    if default:
+        sampler, steps = result["reference"]
+        lines.append(f"Fewest steps within {result['tolerance']:g} mIoU of {sampler} {steps}: **{default['sampler']} "
+                     f"{default['steps']}**, {default['speedup_vs_reference']:.0f}x faster per image.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", type=parse_configs,
+                   default=parse_configs("ddpm:1000,ddpm:250,ddpm:50,ddpm:25,ddpm:10,ddim:50,ddim:25,ddim:10,"
+                                         "dpmpp2m:20,dpmpp2m:10"))
+    p.add_argument("--reference", type=parse_config, default=("ddpm", 1000), help="sampler:steps to stay close to")
+    p.add_argument("--snr-db", type=float, default=10.0)
+    p.add_argument("--definition", default=SnrDefinition.PAPER_PSNR.value)
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--model", default="models/diffusion-camvid.pt")
+    p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="docs/sampler-sweep.json")
+    p.add_argument("--report", default="docs/sampler-sweep.md")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = sweep(args)
+    command = "python -m scripts.sampler_sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.report).write_text(markdown(result, command))
+
+
+if __name__ == "__main__":
+    main()
