@@ -4,9 +4,9 @@ resident memory from /metrics, and the summary they print.
 Standard library only, so it runs inside locust's environment as well as the project's.
 
 Outcomes of one request: `rejected` (HTTP 429 / RESOURCE_EXHAUSTED: the system said "later"),
-`failed` (any other error, or a job the receiver finished as failed), `completed` (a job the
-receiver finished as done), `lost` (accepted, but not finished when the drain ended, or unknown
-to the receiver). The target is lost = 0.
+`failed` (any other error, or a job the receiver finished as failed or cancelled), `completed` (a
+job the receiver finished as done), `lost` (accepted, but not finished when the drain ended, or
+unknown to the receiver). The target is lost = 0.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-FINISHED = ("done", "failed")
+FINISHED = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def fetch_status(receiver_url: str, transmission_id: str, timeout_s: float = 5.0
 
 
 def drain(receiver_url: str, ids: list[str], drain_s: float, interval_s: float = 1.0) -> dict[str, dict | None]:
-    """Poll until every id is done or failed, or `drain_s` has passed; the last status of each."""
+    """Poll until every id is finished (FINISHED), or `drain_s` has passed; the last status of each."""
     statuses: dict[str, dict | None] = {transmission_id: None for transmission_id in ids}
     deadline = time.monotonic() + drain_s
     pending = list(ids)
@@ -118,7 +118,7 @@ def summarise(record: LoadRecord, statuses: dict[str, dict | None], memory_befor
             finished = _timestamp(status.get("finished_at"))
             if finished is not None:
                 completion_s.append(max(0.0, finished - sent_at))
-        elif state == "failed":
+        elif state in FINISHED:  # failed, or cancelled
             job_failures[str(status.get("error") or "failed")[:80]] += 1
         else:
             lost += 1

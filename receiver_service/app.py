@@ -1,8 +1,8 @@
 """Receiver REST API, and the lifespan that runs the gRPC server, model loading and worker with it.
 
 Clients poll GET /v1/transmissions/{id} until the status is done or failed, then fetch the image
-and the debug maps. The store is read straight from disk, so the API needs no lock with the worker
-beyond the store's own.
+and the debug maps; POST .../cancel drops a job whose image nobody will fetch. The store is read
+straight from disk, so the API needs no lock with the worker beyond the store's own.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from receiver_service.grpc_server import build_grpc_server, set_serving
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import JobStatus, TransmissionStore, UnknownTransmissionError
+from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
 from shared.docs_ui import mount_local_docs
 from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
@@ -32,6 +32,7 @@ TransmissionId = Annotated[
 ]
 # URL name of each debug map -> store artifact.
 MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels"}
+CANCEL_REASON = "cancelled at a client's request"
 
 
 class ChannelInfo(BaseModel):
@@ -148,6 +149,26 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         except UnknownTransmissionError:
             return _unknown(transmission_id)
         return status_json(record, settings.public_url)
+
+    @app.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
+              responses={202: {"description": "running: it stops at its next sampling step"},
+                         404: {"description": "unknown or evicted transmission"},
+                         409: {"description": "already done or failed"}})
+    def cancel_transmission(transmission_id: TransmissionId) -> Any:
+        """Cancel a transmission whose image nobody will fetch (the sender does so when a client
+        waiting for the image disconnects). Queued: cancelled at once (200). Running: 202, and
+        cancelled once its batch stops, at the next sampling step unless other jobs share it."""
+        worker.cancel(transmission_id, CANCEL_REASON)
+        try:
+            record = store.get(transmission_id)
+        except UnknownTransmissionError:
+            return _unknown(transmission_id)
+        if record["status"] == JobStatus.CANCELLED.value:
+            return status_json(record, settings.public_url)
+        if record["status"] in FINISHED:
+            return JSONResponse({"detail": f"transmission {transmission_id} is already {record['status']}",
+                                 "status": record["status"]}, status_code=409)
+        return JSONResponse(status_json(record, settings.public_url), status_code=202)
 
     @app.get("/v1/transmissions/{transmission_id}/image", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not done"}})

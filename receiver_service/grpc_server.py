@@ -24,10 +24,11 @@ from shared.metrics import ServiceMetrics
 log = logging.getLogger("receiver_service.grpc")
 
 RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
+CALLER_GONE_REASON = "the caller went away before the job was acknowledged"
 
 
 class CallerGoneError(Exception):
-    """The caller cancelled, or its deadline passed, before its job was queued."""
+    """The caller cancelled, or its deadline passed, before its job was acknowledged."""
 
 
 class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
@@ -56,6 +57,9 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                     raise CallerGoneError("the caller went away before the job was queued")
                 position = self._worker.submit(header, symbols, request_id or header.transmission_id)
                 fields["queue_position"] = position
+                if caller_gone(context):  # it left while the job was queued: nobody will fetch it
+                    self._worker.cancel(header.transmission_id, CALLER_GONE_REASON)
+                    raise CallerGoneError("the caller went away as the job was queued; it was cancelled")
             except NotReadyError as error:
                 code, details = grpc.StatusCode.UNAVAILABLE, f"receiver not ready: {error}"
             except CallerGoneError as error:

@@ -38,9 +38,10 @@ class JobStatus(str, enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # nobody waited for it any more: dropped from the queue or stopped mid-sampling
 
 
-FINISHED = frozenset({JobStatus.DONE.value, JobStatus.FAILED.value})
+FINISHED = frozenset({JobStatus.DONE.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})
 
 
 class DuplicateTransmissionError(Exception):

@@ -5,16 +5,17 @@ takes jobs in batches (`next_batch`, dynamic batching as in Triton's dynamic bat
 each batch to `run_batch`, which decodes the maps (shared.link), samples the generator once for
 the whole batch and encodes the PNGs. The model is
 loaded in the background (`load_model`) so the process answers health checks while it loads.
+`cancel` drops a job nobody waits for any more: a queued one leaves the queue at once, and a
+batch whose jobs are all cancelled stops sampling at the next step.
 """
 from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,7 +71,11 @@ class SamplingChoice:
         return (self.sampler, self.steps, self.guidance)
 
 
-@dataclass
+class BatchCancelled(Exception):
+    """Every job of the batch being sampled was cancelled: stop sampling."""
+
+
+@dataclass(eq=False)  # jobs are compared by identity: a job is one request, whatever it holds
 class Job:
     """One queued transmission: decoded header, received symbols and how to sample them."""
 
@@ -80,6 +85,12 @@ class Job:
     symbols: np.ndarray
     sampling: SamplingChoice
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Why the job was cancelled (set once, by `GenerationWorker.cancel`); None while it is wanted.
+    cancel_reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
 
 
 @dataclass
@@ -179,11 +190,16 @@ def _snr_definition_name(value: int) -> str | None:
 
 
 def run_batch(
-    jobs: Sequence[Job], generator: SemanticImageGenerator, size: tuple[int, int]
+    jobs: Sequence[Job],
+    generator: SemanticImageGenerator,
+    size: tuple[int, int],
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[JobResult]:
     """Decode, sample and encode a batch of jobs that share sampler, steps and guidance.
 
     A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
+    `should_stop` is asked before every sampling step; once it says yes, sampling stops there and
+    every job gets an error instead of an image.
     """
     results = [JobResult() for _ in jobs]
     info = generator.info
@@ -203,6 +219,11 @@ def run_batch(
     if not prepared:
         return results
     sampling = jobs[prepared[0][0]].sampling
+
+    def stop_if_asked(step: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise BatchCancelled(f"sampling stopped before step {step + 1} of {total}")
+
     started = time.perf_counter()
     try:
         images = generator.generate(
@@ -211,7 +232,13 @@ def run_batch(
             steps=sampling.steps,
             guidance=sampling.guidance,
             seeds=[jobs[index].sampling.seed for index, _, _ in prepared],
+            step_callback=stop_if_asked,
         )
+    except BatchCancelled as stopped:
+        log.info("every job of the batch was cancelled", extra={"detail": str(stopped)})
+        for index, _, _ in prepared:
+            results[index].error = f"cancelled: {stopped}"
+        return results
     except Exception as error:  # noqa: BLE001 - the job records any sampling failure
         log.exception("sampling failed")
         for index, _, _ in prepared:
@@ -245,12 +272,12 @@ class GenerationWorker:
         self.metrics = metrics
         self.generator: SemanticImageGenerator | None = None
         self.load_error: str | None = None
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=settings.queue_size)
-        # Jobs taken from the queue that did not fit the batch being formed: older than anything
-        # still queued, so the next batch starts with them (FIFO, no starvation). Worker thread only.
-        self._held: deque[Job] = deque()
-        self._submit_lock = threading.Lock()
-        self._pending = 0  # queued or running
+        # Guards the two collections below; notified when a job arrives or the worker stops.
+        self._changed = threading.Condition()
+        # Queued jobs, oldest first. A batch takes the oldest and later compatible ones; the
+        # others stay in order, so the next batch starts with the oldest left (FIFO, no starvation).
+        self._waiting: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}  # queued or running, by transmission id
         self._job_seconds = INITIAL_JOB_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
@@ -261,8 +288,8 @@ class GenerationWorker:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting behind the batch being generated (queued or held back for a later batch)."""
-        return self._queue.qsize() + len(self._held)
+        """Jobs waiting behind the batch being generated (including those left for a later batch)."""
+        return len(self._waiting)
 
     @property
     def busy(self) -> bool:
@@ -318,16 +345,38 @@ class GenerationWorker:
         sampling = resolve_sampling(header.sampling if header.HasField("sampling") else None, generator, self.settings)
         size = output_size(self.settings, generator)
         job = Job(header.transmission_id, request_id, semantic, symbols, sampling)
-        with self._submit_lock:
+        with self._changed:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
             if self.queue_depth >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
             self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
-            ahead = self._pending
-            self._queue.put_nowait(job)
-            self._pending += 1
+            ahead = len(self._jobs)
+            self._waiting.append(job)
+            self._jobs[job.transmission_id] = job
+            self._changed.notify_all()
         return ahead
+
+    def cancel(self, transmission_id: str, reason: str) -> None:
+        """Cancel a queued or running job (a finished or unknown one is left alone).
+
+        A queued job leaves the queue and is marked cancelled at once. A running one is marked when
+        its batch ends; its sampling stops at the next step if every job of the batch is cancelled.
+        """
+        with self._changed:
+            job = self._jobs.get(transmission_id)
+            if job is None or job.cancelled:
+                return
+            job.cancel_reason = reason
+            queued = job in self._waiting
+            if queued:
+                self._waiting.remove(job)
+                del self._jobs[transmission_id]
+                self.store.update(transmission_id, status=JobStatus.CANCELLED.value, error=reason,
+                                  finished_at=time.time())
+        with request_context(job.request_id):
+            log.info("job cancelled" if queued else "job cancellation requested",
+                     extra={"transmission_id": transmission_id, "reason": reason})
 
     def stop(self, timeout: float) -> None:
         """Take no more jobs and wait up to `timeout` s for the one in progress.
@@ -335,6 +384,8 @@ class GenerationWorker:
         Jobs still queued or running stay so on disk; the next start marks them failed.
         """
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -346,29 +397,24 @@ class GenerationWorker:
         alone a job waits at most that delay. A full batch leaves at once. Jobs of other settings
         are held back, in order, to open the next batches.
         """
-        if self._held:
-            first = self._held.popleft()
-        else:
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                return []
-        batch, limit = [first], self.settings.max_batch_size
-        for job in list(self._held):
-            if len(batch) == limit:
-                break
-            if job.sampling.batch_key == first.sampling.batch_key:
-                self._held.remove(job)
-                batch.append(job)
-        deadline = first.enqueued_at + self.settings.max_queue_delay_ms / 1000.0
-        while len(batch) < limit:
-            try:
+        with self._changed:
+            if not self._waiting:
+                self._changed.wait(timeout=0.2)
+                if not self._waiting:
+                    return []
+            first = self._waiting.popleft()
+            batch, limit = [first], self.settings.max_batch_size
+            deadline = first.enqueued_at + self.settings.max_queue_delay_ms / 1000.0
+            while True:
+                for job in [job for job in self._waiting if job.sampling.batch_key == first.sampling.batch_key]:
+                    if len(batch) == limit:
+                        break
+                    self._waiting.remove(job)
+                    batch.append(job)
                 remaining = deadline - time.monotonic()
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            (batch if job.sampling.batch_key == first.sampling.batch_key else self._held).append(job)
-        return batch
+                if len(batch) == limit or remaining <= 0 or self._stop.is_set():
+                    return batch
+                self._changed.wait(remaining)
 
     def _run(self) -> None:
         last_evicted = time.monotonic()
@@ -384,41 +430,53 @@ class GenerationWorker:
             except Exception:  # noqa: BLE001 - e.g. a full disk; keep serving the next jobs
                 log.exception("processing a batch failed")
             finally:
-                with self._submit_lock:
-                    self._pending -= len(batch)
+                with self._changed:
+                    for job in batch:
+                        self._jobs.pop(job.transmission_id, None)
 
     def _process(self, batch: list[Job]) -> None:
+        """Sample the batch's wanted jobs; jobs cancelled while it formed are only marked so."""
         assert self.generator is not None
         started = time.monotonic()
         size = output_size(self.settings, self.generator)
-        for job in batch:
+        wanted = [job for job in batch if not job.cancelled]
+        for job in wanted:
             with request_context(job.request_id):
                 self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
                                   timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
                 log.info("job started", extra={"transmission_id": job.transmission_id, **job.sampling.as_dict()})
-        try:
-            results = run_batch(batch, self.generator, size)
-        except Exception as error:  # noqa: BLE001 - never lose a job to an unexpected error
-            log.exception("generation failed")
-            results = [JobResult(error=f"{type(error).__name__}: {error}") for _ in batch]
-        for job, result in zip(batch, results):
+        results: list[JobResult] = []
+        if wanted:
+            try:
+                results = run_batch(wanted, self.generator, size,
+                                    should_stop=lambda: all(job.cancelled for job in wanted))
+            except Exception as error:  # noqa: BLE001 - never lose a job to an unexpected error
+                log.exception("generation failed")
+                results = [JobResult(error=f"{type(error).__name__}: {error}") for _ in wanted]
+        outcomes = dict(zip(map(id, wanted), results))
+        for job in batch:
             with request_context(job.request_id):
-                self._finish(job, result, started)
-        self._observe(batch, results, started)
-        self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(batch)
+                self._finish(job, outcomes.get(id(job), JobResult()), started)
+        if wanted:
+            self._observe(wanted, results, started)
+            self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(wanted)
 
     def _finish(self, job: Job, result: JobResult, started: float) -> None:
+        """Store the job's images and final status; a cancelled job keeps no images."""
         timings = {**result.timings_ms, "total": round((time.monotonic() - started) * 1000.0, 2)}
-        try:
-            for name, data in result.artifacts.items():
-                self.store.write_artifact(job.transmission_id, name, data)
-        except OSError as error:
-            result.error = f"storing the results failed: {error}"
-        status = JobStatus.FAILED if result.error else JobStatus.DONE
-        self.store.update(job.transmission_id, status=status.value, error=result.error,
+        if job.cancelled:
+            status, error = JobStatus.CANCELLED, job.cancel_reason
+        else:
+            try:
+                for name, data in result.artifacts.items():
+                    self.store.write_artifact(job.transmission_id, name, data)
+            except OSError as store_error:
+                result.error = f"storing the results failed: {store_error}"
+            status, error = (JobStatus.FAILED if result.error else JobStatus.DONE), result.error
+        self.store.update(job.transmission_id, status=status.value, error=error,
                           finished_at=time.time(), timings_ms=timings)
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
-                                        "error": result.error, "timings_ms": timings})
+                                        "error": error, "timings_ms": timings})
 
     def _observe(self, batch: list[Job], results: list[JobResult], started: float) -> None:
         """Batch size and each job's stage latencies (a batch's sampling time counts per job)."""

@@ -2,12 +2,16 @@
 
 Handlers only parse and validate the form, run `pipeline.prepare_transmission` in a worker thread,
 stream the result to the channel simulator over gRPC and map failures to HTTP statuses. Every
-error a client sees is JSON of one shape: {"error": {"field": ..., "message": ...}}.
+error a client sees is JSON of one shape: {"error": {"field": ..., "message": ...}}. A client
+that disconnects while waiting (wait=true) cancels its transmission, at the receiver too.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -45,6 +49,9 @@ log = logging.getLogger(__name__)
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_SEED = 2**64 - 1
 BODY_TOO_LARGE_SCOPE_KEY = "gesco.body_too_large"
+# The status of the answer to a client that closed its connection while waiting (nginx's
+# convention): nobody reads it, but the request metrics count it.
+CLIENT_CLOSED_REQUEST = 499
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -190,7 +197,10 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
                 use_fds=use_fds,
             )
             data = await file.read(settings.max_upload_bytes + 1)
-            return await _transmit(request.app, spec, data, transmission_id, wait)
+            transmission = _transmit(request.app, spec, data, transmission_id, wait)
+            if not wait:  # the job is the client's to poll, whether or not it stays for the 202
+                return await transmission
+            return await _unless_client_leaves(request, transmission, transmission_id)
 
     return app
 
@@ -254,6 +264,41 @@ async def _transmit(
     if not wait:
         return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
     return await _wait_for_image(app, transmission_id, body)
+
+
+async def _unless_client_leaves(
+    request: Request, transmission: Coroutine[Any, Any, Response], transmission_id: str
+) -> Response:
+    """Run a wait=true transmission until it answers or its client disconnects.
+
+    Once the client has gone nobody will get the image: the channel call, if still under way, is
+    cancelled (so are its hops), and the receiver is asked to cancel the job, so its sampling time
+    goes to clients that still wait.
+    """
+    answer = asyncio.ensure_future(transmission)
+    disconnected = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((answer, disconnected), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled itself
+        disconnected.cancel()
+        answered = answer.done()
+        answer.cancel()
+    if answered:
+        return answer.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer  # the channel call is cancelled before the receiver hears of the cancellation
+    app = request.app
+    receiver_answer = await receiver_client.cancel(app.state.http, app.state.settings.receiver_poll_url,
+                                                   transmission_id)
+    log.info("the client went away while waiting; transmission cancelled", extra={"receiver": receiver_answer})
+    return error_response(CLIENT_CLOSED_REQUEST, "the client closed the connection; the transmission was cancelled",
+                          id=transmission_id)
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has closed its connection (the form has been read by now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _wait_for_image(app: FastAPI, transmission_id: str, body: dict[str, Any]) -> Response:

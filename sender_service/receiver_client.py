@@ -1,7 +1,8 @@
 """Waiting for the receiver's image over its REST API (the sender's wait=true mode).
 
 The sender never imports the receiver: it polls the public status URL, as any client would. A
-receiver that goes away mid-wait ends the wait at once with `ReceiverUnavailableError`.
+receiver that goes away mid-wait ends the wait at once with `ReceiverUnavailableError`. When the
+waiting client goes away instead, `cancel` tells the receiver not to spend its sampling on it.
 """
 from __future__ import annotations
 
@@ -80,6 +81,16 @@ async def _get(client: httpx.AsyncClient, url: str, remaining_s: float) -> httpx
         raise ReceiverUnavailableError(
             f"the receiver at {url} cannot be reached: {type(error).__name__}: {error}"
         ) from error
+
+
+async def cancel(client: httpx.AsyncClient, base_url: str, transmission_id: str) -> str:
+    """Ask the receiver to cancel the transmission; what it answered, for the log (never raises)."""
+    url = f"{status_url(base_url, transmission_id)}/cancel"
+    try:
+        response = await client.post(url, timeout=POLL_REQUEST_TIMEOUT_S)
+    except httpx.HTTPError as error:
+        return f"the receiver at {url} cannot be reached: {type(error).__name__}"
+    return f"HTTP {response.status_code}"
 
 
 def _parse_status(response: httpx.Response) -> tuple[str, str]:

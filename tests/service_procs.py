@@ -74,6 +74,17 @@ def stop_service(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     return proc.returncode
 
 
+def open_post(url: str, files: dict, data: dict[str, str]) -> socket.socket:
+    """Send a multipart POST over a socket of its own and return the socket, unread: closing it
+    is a client that goes away before (or while) the answer comes."""
+    request = httpx.Request("POST", url, files=files, data=data)
+    body = request.read()
+    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    sock = socket.create_connection((request.url.host, request.url.port), timeout=10)
+    sock.sendall(f"POST {request.url.raw_path.decode()} HTTP/1.1\r\n{head}\r\n".encode() + body)
+    return sock
+
+
 def service_log(proc: subprocess.Popen) -> str:
     """What the service has written to stdout and stderr so far."""
     path = getattr(proc, "log_path", None)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from shared.imageio import encode_png
-from tests.service_procs import free_port, service_log, start_service, stop_service
+from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_HEIGHT, OUTPUT_WIDTH = 72, 96  # the receiver's configured output size
@@ -143,6 +143,31 @@ def test_lossless_label_map_survives_fds_exactly(pipeline) -> None:
     assert np.array_equal(received, labels), f"{np.mean(received != labels):.2%} of pixels differ"
 
 
+def test_a_waiting_client_that_leaves_stops_its_sampling(pipeline) -> None:
+    sock = open_post(f"{pipeline.sender_url}/v1/transmissions",
+                     {"file": ("labels.png", encode_png(blocky_label_map(4)))},
+                     {"kind": "label_map", "steps": "1000", "guidance": "2", "wait": "true"})
+    try:
+        transmission_id = _wait_until_running(pipeline)
+    finally:
+        sock.close()
+    left = time.monotonic()
+    status_url = f"{pipeline.receiver_url}/v1/transmissions/{transmission_id}"
+    while (status := httpx.get(status_url, timeout=10).json())["status"] == "running":
+        assert time.monotonic() - left < 30, "sampling went on after the client left"
+        time.sleep(0.1)
+    assert status["status"] == "cancelled", status
+    assert time.monotonic() - left < 10  # stopped at the next of its 1000 steps, not at the end
+    assert httpx.get(f"{status_url}/image", timeout=10).status_code == 409
+    # A client without wait=true owns its job: it is made although nobody waits on the connection.
+    accepted = pipeline.post(data=encode_png(blocky_label_map(5)), kind="label_map", steps=2, guidance=0)
+    assert accepted.status_code == 202, accepted.text
+    again = pipeline.post(data=encode_png(blocky_label_map(6)), kind="label_map", **FAST)
+    assert again.status_code == 200, again.text
+    status = httpx.get(accepted.json()["status_url"], timeout=10).json()
+    assert status["status"] == "done", status
+
+
 def test_receiver_stopping_mid_request_gives_a_clear_error_then_recovers(pipeline) -> None:
     outcome: dict = {}
 
@@ -186,13 +211,13 @@ def test_receiver_stopping_mid_request_gives_a_clear_error_then_recovers(pipelin
     assert _png_size(again.content) == (OUTPUT_HEIGHT, OUTPUT_WIDTH)
 
 
-def _wait_until_running(pipeline: Pipeline, timeout: float = 60) -> None:
-    """Block until the receiver has a job in the running state (found through its store)."""
+def _wait_until_running(pipeline: Pipeline, timeout: float = 60) -> str:
+    """Block until the receiver has a job in the running state (found through its store); its id."""
     store = Path(pipeline.receiver_env["GESCO_RECEIVER_STORE_DIR"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for status_file in store.glob("*/status.json"):
             if '"running"' in status_file.read_text(errors="replace"):
-                return
+                return status_file.parent.name
         time.sleep(0.1)
     raise TimeoutError("no job reached the running state")

@@ -245,7 +245,8 @@ NUM_CLASSES = 12
 
 
 class FakeGenerator:
-    """Paints each pixel with the colour of its condition's argmax; `gate` holds generation."""
+    """Paints each pixel with the colour of its condition's argmax; `gate` holds generation (and
+    calls the step callback while it does)."""
 
     sampler_names = ("ddim", "ddpm")
     default_sampler = "ddim"
@@ -262,10 +263,14 @@ class FakeGenerator:
     def default_steps(self, sampler: str) -> int:
         return {"ddim": 50, "ddpm": 100}[sampler]
 
-    def generate(self, conditions, sampler, steps, guidance, seeds):
+    def generate(self, conditions, sampler, steps, guidance, seeds, step_callback=None):
         self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,
                                guidance=guidance, seeds=list(seeds)))
-        assert self.gate.wait(30)
+        deadline = time.monotonic() + 30
+        while not self.gate.wait(0.01):  # one "step" per wait, so a cancelled batch can stop
+            assert time.monotonic() < deadline
+            if step_callback is not None:
+                step_callback(0, steps)
         if self.fail_with is not None:
             raise self.fail_with
         labels = conditions.argmax(dim=1).numpy()

@@ -21,7 +21,7 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from sender_service import receiver_client
 from shared import transport
 from shared.imageio import encode_png
-from tests.service_procs import free_port, service_log, start_service, stop_service
+from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
 
 MAP_HEIGHT, MAP_WIDTH = 96, 128
 MAX_PIXELS = 20_000
@@ -190,10 +190,15 @@ class FakeChannel(gesco_pb2_grpc.ChannelServicer):
 
 
 class FakeReceiverRest(BaseHTTPRequestHandler):
-    """GET /v1/transmissions/{id} -> {"status": ...}; .../image -> a PNG."""
+    """GET /v1/transmissions/{id} -> {"status": ...}; .../image -> a PNG; POST .../cancel is noted."""
 
     status = "done"
     png = encode_png(np.zeros((MAP_HEIGHT, MAP_WIDTH, 3), dtype=np.uint8))
+    cancelled: list[str] = []  # ids of the cancel requests received
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.cancelled.append(self.path.split("/")[-2])
+        self._answer(200, "application/json", json.dumps({"status": "cancelled"}).encode())
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.endswith("/image"):
@@ -260,6 +265,7 @@ def channel(fakes):
     fakes.calls.clear()
     fakes.abort, fakes.delay_s = None, 0.0
     FakeReceiverRest.status = "done"
+    FakeReceiverRest.cancelled.clear()
     yield fakes
     fakes.abort, fakes.delay_s = None, 0.0
 
@@ -354,6 +360,55 @@ def test_wait_on_a_failed_generation_is_502(sender, channel) -> None:
     response = post(sender.base, encode_png(blocky_label_map()), kind="label_map", wait="true")
     error = assert_error(response, 502, None, "boom")
     assert error["id"] == channel.calls[-1]["header"].transmission_id
+
+
+def leave_after_the_channel_call(sender, channel, **fields) -> str:
+    """Post a label map, close the connection once the channel has the transmission; its id."""
+    sock = open_post(f"{sender.base}/v1/transmissions", {"file": ("labels.png", encode_png(blocky_label_map()))},
+                     {"kind": "label_map", **fields})
+    deadline = time.monotonic() + 10
+    while not channel.calls:
+        assert time.monotonic() < deadline, "the transmission never reached the channel"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    sock.close()
+    return channel.calls[-1]["header"].transmission_id
+
+
+def wait_for_cancel(transmission_id: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while transmission_id not in FakeReceiverRest.cancelled:
+        assert time.monotonic() < deadline, "the sender never asked the receiver to cancel"
+        time.sleep(0.02)
+
+
+def test_a_waiting_client_that_leaves_cancels_the_transmission(sender, channel) -> None:
+    FakeReceiverRest.status = "running"  # the image never comes
+    transmission_id = leave_after_the_channel_call(sender, channel, wait="true")
+    wait_for_cancel(transmission_id)
+    assert FakeReceiverRest.cancelled == [transmission_id]
+
+
+def test_a_waiting_client_that_leaves_during_the_channel_call_cancels_it(sender, channel) -> None:
+    channel.delay_s = 1.0  # the channel answers after the client has gone
+    transmission_id = leave_after_the_channel_call(sender, channel, wait="true")
+    wait_for_cancel(transmission_id)
+
+
+def test_a_client_that_leaves_without_waiting_cancels_nothing(sender, channel) -> None:
+    channel.delay_s = 1.0
+    transmission_id = leave_after_the_channel_call(sender, channel, wait="false")
+    deadline = time.monotonic() + 10
+    while not any(line.get("msg") == "transmission sent" and line.get("request_id") == transmission_id
+                  for line in log_lines(sender)):
+        assert time.monotonic() < deadline, "the sender did not finish sending"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert FakeReceiverRest.cancelled == []
+
+
+def log_lines(proc) -> list[dict]:
+    return [json.loads(line) for line in service_log(proc).splitlines() if line.startswith("{")]
 
 
 # --- the polling client against httpx's mock transport --------------------------------------------

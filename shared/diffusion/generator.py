@@ -16,7 +16,7 @@ import torch
 from shared.checkpoints import load_checkpoint
 from shared.device import select_device
 from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
-from shared.diffusion.samplers import SAMPLER_NAMES, GuidedModel, make_sampler
+from shared.diffusion.samplers import SAMPLER_NAMES, GuidedModel, StepCallback, make_sampler
 from shared.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -105,8 +105,12 @@ class SemanticImageGenerator:
             raise ValueError(f"guidance must lie in [0, {MAX_GUIDANCE:g}], got {guidance}")
 
     @torch.inference_mode()
-    def generate(self, conditions: torch.Tensor, sampler: str, steps: int, guidance: float, seeds: Sequence[int]) -> np.ndarray:
-        """Images (B, H, W, 3) uint8 for conditions (B, K, H, W) at the model's resolution."""
+    def generate(self, conditions: torch.Tensor, sampler: str, steps: int, guidance: float, seeds: Sequence[int],
+                 step_callback: StepCallback | None = None) -> np.ndarray:
+        """Images (B, H, W, 3) uint8 for conditions (B, K, H, W) at the model's resolution.
+
+        `step_callback(step, total)` runs before each sampling step; what it raises stops sampling.
+        """
         cfg = self.config.unet
         expected = (cfg.num_classes, cfg.image_height, cfg.image_width)
         if conditions.ndim != 4 or tuple(conditions.shape[1:]) != expected:
@@ -119,7 +123,7 @@ class SemanticImageGenerator:
         model_fn = GuidedModel(self.network, conditions.to(self.device, torch.float32), guidance)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         shape = (conditions.shape[0], cfg.in_channels, cfg.image_height, cfg.image_width)
-        images = make_sampler(sampler).sample(self.diffusion, model_fn, shape, generators, steps)
+        images = make_sampler(sampler).sample(self.diffusion, model_fn, shape, generators, steps, step_callback)
         return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

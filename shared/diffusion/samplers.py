@@ -1,11 +1,14 @@
 """Samplers as small interchangeable objects with one interface (after diffusers' schedulers).
 
 Each sampler turns a trained network into images: `sample(diffusion, model_fn, shape, generators,
-steps)`. One torch.Generator per image makes every image depend on its own seed only, so an
-image is the same whether it is sampled alone or in a batch with others.
+steps, step_callback)`. One torch.Generator per image makes every image depend on its own seed
+only, so an image is the same whether it is sampled alone or in a batch with others. The optional
+step callback hears of every step before it runs; an exception it raises stops the sampling there
+(a server uses that to drop work nobody waits for any more).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,14 +54,27 @@ class GuidedModel:
         return torch.cat([eps_c + self.guidance * (eps_c - eps_u), v_c], dim=1)
 
 
+# Called as step_callback(step, total) before each of the `total` steps (step counts from 0).
+StepCallback = Callable[[int, int], None]
+
+
 class Sampler(Protocol):
     name: str
     default_steps: int
 
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int) -> torch.Tensor:
+               generators: list[torch.Generator], steps: int,
+               step_callback: StepCallback | None = None) -> torch.Tensor:
         """Return images in [-1, 1] of `shape`."""
         ...
+
+
+def _chain(num_steps: int, step_callback: StepCallback | None) -> Iterator[int]:
+    """The chain's indices, noisiest first, telling the callback of each step before it runs."""
+    for step, index in enumerate(reversed(range(num_steps))):
+        if step_callback is not None:
+            step_callback(step, num_steps)
+        yield index
 
 
 def _timestep_batch(i: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -73,11 +89,12 @@ class DDPMSampler:
     default_steps: int = 50  # a respaced chain; 1000 runs the full one
 
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int) -> torch.Tensor:
+               generators: list[torch.Generator], steps: int,
+               step_callback: StepCallback | None = None) -> torch.Tensor:
         process = diffusion if steps == diffusion.num_timesteps else diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps))
         device = _device_of(model_fn)
         x = per_image_noise(generators, shape, device)
-        for i in reversed(range(process.num_timesteps)):
+        for i in _chain(process.num_timesteps, step_callback):
             t = _timestep_batch(i, shape[0], device)
             out = process.p_mean_variance(model_fn(x, process.model_timesteps(t)), x, t)
             x = out["mean"]
@@ -95,11 +112,12 @@ class DDIMSampler:
     default_steps: int = 50
 
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int) -> torch.Tensor:
+               generators: list[torch.Generator], steps: int,
+               step_callback: StepCallback | None = None) -> torch.Tensor:
         process = diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps))
         device = _device_of(model_fn)
         x = per_image_noise(generators, shape, device)
-        for i in reversed(range(process.num_timesteps)):
+        for i in _chain(process.num_timesteps, step_callback):
             t = _timestep_batch(i, shape[0], device)
             out = process.p_mean_variance(model_fn(x, process.model_timesteps(t)), x, t)
             x_start = out["pred_xstart"]
@@ -159,7 +177,8 @@ class DPMSolverPP2MSampler:
             raise ValueError(f"unknown spacing {self.spacing!r}: expected 'log_snr' or 'time'")
 
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int) -> torch.Tensor:
+               generators: list[torch.Generator], steps: int,
+               step_callback: StepCallback | None = None) -> torch.Tensor:
         timesteps = (log_snr_timesteps(diffusion.alphas_cumprod, steps) if self.spacing == "log_snr"
                      else spaced_timesteps(diffusion.num_timesteps, steps))
         process = diffusion.respaced(timesteps)
@@ -169,7 +188,7 @@ class DPMSolverPP2MSampler:
         device = _device_of(model_fn)
         x = per_image_noise(generators, shape, device)
         previous_x_start, previous_h = None, None
-        for i in reversed(range(process.num_timesteps)):
+        for i in _chain(process.num_timesteps, step_callback):
             t = _timestep_batch(i, shape[0], device)
             x_start = process.p_mean_variance(model_fn(x, process.model_timesteps(t)), x, t)["pred_xstart"]
             if i == 0:
