@@ -2,24 +2,38 @@
 
 Sampling uses one or two steps of whatever diffusion model is the default (untrained when no
 checkpoint is shipped): these tests check the plumbing and the lossless path, not image quality.
+The fault tests stop or kill (SIGKILL) a service with requests in flight: each must end with a
+clear error status, none may hang, the jobs a killed receiver had accepted are failed after its
+restart, and new requests work once it is back.
 """
 from __future__ import annotations
 
+import json
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
+import grpc
 import httpx
 import numpy as np
 import pytest
 
+from gesco.v1 import gesco_pb2_grpc
+from receiver_service.store import RESTART_ERROR
+from shared import transport
 from shared.imageio import encode_png
 from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
+from tests.test_receiver_service import transmission
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_HEIGHT, OUTPUT_WIDTH = 72, 96  # the receiver's configured output size
 FAST = {"steps": "2", "guidance": "0", "seed": "3", "wait": "true"}
+# What a gRPC caller may see when the server it streams to dies.
+CALLER_SEES_GONE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
 def blocky_label_map(seed: int = 0, block: int = 8) -> np.ndarray:
@@ -31,7 +45,7 @@ def blocky_label_map(seed: int = 0, block: int = 8) -> np.ndarray:
 
 
 class Pipeline:
-    """The three processes and their addresses; the receiver can be stopped and restarted."""
+    """The three processes and their addresses; the receiver and the channel can be restarted."""
 
     def __init__(self, tmp: Path) -> None:
         self.sender_port, self.channel_port = free_port(), free_port()
@@ -49,19 +63,9 @@ class Pipeline:
             "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
             "GESCO_RECEIVER_TORCH_THREADS": "1",
         }
-        self.receiver = None
+        self.receiver = self.channel = None
         self.start_receiver()
-        self.channel = start_service(
-            "channel_sim",
-            {
-                "GESCO_CHANNEL_PORT": str(self.channel_port),
-                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{self.receiver_grpc}",
-                "GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20",
-                "GESCO_CHANNEL_METRICS_PORT": "0",
-            },
-            grpc_port=self.channel_port,
-            timeout=120,
-        )
+        self.start_channel()
         self.sender = start_service(
             "sender_service",
             {
@@ -83,6 +87,19 @@ class Pipeline:
             ready_url=f"{self.receiver_url}/readyz",
             grpc_port=self.receiver_grpc,
             timeout=180,
+        )
+
+    def start_channel(self) -> None:
+        self.channel = start_service(
+            "channel_sim",
+            {
+                "GESCO_CHANNEL_PORT": str(self.channel_port),
+                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{self.receiver_grpc}",
+                "GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20",
+                "GESCO_CHANNEL_METRICS_PORT": "0",
+            },
+            grpc_port=self.channel_port,
+            timeout=120,
         )
 
     def post(self, path: Path | None = None, data: bytes | None = None, timeout: float = 300, **fields) -> httpx.Response:
@@ -148,7 +165,7 @@ def test_a_waiting_client_that_leaves_stops_its_sampling(pipeline) -> None:
                      {"file": ("labels.png", encode_png(blocky_label_map(4)))},
                      {"kind": "label_map", "steps": "1000", "guidance": "2", "wait": "true"})
     try:
-        transmission_id = _wait_until_running(pipeline)
+        (transmission_id,) = _wait_for_jobs(pipeline, {"running"})
     finally:
         sock.close()
     left = time.monotonic()
@@ -169,27 +186,10 @@ def test_a_waiting_client_that_leaves_stops_its_sampling(pipeline) -> None:
 
 
 def test_receiver_stopping_mid_request_gives_a_clear_error_then_recovers(pipeline) -> None:
-    outcome: dict = {}
-
-    def slow_request() -> None:
-        started = time.monotonic()
-        try:
-            outcome["response"] = pipeline.post(
-                data=encode_png(blocky_label_map(1)), kind="label_map", steps=200, guidance=2,
-                wait="true", timeout=120,
-            )
-        except httpx.HTTPError as error:  # the test fails below with this
-            outcome["error"] = error
-        outcome["seconds"] = time.monotonic() - started
-
-    thread = threading.Thread(target=slow_request)
-    thread.start()
-    _wait_until_running(pipeline)
+    request = InFlight(pipeline, blocky_label_map(1), steps=200, guidance=2, wait="true")
+    _wait_for_jobs(pipeline, {"running"})
     stop_service(pipeline.receiver, timeout=10)
-    thread.join(timeout=90)
-    assert not thread.is_alive(), "the sender hung after the receiver stopped"
-    assert "error" not in outcome, outcome.get("error")
-    response = outcome["response"]
+    response = request.response(timeout=90)
     assert response.status_code in (502, 503), response.text
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["message"]
@@ -200,24 +200,149 @@ def test_receiver_stopping_mid_request_gives_a_clear_error_then_recovers(pipelin
     assert down.status_code == 503, down.text
 
     pipeline.start_receiver()
-    # The channel reconnects with gRPC's backoff; a client retries a 503 until it has.
-    deadline = time.monotonic() + 60
-    while True:
-        again = pipeline.post(data=encode_png(blocky_label_map(3)), kind="label_map", **FAST)
-        if again.status_code != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    again = _post_once_up(pipeline, blocky_label_map(3))
     assert again.status_code == 200, again.text
     assert _png_size(again.content) == (OUTPUT_HEIGHT, OUTPUT_WIDTH)
 
 
-def _wait_until_running(pipeline: Pipeline, timeout: float = 60) -> str:
-    """Block until the receiver has a job in the running state (found through its store); its id."""
-    store = Path(pipeline.receiver_env["GESCO_RECEIVER_STORE_DIR"])
+def test_killing_the_receiver_under_load_ends_every_request_clearly_and_fails_its_jobs(pipeline) -> None:
+    # Four waiting clients whose jobs cannot share a batch (their steps differ): one samples, three
+    # queue; two more callers are halfway through streaming to the receiver itself.
+    requests = [InFlight(pipeline, blocky_label_map(20 + i), steps=200 + i, guidance=2, wait="true")
+                for i in range(4)]
+    accepted = _wait_for_jobs(pipeline, {"queued", "running"}, count=4)
+    with held_streams(f"127.0.0.1:{pipeline.receiver_grpc}", gesco_pb2_grpc.ReceiverStub, "Receive") as streams:
+        pipeline.receiver.send_signal(signal.SIGKILL)
+        pipeline.receiver.wait(10)
+        killed = time.monotonic()
+        for call in streams:
+            assert call.exception(timeout=15).code() in CALLER_SEES_GONE
+    failed_ids = []
+    for request in requests:
+        response = request.response(timeout=15)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert "cannot be reached" in error["message"]
+        failed_ids.append(error["id"])
+    assert time.monotonic() - killed < 15, "requests in flight took too long to end"
+    assert sorted(failed_ids) == sorted(accepted)
+    assert pipeline.sender.poll() is None and pipeline.channel.poll() is None
+    with pytest.raises(grpc.RpcError) as raised:  # nothing to forward to: UNAVAILABLE at once
+        _transmit_via_channel(pipeline, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    pipeline.start_receiver()
+    for transmission_id in accepted:  # accepted, unfinished: failed after the restart, not lost
+        status = httpx.get(f"{pipeline.receiver_url}/v1/transmissions/{transmission_id}", timeout=10).json()
+        assert (status["status"], status["error"]) == ("failed", RESTART_ERROR), status
+    again = _post_once_up(pipeline, blocky_label_map(24))
+    assert again.status_code == 200, again.text
+
+
+def test_killing_the_channel_under_load_ends_calls_in_flight_then_recovers(pipeline) -> None:
+    # Two waiting clients whose jobs are already at the receiver, and three callers halfway
+    # through streaming to the channel.
+    requests = [InFlight(pipeline, blocky_label_map(30 + i), steps=20, guidance=0, seed=i, wait="true")
+                for i in range(2)]
+    _wait_for_jobs(pipeline, {"queued", "running"}, count=2)
+    with held_streams(f"127.0.0.1:{pipeline.channel_port}", gesco_pb2_grpc.ChannelStub, "Transmit") as streams:
+        pipeline.channel.send_signal(signal.SIGKILL)
+        pipeline.channel.wait(10)
+        killed = time.monotonic()
+        for call in streams:
+            assert call.exception(timeout=15).code() in CALLER_SEES_GONE
+    assert time.monotonic() - killed < 15
+    down = pipeline.post(data=encode_png(blocky_label_map(32)), kind="label_map", timeout=60)
+    assert down.status_code == 503 and down.json()["error"]["grpc_code"] == "UNAVAILABLE", down.text
+    for request in requests:  # past the channel already: their images come
+        response = request.response(timeout=120)
+        assert response.status_code == 200 and response.content.startswith(b"\x89PNG"), response.text
+    assert pipeline.sender.poll() is None and pipeline.receiver.poll() is None
+
+    pipeline.start_channel()
+    again = _post_once_up(pipeline, blocky_label_map(33))
+    assert again.status_code == 200, again.text
+
+
+class InFlight:
+    """A label map posted through the sender on a thread of its own."""
+
+    def __init__(self, pipeline: Pipeline, labels: np.ndarray, **fields) -> None:
+        self._outcome: httpx.Response | httpx.HTTPError | None = None
+        self._thread = threading.Thread(
+            target=self._post, args=(pipeline, labels, fields), daemon=True)
+        self._thread.start()
+
+    def _post(self, pipeline: Pipeline, labels: np.ndarray, fields: dict) -> None:
+        try:
+            self._outcome = pipeline.post(data=encode_png(labels), kind="label_map", timeout=120, **fields)
+        except httpx.HTTPError as error:  # the test fails with it in `response`
+            self._outcome = error
+
+    def response(self, timeout: float) -> httpx.Response:
+        """The response, which must come within `timeout` seconds."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the request hung"
+        assert isinstance(self._outcome, httpx.Response), self._outcome
+        return self._outcome
+
+
+@contextmanager
+def held_streams(target: str, stub_class, method: str, count: int = 2) -> Iterator[list[grpc.Future]]:
+    """`count` calls to `method` whose streams stop halfway, in flight until the server goes away."""
+    release = threading.Event()
+
+    def halfway(header, symbols):
+        frames = list(transport.symbol_frames(header, symbols, chunk_bytes=4096))
+        yield from frames[: len(frames) // 2]
+        release.wait(60)
+
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        call = getattr(stub_class(channel), method)
+        calls = [call.future(halfway(*transmission()), timeout=30) for _ in range(count)]
+        time.sleep(0.5)  # the first halves are on the server
+        assert not any(future.done() for future in calls)
+        try:
+            yield calls
+        finally:
+            release.set()
+
+
+def _transmit_via_channel(pipeline: Pipeline, timeout: float) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{pipeline.channel_port}") as channel:
+        gesco_pb2_grpc.ChannelStub(channel).Transmit(transport.symbol_frames(*transmission()), timeout=timeout)
+
+
+def _post_once_up(pipeline: Pipeline, labels: np.ndarray, timeout: float = 60) -> httpx.Response:
+    """Post (wait=true, fast) until the answer is not a 503: a restarted peer is reconnected to
+    with gRPC's backoff, and a client retries a 503 until then."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for status_file in store.glob("*/status.json"):
-            if '"running"' in status_file.read_text(errors="replace"):
-                return status_file.parent.name
+    while True:
+        response = pipeline.post(data=encode_png(labels), kind="label_map", **FAST)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            return response
+        time.sleep(1)
+
+
+def _store_statuses(pipeline: Pipeline) -> dict[str, str]:
+    """The status of every job in the receiver's store folder, by id."""
+    statuses = {}
+    for status_file in Path(pipeline.receiver_env["GESCO_RECEIVER_STORE_DIR"]).glob("*/status.json"):
+        try:
+            statuses[status_file.parent.name] = json.loads(status_file.read_text())["status"]
+        except (OSError, ValueError, KeyError):
+            continue  # evicted meanwhile
+    return statuses
+
+
+def _wait_for_jobs(pipeline: Pipeline, statuses: set[str], count: int = 1, timeout: float = 60) -> list[str]:
+    """Block until at least `count` stored jobs have one of `statuses`; their ids."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [tid for tid, status in _store_statuses(pipeline).items() if status in statuses]
+        if len(ids) >= count:
+            return ids
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} jobs reached {sorted(statuses)}")
         time.sleep(0.1)
-    raise TimeoutError("no job reached the running state")
