@@ -9,7 +9,8 @@ Ports come from the flags, else from the services' own variables (GESCO_SENDER_P
 GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT), else 8000, 8001, 50052,
 50051. The launcher wires the addresses between the services unless those are set explicitly.
 Pid files, logs, the port map and the demo output live under run/ (git-ignored). Run it with the
-project's virtual environment (`make up` does).
+project's virtual environment (`make up` does). The gRPC readiness checks speak TLS to a server
+configured for it, with its client's files (shared/health_probe.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run as a script, it imports the project's packages beside it
 RUN_DIR = REPO_ROOT / "run"
 PORTS_FILE = RUN_DIR / "ports.json"
 DEFAULT_EXAMPLES = {
@@ -102,6 +104,26 @@ def process_env(service: Service) -> dict[str, str]:
     return {**service.wiring, **os.environ, **service.listen, "PYTHONUNBUFFERED": "1"}
 
 
+def probe_env(all_services: list[Service]) -> dict[str, str]:
+    """What the services see together: every wiring, unless the user set it (the health probes
+    read a server's TLS switch and its client's files and address from here)."""
+    return {key: value for service in all_services for key, value in service.wiring.items()} | dict(os.environ)
+
+
+def tls_probe_error(all_services: list[Service]) -> str | None:
+    """Why the gRPC readiness checks cannot be made (TLS on without the client's files), if so."""
+    from shared import health_probe
+
+    env = probe_env(all_services)
+    for service in all_services:
+        if service.grpc_port is not None:
+            try:
+                health_probe.probe_for(service.name, env)
+            except ValueError as error:
+                return str(error)
+    return None
+
+
 # --- process bookkeeping ------------------------------------------------------------------------
 
 
@@ -130,31 +152,18 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def is_ready(service: Service, host: str) -> bool:
-    if service.http_ready is not None and not _http_ok(service.http_ready):
+def is_ready(service: Service, host: str, env: dict[str, str]) -> bool:
+    """/readyz answers 200 and the gRPC health check (over TLS where configured) says SERVING.
+
+    `env` is `probe_env(...)`; ValueError if the TLS settings cannot make the check.
+    """
+    from shared import health_probe
+
+    if service.http_ready is not None and not health_probe.http_ok(service.http_ready):
         return False
-    return service.grpc_port is None or _grpc_serving(host, service.grpc_port)
-
-
-def _http_ok(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _grpc_serving(host: str, port: int) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    if service.grpc_port is None:
+        return True
+    return health_probe.grpc_serving(f"{host}:{service.grpc_port}", health_probe.probe_for(service.name, env))
 
 
 def stop_pid(pid: int, grace_s: float) -> str:
@@ -219,6 +228,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if busy:
         print(f"ports in use: {', '.join(busy)}; free them or choose others with the --*-port flags")
         return 1
+    if problem := tls_probe_error(all_services):
+        print(problem)
+        return 1
     PORTS_FILE.write_text(json.dumps({"host": args.host, **vars(ports)}, indent=2) + "\n")
 
     started: list[tuple[Service, subprocess.Popen]] = []
@@ -239,7 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started.append((service, proc))
         print(f"started {service.name} (pid {proc.pid})" + ("" if args.foreground else f", log {_rel(service.log_file)}"))
 
-    if not _wait_ready(started, args.host, args.timeout):
+    if not _wait_ready(started, args.host, args.timeout, probe_env(all_services)):
         for service, proc in reversed(started):
             stop_pid(proc.pid, args.grace)
             service.pid_file.unlink(missing_ok=True)
@@ -251,7 +263,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return _supervise(started, args.grace)
 
 
-def _wait_ready(started: list[tuple[Service, subprocess.Popen]], host: str, timeout_s: float) -> bool:
+def _wait_ready(
+    started: list[tuple[Service, subprocess.Popen]], host: str, timeout_s: float, env: dict[str, str]
+) -> bool:
     deadline = time.monotonic() + timeout_s
     pending = [service for service, _ in started]
     procs = {service.name: proc for service, proc in started}
@@ -262,7 +276,7 @@ def _wait_ready(started: list[tuple[Service, subprocess.Popen]], host: str, time
                 print(f"{service.name} exited with code {proc.returncode}; last log lines:")
                 print(tail(service.log_file))
                 return False
-            if is_ready(service, host):
+            if is_ready(service, host, env):
                 print(f"{service.name} is ready")
                 pending.remove(service)
         if pending and time.monotonic() > deadline:
@@ -319,12 +333,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     ports = load_ports(args)
+    all_services = services(ports, args.host)
+    if problem := tls_probe_error(all_services):
+        print(problem)
+        return 2
     all_up = True
-    for service in services(ports, args.host):
+    for service in all_services:
         pid = read_pid(service)
         if pid is None:
             state, all_up = "not running", False
-        elif is_ready(service, args.host):
+        elif is_ready(service, args.host, probe_env(all_services)):
             state = f"ready (pid {pid})"
         else:
             state, all_up = f"running, not ready (pid {pid})", False

@@ -10,9 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.health_probe import Probe, grpc_serving, http_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,9 @@ def start_service(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{module} exited with {proc.returncode}:\n{service_log(proc)}")
-            if _http_ready(ready_url) and _grpc_serving(grpc_port):
+            if (ready_url is None or http_ok(ready_url, timeout_s=1.0)) and (
+                grpc_port is None or grpc_serving(f"127.0.0.1:{grpc_port}", Probe(), timeout_s=1.0)
+            ):
                 return proc
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{module} not ready after {timeout:.0f} s:\n{service_log(proc)}")
@@ -89,23 +91,3 @@ def service_log(proc: subprocess.Popen) -> str:
     """What the service has written to stdout and stderr so far."""
     path = getattr(proc, "log_path", None)
     return path.read_text(errors="replace") if path and path.exists() else ""
-
-
-def _http_ready(url: str | None) -> bool:
-    if url is None:
-        return True
-    try:
-        return httpx.get(url, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _grpc_serving(port: int | None) -> bool:
-    if port is None:
-        return True
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-        except grpc.RpcError:
-            return False
-    return response.status == health_pb2.HealthCheckResponse.SERVING

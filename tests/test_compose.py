@@ -114,10 +114,10 @@ def test_every_service_has_a_healthcheck(compose_yaml) -> None:
         assert test.startswith("CMD"), name
         if name == "sender":
             assert "/readyz" in test
-        if name.startswith("receiver"):
-            assert "/readyz" in test and "HealthStub" in test
+        if name.startswith("receiver"):  # the TLS-aware gRPC probe, and the REST readiness
+            assert "-m shared.health_probe receiver 127.0.0.1:50052" in test and "8001/readyz" in test
         if name == "channel":
-            assert "HealthStub" in test and "50051" in test
+            assert "-m shared.health_probe channel 127.0.0.1:50051" in test
 
 
 def test_start_order_waits_for_health(compose_yaml) -> None:

@@ -1,0 +1,126 @@
+"""Readiness checks that work with TLS: the launcher's gRPC check and the compose health checks'
+probe (shared/health_probe.py), against health servers over TLS and mutual TLS with certificates
+made by the tests."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from channel_sim.settings import ChannelSettings
+from scripts import launch
+from receiver_service.settings import ReceiverSettings
+from sender_service.settings import SenderSettings
+from shared import grpc_security, health_probe
+from tests.service_procs import REPO_ROOT, free_port
+from tests.test_tls import pki  # noqa: F401 - the fixture
+
+# server -> (the server's TLS variables' prefix, its client's TLS variables' prefix)
+PREFIXES = {
+    "channel": ("GESCO_CHANNEL_TLS_", "GESCO_SENDER_CHANNEL_TLS_"),
+    "receiver": ("GESCO_RECEIVER_TLS_", "GESCO_CHANNEL_RECEIVER_TLS_"),
+}
+
+
+@contextmanager
+def health_server(credentials: grpc.ServerCredentials | None, serving: bool = True) -> Iterator[int]:
+    """A gRPC health service on a free loopback port (yielded), over TLS when credentials are given."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = grpc_security.add_port(server, "127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    """No GESCO_ variable of the machine running the tests leaks into the checks."""
+    for key in list(os.environ):
+        if key.startswith("GESCO_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+@pytest.mark.parametrize("server", ["channel", "receiver"])
+def test_the_launcher_checks_a_tls_server_with_its_clients_files(pki, clean_env, server, mutual) -> None:
+    server_prefix, client_prefix = PREFIXES[server]
+    cert = getattr(pki, server)
+    credentials = grpc_security.server_credentials(cert.cert, cert.key, pki.ca.ca_file if mutual else "")
+    with health_server(credentials) as port:
+        all_services = launch.services(launch.Ports(free_port(), free_port(), port, port))
+        service = dataclasses.replace(next(s for s in all_services if s.name == server), http_ready=None)
+
+        def ready() -> bool:
+            return launch.is_ready(service, "127.0.0.1", launch.probe_env(all_services))
+
+        assert not ready()  # a plaintext check never passes a TLS server
+        clean_env.setenv(f"{server_prefix}CERT_FILE", cert.cert)
+        clean_env.setenv(f"{server_prefix}KEY_FILE", cert.key)
+        assert f"{client_prefix}CA_FILE" in launch.tls_probe_error(all_services)
+        clean_env.setenv(f"{client_prefix}CA_FILE", pki.ca.ca_file)
+        if mutual:
+            clean_env.setenv(f"{server_prefix}CLIENT_CA_FILE", pki.ca.ca_file)
+            assert not ready()  # no client certificate: refused
+            client = pki.sender_client if server == "channel" else pki.channel_client
+            clean_env.setenv(f"{client_prefix}CERT_FILE", client.cert)
+            clean_env.setenv(f"{client_prefix}KEY_FILE", client.key)
+        assert launch.tls_probe_error(all_services) is None
+        assert ready()
+
+
+def test_the_probe_checks_the_name_its_client_dials(pki) -> None:
+    credentials = grpc_security.server_credentials(pki.receiver.cert, pki.receiver.key)
+    env = {"GESCO_RECEIVER_TLS_CERT_FILE": pki.receiver.cert, "GESCO_CHANNEL_RECEIVER_TLS_CA_FILE": pki.ca.ca_file}
+    with health_server(credentials) as port, health_server(credentials, serving=False) as idle_port:
+        target = f"127.0.0.1:{port}"
+        assert health_probe.grpc_serving(target, health_probe.probe_for("receiver", env))
+        # The certificate names localhost and 127.0.0.1: a client dialing localhost trusts it...
+        named = {**env, "GESCO_CHANNEL_RECEIVER_ADDRESS": "localhost:50052"}
+        assert health_probe.grpc_serving(target, health_probe.probe_for("receiver", named))
+        # ...one dialing another name does not, so neither does the check that stands in for it.
+        other = {**env, "GESCO_CHANNEL_RECEIVER_ADDRESS": "receiver:50052"}
+        assert not health_probe.grpc_serving(target, health_probe.probe_for("receiver", other))
+        assert not health_probe.grpc_serving(f"127.0.0.1:{idle_port}", health_probe.probe_for("receiver", env))
+
+
+def test_the_compose_probe_command(pki) -> None:
+    credentials = grpc_security.server_credentials(pki.channel.cert, pki.channel.key, pki.ca.ca_file)
+    tls = {"GESCO_CHANNEL_TLS_CERT_FILE": pki.channel.cert, "GESCO_SENDER_CHANNEL_TLS_CA_FILE": pki.ca.ca_file,
+           "GESCO_SENDER_CHANNEL_TLS_CERT_FILE": pki.sender_client.cert,
+           "GESCO_SENDER_CHANNEL_TLS_KEY_FILE": pki.sender_client.key}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GESCO_")}
+    with health_server(credentials) as port:
+        def probe(extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "shared.health_probe", "channel", f"127.0.0.1:{port}", *args],
+                                  cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+        assert probe(tls).returncode == 0
+        no_ca = probe({"GESCO_CHANNEL_TLS_CERT_FILE": pki.channel.cert})
+        assert no_ca.returncode == 2 and "GESCO_SENDER_CHANNEL_TLS_CA_FILE" in no_ca.stderr
+        assert probe(tls, "--ready-url", f"http://127.0.0.1:{free_port()}/readyz").returncode == 1
+
+
+def test_the_probe_reads_real_settings() -> None:
+    """A misspelt variable would make the probe speak plaintext to a TLS server: catch it here."""
+    fields = {"GESCO_SENDER_": SenderSettings.model_fields, "GESCO_CHANNEL_": ChannelSettings.model_fields,
+              "GESCO_RECEIVER_": ReceiverSettings.model_fields}
+    for hop in health_probe.HOPS.values():
+        client_files = [f"{hop.client_prefix}{name}" for name in ("CA_FILE", "CERT_FILE", "KEY_FILE")]
+        names = [hop.server_cert, hop.client_address, *client_files]
+        for name in names:
+            prefix = next(p for p in fields if name.startswith(p))
+            assert name[len(prefix):].lower() in fields[prefix], name
