@@ -7,34 +7,22 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-
-import uvicorn
 
 from receiver_service.app import create_app
 from receiver_service.settings import ReceiverSettings
 from shared.logging_setup import configure_logging
+from shared.rest_server import serve
 
 
 def main() -> None:
     settings = ReceiverSettings()
     configure_logging("receiver_service", settings.log_level)
-    # After its graceful shutdown uvicorn re-raises the signal to the handler that was installed
-    # before it; a no-op one lets main() return, so a clean shutdown exits with status 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.http_port,
-        log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
-    )
+    serve(app, settings.host, settings.http_port, settings.shutdown_grace_s)  # returns on SIGTERM/SIGINT
     if app.state.worker.busy:
-        # Sampling cannot be interrupted, and torch aborts the process when the interpreter
-        # finalises under a thread still computing. Leave now: the job stays "running" on disk
-        # and the next start marks it failed.
+        # A batch is still sampling, and torch aborts the process when the interpreter finalises
+        # under a thread still computing. Leave now: the job stays "running" on disk and the
+        # next start marks it failed.
         logging.shutdown()
         os._exit(0)
 

@@ -167,16 +167,28 @@ def is_ready(service: Service, host: str, env: dict[str, str]) -> bool:
 
 
 def stop_pid(pid: int, grace_s: float) -> str:
-    """SIGTERM the process group, then SIGKILL after `grace_s`; say how it ended."""
+    """SIGTERM the process group, then SIGKILL after `grace_s`; say how it ended (with its exit
+    status when it is this process's child, as in `up --foreground`)."""
     _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
-            return "stopped"
+        alive, exit_code = _alive(pid)
+        if not alive:
+            return "stopped" if exit_code is None else f"stopped, {describe_exit(exit_code)}"
         time.sleep(0.1)
     _signal(pid, signal.SIGKILL)
     time.sleep(0.2)
     return "killed after the grace period"
+
+
+def describe_exit(exit_code: int) -> str:
+    """A Popen-style exit code in words: a negative one is the signal that ended the process."""
+    if exit_code < 0:
+        try:
+            return f"killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"killed by signal {-exit_code}"
+    return f"exit code {exit_code}"
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -189,21 +201,22 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int) -> tuple[bool, int | None]:
+    """Whether `pid` still runs, and its exit code once it has ended if it was our child."""
     try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap our own child, if it is one
+        finished, status = os.waitpid(pid, os.WNOHANG)  # reap our own child, if it is one
         if finished == pid:
-            return False
+            return False, os.waitstatus_to_exitcode(status)
     except ChildProcessError:
         pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return False, None
     try:  # a zombie is as good as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z", None
     except (OSError, IndexError):
-        return True
+        return True, None
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -273,7 +286,7 @@ def _wait_ready(
         for service in list(pending):
             proc = procs[service.name]
             if proc.poll() is not None:
-                print(f"{service.name} exited with code {proc.returncode}; last log lines:")
+                print(f"{service.name} exited ({describe_exit(proc.returncode)}); last log lines:")
                 print(tail(service.log_file))
                 return False
             if is_ready(service, host, env):
@@ -304,7 +317,7 @@ def _supervise(started: list[tuple[Service, subprocess.Popen]], grace_s: float) 
     while not stop:
         for service, proc in started:
             if proc.poll() is not None:
-                print(f"{service.name} exited with code {proc.returncode}; stopping the others")
+                print(f"{service.name} exited ({describe_exit(proc.returncode)}); stopping the others")
                 stop, code = True, 1
                 break
         time.sleep(0.3)

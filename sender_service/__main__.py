@@ -1,23 +1,20 @@
-"""`python -m sender_service`: serve the sender's REST API on GESCO_SENDER_HOST:GESCO_SENDER_PORT."""
+"""`python -m sender_service`: serve the sender's REST API on GESCO_SENDER_HOST:GESCO_SENDER_PORT
+until SIGTERM or SIGINT, then exit with status 0."""
 from __future__ import annotations
-
-import uvicorn
 
 from sender_service.app import create_app
 from sender_service.settings import SenderSettings
 from shared.logging_setup import configure_logging
+from shared.rest_server import serve
+
+# In-flight requests get this long to finish once a shutdown signal arrives.
+SHUTDOWN_GRACE_S = 5.0
 
 
 def main() -> None:
     settings = SenderSettings()
     configure_logging("sender", settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
+    serve(create_app(settings), settings.host, settings.port, SHUTDOWN_GRACE_S)
 
 
 if __name__ == "__main__":

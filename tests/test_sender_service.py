@@ -81,7 +81,7 @@ def lone_sender():
     proc = start_service("sender_service", env, ready_url=f"{base}/healthz")
     proc.base = base  # type: ignore[attr-defined]
     yield proc
-    stop_service(proc)
+    assert stop_service(proc) == 0, service_log(proc)  # SIGTERM is a clean exit, not a kill
 
 
 @pytest.mark.parametrize(
@@ -257,7 +257,7 @@ def sender(fakes):
     proc = start_service("sender_service", env, ready_url=f"{base}/readyz")
     proc.base = base  # type: ignore[attr-defined]
     yield proc
-    stop_service(proc)
+    assert stop_service(proc) == 0, service_log(proc)  # SIGTERM is a clean exit, not a kill
 
 
 @pytest.fixture

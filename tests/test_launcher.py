@@ -1,6 +1,6 @@
-"""Readiness checks that work with TLS: the launcher's gRPC check and the compose health checks'
-probe (shared/health_probe.py), against health servers over TLS and mutual TLS with certificates
-made by the tests."""
+"""The launcher (scripts/launch.py) and the health probe it shares with the compose health checks
+(shared/health_probe.py): readiness checks against health servers over TLS and mutual TLS with
+certificates made by the tests, and how the launcher reports a service it stopped."""
 from __future__ import annotations
 
 import dataclasses
@@ -124,3 +124,20 @@ def test_the_probe_reads_real_settings() -> None:
         for name in names:
             prefix = next(p for p in fields if name.startswith(p))
             assert name[len(prefix):].lower() in fields[prefix], name
+
+
+def sleeper(code: str) -> subprocess.Popen:
+    """A child in its own session (as `up` starts the services) that runs `code`, then sleeps."""
+    proc = subprocess.Popen([sys.executable, "-c", f"{code}; import time; print(flush=True); time.sleep(30)"],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    proc.stdout.readline()  # its signal handler, if any, is in place
+    return proc
+
+
+def test_the_launcher_reports_how_its_child_stopped() -> None:
+    clean = sleeper("import signal, sys; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))")
+    assert launch.stop_pid(clean.pid, 10) == "stopped, exit code 0"
+    killed = sleeper("pass")
+    assert launch.stop_pid(killed.pid, 10) == "stopped, killed by SIGTERM"
+    for proc in (clean, killed):
+        proc.stdout.close()
