@@ -33,8 +33,9 @@ def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...], d
 class GuidedModel:
     """Classifier-free guidance: eps = eps(x|y) + s (eps(x|y) - eps(x|0)), one batched forward.
 
-    The variance output is taken from the conditional pass. With s = 0 only the conditional pass
-    runs, so the result is exactly the conditional prediction.
+    The same extrapolation applies to a velocity output (linear in eps for a fixed x_t). The
+    variance output is taken from the conditional pass. With s = 0 only the conditional pass runs,
+    so the result is exactly the conditional prediction.
     """
 
     def __init__(self, network: torch.nn.Module, condition: torch.Tensor, guidance: float) -> None:
@@ -49,9 +50,9 @@ class GuidedModel:
             return self.network(x, t, self.condition)
         both = self.network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.condition, torch.zeros_like(self.condition)]))
         conditional, unconditional = both.chunk(2)
-        eps_c, v_c = conditional.chunk(2, dim=1)
-        eps_u, _ = unconditional.chunk(2, dim=1)
-        return torch.cat([eps_c + self.guidance * (eps_c - eps_u), v_c], dim=1)
+        mean_c, v_c = conditional.chunk(2, dim=1)
+        mean_u, _ = unconditional.chunk(2, dim=1)
+        return torch.cat([mean_c + self.guidance * (mean_c - mean_u), v_c], dim=1)
 
 
 # Called as step_callback(step, total) before each of the `total` steps (step counts from 0).
