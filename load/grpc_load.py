@@ -78,7 +78,8 @@ class LoadClient:
             tasks.append(asyncio.create_task(self.send_one(index)))
         await asyncio.gather(*tasks)
 
-    async def send_one(self, index: int) -> None:
+    async def send_one(self, index: int) -> str | None:
+        """Send request `index`; its transmission id if it was accepted, else None."""
         header = gesco_pb2.TransmissionHeader()
         header.CopyFrom(self.header)
         header.transmission_id = transport.new_transmission_id()
@@ -98,22 +99,28 @@ class LoadClient:
                 self.record.record_failure(f"{error.code().name}: {error.details()}")
         else:
             self.record.record_accepted(header.transmission_id, sent_at, time.monotonic() - started)
+            return header.transmission_id
         finally:
             self.in_flight -= 1
+        return None
 
 
 async def warm_up(args: argparse.Namespace) -> None:
-    """Send --warmup requests one by one and wait for their jobs, so first-use allocations (model
-    buffers, thread pools) are not counted as memory growth; they count in no total."""
+    """Send --warmup requests one by one, then wait for their jobs (report.warm_up), so first-use
+    allocations (model buffers, thread pools) are not counted as memory growth; they count in no
+    total. Sent one at a time but not waited for one by one, their jobs can share a batch."""
     if not args.warmup:
         return
     client = LoadClient(args)
+    loop = asyncio.get_running_loop()
+
+    def send(index: int) -> str | None:  # from report.warm_up's thread, on this loop
+        return asyncio.run_coroutine_threadsafe(client.send_one(index), loop).result()
+
     try:
-        for index in range(args.warmup):
-            await client.send_one(-1 - index)
+        await asyncio.to_thread(report.warm_up, send, args.warmup, args.receiver_url, args.drain_s)
     finally:
         await client.channel.close()
-    await asyncio.to_thread(report.drain, args.receiver_url, list(client.record.accepted), args.drain_s)
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -1,5 +1,5 @@
-"""What the load generators share: the fate of each request, the final drain of accepted jobs,
-resident memory from /metrics, and the summary they print.
+"""What the load generators share: the fate of each request, the warm-up before a run, the final
+drain of accepted jobs, resident memory from /metrics, and the summary they print.
 
 Standard library only, so it runs inside locust's environment as well as the project's.
 
@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -76,6 +77,55 @@ def drain(receiver_url: str, ids: list[str], drain_s: float, interval_s: float =
             break
         time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
     return statuses
+
+
+def parse_warmup(value: str | None, name: str = "GESCO_LOAD_WARMUP") -> int:
+    """A warm-up count from a setting: a whole number >= 0; empty or unset means 0 (no warm-up)."""
+    text = (value or "").strip()
+    try:
+        count = int(text) if text else 0
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+    return count
+
+
+def warm_up(send: Callable[[int], str | None], count: int, receiver_url: str, drain_s: float, *,
+            users: int = 1, wait_each: bool = False) -> list[str]:
+    """Send requests before a run, so that first-use allocations (model buffers, thread pools, the
+    batches of the run's concurrency) happen before the first memory reading; they count in no total.
+
+    `users` workers at once (threads; greenlets under locust) each send `count` requests, one at a
+    time, through send(index), which returns the transmission id if the request was accepted, else
+    None. The indices are -1, -2, ...: apart from the run's (0, 1, ...), so are the seeds made of
+    them. With `wait_each`, a worker waits for each accepted job to finish (at most `drain_s`)
+    before it sends the next; without, all the accepted jobs are waited for at the end. Returns
+    the accepted ids.
+    """
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def worker(first_index: int) -> None:
+        for index in range(first_index, first_index - count, -1):
+            transmission_id = send(index)
+            if transmission_id is None:
+                continue
+            with lock:
+                accepted.append(transmission_id)
+            if wait_each:
+                drain(receiver_url, [transmission_id], drain_s)
+
+    if count <= 0 or users <= 0:
+        return accepted
+    workers = [threading.Thread(target=worker, args=(-1 - user * count,), daemon=True) for user in range(users)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    if not wait_each:
+        drain(receiver_url, list(accepted), drain_s)
+    return accepted
 
 
 def resident_memory_bytes(metrics_url: str, timeout_s: float = 5.0) -> float | None:

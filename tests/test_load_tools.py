@@ -127,3 +127,49 @@ def test_bad_arguments_are_refused() -> None:
     for argv in (["--rate", "0"], ["--max-requests", "0"], ["--duration-s", "-1"]):
         with pytest.raises(SystemExit):
             grpc_load.parse_args(argv)
+
+
+def test_the_warmup_setting_is_a_count_of_zero_or_more() -> None:
+    assert report.parse_warmup(None) == 0 and report.parse_warmup("") == 0 and report.parse_warmup(" ") == 0
+    assert report.parse_warmup("3") == 3 and report.parse_warmup(" 2 ") == 2
+    for value in ("-1", "x", "1.5"):
+        with pytest.raises(ValueError, match="GESCO_LOAD_WARMUP"):
+            report.parse_warmup(value)
+
+
+def test_warm_up_waits_for_each_job_of_each_user(monkeypatch) -> None:
+    """The locust file's warm-up: each user sends its requests one at a time, each waited for."""
+    lock, events = threading.Lock(), []
+
+    def send(index: int) -> str | None:
+        with lock:
+            events.append(("send", index))
+        return None if index == -2 else f"id{index}"  # one of them rejected: not waited for
+
+    def drain(receiver_url: str, ids: list[str], drain_s: float) -> dict:
+        assert receiver_url == "http://receiver" and drain_s == 7.0
+        with lock:
+            events.append(("wait", *ids))
+        return {}
+
+    monkeypatch.setattr(report, "drain", drain)
+    accepted = report.warm_up(send, 3, "http://receiver", 7.0, users=2, wait_each=True)
+    assert sorted(index for kind, index in events if kind == "send") == [-6, -5, -4, -3, -2, -1]
+    assert sorted(accepted) == sorted(f"id{index}" for index in (-1, -3, -4, -5, -6))
+    first_user = [event for event in events if event[1] in (-1, -2, -3, "id-1", "id-3")]
+    second_user = [event for event in events if event not in first_user]
+    assert first_user == [("send", -1), ("wait", "id-1"), ("send", -2), ("send", -3), ("wait", "id-3")]
+    assert second_user == [("send", -4), ("wait", "id-4"), ("send", -5), ("wait", "id-5"),
+                           ("send", -6), ("wait", "id-6")]
+
+
+def test_warm_up_without_waiting_for_each_waits_for_all_at_the_end(monkeypatch) -> None:
+    """grpc_load's warm-up: sent one by one, then waited for together (so they can share a batch)."""
+    events = []
+    monkeypatch.setattr(report, "drain", lambda url, ids, drain_s: events.append(("wait", *ids)) or {})
+    accepted = report.warm_up(lambda index: events.append(("send", index)) or f"id{index}", 2, "http://r", 1.0)
+    assert accepted == ["id-1", "id-2"]
+    assert events == [("send", -1), ("send", -2), ("wait", "id-1", "id-2")]
+    events.clear()
+    assert report.warm_up(lambda index: events.append(index) or "id", 0, "http://r", 1.0, users=4) == []
+    assert events == []
