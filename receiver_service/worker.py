@@ -308,6 +308,10 @@ class GenerationWorker:
             default = self.settings.default_sampler
             if default and default not in generator.sampler_names:
                 raise ValueError(f"default_sampler {default!r} is not one of {list(generator.sampler_names)}")
+            if self.settings.channels_last:
+                generator.use_channels_last()
+            if self.settings.torch_compile:
+                generator.compile()
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
             self.load_error = f"{type(error).__name__}: {error}"
             log.exception("loading the model failed")

@@ -259,9 +259,16 @@ class FakeGenerator:
         self.gate.set()
         self.calls: list[dict] = []
         self.fail_with: Exception | None = None
+        self.inference_options: list[str] = []
 
     def default_steps(self, sampler: str) -> int:
         return {"ddim": 50, "ddpm": 100}[sampler]
+
+    def use_channels_last(self) -> None:
+        self.inference_options.append("channels_last")
+
+    def compile(self) -> None:
+        self.inference_options.append("compile")
 
     def generate(self, conditions, sampler, steps, guidance, seeds, step_callback=None):
         self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,
@@ -308,6 +315,19 @@ def running_worker(tmp_path, fake_generator):
     yield worker
     fake_generator.gate.set()
     worker.stop(5)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [({}, ["channels_last"]),
+                                                     ({"channels_last": False, "torch_compile": True}, ["compile"])])
+def test_worker_applies_the_cpu_inference_settings(tmp_path, fake_generator, overrides, expected) -> None:
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, **overrides), store)
+    worker.load_model()
+    try:
+        assert worker.ready and fake_generator.inference_options == expected
+    finally:
+        worker.stop(5)
 
 
 def street_label_map(height: int = 24, width: int = 32) -> np.ndarray:
