@@ -1,11 +1,13 @@
 """Receiver REST API, and the lifespan that runs the gRPC server, model loading and worker with it.
 
-Clients poll GET /v1/transmissions/{id} until the status is done or failed, then fetch the image
-and the debug maps; POST .../cancel drops a job whose image nobody will fetch. The store is read
-straight from disk, so the API needs no lock with the worker beyond the store's own.
+Clients poll GET /v1/transmissions/{id} (a long poll with ?wait_s=) until the status is done or
+failed, then fetch the image and the debug maps; POST .../cancel drops a job whose image nobody
+will fetch. The store is read straight from disk, so the API needs no lock with the worker beyond
+the store's own.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -13,11 +15,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path
+from fastapi import FastAPI, Path, Query
+from starlette.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from receiver_service.grpc_server import build_grpc_server, set_serving
+from receiver_service.long_poll import FinishWaiters
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
@@ -31,6 +35,10 @@ TransmissionId = Annotated[
     str, Path(pattern=TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
 ]
 # URL name of each debug map -> store artifact.
+MAX_STATUS_WAIT_S = 60.0  # the longest long poll: well inside common proxy and client timeouts
+WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
+    "long poll: answer once the transmission has finished (done, failed or cancelled), or after this "
+    "many seconds with its status then; 0 answers at once"))]
 MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels"}
 CANCEL_REASON = "cancelled at a client's request"
 
@@ -76,13 +84,16 @@ class TransmissionStatus(BaseModel):
 
 def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     settings = settings or ReceiverSettings()
-    store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s)
+    waiters = FinishWaiters()
+    store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s,
+                              on_finished=waiters.notify_finished)
     metrics = ServiceMetrics(queue=True)
     worker = GenerationWorker(settings, store, metrics)
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        waiters.bind(asyncio.get_running_loop())
         recovered = store.open()
         if recovered:
             log.warning("marked unfinished jobs of the previous run failed", extra={"transmission_ids": recovered})
@@ -116,6 +127,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.worker = worker
+    app.state.waiters = waiters
     app.state.metrics = metrics
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     mount_local_docs(app)
@@ -142,12 +154,20 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
 
     @app.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
              responses={404: {"description": "unknown or evicted transmission"}})
-    def get_transmission(transmission_id: TransmissionId) -> Any:
+    async def get_transmission(
+        transmission_id: TransmissionId,
+        wait_s: WaitSeconds = 0.0,
+    ) -> Any:
         """Status, timings, channel report, bit counts, sampling and model of one transmission."""
+        finished = waiters.register(transmission_id)
         try:
-            record = store.get(transmission_id)
+            record = await run_in_threadpool(store.get, transmission_id)
+            if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
+                record = await run_in_threadpool(store.get, transmission_id)
         except UnknownTransmissionError:
             return _unknown(transmission_id)
+        finally:
+            waiters.unregister(transmission_id, finished)
         return status_json(record, settings.public_url)
 
     @app.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,

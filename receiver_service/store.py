@@ -61,13 +61,17 @@ class TransmissionStore:
         max_items: int,
         max_age_s: float,
         clock: Callable[[], float] = time.time,
+        on_finished: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_finished(transmission_id)` runs, on the updating thread, each time a job's record is
+        written with a finished status (long polls wake on it)."""
         if max_items < 1 or max_age_s <= 0:
             raise ValueError("max_items must be >= 1 and max_age_s > 0")
         self.root = Path(root)
         self.max_items = max_items
         self.max_age_s = max_age_s
         self._clock = clock
+        self._on_finished = on_finished
         self._lock = threading.RLock()
         self._index: dict[str, tuple[float, str]] = {}  # id -> (created_at, status)
 
@@ -130,7 +134,9 @@ class TransmissionStore:
                 else:
                     record[key] = value
             self._write_record(transmission_id, record)
-            return record
+        if self._on_finished is not None and record["status"] in FINISHED:
+            self._on_finished(transmission_id)
+        return record
 
     def write_artifact(self, transmission_id: str, name: str, data: bytes) -> None:
         """Atomically write one of the ARTIFACTS of a stored job."""

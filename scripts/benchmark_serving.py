@@ -91,6 +91,7 @@ def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store
         "GESCO_RECEIVER_CHECKPOINT": args.checkpoint,
         "GESCO_RECEIVER_DEVICE": args.device,
         "GESCO_RECEIVER_TORCH_THREADS": str(args.threads),
+        "GESCO_RECEIVER_CHANNELS_LAST": str(args.channels_last),
         "GESCO_RECEIVER_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency))),
         "GESCO_RECEIVER_MAX_BATCH_SIZE": str(max_batch_size),
         "GESCO_RECEIVER_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
@@ -107,6 +108,7 @@ def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store
         "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{channel_port}",
         "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_url,
         "GESCO_SENDER_POLL_INTERVAL_S": str(args.poll_interval_s),
+        "GESCO_SENDER_STATUS_LONG_POLL_S": str(args.long_poll_s),
         "GESCO_SENDER_API_KEY": "",
         "GESCO_SENDER_LOG_LEVEL": "WARNING",
     }
@@ -244,6 +246,8 @@ def compute_bound(args: argparse.Namespace) -> tuple[dict[int, float], float]:
         torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint)
     generator = SemanticImageGenerator.load(checkpoint if checkpoint.is_file() else None, args.device)
+    if args.channels_last:  # as the receiver runs it
+        generator.use_channels_last()
     cfg = generator.config.unet
     passes = 1 if args.guidance == 0 else 2
     per_image_ms = {}
@@ -292,8 +296,10 @@ def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], di
         f"- model: {model.get('name')} (trained: {model.get('trained')}), {model.get('image_height')}x"
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "
-        f"{args.psnr_db:g} dB, `wait=true` (sender polls every {args.poll_interval_s:g} s); batching on: max batch "
-        f"size {args.max_batch_size}, max queue delay {args.max_queue_delay_ms:g} ms; off: batch size 1",
+        f"{args.psnr_db:g} dB, `wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
+        f"{args.poll_interval_s:g} s apart when one comes back unfinished); batching on: max batch "
+        f"size {args.max_batch_size}, max queue delay {args.max_queue_delay_ms:g} ms; off: batch size 1; "
+        f"channels_last weights: {args.channels_last}",
         "",
         f"### Latency of one request by stage (ms, median of {args.stage_requests})",
         "",
@@ -343,13 +349,15 @@ def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], di
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sampler", default="dpmpp2m")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default="ddim", help="the receiver's default (docs/sampler-sweep.md)")
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--psnr-db", type=float, default=10.0)
     parser.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "diffusion-camvid.pt"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="receiver torch threads (0: torch's default)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="the receiver's GESCO_RECEIVER_CHANNELS_LAST, also used for the compute bound")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests", type=int, default=48, help="most requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long per level")
@@ -357,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="the receiver's batch size with batching on")
     parser.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     parser.add_argument("--poll-interval-s", type=float, default=0.02, help="the sender's wait=true polling")
+    parser.add_argument("--long-poll-s", type=float, default=20.0,
+                        help="the sender's GESCO_SENDER_STATUS_LONG_POLL_S (0: plain polling every --poll-interval-s)")
     parser.add_argument("--forward-repeats", type=int, default=5)
     parser.add_argument("--request-timeout-s", type=float, default=900.0)
     parser.add_argument("--start-timeout-s", type=float, default=300.0)

@@ -311,6 +311,7 @@ async def _wait_for_image(app: FastAPI, transmission_id: str, body: dict[str, An
             transmission_id,
             settings.wait_timeout_s,
             settings.poll_interval_s,
+            settings.status_long_poll_s,
         )
     except receiver_client.ReceiverUnavailableError as error:
         return error_response(503, str(error), **details)

@@ -1,8 +1,10 @@
 """Waiting for the receiver's image over its REST API (the sender's wait=true mode).
 
-The sender never imports the receiver: it polls the public status URL, as any client would. A
-receiver that goes away mid-wait ends the wait at once with `ReceiverUnavailableError`. When the
-waiting client goes away instead, `cancel` tells the receiver not to spend its sampling on it.
+The sender never imports the receiver: it polls the public status URL, as any client would, with
+a long poll (`wait_s`): the receiver answers when the job finishes, so a waiting request costs the
+receiver one status request, not one per poll interval while it samples. A receiver that goes
+away mid-wait ends the wait at once with `ReceiverUnavailableError`. When the waiting client goes
+away instead, `cancel` tells the receiver not to spend its sampling on it.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import asyncio
 
 import httpx
 
-# A status request gets at most this long; a receiver slower than that counts as a missed poll.
+# A status request gets this long beyond its long poll; a slower receiver counts as a missed poll.
 POLL_REQUEST_TIMEOUT_S = 10.0
 # A freshly acknowledged transmission may be unknown to the receiver's REST API for a moment.
 MAX_NOT_FOUND_POLLS = 5
@@ -44,8 +46,13 @@ async def wait_for_image(
     transmission_id: str,
     timeout_s: float,
     poll_interval_s: float,
+    long_poll_s: float = 0.0,
 ) -> bytes:
-    """Poll the status until done, then return the PNG bytes of the generated image."""
+    """Poll the status until done, then return the PNG bytes of the generated image.
+
+    Each status request asks the receiver to hold it for up to `long_poll_s` (0: plain polling);
+    `poll_interval_s` separates the requests that come back with the job unfinished.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     not_found = 0
@@ -53,7 +60,7 @@ async def wait_for_image(
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise WaitTimeoutError(f"the image was not ready within {timeout_s:g} s")
-        response = await _get(client, status_url(base_url, transmission_id), remaining)
+        response = await _get(client, status_url(base_url, transmission_id), remaining, long_poll_s)
         if response is not None:
             if response.status_code == 404:
                 not_found += 1
@@ -71,10 +78,13 @@ async def wait_for_image(
         await asyncio.sleep(max(0.0, min(poll_interval_s, deadline - loop.time())))
 
 
-async def _get(client: httpx.AsyncClient, url: str, remaining_s: float) -> httpx.Response | None:
+async def _get(client: httpx.AsyncClient, url: str, remaining_s: float, long_poll_s: float) -> httpx.Response | None:
     """GET `url`; None for a poll that timed out, ReceiverUnavailableError when unreachable."""
+    wait_s = min(long_poll_s, remaining_s)
+    params = {"wait_s": f"{wait_s:.3f}"} if wait_s > 0 else None
     try:
-        return await client.get(url, timeout=min(POLL_REQUEST_TIMEOUT_S, max(remaining_s, 0.1)))
+        return await client.get(url, params=params,
+                                timeout=min(wait_s + POLL_REQUEST_TIMEOUT_S, max(remaining_s, 0.1)))
     except httpx.TimeoutException:
         return None
     except httpx.TransportError as error:

@@ -41,6 +41,9 @@ class SenderSettings(BaseSettings):
     rpc_timeout_s: float = Field(30.0, gt=0)
     wait_timeout_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
+    # wait=true asks the receiver to hold each status request until the job ends, up to this long
+    # (60 s at most); 0: plain polling every poll_interval_s.
+    status_long_poll_s: float = Field(20.0, ge=0, le=60)
     # Retry-After (seconds) sent with 429 when the channel or receiver gives no hint.
     retry_after_s: int = Field(5, ge=1)
     max_upload_bytes: int = Field(20_000_000, ge=1)

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,6 +65,17 @@ def test_store_create_get_update(tmp_path):
         store.create(record(IDS[0], 2.0))
     with pytest.raises(UnknownTransmissionError):
         store.get(IDS[1])
+
+
+def test_store_reports_finished_jobs(tmp_path):
+    finished: list[str] = []
+    store = TransmissionStore(tmp_path, max_items=10, max_age_s=100, on_finished=finished.append)
+    store.open()
+    store.create(record(IDS[0], 1.0))
+    store.update(IDS[0], status="running")
+    assert finished == []
+    store.update(IDS[0], status="done")
+    assert finished == [IDS[0]]
 
 
 def test_store_artifacts(tmp_path):
@@ -701,6 +713,41 @@ def test_rest_rejects_bad_ids_naming_the_field(app_client, bad_id):
         if response.status_code == 422:
             assert response.json()["detail"][0]["loc"] == ["path", "transmission_id"]
     assert app_client.get("/v1/transmissions/abc").status_code == 422
+
+
+def test_rest_long_poll_answers_when_the_job_finishes(app_client, fake_generator):
+    fake_generator.gate.clear()
+    header, symbols = transmission(sampling=gesco_pb2.SamplingRequest(steps=3, seed=5))
+    receive(app_client.settings.grpc_port, transport.symbol_frames(header, symbols))
+    url = f"/v1/transmissions/{header.transmission_id}"
+    started = time.monotonic()
+    assert app_client.get(url, params={"wait_s": 0.3}).json()["status"] in ("queued", "running")
+    assert time.monotonic() - started >= 0.3  # held for the whole wait while unfinished
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(app_client.get, url, params={"wait_s": 30})
+        time.sleep(0.3)
+        assert not waiting.done()
+        opened = time.monotonic()
+        fake_generator.gate.set()
+        status = waiting.result(timeout=20).json()
+    assert status["status"] == "done" and time.monotonic() - opened < 5
+    started = time.monotonic()
+    assert app_client.get(url, params={"wait_s": 30}).json()["status"] == "done"  # finished: at once
+    assert time.monotonic() - started < 5
+    assert app_client.app.state.waiters.waiting == 0
+
+
+@pytest.mark.parametrize("wait_s", ["-1", "61", "soon"])
+def test_rest_long_poll_rejects_bad_waits_naming_the_field(app_client, wait_s):
+    response = app_client.get(f"/v1/transmissions/{transport.new_transmission_id()}", params={"wait_s": wait_s})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "wait_s"]
+
+
+def test_rest_long_poll_of_an_unknown_id_is_404_at_once(app_client):
+    started = time.monotonic()
+    response = app_client.get(f"/v1/transmissions/{transport.new_transmission_id()}", params={"wait_s": 30})
+    assert response.status_code == 404 and time.monotonic() - started < 5
 
 
 def test_rest_unknown_id_is_404(app_client):

@@ -433,6 +433,24 @@ def test_polling_waits_through_queued_and_running() -> None:
     assert _poll(handler) == b"\x89PNG fake"
 
 
+def test_polling_asks_for_a_long_poll_within_the_wait() -> None:
+    asked: list[str | None] = []
+    states = iter(["running", "done"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/image"):
+            return httpx.Response(200, content=b"\x89PNG fake")
+        asked.append(request.url.params.get("wait_s"))
+        return httpx.Response(200, json={"status": next(states)})
+
+    async def run() -> bytes:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            return await receiver_client.wait_for_image(client, "http://r", "a" * 32, 5.0, 0.01, long_poll_s=20.0)
+
+    assert asyncio.run(run()) == b"\x89PNG fake"
+    assert len(asked) == 2 and all(4.0 < float(wait) <= 5.0 for wait in asked)  # capped by the time left
+
+
 def test_polling_a_refused_connection_is_unavailable() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
