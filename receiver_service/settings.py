@@ -24,8 +24,8 @@ class ReceiverSettings(BaseSettings):
     checkpoint: Path = Path("models/diffusion-camvid.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
-    # CPU inference options measured in docs/benchmarks.md: channels_last is a few % faster for free;
-    # torch.compile about 10% faster but compiles for minutes at every start on a small CPU.
+    # CPU inference options measured in docs/benchmarks.md: channels_last is 6-9% faster for free;
+    # torch.compile 12-19% faster but compiles for minutes at every start on a small CPU.
     channels_last: bool = True
     torch_compile: bool = False
     queue_size: int = Field(8, ge=1)  # jobs waiting behind the batch being generated

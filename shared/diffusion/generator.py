@@ -96,8 +96,8 @@ class SemanticImageGenerator:
     def use_channels_last(self) -> None:
         """Store the convolution weights channels_last (NHWC); the activations follow them.
 
-        oneDNN's convolutions, 70% of a forward on the CPU, skip their layout reorders: 4-6% faster
-        in fp32, 3-4% on top of int8 (docs/benchmarks.md). Same images up to float rounding.
+        oneDNN's convolutions, 74% of a forward on the CPU, skip their layout reorders: 6-9% faster
+        in fp32, 2-6% on top of int8 (docs/benchmarks.md). Same images up to float rounding.
         """
         self.network = self.network.to(memory_format=torch.channels_last)
 

@@ -28,7 +28,8 @@ INT8 = "int8-static-conv"  # the `quantization` entry of an int8 checkpoint's me
 
 # torch's x86 default, but with all 8 bits for activations: its reduce_range (7 bits, a guard
 # against int16 saturation on CPUs without VNNI) doubled the images' distance from fp32 here, on
-# an AVX2 CPU without VNNI (mean |difference| 10.4 vs 5.2 / 255 at DDIM 10; docs/benchmarks.md).
+# an AVX2 CPU without VNNI (mean |difference| about 10 vs 5 / 255 at DDIM 10, as scripts.quantize_model
+# reports it with either setting).
 QCONFIG = tq.QConfig(
     activation=tq.HistogramObserver.with_args(reduce_range=False),
     weight=tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
