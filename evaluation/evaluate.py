@@ -3,7 +3,7 @@
     python -m evaluation.evaluate --split val --snrs 1,5,10,15,20,30,100 \\
         --methods ours,no_fds,no_noisy,no_both,analog,digital,real \\
         --model models/diffusion-camvid.pt --ablation-model models/diffusion-camvid-clean.pt \\
-        --segmenter models/segmenter-camvid.pt --sampler ddim --steps 25 --guidance 2 --seed 0 \\
+        --segmenter models/segmenter-camvid.pt --sampler ddim --steps 10 --guidance 2 --seed 0 \\
         --out docs/results
 
 Every image is evaluated at the sender's map size (96x128 by default): the label map that is
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inception", default=None,
                    help="TorchScript Inception (NVIDIA inception-2015-12-05.pt); without it FID is n/a")
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=10, help="the receiver's default: DDIM 10 (docs/sampler-sweep.md)")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="evaluate N images evenly spread over the split (0: all)")
@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="finished configurations are kept here and reused by a rerun with the same settings")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--report", default=None, help="also write the Markdown report here (links relative to it)")
+    p.add_argument("--notes", default=None,
+                   help="TOML with a summary and the explanation of each acceptance check (evaluation.report.load_notes)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -518,8 +520,9 @@ def _settings(ev: Evaluation, args: argparse.Namespace, snrs: list[float], comma
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    notes = report.load_notes(Path(args.notes)) if args.notes else None  # a bad file fails before hours of work
     results = run(args, argv)
-    paths = report.write_all(results, Path(args.out), Path(args.report) if args.report else None)
+    paths = report.write_all(results, Path(args.out), Path(args.report) if args.report else None, notes)
     _log(f"wrote {', '.join(str(p) for p in paths)} in {results['settings']['wall_time_s']:.0f} s")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ METRICS: tuple[tuple[str, str, str, int], ...] = (
     ("fid", "FID (Inception)", "↓", 2),
 )
 TABLE5_PAPER = {"ours": (0.549, 0.905), "no_noisy": (0.663, 0.713), "no_fds": (0.665, 0.613), "no_both": ("noise", "noise")}
-EXPLANATION_SLOT = "_Explanation: to be written by whoever ran this evaluation._"
+EXPLANATION_SLOT = "_Explanation: to be written by whoever ran this evaluation (see `--notes`)._"
 
 
 def pooled_miou(conf: np.ndarray, ignore_index: int | None) -> float:
@@ -76,6 +77,34 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
+
+
+# --- notes: the explanations of whoever ran the evaluation -----------------------------------------
+def load_notes(path: Path) -> dict[str, Any]:
+    """A TOML file: `summary`, and per check id a table with the `observed` text it explains and
+    the `explanation`. Keeping them outside the report lets a rerun regenerate the report with them."""
+    notes = tomllib.loads(path.read_text())
+    unknown = set(notes) - {"summary", "checks"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected summary and checks)")
+    for check_id, note in notes.get("checks", {}).items():
+        if not isinstance(note, dict) or set(note) != {"observed", "explanation"}:
+            raise ValueError(f"{path}: checks.{check_id} needs exactly observed and explanation")
+    return notes
+
+
+def apply_notes(results: dict[str, Any], notes: dict[str, Any] | None) -> None:
+    """Attach each explanation to its check only while the check still observes what was explained;
+    the summary only while every explained check does. A stale note is dropped, never shown."""
+    notes = notes or {}
+    fresh = True
+    for check in results["acceptance"]:
+        note = notes.get("checks", {}).get(check["id"])
+        matches = note is not None and note["observed"].strip() == check["observed"]
+        check["explanation"] = note["explanation"].strip() if matches else None
+        fresh = fresh and (note is None or matches)
+    summary = notes.get("summary", "").strip()
+    results["summary"] = summary if summary and fresh else None
 
 
 # --- formatting --------------------------------------------------------------------------------------
@@ -145,20 +174,21 @@ def acceptance_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         context = f"; the segmenter on the real images: {real['mean']:.3f}" if isinstance(real, dict) else ""
         low, high = _metric(results, definition, "ours", "1"), _metric(results, definition, "ours", "100")
         if low is None or high is None:
-            checks.append({"check": f"ours keeps >= 0.9 of its 100 dB mIoU at 1 dB ({title})", "status": "NOT EVALUATED",
+            checks.append({"id": f"ours_1db_{definition}", "status": "NOT EVALUATED",
+                           "check": f"ours keeps >= 0.9 of its 100 dB mIoU at 1 dB ({title})",
                            "observed": "needs ours at 1 and 100 dB"})
         else:
             ratio = low / high if high > 0 else float("nan")
-            checks.append({"check": f"ours keeps >= 0.9 of its 100 dB mIoU at 1 dB ({title})",
+            checks.append({"id": f"ours_1db_{definition}", "check": f"ours keeps >= 0.9 of its 100 dB mIoU at 1 dB ({title})",
                            "status": "PASS" if ratio >= 0.9 else "FAIL",
                            "observed": f"mIoU {low:.3f} at 1 dB vs {high:.3f} at 100 dB: ratio {ratio:.3f}{context}"})
         low, high = _metric(results, definition, "analog", "1"), _metric(results, definition, "analog", "30")
         if low is None or high is None:
-            checks.append({"check": f"analog falls below half of its 30 dB mIoU at 1 dB ({title})",
+            checks.append({"id": f"analog_1db_{definition}", "check": f"analog falls below half of its 30 dB mIoU at 1 dB ({title})",
                            "status": "NOT EVALUATED", "observed": "needs analog at 1 and 30 dB"})
         else:
             ratio = low / high if high > 0 else float("nan")
-            checks.append({"check": f"analog falls below half of its 30 dB mIoU at 1 dB ({title})",
+            checks.append({"id": f"analog_1db_{definition}", "check": f"analog falls below half of its 30 dB mIoU at 1 dB ({title})",
                            "status": "PASS" if ratio < 0.5 else "FAIL",
                            "observed": f"mIoU {low:.3f} at 1 dB vs {high:.3f} at 30 dB: ratio {ratio:.3f}{context}"})
     checks.append(_ablation_check(results))
@@ -172,10 +202,11 @@ def _ablation_check(results: dict[str, Any]) -> dict[str, Any]:
     values = {name: _metric(results, "paper_psnr", name, "10") for name in expected}
     missing = [name for name, value in values.items() if value is None]
     if missing:
-        return {"check": check, "status": "NOT EVALUATED", "observed": f"no PSNR 10 dB result for {', '.join(missing)}"}
+        return {"id": "ablation_ranking", "check": check, "status": "NOT EVALUATED",
+                "observed": f"no PSNR 10 dB result for {', '.join(missing)}"}
     observed = sorted(expected, key=lambda n: -values[n])
     text = " > ".join(f"{n} {values[n]:.3f}" for n in observed)
-    return {"check": check, "status": "PASS" if observed == expected else "FAIL", "observed": text}
+    return {"id": "ablation_ranking", "check": check, "status": "PASS" if observed == expected else "FAIL", "observed": text}
 
 
 def _bits_check(results: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +214,7 @@ def _bits_check(results: dict[str, Any]) -> dict[str, Any]:
     ours, jpeg = summary["ours_payload_bits"]["mean"], summary["jpeg_q75_bits"]["mean"]
     ratio = summary["ours_over_jpeg_q75"]["mean"]
     height, width = results["settings"]["evaluated_resolution"]
-    return {"check": f"ours sends fewer bits per image than the JPEG image (quality 75) at {height}x{width} "
+    return {"id": "bits", "check": f"ours sends fewer bits per image than the JPEG image (quality 75) at {height}x{width} "
                      "(the paper: 92% fewer than the full image at 256x512)",
             "status": "PASS" if ratio < 1 else "FAIL",
             "observed": f"ours {ours:,.0f} bits vs JPEG {jpeg:,.0f} bits per image on average; "
@@ -199,9 +230,10 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
 
     ours_info = (s["models"]["model"] or {}).get("info") or {}
     height, width = s["evaluated_resolution"]
-    lines = [
-        f"# Evaluation on CamVid {s['split']}: the paper's tables",
-        "",
+    lines = [f"# Evaluation on CamVid {s['split']}: the paper's tables", ""]
+    if results.get("summary"):
+        lines += [" ".join(results["summary"].split()), ""]
+    lines += [
         f"Command ({s['wall_time_s'] / 60:.1f} min wall time, {s['torch_threads']} torch threads on {s['device']}):",
         "",
         "```sh",
@@ -211,7 +243,8 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
     ]
     if s.get("configurations_from_cache"):
         lines += [f"{s['configurations_from_cache']} configurations were taken from the cache of an earlier run "
-                  "with the same settings; the wall time counts this run only.", ""]
+                  "with the same settings; the wall time counts this run only. The configurations' own compute "
+                  f"time, as recorded: {sum(s['seconds_by_method'].values()) / 60:.1f} min.", ""]
     lines += [
         "## Settings",
         "",
@@ -220,8 +253,8 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
         f"- Evaluated resolution: {height}x{width}, the sender's map size. The label map that is sent and the original "
         "image are the dataset's, resized there (nearest neighbour and area). Every metric compares with them.",
         f"- Generation: sampler `{s['sampler']}`, {s['steps']} steps, classifier-free guidance {s['guidance']:g}, "
-        f"seed {s['seed']}. Generated images are made at the model's resolution "
-        f"{', '.join(f'{k}: {v[0]}x{v[1]}' for k, v in s['generator_resolution'].items()) or '—'} "
+        f"seed {s['seed']}. Generated images are made at the models' resolution "
+        f"{', '.join(sorted({f'{v[0]}x{v[1]}' for v in s['generator_resolution'].values()})) or '—'} "
         f"and resized (bicubic) to {height}x{width} for the metrics, as the receiver does for its output size.",
         f"- Noisy-trained model: `{s['models']['model']['path']}`"
         + (f" ({ours_info.get('name')}, {ours_info.get('training_steps')} training steps)." if ours_info else
@@ -248,7 +281,9 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
               + ", ".join(DEFINITION_TITLE[d] for d in s["ablation_definitions"]) + ".", ""]
     lines += ["## Acceptance checks", ""]
     for check in results["acceptance"]:
-        lines += [f"- **{check['status']}**: {check['check']}. Observed: {check['observed']}.", f"  {EXPLANATION_SLOT}"]
+        explanation = " ".join(check["explanation"].split()) if check.get("explanation") else None
+        lines += [f"- **{check['status']}**: {check['check']}. Observed: {check['observed']}.",
+                  f"  {'_' + explanation + '_' if explanation else EXPLANATION_SLOT}"]
     lines += ["", "## Methods", ""]
     for name, info in results["methods"].items():
         lines.append(f"- `{name}`: {info['label']}" + ("" if info["status"] == "ok" else f" — **{info['status']}**"))
@@ -462,12 +497,14 @@ def plot_grids(results: dict[str, Any], grid: dict[str, Any], out_dir: Path) -> 
     return paths
 
 
-def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None = None) -> list[Path]:
+def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None = None,
+              notes: dict[str, Any] | None = None) -> list[Path]:
     """Write every output; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = results.pop("grid")
     results["grid_scene"] = grid["scene"]
     results["acceptance"] = acceptance_checks(results)
+    apply_notes(results, notes)
     plots = plot_metrics(results, out_dir / "plots")
     grids = plot_grids(results, grid, out_dir)
     json_path = out_dir / "results.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import evaluate
+from evaluation import evaluate, report
 from evaluation.baselines import MCS_TABLE, analog_transmit, digital_transmit, jpeg_decode, plan_digital
 from evaluation.metrics import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
 from shared.channels import ChannelConfig
@@ -154,6 +154,35 @@ def test_seeds_and_subsets_are_deterministic() -> None:
     assert evaluate.evenly_spread(5, 0) == list(range(5))
 
 
+# --- notes ---------------------------------------------------------------------------------------------
+def test_notes_explain_only_the_checks_they_were_written_for(tmp_path: Path) -> None:
+    notes_path = tmp_path / "notes.toml"
+    notes_path.write_text('''
+summary = """Ours holds
+at 1 dB."""
+[checks.bits]
+observed = "ours 10 bits"
+explanation = "Fewer bits."
+[checks.ablation_ranking]
+observed = "ours 0.5 > no_fds 0.4"
+explanation = "Written for another run."
+''')
+    notes = report.load_notes(notes_path)
+    results = {"acceptance": [{"id": "bits", "observed": "ours 10 bits"},
+                              {"id": "ablation_ranking", "observed": "ours 0.6 > no_fds 0.4"},
+                              {"id": "ours_1db_paper_psnr", "observed": "ratio 0.9"}]}
+    report.apply_notes(results, notes)
+    assert [c["explanation"] for c in results["acceptance"]] == ["Fewer bits.", None, None]
+    assert results["summary"] is None  # one explained check changed: the summary may be stale too
+    results["acceptance"][1]["observed"] = "ours 0.5 > no_fds 0.4"
+    report.apply_notes(results, notes)
+    assert results["acceptance"][1]["explanation"] == "Written for another run."
+    assert results["summary"] == "Ours holds\nat 1 dB."
+    notes_path.write_text('[checks.bits]\nobserved = "x"\n')
+    with pytest.raises(ValueError, match="checks.bits needs exactly observed and explanation"):
+        report.load_notes(notes_path)
+
+
 # --- end to end ------------------------------------------------------------------------------------
 def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     root = fake_setup["root"]
@@ -171,8 +200,16 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["configurations_from_cache"] == 0
     assert "](results/grid.png)" in (root / "report.md").read_text()
-    # A rerun with the same settings takes every configuration from the cache, with the same numbers.
-    evaluate.main(argv[:-1] + [str(root / "cache")] + ["--out", str(root / "rerun")])
+    # A rerun with the same settings takes every configuration from the cache, with the same numbers,
+    # and puts the explanation of a notes file under the check it was written for.
+    bits_observed = next(c["observed"] for c in results["acceptance"] if c["id"] == "bits")
+    notes = root / "notes.toml"
+    notes.write_text(f'summary = "Summary line."\n[checks.bits]\nobserved = {json.dumps(bits_observed)}\n'
+                     'explanation = "The maps cost more bits than JPEG."\n')
+    evaluate.main(argv[:-1] + [str(root / "cache")] + ["--out", str(root / "rerun"), "--notes", str(notes)])
+    rerun_md = (root / "rerun" / "results.md").read_text()
+    assert "Summary line." in rerun_md and "_The maps cost more bits than JPEG._" in rerun_md
+    assert "compute time, as recorded:" in rerun_md
     rerun = json.loads((root / "rerun" / "results.json").read_text())
     assert rerun["settings"]["configurations_from_cache"] == 2 * 3 * 2 + 1  # definitions x methods x SNRs + no_fds
     assert rerun["results"] == results["results"] and rerun["bits"] == results["bits"]
@@ -202,6 +239,7 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     bits = results["bits"]["summary"]
     assert bits["ours_channel_uses"]["mean"] == bits["ours_payload_bits"]["mean"] / 2
     assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
+    assert all(c["explanation"] is None for c in results["acceptance"]) and results["summary"] is None
     markdown = (out / "results.md").read_text()
     for heading in ("## mIoU", "## SSIM", "## LPIPS", "## FID", "Frechet segmenter distance", "layout of Table 5",
                     "## Bits", "decode failures", "## Acceptance checks"):
