@@ -43,13 +43,13 @@ from evaluation.metrics import (
     ssim,
     summarize,
 )
-from shared.channels import ChannelConfig, SnrDefinition
+from shared.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.codec import CodecConfig, encode_label_map
 from shared.data import CAMVID_INFO, REPO_ROOT, camvid, default_data_root
 from shared.device import select_device
 from shared.checkpoints import load_checkpoint
 from shared.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
-from shared.link import simulate_link
+from shared.link import received_views, simulate_link
 from shared.segmenter import Segmenter
 
 DEFAULT_SNRS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
@@ -354,6 +354,8 @@ class Evaluation:
             "analog_channel_uses": [math.ceil(image.size / 2) for image in self.images],
             "raw_rgb_bits": [image.size * 8 for image in self.images],
             "jpeg_q75_bits": [len(jpeg_encode(image, 75)) * 8 for image in self.images],
+            "label_map_png_bits": [len(cv2.imencode(".png", labels.astype(np.uint8),
+                                                    [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]) * 8 for labels in self.labels],
             "digital_jpeg_quality": [p.jpeg_quality for p in plans],
             "digital_mcs": [p.mcs.name for p in plans],
             "digital_jpeg_bits": [p.jpeg_bits for p in plans],
@@ -367,6 +369,33 @@ class Evaluation:
         summary["digital_over_budget"] = int(sum(per_image["digital_over_budget"]))
         summary["digital_mcs_counts"] = {name: per_image["digital_mcs"].count(name) for name in sorted(set(per_image["digital_mcs"]))}
         return {"summary": summary, "per_image": per_image}
+
+
+    def condition_statistics(self, definitions: list[SnrDefinition], snrs_db: list[float]) -> dict[str, Any]:
+        """The receiver's present-class maps where the sent map is 0 and where it is 1, raw and after
+        FDS: mean and standard deviation over all those pixels of all images, on the channel
+        realisations the methods see. This is how each model's input differs from a clean map."""
+        out: dict[str, Any] = {}
+        for definition in definitions:
+            per_snr: dict[str, Any] = {}
+            for snr_db in snrs_db:
+                sums = {key: np.zeros(3) for key in ("raw_on_0", "raw_on_1", "fds_on_0", "fds_on_1")}
+                for i, encoded in enumerate(self.encoded):
+                    received = apply_channel(encoded.symbols, self.channel(definition, snr_db),
+                                             seed=self.channel_seed(i, definition, snr_db), map_scale=encoded.header.scale)
+                    views = received_views(received.symbols, encoded.header)
+                    ids = list(encoded.header.present_class_ids)
+                    sent = self.labels[i][None] == np.asarray(ids)[:, None, None]
+                    for name, maps in (("raw", views.noisy_maps[ids]), ("fds", views.fds_maps[ids])):
+                        for bit, mask in (("0", ~sent), ("1", sent)):
+                            values = maps[mask].astype(np.float64)
+                            sums[f"{name}_on_{bit}"] += (values.size, values.sum(), np.square(values).sum())
+                per_snr[snr_key(snr_db)] = {
+                    key: {"mean": float(total / count), "std": math.sqrt(max(squares / count - (total / count) ** 2, 0.0))}
+                    for key, (count, total, squares) in sums.items()
+                }
+            out[definition.value] = per_snr
+        return out
 
 
 def _log(message: str) -> None:
@@ -438,6 +467,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
         "methods": methods_info,
         "results": results,
         "bits": ev.bits(),
+        "conditions": ev.condition_statistics(
+            [d for d in args.definitions if d in args.ablation_definitions], sorted(set(args.ablation_snrs)))
+        if any(METHODS[name].kind == "semantic" for name in args.methods) else None,
         "digital_cliff": cliff,
         "grid": grid,
     }

@@ -292,7 +292,7 @@ def markdown(results: dict[str, Any], link_base: Path, out_dir: Path, plots: lis
         for definition in s["definitions"]:
             lines += [f"SNR definition: {DEFINITION_TITLE[definition]}.", ""]
             lines += _table(results, definition, key, decimals) + [""]
-    lines += _table5(results) + _bits_section(results) + _digital_section(results)
+    lines += _table5(results) + _conditions_section(results) + _bits_section(results) + _digital_section(results)
     lines += ["", "## Plots", ""]
     lines += [f"![{p.stem}]({link(p)})" for p in plots]
     lines += ["", "## Qualitative grid", "",
@@ -323,6 +323,24 @@ def _table5(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _conditions_section(results: dict[str, Any]) -> list[str]:
+    conditions = results.get("conditions")
+    if not conditions:
+        return []
+    lines = ["", "## What the models are conditioned on", "",
+             "The receiver's present-class maps at the pixels where the sent map is 0 and where it is 1, before and "
+             "after FDS (mean ± standard deviation over those pixels of every image, on the methods' channel "
+             "realisations). The model trained on clean maps learned on the 100 dB row after FDS; the noisy-trained "
+             "model on the FDS rows of all the training SNRs.", "",
+             "| SNR definition | SNR (dB) | raw on 0 | raw on 1 | after FDS on 0 | after FDS on 1 |",
+             "|---|---|---|---|---|---|"]
+    for definition, per_snr in conditions.items():
+        for snr in sorted(per_snr, key=float, reverse=True):
+            cells = " | ".join(_cell(per_snr[snr][key], 3) for key in ("raw_on_0", "raw_on_1", "fds_on_0", "fds_on_1"))
+            lines.append(f"| {DEFINITION_TITLE[definition]} | {snr} | {cells} |")
+    return lines
+
+
 METHODS_FLAGS = {"ours": (True, True), "no_fds": (False, True), "no_noisy": (True, False), "no_both": (False, False)}
 
 
@@ -341,6 +359,8 @@ def _bits_section(results: dict[str, Any]) -> list[str]:
                  "ours_payload_bits", "ours_channel_uses"),
              row("analog: raw 8-bit RGB (sent as analog symbols)", "raw_rgb_bits", "analog_channel_uses"),
              row("JPEG image, quality 75 (the paper's full-image comparison)", "jpeg_q75_bits", None),
+             row("label map as a lossless PNG (not sent: what the semantics take when entropy-coded)",
+                 "label_map_png_bits", None),
              row("digital: JPEG at the chosen quality", "digital_jpeg_bits", None),
              row("digital: LDPC-coded bits (with CRCs)", "digital_coded_bits", "digital_channel_uses"),
              "",

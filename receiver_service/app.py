@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query
-from starlette.concurrency import run_in_threadpool
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -34,11 +34,11 @@ log = logging.getLogger("receiver_service")
 TransmissionId = Annotated[
     str, Path(pattern=TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
 ]
-# URL name of each debug map -> store artifact.
 MAX_STATUS_WAIT_S = 60.0  # the longest long poll: well inside common proxy and client timeouts
 WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
     "long poll: answer once the transmission has finished (done, failed or cancelled), or after this "
     "many seconds with its status then; 0 answers at once"))]
+# URL name of each debug map -> store artifact.
 MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels"}
 CANCEL_REASON = "cancelled at a client's request"
 

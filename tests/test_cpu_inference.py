@@ -10,7 +10,7 @@ import torch
 
 from shared.checkpoints import save_checkpoint
 from shared.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.quantization import INT8, QuantizedConv, keeps_fp32, quantize_generator
+from shared.diffusion.quantization import INT8, QuantizedConv, keeps_fp32, prepare_int8, quantize_generator
 from shared.diffusion.unet import UNetConfig
 
 TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
@@ -108,3 +108,15 @@ def test_compile_warms_up_every_batch_size_and_guidance(monkeypatch, fp32: Seman
         generator.generate(_conditions(4), "dpmpp2m", 2, 0.0, [0, 1, 2, 3])
     finally:
         torch._dynamo.reset()
+
+
+def test_measurement_options_change_the_recipe(fp32: SemanticImageGenerator) -> None:
+    """--all-convolutions and --reduce-range of scripts.quantize_model reach the observers they name."""
+    every = prepare_int8(fp32.network, all_convolutions=True)
+    wrapped = {name for name, module in every.named_modules() if isinstance(module, QuantizedConv)}
+    assert "input_conv" in wrapped and any(keeps_fp32(name) for name in wrapped)
+    reduced = prepare_int8(fp32.network, reduce_range=True)
+    observers = [m.quant.activation_post_process for m in reduced.modules() if isinstance(m, QuantizedConv)]
+    assert observers and all(o.reduce_range for o in observers)
+    assert not any(m.quant.activation_post_process.reduce_range
+                   for m in prepare_int8(fp32.network).modules() if isinstance(m, QuantizedConv))

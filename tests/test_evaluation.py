@@ -236,12 +236,17 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     digital = results["results"]["average_power"]["digital"]
     assert digital["100"]["decode_failures"] == 0
     assert results["digital_cliff"]["curves"]["paper_psnr"].keys() == {"0"}  # the extra SNRs only
+    conditions = results["conditions"]["paper_psnr"]
+    assert set(conditions) == {"1"}  # the ablation SNRs, under the ablation definitions run
+    assert conditions["1"]["raw_on_0"]["std"] > 0.5 and conditions["1"]["fds_on_0"]["std"] < conditions["1"]["raw_on_0"]["std"]
     bits = results["bits"]["summary"]
+    assert 0 < bits["label_map_png_bits"]["mean"] < bits["ours_payload_bits"]["mean"]
     assert bits["ours_channel_uses"]["mean"] == bits["ours_payload_bits"]["mean"] / 2
     assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
     assert all(c["explanation"] is None for c in results["acceptance"]) and results["summary"] is None
     markdown = (out / "results.md").read_text()
     for heading in ("## mIoU", "## SSIM", "## LPIPS", "## FID", "Frechet segmenter distance", "layout of Table 5",
+                    "## What the models are conditioned on",
                     "## Bits", "decode failures", "## Acceptance checks"):
         assert heading in markdown, heading
     assert "| Method \\ PSNR (dB) | 100 | 1 |" in markdown and "| Method \\ SNR (dB) | 100 | 1 |" in markdown

@@ -1,6 +1,7 @@
 """Int8 post-training quantization of the semantic U-Net for CPU inference.
 
-Convolutions hold 94% of the weights, so they are what int8 shrinks: each gets int8 weights (one
+Convolutions hold 94% of the weights (scripts.quantize_model prints the share), so they are what
+int8 shrinks: each gets int8 weights (one
 scale per output channel) and an int8 input whose range was observed while the fp32 model sampled
 real conditions. GroupNorm, SPADE's modulation, SiLU, attention and upsampling stay fp32, so every
 convolution quantizes its input and dequantizes its output (eager-mode static quantization; FX
@@ -26,14 +27,17 @@ if TYPE_CHECKING:
 
 INT8 = "int8-static-conv"  # the `quantization` entry of an int8 checkpoint's meta
 
-# torch's x86 default, but with all 8 bits for activations: its reduce_range (7 bits, a guard
-# against int16 saturation on CPUs without VNNI) doubled the images' distance from fp32 here, on
-# an AVX2 CPU without VNNI (mean |difference| about 10 vs 5 / 255 at DDIM 10, as scripts.quantize_model
-# reports it with either setting).
-QCONFIG = tq.QConfig(
-    activation=tq.HistogramObserver.with_args(reduce_range=False),
-    weight=tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-)
+
+
+def qconfig(reduce_range: bool = False) -> tq.QConfig:
+    """torch's x86 default, but by default with all 8 bits for activations: reduce_range (7 bits)
+    guards against int16 saturation on CPUs without VNNI, and on the shipped model it doubles the
+    images' distance from fp32 (11.0 vs 5.6 / 255, `scripts.quantize_model --reduce-range`;
+    docs/benchmarks.md)."""
+    return tq.QConfig(
+        activation=tq.HistogramObserver.with_args(reduce_range=reduce_range),
+        weight=tq.PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )
 
 
 class QuantizedConv(nn.Module):
@@ -51,21 +55,21 @@ class QuantizedConv(nn.Module):
 
 def keeps_fp32(name: str) -> bool:
     """The convolutions that carry the signal itself: the image input, the output and the residual
-    skips. In int8 they caused most of the output error (relative RMS 0.050 with every convolution
-    in int8, 0.015 with these in fp32), for 3% of the weights."""
+    skips, 2.6% of the weights. In int8 they triple a forward's error (relative RMS 0.107 vs 0.034,
+    `scripts.quantize_model --all-convolutions`; docs/benchmarks.md)."""
     return name in ("input_conv", "out.2") or name.endswith(".skip")
 
 
-def _wrap_convolutions(module: nn.Module, qconfig: tq.QConfig, prefix: str = "") -> None:
+def _wrap_convolutions(module: nn.Module, config: tq.QConfig, all_convolutions: bool, prefix: str = "") -> None:
     for name, child in module.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, (nn.Conv1d, nn.Conv2d)):
-            if not keeps_fp32(path):
+            if all_convolutions or not keeps_fp32(path):
                 wrapper = QuantizedConv(child)
-                wrapper.qconfig = qconfig
+                wrapper.qconfig = config
                 setattr(module, name, wrapper)
         else:
-            _wrap_convolutions(child, qconfig, f"{path}.")
+            _wrap_convolutions(child, config, all_convolutions, f"{path}.")
 
 
 @contextmanager
@@ -77,10 +81,11 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def prepare_int8(network: nn.Module) -> nn.Module:
-    """A CPU copy of `network` whose convolutions observe their inputs, ready for calibration."""
+def prepare_int8(network: nn.Module, reduce_range: bool = False, all_convolutions: bool = False) -> nn.Module:
+    """A CPU copy of `network` whose convolutions observe their inputs, ready for calibration.
+    The defaults are the recipe that checkpoints store; the options exist to measure its choices."""
     prepared = copy.deepcopy(network).cpu().eval()
-    _wrap_convolutions(prepared, QCONFIG)
+    _wrap_convolutions(prepared, qconfig(reduce_range), all_convolutions)
     with _quiet():
         return tq.prepare(prepared)
 
@@ -114,9 +119,10 @@ def observing(network: nn.Module, prepared: nn.Module) -> Iterator[None]:
 
 
 def quantize_generator(generator: SemanticImageGenerator, conditions: torch.Tensor, seeds: Sequence[int],
-                       sampler: str, steps: int, guidance: float) -> SemanticImageGenerator:
+                       sampler: str, steps: int, guidance: float, reduce_range: bool = False,
+                       all_convolutions: bool = False) -> SemanticImageGenerator:
     """An int8 CPU copy of `generator`, calibrated while the fp32 model samples `conditions`."""
-    prepared = prepare_int8(generator.network)
+    prepared = prepare_int8(generator.network, reduce_range, all_convolutions)
     with observing(generator.network, prepared):
         generator.generate(conditions, sampler, steps, guidance, seeds)
     info = dataclasses.replace(generator.info, name=f"{generator.info.name}-int8", quantization=INT8)
