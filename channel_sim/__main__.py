@@ -7,8 +7,8 @@ import threading
 
 from channel_sim.server import build_server, set_serving
 from channel_sim.settings import ChannelSettings
-from shared.logging_setup import configure_logging
-from shared.metrics import ServiceMetrics, start_metrics_server
+from shared.wire.logging_setup import configure_logging
+from shared.wire.monitoring import ServiceMetrics, start_metrics_server
 
 log = logging.getLogger("channel_sim")
 

@@ -1,6 +1,6 @@
 """gRPC Channel.Transmit: assemble the stream, corrupt the symbols, forward them to the receiver.
 
-The handler only parses, calls shared.channels and maps errors to statuses; the receiver's answer
+The handler only parses, calls shared.semantic.channels and maps errors to statuses; the receiver's answer
 (its ack, or its error with any `retry-after` trailer) goes back to the caller unchanged in meaning.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from shared import channels, grpc_security, transport
-from shared.logging_setup import clean_request_id, request_context
-from shared.metrics import ServiceMetrics
+from shared.semantic import channels
+from shared.wire import grpc_security, transport
+from shared.wire.logging_setup import clean_request_id, request_context
+from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("channel_sim")
 

@@ -1,11 +1,11 @@
 """Classical transmissions of the image itself over the project's channel, for comparison.
 
-* Analog: the RGB pixels, centred and scaled to unit power (`shared.codec.encode_image_analog`),
+* Analog: the RGB pixels, centred and scaled to unit power (`shared.semantic.codec.encode_image_analog`),
   one real symbol a pixel value, two a complex channel use.
 * Digital, what a communications engineer would build: the image as JPEG bytes, a CRC24A over
   the transport block, segmentation into code blocks with a CRC24B each, 5G NR LDPC (Sionna,
   3GPP 38.212 rate matching and bit interleaving), QAM with Gray labelling, the same AWGN
-  channel (`shared.channels.apply_channel`), APP demapping, belief-propagation decoding stopped
+  channel (`shared.semantic.channels.apply_channel`), APP demapping, belief-propagation decoding stopped
   early once a block's CRC holds, then JPEG decoding. A failed CRC or an undecodable JPEG is a
   decode failure: the receiver has no image.
 
@@ -27,8 +27,8 @@ from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
 from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
 from sionna.phy.mapping import Demapper, Mapper
 
-from shared.channels import ChannelConfig, apply_channel, noise_std_per_real_symbol
-from shared.codec import decode_image_analog, encode_image_analog
+from shared.semantic.channels import ChannelConfig, apply_channel, noise_std_per_real_symbol
+from shared.semantic.codec import decode_image_analog, encode_image_analog
 
 _DEVICE = "cpu"
 _PRECISION = "single"

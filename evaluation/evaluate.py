@@ -8,7 +8,7 @@
 
 Every image is evaluated at the sender's map size (96x128 by default): the label map that is
 sent and the original image are the dataset's, resized there. Ours and the ablations go through
-the receiver's pipeline (`shared.link.simulate_link`, then `generator.generate`), the generated
+the receiver's pipeline (`shared.semantic.link.simulate_link`, then `generator.generate`), the generated
 image is resized from the model's resolution to the map size for the metrics. Channel noise and
 sampling seeds derive from --seed and the image index only, so every method sees the same channel
 realisation for an image and SNR, and a run is reproducible. Writes results.json, results.md,
@@ -43,14 +43,14 @@ from evaluation.metrics import (
     ssim,
     summarize,
 )
-from shared.channels import ChannelConfig, SnrDefinition, apply_channel
-from shared.codec import CodecConfig, encode_label_map
-from shared.data import CAMVID_INFO, REPO_ROOT, camvid, default_data_root
-from shared.device import select_device
-from shared.checkpoints import load_checkpoint
-from shared.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
-from shared.link import received_views, simulate_link
-from shared.segmenter import Segmenter
+from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
+from shared.semantic.codec import CodecConfig, encode_label_map
+from shared.semantic.data import CAMVID_INFO, REPO_ROOT, camvid, default_data_root
+from shared.semantic.device import select_device
+from shared.semantic.checkpoints import load_checkpoint
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.semantic.link import received_views, simulate_link
+from shared.semantic.segmenter import Segmenter
 
 DEFAULT_SNRS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
 DEFINITION_IDS = {SnrDefinition.PAPER_PSNR: 1, SnrDefinition.AVERAGE_POWER: 2}

@@ -2,7 +2,7 @@
 
 * SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, computed per
   RGB channel over the valid region (no padding) and averaged; PSNR on 8-bit RGB.
-* mIoU and pixel accuracy per image, from `shared.segmenter`'s confusion matrix.
+* mIoU and pixel accuracy per image, from `shared.semantic.segmenter`'s confusion matrix.
 * Frechet distance between two feature sets (the FID formula), used with the project's segmenter
   features ("Frechet segmenter distance") and, when their weights are given, Inception features.
 * LPIPS and Inception features come only from TorchScript files given by path (NVIDIA's
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from shared.segmenter import Segmenter, confusion_matrix, miou, pixel_accuracy
+from shared.semantic.segmenter import Segmenter, confusion_matrix, miou, pixel_accuracy
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

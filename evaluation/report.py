@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.data import colorize  # noqa: E402
-from shared.segmenter import miou  # noqa: E402
+from shared.semantic.data import colorize  # noqa: E402
+from shared.semantic.segmenter import miou  # noqa: E402
 
 DEFINITION_TEXT = {
     "paper_psnr": (

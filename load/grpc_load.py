@@ -25,7 +25,8 @@ import numpy as np
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from load import report
-from shared import codec, grpc_security, transport
+from shared.semantic import codec
+from shared.wire import grpc_security, transport
 
 NUM_CLASSES = 12  # CamVid: 11 classes + void
 

@@ -10,8 +10,8 @@ import os
 
 from receiver_service.app import create_app
 from receiver_service.settings import ReceiverSettings
-from shared.logging_setup import configure_logging
-from shared.rest_server import serve
+from shared.wire.logging_setup import configure_logging
+from shared.wire.rest_server import serve
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from receiver_service.long_poll import FinishWaiters
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
-from shared.docs_ui import mount_local_docs
-from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
-from shared.transport import TRANSMISSION_ID_PATTERN
+from shared.wire.docs_ui import mount_local_docs
+from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire.transport import TRANSMISSION_ID_PATTERN
 
 log = logging.getLogger("receiver_service")
 

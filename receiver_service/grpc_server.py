@@ -17,9 +17,9 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError
 from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
-from shared import grpc_security, transport
-from shared.logging_setup import clean_request_id, request_context
-from shared.metrics import ServiceMetrics
+from shared.wire import grpc_security, transport
+from shared.wire.logging_setup import clean_request_id, request_context
+from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("receiver_service.grpc")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.transport import TRANSMISSION_ID_PATTERN, validate_transmission_id
+from shared.wire.transport import TRANSMISSION_ID_PATTERN, validate_transmission_id
 
 log = logging.getLogger("receiver_service.store")
 

@@ -10,8 +10,8 @@ import colorsys
 import cv2
 import numpy as np
 
-from shared.codec import labels_from_maps
-from shared.imageio import encode_png
+from shared.semantic.codec import labels_from_maps
+from shared.wire.imageio import encode_png
 
 # Hues spread by the golden angle, so neighbouring ids never get similar colours.
 _GOLDEN_ANGLE = 0.381966

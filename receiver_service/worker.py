@@ -2,7 +2,7 @@
 
 Entry points (gRPC, REST) never run the model: `submit` validates and queues, the worker thread
 takes jobs in batches (`next_batch`, dynamic batching as in Triton's dynamic batcher) and hands
-each batch to `run_batch`, which decodes the maps (shared.link), samples the generator once for
+each batch to `run_batch`, which decodes the maps (shared.semantic.link), samples the generator once for
 the whole batch and encodes the PNGs. The model is
 loaded in the background (`load_model`) so the process answers health checks while it loads.
 `cancel` drops a job nobody waits for any more: a queued one leaves the queue at once, and a
@@ -26,11 +26,12 @@ from gesco.v1 import gesco_pb2
 from receiver_service import views
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
-from shared import codec, link, transport
-from shared.diffusion.generator import MAX_GUIDANCE, SemanticImageGenerator
-from shared.imageio import encode_png
-from shared.logging_setup import request_context
-from shared.metrics import ServiceMetrics
+from shared.semantic import codec, link
+from shared.wire import transport
+from shared.semantic.diffusion.generator import MAX_GUIDANCE, SemanticImageGenerator
+from shared.wire.imageio import encode_png
+from shared.wire.logging_setup import request_context
+from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("receiver_service.worker")
 

@@ -4,7 +4,7 @@ Variants of one forward pass of the shipped model against the fp32 baseline (inf
 contiguous tensors, 1 torch thread): 2 threads, channels_last, torch.compile (per mode, one graph
 per batch size; and as the receiver does it, channels_last with a dynamic batch size), dynamic
 int8 of the Linear layers, and static int8 of the convolutions calibrated on real conditions
-(`shared.diffusion.quantization`), alone and with channels_last. Each round times every variant
+(`shared.semantic.diffusion.quantization`), alone and with channels_last. Each round times every variant
 once at every batch size in a shuffled order, so a load change on the machine hits all variants
 alike; the table gives the median time and the median of the per-round ratios to the baseline.
 Batch 2 is what one guided image costs per step (conditional and unconditional pass together).
@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from scripts.quantize_model import TRAINING_SNRS_DB, link_conditions
-from shared.diffusion.generator import SemanticImageGenerator
-from shared.diffusion.quantization import quantize_generator
+from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.semantic.diffusion.quantization import quantize_generator
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from shared.diffusion.generator import SemanticImageGenerator
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 
 
 def timed(fn, repeats: int) -> float:

@@ -240,7 +240,7 @@ def compute_bound(args: argparse.Namespace) -> tuple[dict[int, float], float]:
     """Per-image milliseconds of one (guided) network step at each batch size, and images/s."""
     import torch
 
-    from shared.diffusion.generator import SemanticImageGenerator
+    from shared.semantic.diffusion.generator import SemanticImageGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

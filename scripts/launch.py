@@ -10,7 +10,7 @@ GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT), else 80
 50051. The launcher wires the addresses between the services unless those are set explicitly.
 Pid files, logs, the port map and the demo output live under run/ (git-ignored). Run it with the
 project's virtual environment (`make up` does). The gRPC readiness checks speak TLS to a server
-configured for it, with its client's files (shared/health_probe.py).
+configured for it, with its client's files (shared/wire/health_probe.py).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def probe_env(all_services: list[Service]) -> dict[str, str]:
 
 def tls_probe_error(all_services: list[Service]) -> str | None:
     """Why the gRPC readiness checks cannot be made (TLS on without the client's files), if so."""
-    from shared import health_probe
+    from shared.wire import health_probe
 
     env = probe_env(all_services)
     for service in all_services:
@@ -157,7 +157,7 @@ def is_ready(service: Service, host: str, env: dict[str, str]) -> bool:
 
     `env` is `probe_env(...)`; ValueError if the TLS settings cannot make the check.
     """
-    from shared import health_probe
+    from shared.wire import health_probe
 
     if service.http_ready is not None and not health_probe.http_ok(service.http_ready):
         return False

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from evaluation.metrics import psnr
-from shared.channels import ChannelConfig
-from shared.checkpoints import save_checkpoint
-from shared.codec import CodecConfig
-from shared.data import CAMVID_INFO, camvid
-from shared.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
-from shared.diffusion.quantization import keeps_fp32, quantize_generator
-from shared.link import simulate_link
+from shared.semantic.channels import ChannelConfig
+from shared.semantic.checkpoints import save_checkpoint
+from shared.semantic.codec import CodecConfig
+from shared.semantic.data import CAMVID_INFO, camvid
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.semantic.diffusion.quantization import keeps_fp32, quantize_generator
+from shared.semantic.link import simulate_link
 from training.train_diffusion import TrainConfig
 
 TRAINING = TrainConfig()  # the link the model was trained behind: map size and SNRs

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from evaluation.evaluate import METHODS, Evaluation, parse_args
-from shared.channels import SnrDefinition
+from shared.semantic.channels import SnrDefinition
 
 
 

@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import torch
 
-from shared.channels import ChannelConfig
-from shared.codec import CodecConfig
-from shared.data import CAMVID_INFO, camvid, colorize
-from shared.diffusion.generator import SemanticImageGenerator
-from shared.link import simulate_link
+from shared.semantic.channels import ChannelConfig
+from shared.semantic.codec import CodecConfig
+from shared.semantic.data import CAMVID_INFO, camvid, colorize
+from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.semantic.link import simulate_link
 
 SENDER_MAP_SIZE = (96, 128)  # the sender's default semantic size
 

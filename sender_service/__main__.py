@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sender_service.app import create_app
 from sender_service.settings import SenderSettings
-from shared.logging_setup import configure_logging
-from shared.rest_server import serve
+from shared.wire.logging_setup import configure_logging
+from shared.wire.rest_server import serve
 
 # In-flight requests get this long to finish once a shutdown signal arrives.
 SHUTDOWN_GRACE_S = 5.0

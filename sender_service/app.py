@@ -36,12 +36,12 @@ from sender_service.pipeline import (
     prepare_transmission,
 )
 from sender_service.settings import SenderSettings
-from shared import grpc_security, transport
-from shared.codec import Compression
-from shared.diffusion.generator import MAX_GUIDANCE
-from shared.docs_ui import mount_local_docs
-from shared.logging_setup import request_context
-from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire import grpc_security, transport
+from shared.semantic.codec import Compression
+from shared.limits import MAX_GUIDANCE
+from shared.wire.docs_ui import mount_local_docs
+from shared.wire.logging_setup import request_context
+from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 
 log = logging.getLogger(__name__)
 

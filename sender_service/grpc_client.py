@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from shared import grpc_security, transport
+from shared.wire import grpc_security, transport
 
 
 

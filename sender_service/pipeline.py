@@ -1,7 +1,7 @@
 """The sender's side of the paper's framework (sec. 3.2), apart from the HTTP layer.
 
 upload -> bounded decode -> label map (segmented photo, or the uploaded map) at the semantic size
--> present-class maps, compressed and power-normalised by `shared.codec` -> a TransmissionHeader
+-> present-class maps, compressed and power-normalised by `shared.semantic.codec` -> a TransmissionHeader
 and the symbols that follow it on the wire. Request errors are `FieldError`s naming the form field.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 
 from gesco.v1 import gesco_pb2
 from sender_service.settings import REPO_ROOT, SenderSettings
-from shared import codec, imageio, transport
+from shared.semantic import codec
+from shared.wire import imageio, transport
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class SegmenterLoader:
             return self.segmenter.segment(image)
 
     def _load(self) -> None:
-        from shared.segmenter import Segmenter, SegmenterConfig  # torch import off the startup path
+        from shared.semantic.segmenter import Segmenter, SegmenterConfig  # torch import off the startup path
 
         path = self.settings.checkpoint_path
         try:

@@ -7,9 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.codec import Compression
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from shared.paths import REPO_ROOT
+from shared.semantic.codec import Compression
 
 
 class SenderSettings(BaseSettings):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from shared.health_probe import Probe, grpc_serving, http_ok
+from shared.wire.health_probe import Probe, grpc_serving, http_ok
+from shared.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:

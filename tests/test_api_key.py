@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from sender_service.app import create_app
 from sender_service.auth import ApiKeyGuard
 from sender_service.settings import SenderSettings
-from shared.imageio import encode_png
-from shared.logging_setup import JsonFormatter
+from shared.wire.imageio import encode_png
+from shared.wire.logging_setup import JsonFormatter
 from tests.test_sender_service import blocky_label_map, serve_fake_channel
 
 API_KEY = "s3cret-key-for-tests-0123456789"

@@ -16,11 +16,11 @@ import torch
 
 from receiver_service.app import CANCEL_REASON
 from receiver_service.grpc_server import CALLER_GONE_REASON, ReceiverServicer
-from shared import transport
-from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
-from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
-from shared.diffusion.unet import UNetConfig
+from shared.wire import transport
+from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
+from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+from shared.semantic.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
+from shared.semantic.diffusion.unet import UNetConfig
 from tests.test_receiver_service import (  # noqa: F401 - fixtures are used by name
     app_client,
     batching_worker,

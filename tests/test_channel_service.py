@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from shared import codec, transport
+from shared.semantic import codec
+from shared.wire import transport
 from tests.service_procs import free_port, service_log, start_service, stop_service
 
 

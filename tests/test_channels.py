@@ -1,4 +1,4 @@
-"""Tests for shared.channels: SNR calibration, fading statistics, equalisation, reproducibility."""
+"""Tests for shared.semantic.channels: SNR calibration, fading statistics, equalisation, reproducibility."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sionna.phy import config as sionna_config
 
-from shared.channels import (
+from shared.semantic.channels import (
     ChannelConfig,
     ChannelModel,
     SnrDefinition,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.codec import (
+from shared.semantic.codec import (
     CodecConfig,
     Compression,
     EncodedMaps,

@@ -12,8 +12,8 @@ from pydantic import SecretStr
 from channel_sim.settings import ChannelSettings
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
+from shared.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 SETTINGS = {
     "GESCO_SENDER_": SenderSettings,
@@ -115,9 +115,9 @@ def test_every_service_has_a_healthcheck(compose_yaml) -> None:
         if name == "sender":
             assert "/readyz" in test
         if name.startswith("receiver"):  # the TLS-aware gRPC probe, and the REST readiness
-            assert "-m shared.health_probe receiver 127.0.0.1:50052" in test and "8001/readyz" in test
+            assert "-m shared.wire.health_probe receiver 127.0.0.1:50052" in test and "8001/readyz" in test
         if name == "channel":
-            assert "-m shared.health_probe channel 127.0.0.1:50051" in test
+            assert "-m shared.wire.health_probe channel 127.0.0.1:50051" in test
 
 
 def test_start_order_waits_for_health(compose_yaml) -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared.checkpoints import save_checkpoint
-from shared.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.quantization import INT8, QuantizedConv, keeps_fp32, prepare_int8, quantize_generator
-from shared.diffusion.unet import UNetConfig
+from shared.semantic.checkpoints import save_checkpoint
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
+from shared.semantic.diffusion.quantization import INT8, QuantizedConv, keeps_fp32, prepare_int8, quantize_generator
+from shared.semantic.diffusion.unet import UNetConfig
 
 TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
                   attention_downsample=(2,), head_channels=32, spade_hidden=16)

@@ -1,4 +1,4 @@
-"""shared/data.py on tiny fake dataset folders (no real data needed)."""
+"""shared/semantic/data.py on tiny fake dataset folders (no real data needed)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared import data
-from shared.data import (
+from shared.paths import REPO_ROOT
+from shared.semantic import data
+from shared.semantic.data import (
     CAMVID_CLASSES,
     CAMVID_COLORS,
     DatasetInfo,
@@ -83,7 +84,7 @@ def test_constants() -> None:
 
 
 def test_default_root_is_relative_to_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    repo = Path(data.__file__).resolve().parents[1]
+    repo = REPO_ROOT
     monkeypatch.delenv("GESCO_DATA_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
     assert data.default_data_root() == (repo / "../shared/data/camvid").resolve()

@@ -24,9 +24,9 @@ from receiver_service.store import TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
 from sender_service.settings import SenderSettings
-from shared import transport
-from shared.imageio import encode_png
-from shared.metrics import ServiceMetrics
+from shared.wire import transport
+from shared.wire.imageio import encode_png
+from shared.wire.monitoring import ServiceMetrics
 from tests.service_procs import free_port
 from tests.test_receiver_service import fake_generator, make_settings, transmission  # noqa: F401
 from tests.test_sender_service import blocky_label_map

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
-from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.samplers import (SAMPLER_NAMES, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, GuidedModel,
+from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
+from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+from shared.semantic.diffusion.samplers import (SAMPLER_NAMES, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, GuidedModel,
                                       log_snr_timesteps, make_sampler, per_image_noise, spaced_timesteps)
-from shared.diffusion.unet import SemanticUNet, UNetConfig
+from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
                   attention_downsample=(2,), head_channels=32, spade_hidden=16)
@@ -223,8 +223,8 @@ def test_generator_rejects_bad_requests(generator: SemanticImageGenerator) -> No
 
 
 def test_checkpoint_round_trip(tmp_path, generator: SemanticImageGenerator) -> None:
-    from shared.checkpoints import save_checkpoint
-    from shared.diffusion.generator import CHECKPOINT_KIND
+    from shared.semantic.checkpoints import save_checkpoint
+    from shared.semantic.diffusion.generator import CHECKPOINT_KIND
 
     path = tmp_path / "model.pt"
     save_checkpoint(path, CHECKPOINT_KIND, generator.config, generator.network.state_dict(), {"name": "tiny", "step": 3})
@@ -232,7 +232,7 @@ def test_checkpoint_round_trip(tmp_path, generator: SemanticImageGenerator) -> N
     assert loaded.info.trained and loaded.info.name == "tiny" and loaded.info.training_steps == 3
     assert loaded.config == generator.config
     with pytest.raises(ValueError, match="expected"):
-        from shared.checkpoints import load_checkpoint
+        from shared.semantic.checkpoints import load_checkpoint
         load_checkpoint(path, "segmenter")
 
 

@@ -24,12 +24,12 @@ import pytest
 
 from gesco.v1 import gesco_pb2_grpc
 from receiver_service.store import RESTART_ERROR
-from shared import transport
-from shared.imageio import encode_png
+from shared.wire import transport
+from shared.wire.imageio import encode_png
 from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
 from tests.test_receiver_service import transmission
+from shared.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_HEIGHT, OUTPUT_WIDTH = 72, 96  # the receiver's configured output size
 FAST = {"steps": "2", "guidance": "0", "seed": "3", "wait": "true"}
 # What a gRPC caller may see when the server it streams to dies.

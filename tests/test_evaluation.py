@@ -14,11 +14,11 @@ import torch
 from evaluation import evaluate, report
 from evaluation.baselines import MCS_TABLE, analog_transmit, digital_transmit, jpeg_decode, plan_digital
 from evaluation.metrics import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
-from shared.channels import ChannelConfig
-from shared.checkpoints import save_checkpoint
-from shared.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
-from shared.diffusion.unet import UNetConfig
-from shared.segmenter import Segmenter, SegmenterConfig
+from shared.semantic.channels import ChannelConfig
+from shared.semantic.checkpoints import save_checkpoint
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
+from shared.semantic.diffusion.unet import UNetConfig
+from shared.semantic.segmenter import Segmenter, SegmenterConfig
 
 H, W = 24, 32
 TINY = UNetConfig(num_classes=12, image_height=12, image_width=16, model_channels=32, channel_mult=(1, 2),

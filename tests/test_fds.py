@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.fds import FdsVariant, fds, fds_batched
+from shared.semantic.fds import FdsVariant, fds, fds_batched
 
 NUM_CLASSES = 12
 HEIGHT, WIDTH = 32, 48

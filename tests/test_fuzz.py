@@ -31,7 +31,8 @@ from channel_sim.server import channel_config_from_proto
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from sender_service.app import create_app
 from sender_service.settings import SenderSettings
-from shared import codec, imageio, link, transport
+from shared.semantic import codec, link
+from shared.wire import imageio, transport
 from tests.test_sender_service import FakeChannel
 
 EXAMPLES = int(os.environ.get("GESCO_FUZZ_EXAMPLES", "50"))

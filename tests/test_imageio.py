@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from shared.imageio import (
+from shared.wire.imageio import (
     ImageDecodeError,
     UploadTooLargeError,
     decode_image_bounded,

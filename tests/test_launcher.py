@@ -1,5 +1,5 @@
 """The launcher (scripts/launch.py) and the health probe it shares with the compose health checks
-(shared/health_probe.py): readiness checks against health servers over TLS and mutual TLS with
+(shared/wire/health_probe.py): readiness checks against health servers over TLS and mutual TLS with
 certificates made by the tests, and how the launcher reports a service it stopped."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from channel_sim.settings import ChannelSettings
 from scripts import launch
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
-from shared import grpc_security, health_probe
+from shared.wire import grpc_security, health_probe
 from tests.service_procs import REPO_ROOT, free_port
 from tests.test_tls import pki  # noqa: F401 - the fixture
 
@@ -105,7 +105,7 @@ def test_the_compose_probe_command(pki) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GESCO_")}
     with health_server(credentials) as port:
         def probe(extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "shared.health_probe", "channel", f"127.0.0.1:{port}", *args],
+            return subprocess.run([sys.executable, "-m", "shared.wire.health_probe", "channel", f"127.0.0.1:{port}", *args],
                                   cwd=REPO_ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60)
 
         assert probe(tls).returncode == 0

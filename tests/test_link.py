@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.channels import ChannelConfig
-from shared.codec import CodecConfig, encode_label_map
-from shared.link import received_condition, received_views, resize_maps, simulate_link
+from shared.semantic.channels import ChannelConfig
+from shared.semantic.codec import CodecConfig, encode_label_map
+from shared.semantic.link import received_condition, received_views, resize_maps, simulate_link
 
 
 def blocky_label_map(height: int = 32, width: int = 48, block: int = 8, classes: tuple[int, ...] = (0, 3, 5, 8)) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from load import grpc_load, report
-from shared import transport
+from shared.wire import transport
 
 
 class RationedChannel(gesco_pb2_grpc.ChannelServicer):

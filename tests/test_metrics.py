@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sender_service.app import create_app as create_sender_app
 from sender_service.settings import SenderSettings
-from shared import transport
-from shared.imageio import encode_png
-from shared.metrics import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire import transport
+from shared.wire.imageio import encode_png
+from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 from tests.test_receiver_service import fake_generator, make_settings, ready_client, receive, transmission  # noqa: F401
 from tests.test_sender_service import blocky_label_map, photo, serve_fake_channel
 

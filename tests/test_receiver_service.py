@@ -30,7 +30,8 @@ from receiver_service.store import (
     UnknownTransmissionError,
 )
 from receiver_service.views import class_palette, labels_png, maps_png
-from shared import codec, transport
+from shared.semantic import codec
+from shared.wire import transport
 from tests.service_procs import free_port, service_log, start_service, stop_service
 
 IDS = [f"{i:032x}" for i in range(1, 20)]
@@ -251,7 +252,7 @@ from receiver_service.worker import (  # noqa: E402
     QueueFullError,
     resolve_sampling,
 )
-from shared.diffusion.generator import GeneratorInfo  # noqa: E402
+from shared.semantic.diffusion.generator import GeneratorInfo  # noqa: E402
 
 NUM_CLASSES = 12
 
@@ -598,9 +599,9 @@ def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
 
 def test_an_image_is_the_same_batched_or_alone(tmp_path):
     """Per-image generators: a job's image must not depend on its batch mates."""
-    from shared.diffusion.gaussian_diffusion import DiffusionConfig
-    from shared.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-    from shared.diffusion.unet import UNetConfig
+    from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig
+    from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+    from shared.semantic.diffusion.unet import UNetConfig
     from receiver_service.worker import Job, SamplingChoice, run_batch
 
     unet = UNetConfig(num_classes=NUM_CLASSES, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),

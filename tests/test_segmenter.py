@@ -1,4 +1,4 @@
-"""shared/segmenter.py and training/train_segmenter.py on small synthetic data."""
+"""shared/semantic/segmenter.py and training/train_segmenter.py on small synthetic data."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.checkpoints import save_checkpoint
-from shared.segmenter import (
+from shared.semantic.checkpoints import save_checkpoint
+from shared.semantic.segmenter import (
     Segmenter,
     SegmenterConfig,
     SegmenterNet,

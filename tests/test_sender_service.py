@@ -19,8 +19,8 @@ import pytest
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from sender_service import receiver_client
-from shared import transport
-from shared.imageio import encode_png
+from shared.wire import transport
+from shared.wire.imageio import encode_png
 from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
 
 MAP_HEIGHT, MAP_WIDTH = 96, 128

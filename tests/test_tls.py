@@ -23,7 +23,7 @@ from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
 from sender_service.grpc_client import ChannelCallError, ChannelClient
 from sender_service.settings import SenderSettings
-from shared import grpc_security
+from shared.wire import grpc_security
 from tests.service_procs import free_port
 from tests.test_receiver_service import fake_generator, make_settings, transmission, wait_for_status  # noqa: F401
 from tests.tls_certs import Authority

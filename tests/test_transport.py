@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gesco.v1 import gesco_pb2
-from shared import codec, transport
+from shared.semantic import codec
+from shared.wire import transport
 
 TRANSMISSION_ID = "0123456789abcdef0123456789abcdef"
 

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.channels import ChannelConfig, SnrDefinition
-from shared.checkpoints import load_checkpoint, save_checkpoint
-from shared.codec import CodecConfig
-from shared.data import CAMVID_INFO, camvid, colorize
-from shared.device import select_device
-from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
-from shared.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig
-from shared.diffusion.samplers import DDIMSampler, GuidedModel
-from shared.diffusion.unet import SemanticUNet, UNetConfig
-from shared.link import resize_maps, simulate_link
+from shared.semantic.channels import ChannelConfig, SnrDefinition
+from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
+from shared.semantic.codec import CodecConfig
+from shared.semantic.data import CAMVID_INFO, camvid, colorize
+from shared.semantic.device import select_device
+from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig
+from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
+from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
+from shared.semantic.link import resize_maps, simulate_link
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Train the CamVid segmenter (shared/segmenter.py) within a wall-clock budget.
+"""Train the CamVid segmenter (shared/semantic/segmenter.py) within a wall-clock budget.
 
     python -m training.train_segmenter --data-root ../shared/data/camvid --minutes 45
 
@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.data import CAMVID_CLASSES, CAMVID_INFO, SegmentationPairs, camvid
-from shared.device import select_device
-from shared.segmenter import (
+from shared.semantic.data import CAMVID_CLASSES, CAMVID_INFO, SegmentationPairs, camvid
+from shared.semantic.device import select_device
+from shared.semantic.segmenter import (
     CHECKPOINT_KIND,
     SegmenterConfig,
     SegmenterNet,
@@ -56,7 +56,7 @@ from shared.segmenter import (
     per_class_iou,
     pixel_accuracy,
 )
-from shared.checkpoints import save_checkpoint
+from shared.semantic.checkpoints import save_checkpoint
 
 
 @dataclass
@@ -189,7 +189,7 @@ def evaluate_shipped(cfg: TrainConfig) -> dict:
     at the model input size, at the 192x256 label resolution (predict at the input size, nearest
     upsample), and on inputs degraded by a 48x64 down-up resample (a stand-in for soft generated
     images)."""
-    from shared.segmenter import Segmenter
+    from shared.semantic.segmenter import Segmenter
 
     seg = Segmenter.from_checkpoint(cfg.model_path, cfg.device)
     void_id, k = CAMVID_INFO.ignore_index, CAMVID_INFO.num_classes

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from shared.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn
+from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn
 
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:

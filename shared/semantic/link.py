@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.channels import ChannelConfig, ChannelOutput, apply_channel
-from shared.codec import CodecConfig, EncodedMaps, SemanticHeader, decode_present_maps, encode_label_map, reinsert_absent_classes
-from shared.fds import FdsVariant, fds
+from shared.semantic.channels import ChannelConfig, ChannelOutput, apply_channel
+from shared.semantic.codec import CodecConfig, EncodedMaps, SemanticHeader, decode_present_maps, encode_label_map, reinsert_absent_classes
+from shared.semantic.fds import FdsVariant, fds
 
 
 @dataclass(frozen=True)

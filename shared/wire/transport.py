@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from gesco.v1 import gesco_pb2
-from shared import codec
+from shared.semantic import codec
 
 MAX_CHUNK_BYTES = 1 << 20
 TRANSMISSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -40,7 +40,7 @@ _COMPRESSION_TO_PROTO = {
     codec.Compression.JPEG: gesco_pb2.COMPRESSION_JPEG,
 }
 _COMPRESSION_FROM_PROTO = {value: key for key, value in _COMPRESSION_TO_PROTO.items()}
-# SNR definitions by the names shared.channels.SnrDefinition uses (no Sionna import needed here).
+# SNR definitions by the names shared.semantic.channels.SnrDefinition uses (no Sionna import needed here).
 _SNR_DEFINITION_TO_PROTO = {
     "average_power": gesco_pb2.SNR_DEFINITION_AVERAGE_POWER,
     "paper_psnr": gesco_pb2.SNR_DEFINITION_PAPER_PSNR,

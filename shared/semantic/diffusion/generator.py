@@ -13,15 +13,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared.checkpoints import load_checkpoint
-from shared.device import select_device
-from shared.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
-from shared.diffusion.quantization import INT8, int8_skeleton
-from shared.diffusion.samplers import SAMPLER_NAMES, GuidedModel, StepCallback, make_sampler
-from shared.diffusion.unet import SemanticUNet, UNetConfig
+from shared.limits import MAX_GUIDANCE
+from shared.semantic.checkpoints import load_checkpoint
+from shared.semantic.device import select_device
+from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
+from shared.semantic.diffusion.quantization import INT8, int8_skeleton
+from shared.semantic.diffusion.samplers import SAMPLER_NAMES, GuidedModel, StepCallback, make_sampler
+from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
-MAX_GUIDANCE = 20.0  # the largest classifier-free guidance scale a request may ask for
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.ao import quantization as tq
 
 if TYPE_CHECKING:
-    from shared.diffusion.generator import SemanticImageGenerator
+    from shared.semantic.diffusion.generator import SemanticImageGenerator
 
 INT8 = "int8-static-conv"  # the `quantization` entry of an int8 checkpoint's meta
 

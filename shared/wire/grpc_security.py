@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from shared.paths import REPO_ROOT
 
 
 def read_pem(path: str, setting: str) -> bytes:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.checkpoints import load_checkpoint, save_checkpoint
-from shared.device import select_device
+from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
+from shared.semantic.device import select_device
 
 CHECKPOINT_KIND = "segmenter"
 

@@ -8,7 +8,7 @@ GESCO_CHANNEL_RECEIVER_TLS_* for the receiver. The server's certificate must nam
 that client's address (GESCO_SENDER_CHANNEL_ADDRESS, GESCO_CHANNEL_RECEIVER_ADDRESS), which need
 not be the address the probe dials (127.0.0.1 inside a container).
 
-    python -m shared.health_probe receiver 127.0.0.1:50052 [--ready-url http://127.0.0.1:8001/readyz]
+    python -m shared.wire.health_probe receiver 127.0.0.1:50052 [--ready-url http://127.0.0.1:8001/readyz]
 
 exits 0 when the server says SERVING (and the URL, if given, answers 200), 1 when not, 2 when the
 TLS settings are unusable.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared import grpc_security
+from shared.wire import grpc_security
 
 
 @dataclass(frozen=True)

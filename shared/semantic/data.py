@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from shared.paths import REPO_ROOT, resolve_repo_path
+
 
 CAMVID_CLASSES: tuple[str, ...] = (
     "sky",
@@ -70,14 +71,9 @@ CAMVID_COLORS: np.ndarray = np.array(
 CAMVID_COLORS.setflags(write=False)
 
 
-def _resolve_from_repo(path: str | os.PathLike[str]) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
-
-
 def default_data_root() -> Path:
     """`$GESCO_DATA_ROOT` or `../shared/data/camvid`, relative paths taken from the repo root."""
-    return _resolve_from_repo(os.environ.get("GESCO_DATA_ROOT", "../shared/data/camvid"))
+    return resolve_repo_path(os.environ.get("GESCO_DATA_ROOT", "../shared/data/camvid"))
 
 
 DEFAULT_DATA_ROOT: Path = default_data_root()
