@@ -2,39 +2,41 @@
 
     python -m training.train_segmenter --data-root ../shared/data/camvid --minutes 45
 
-Read top to bottom: config -> data -> class weights -> augmentation -> model/optimiser ->
-(resume) -> loop with periodic validation -> best model to models/segmenter-camvid.pt.
+Read top to bottom: config -> class weights -> augmentation -> schedule -> Trainer (model, EMA,
+optimiser, resume, steps, validation, export) -> main. models/segmenter-camvid.md has the numbers.
 
-Choices (see models/segmenter-camvid.md for the numbers they gave):
+Choices:
 
-* Input 96x128 (the diffusion model's resolution); crops are taken from the 192x256 source so
-  zoomed-in crops keep detail.
-* Loss: cross-entropy with "sqrt median-frequency" class weights w_c = sqrt(median_f / f_c)
-  from the train label frequencies (f_c over the 11 real classes), which lifts the rare classes
-  (pole, sign, pedestrian, bicyclist, fence) without the over-prediction that full
-  median-frequency weights cause. Void (11) is trained with a small fixed weight
-  (`void_weight`, default 0.1) rather than ignored, so the segmenter can still say "void" for
-  clutter that belongs to no class (the diffusion model was trained on maps with void); set
-  `--void-weight 0` to ignore it entirely.
-* Validation reports mIoU over the 11 real classes with void target pixels ignored (the CamVid
-  convention; real-class pixels predicted as void count as misses) and mIoU over all 12 ids.
-  The best model is chosen by the void-excluded number.
-* Augmentation: horizontal flip, random zoom-crop, colour jitter, and a down-up resample
-  (96x128 -> 48x64 -> 96x128, plus mild noise) so the segmenter copes with the soft, low-resolution
-  images the diffusion model generates.
-* AdamW, linear warm-up then cosine decay over a step budget fixed after timing the first steps
-  (stored in the state, so a resumed run follows the same schedule).
-* Resumable: runs/segmenter/state.pt (model, optimiser, step, epoch, RNG states, elapsed time)
-  is written at the end of every epoch; rerunning the same command continues from it.
+* The network reads `input_height` x `input_width` (default 96x128, the size the sender segments
+  at); crops are taken from the 192x256 source so zoomed-in crops keep detail.
+* Loss: cross-entropy with class weights w_c = (median_f / f_c) ** weight_power from the train
+  label frequencies of the 11 real classes (0.5: the square root of median-frequency balancing,
+  which lifts pole, sign, pedestrian, bicyclist and fence without the over-prediction of full
+  balancing). Void gets the small fixed `void_weight` (0 ignores it).
+* Augmentation: random scale and crop (a window of 1/s of the frame, s in [scale_min, scale_max];
+  s < 1 zooms out and pads the border, whose pixels the loss ignores), horizontal flips (done
+  by the dataset), brightness/contrast/saturation/hue jitter, and a down-up resample with mild
+  noise so the segmenter copes with the soft low-resolution images the diffusion model draws.
+* AdamW, linear warm-up then cosine decay over a step budget fitted to the wall budget from the
+  measured step time (re-estimated after each epoch, kept in the state for resuming).
+* An exponential moving average of the weights (`ema_decay`, 0 = off) is what is validated and
+  exported: it smooths the noisy epoch-to-epoch val curve of a small data set.
+* Validation: mIoU over the 11 real classes with void target pixels ignored (the CamVid
+  convention), the selection metric, plus per-class IoU (`shared.semantic.segmenter.score_segmentation`).
+* Resumable: <out_dir>/state.pt (model, EMA, optimiser, step, epoch, RNG states, elapsed time) is
+  written after every epoch and on SIGTERM; rerunning the same command continues from it.
+  `--init-from` warm-starts a new run from a shipped file (same network configuration).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import random
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -44,19 +46,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.semantic.data import CAMVID_CLASSES, CAMVID_INFO, SegmentationPairs, camvid
+from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
+from shared.semantic.data import CAMVID_CLASSES, CAMVID_INFO, camvid
 from shared.semantic.device import select_device
 from shared.semantic.segmenter import (
     CHECKPOINT_KIND,
+    Segmenter,
+    SegmentationScores,
     SegmenterConfig,
     SegmenterNet,
-    confusion_matrix,
     count_parameters,
-    miou,
-    per_class_iou,
-    pixel_accuracy,
+    score_segmentation,
 )
-from shared.semantic.checkpoints import save_checkpoint
+
+SOURCE_SIZE = (192, 256)  # training crops are cut from the data at this resolution
 
 
 @dataclass
@@ -64,6 +67,7 @@ class TrainConfig:
     data_root: str = "../shared/data/camvid"
     out_dir: str = "runs/segmenter"
     model_path: str = "models/segmenter-camvid.pt"
+    init_from: str = ""  # a shipped segmenter to warm-start from when out_dir has no state
     device: str = "auto"
     threads: int = 1
     seed: int = 0
@@ -81,30 +85,41 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.02
     grad_clip: float = 5.0
+    ema_decay: float = 0.0  # 0: validate and export the raw weights
     # loss
     void_weight: float = 0.1  # 0 -> void ignored
     weight_power: float = 0.5  # 1 = median-frequency balancing, 0.5 = its square root, 0 = unweighted
     # augmentation
-    zoom_max: float = 1.75  # zoom-crop factor drawn in [1, zoom_max] (1 = whole frame)
-    zoom_prob: float = 0.8
+    scale_min: float = 1.0  # crop window = frame / s, s drawn in [scale_min, scale_max] (1 = whole frame)
+    scale_max: float = 1.75
+    scale_prob: float = 0.8
     jitter_prob: float = 0.8
+    hue_max: float = 0.0  # largest hue rotation, in turns
     downup_prob: float = 0.35
     noise_prob: float = 0.2
     # bookkeeping
     eval_every_epochs: int = 1
     log_every: int = 10
     resume: bool = True
-    eval_only: bool = False  # evaluate the shipped model_path on val (several input resolutions) and exit
+    eval_only: bool = False  # score the file at model_path on val (several input resolutions) and exit
 
 
-# ----------------------------------------------------------------------------- helpers
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(TrainConfig, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if not 0 < cfg.scale_min <= cfg.scale_max:
+        parser.error(f"--scale-min must be positive and at most --scale-max, not {cfg.scale_min} / {cfg.scale_max}")
+    return cfg
 
 
-def log(cfg: TrainConfig, msg: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {msg}"
-    print(line, flush=True)
-    with open(Path(cfg.out_dir) / "log.txt", "a") as f:
-        f.write(line + "\n")
+# ----------------------------------------------------------------------------- loss and data
 
 
 def class_weights(freq: np.ndarray, void_id: int, void_weight: float, power: float) -> torch.Tensor:
@@ -117,35 +132,64 @@ def class_weights(freq: np.ndarray, void_id: int, void_weight: float, power: flo
     return torch.tensor(w, dtype=torch.float32)
 
 
-def augment(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, void_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,3,H0,W0) [-1,1] source-resolution batch -> (B,3,h,w) augmented batch at the input size.
+def scale_crop(image: torch.Tensor, labels: torch.Tensor, out_hw: tuple[int, int], scale: float,
+               pad_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a random window of 1/scale of the frame and resize it to `out_hw`.
 
-    Flips were already applied by the dataset. All randomness comes from torch's global RNG.
+    (1, 3, H, W) image and (1, 1, H, W) float labels. With scale < 1 the window is larger than the
+    frame: the image is padded with mid-grey and the labels with `pad_label` (ignored by the loss).
     """
+    H, W = image.shape[-2:]
+    ch, cw = max(1, round(H / scale)), max(1, round(W / scale))
+    top = int(torch.randint(min(0, H - ch), max(0, H - ch) + 1, ()))
+    left = int(torch.randint(min(0, W - cw), max(0, W - cw) + 1, ()))
+    pad = (max(0, -left), max(0, left + cw - W), max(0, -top), max(0, top + ch - H))
+    if any(pad):
+        image = F.pad(image, pad, value=0.0)
+        labels = F.pad(labels, pad, value=float(pad_label))
+        top, left = top + pad[2], left + pad[0]
+    image = image[..., top : top + ch, left : left + cw]
+    labels = labels[..., top : top + ch, left : left + cw]
+    shrink = ch >= out_hw[0]
+    image = F.interpolate(image, size=out_hw, mode="bilinear", align_corners=False, antialias=shrink)
+    return image, F.interpolate(labels, size=out_hw, mode="nearest")
+
+
+def colour_jitter(image: torch.Tensor, hue_max: float) -> torch.Tensor:
+    """Random brightness, contrast, saturation and (when hue_max > 0) a hue rotation of a [-1, 1] image."""
+    u = (image + 1) / 2
+    u = u * (0.75 + 0.5 * torch.rand(()))
+    mean = u.mean()
+    u = (u - mean) * (0.75 + 0.5 * torch.rand(())) + mean
+    gray = u.mean(1, keepdim=True)
+    u = (u - gray) * (0.6 + 0.8 * torch.rand(())) + gray
+    if hue_max > 0:  # rotate the chroma plane about the grey axis (YIQ-style)
+        angle = (2 * float(torch.rand(())) - 1) * hue_max * 2 * math.pi
+        c, s = math.cos(angle), math.sin(angle)
+        k = 1.0 / 3.0
+        sq = math.sqrt(k)
+        rot = torch.tensor([
+            [c + (1 - c) * k, k * (1 - c) - sq * s, k * (1 - c) + sq * s],
+            [k * (1 - c) + sq * s, c + k * (1 - c), k * (1 - c) - sq * s],
+            [k * (1 - c) - sq * s, k * (1 - c) + sq * s, c + k * (1 - c)],
+        ])  # fmt: skip
+        u = torch.einsum("ij,bjhw->bihw", rot, u)
+    return u.clamp(0, 1) * 2 - 1
+
+
+def augment(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, pad_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H0, W0) [-1, 1] source batch (already flipped by the dataset) -> augmented batch at
+    the input size; labels (B, h, w) int64. All randomness comes from torch's global RNG."""
     out_hw = (cfg.input_height, cfg.input_width)
     xs, ys = [], []
-    b, _, H, W = images.shape
-    for i in range(b):
-        x, y = images[i : i + 1], labels[i : i + 1, None].float()
-        zoom = 1.0
-        if torch.rand(()) < cfg.zoom_prob:
-            zoom = 1.0 + float(torch.rand(())) * (cfg.zoom_max - 1.0)
-        ch, cw = int(round(H / zoom)), int(round(W / zoom))
-        top = int(torch.randint(0, H - ch + 1, ()))
-        left = int(torch.randint(0, W - cw + 1, ()))
-        x = x[..., top : top + ch, left : left + cw]
-        y = y[..., top : top + ch, left : left + cw]
-        x = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False, antialias=True)
-        y = F.interpolate(y, size=out_hw, mode="nearest")
-        if torch.rand(()) < cfg.jitter_prob:  # brightness, contrast, saturation
-            u = (x + 1) / 2
-            u = u * (0.75 + 0.5 * torch.rand(()))
-            mean = u.mean()
-            u = (u - mean) * (0.75 + 0.5 * torch.rand(())) + mean
-            gray = u.mean(1, keepdim=True)
-            u = (u - gray) * (0.6 + 0.8 * torch.rand(())) + gray
-            x = u.clamp(0, 1) * 2 - 1
-        if torch.rand(()) < cfg.downup_prob:  # low-resolution look of generated images
+    for i in range(images.shape[0]):
+        scale = 1.0
+        if torch.rand(()) < cfg.scale_prob:
+            scale = cfg.scale_min + float(torch.rand(())) * (cfg.scale_max - cfg.scale_min)
+        x, y = scale_crop(images[i : i + 1], labels[i : i + 1, None].float(), out_hw, scale, pad_label)
+        if torch.rand(()) < cfg.jitter_prob:
+            x = colour_jitter(x, cfg.hue_max)
+        if torch.rand(()) < cfg.downup_prob:  # the low-resolution look of generated images
             f = 2 if torch.rand(()) < 0.75 else 4
             small = F.interpolate(x, size=(out_hw[0] // f, out_hw[1] // f), mode="bilinear", antialias=True, align_corners=False)
             x = F.interpolate(small, size=out_hw, mode="bilinear", align_corners=False)
@@ -156,246 +200,273 @@ def augment(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, void_i
     return torch.cat(xs), torch.cat(ys)[:, 0].long()
 
 
-@torch.no_grad()
-def evaluate(model: SegmenterNet, val: SegmentationPairs, device: torch.device, num_classes: int, void_id: int) -> dict:
-    """Val metrics at the dataset's resolution; the image is resized to the model input first."""
-    model.eval()
-    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    size = (model.config.input_height, model.config.input_width)
-    for start in range(0, len(val), 32):
-        xb, yb = zip(*(val[i] for i in range(start, min(start + 32, len(val)))))
-        x, y = torch.stack(xb).to(device), torch.stack(yb)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        pred = model(x).argmax(1)
-        if tuple(pred.shape[-2:]) != tuple(y.shape[-2:]):
-            pred = F.interpolate(pred[:, None].float(), size=y.shape[-2:], mode="nearest")[:, 0].long()
-        conf += confusion_matrix(pred.cpu(), y, num_classes)
-    conf_real = conf.copy()
-    conf_real[void_id, :] = 0  # == ignore_index=void
-    model.train()
-    return {
-        "miou_void_excluded": miou(conf_real, exclude=[void_id]),
-        "miou_with_void": miou(conf),
-        "pixel_acc_void_excluded": pixel_accuracy(conf_real),
-        "per_class_iou": [None if math.isnan(v) else round(float(v), 4) for v in per_class_iou(conf_real)[:void_id]]
-        + [None if math.isnan(v) else round(float(v), 4) for v in per_class_iou(conf)[void_id:]],
-        "confusion": conf.tolist(),
-    }
-
-
-def evaluate_shipped(cfg: TrainConfig) -> dict:
-    """Val metrics of the fp16 file at `model_path`, loaded through `Segmenter` as the services do:
-    at the model input size, at the 192x256 label resolution (predict at the input size, nearest
-    upsample), and on inputs degraded by a 48x64 down-up resample (a stand-in for soft generated
-    images)."""
-    from shared.semantic.segmenter import Segmenter
-
-    seg = Segmenter.from_checkpoint(cfg.model_path, cfg.device)
-    void_id, k = CAMVID_INFO.ignore_index, CAMVID_INFO.num_classes
-    results = {}
-    for name, size, degrade in (("input_size", (cfg.input_height, cfg.input_width), None),
-                                ("full_192x256", (192, 256), None),
-                                ("downup_48x64", (cfg.input_height, cfg.input_width), (48, 64))):
-        val = camvid(cfg.data_root, "val", size)
-        conf = np.zeros((k, k), dtype=np.int64)
-        for i in range(len(val)):
-            x, y = val[i]
-            x = x[None]
-            if degrade is not None:
-                x = F.interpolate(x, size=degrade, mode="bilinear", antialias=True, align_corners=False)
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            conf += confusion_matrix(seg.segment_batch(x)[0], y, k)
-        conf_real = conf.copy()
-        conf_real[void_id] = 0
-        ious = per_class_iou(conf_real)
-        results[name] = {
-            "miou_void_excluded": miou(conf_real, exclude=[void_id]),
-            "miou_with_void": miou(conf),
-            "pixel_acc_void_excluded": pixel_accuracy(conf_real),
-            "per_class_iou": {n: (None if math.isnan(v) else round(float(v), 4))
-                              for n, v in zip(CAMVID_CLASSES, list(ious[:void_id]) + [per_class_iou(conf)[void_id]])},
-        }
-    print(json.dumps(results, indent=1))
-    return results
-
-
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to `min_lr_ratio` at step `total`."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+def net_predictor(net: SegmenterNet, device: torch.device):
+    """(B, 3, H, W) -> (B, H, W) labels through `net` at its input size, as `Segmenter.segment_batch` does."""
+    size = (net.config.input_height, net.config.input_width)
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(device)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        pred = net(x).argmax(1)
+        if tuple(pred.shape[-2:]) != tuple(images.shape[-2:]):
+            pred = F.interpolate(pred[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].long()
+        return pred
+
+    return predict
+
+
+def evaluate_shipped(cfg: TrainConfig) -> dict:
+    """Val scores of the fp16 file at `model_path`, loaded through `Segmenter` as the services do:
+    at the model input size, at the 192x256 label resolution (predict at the input size, nearest
+    upsample), and on inputs degraded by a 48x64 down-up resample (a stand-in for soft generated
+    images)."""
+    seg = Segmenter.from_checkpoint(cfg.model_path, cfg.device)
+    size = (seg.config.input_height, seg.config.input_width)
+
+    def degraded(images: torch.Tensor) -> torch.Tensor:
+        small = F.interpolate(images, size=(48, 64), mode="bilinear", antialias=True, align_corners=False)
+        return seg.segment_batch(F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False))
+
+    results = {}
+    for name, res, predict in (("input_size", size, seg.segment_batch),
+                               ("full_192x256", SOURCE_SIZE, seg.segment_batch),
+                               ("downup_48x64", size, degraded)):
+        val = camvid(cfg.data_root, "val", res)
+        results[name] = score_segmentation(predict, val, CAMVID_CLASSES, CAMVID_INFO.ignore_index).as_dict()
+    print(json.dumps(results, indent=1))
+    return results
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, command: str) -> None:
+        self.cfg = cfg
+        self.command = command
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.out_dir / "state.pt"
+        self.device = select_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.void_id = CAMVID_INFO.ignore_index
+        self.train_set = camvid(cfg.data_root, "train", SOURCE_SIZE, flip=True)
+        self.val_set = camvid(cfg.data_root, "val", (cfg.input_height, cfg.input_width))
+        self.freq = self.train_set.class_frequencies()
+        self.weights = class_weights(self.freq, self.void_id, cfg.void_weight, cfg.weight_power).to(self.device)
+        self.ignore = self.void_id if cfg.void_weight == 0 else -100  # also the label of padded borders
+        self.model_cfg = SegmenterConfig(
+            num_classes=CAMVID_INFO.num_classes, base_channels=cfg.base_channels, input_height=cfg.input_height,
+            input_width=cfg.input_width, dropout=cfg.dropout, ignore_index=self.void_id,
+        )
+        self.model = SegmenterNet(self.model_cfg).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        decay = [p for p in self.model.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.epoch, self.elapsed, self.best = 0, 0, 0.0, -1.0
+        self.total_steps, self.sec_per_step = cfg.max_steps, 0.0
+        self.history: list[dict] = []
+
+    @property
+    def eval_net(self) -> SegmenterNet:
+        return self.ema if self.ema is not None else self.model
+
+    # --- state -----------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        state = {
+            "model": self.model.state_dict(), "ema": None if self.ema is None else self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "step": self.step, "epoch": self.epoch, "elapsed": self.elapsed,
+            "total_steps": self.total_steps, "sec_per_step": self.sec_per_step, "best": self.best,
+            "history": self.history, "config": dataclasses.asdict(self.cfg),
+            "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
+            "py_rng": random.getstate(), "np_rng": np.random.get_state(),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    def warm_start(self, path: Path) -> None:
+        """Start from a shipped segmenter's weights (no optimiser state ships); the network must match."""
+        payload = load_checkpoint(path, CHECKPOINT_KIND)
+        shipped = SegmenterConfig(**payload["config"])
+        if dataclasses.replace(shipped, dropout=self.model_cfg.dropout) != self.model_cfg:
+            raise ValueError(f"{path} was trained with another network configuration: {shipped}")
+        self.model.load_state_dict(payload["state_dict"])
+        if self.ema is not None:
+            self.ema.load_state_dict(payload["state_dict"])
+        self.log(f"warm start from {path} (its val mIoU {payload['meta'].get('val_miou_void_excluded')})")
+
+    def load_state(self) -> bool:
+        if not (self.cfg.resume and self.state_path.is_file()):
+            if self.cfg.init_from:
+                self.warm_start(Path(self.cfg.init_from))
+            return False
+        st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(st["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.step, self.epoch, self.elapsed, self.best = st["step"], st["epoch"], st["elapsed"], st["best"]
+        self.total_steps, self.sec_per_step, self.history = st["total_steps"], st["sec_per_step"], st["history"]
+        if self.cfg.max_steps:
+            self.total_steps = self.cfg.max_steps  # an explicit step budget may be raised to continue a run
+        torch.set_rng_state(st["torch_rng"])
+        self.shuffle_gen.set_state(st["shuffle_rng"])
+        random.setstate(st["py_rng"])
+        np.random.set_state(st["np_rng"])
+        return True
+
+    def export(self, scores: SegmentationScores, train_loss: float) -> None:
+        meta = {
+            "dataset": "camvid",
+            "class_names": list(CAMVID_CLASSES),
+            "val_miou_void_excluded": scores.miou_void_excluded,
+            "val_miou_with_void": scores.miou_with_void,
+            "val_pixel_acc_void_excluded": scores.pixel_acc_void_excluded,
+            "val_per_class_iou": list(scores.per_class_iou.values()),
+            "val_resolution": [self.cfg.input_height, self.cfg.input_width],
+            "epoch": self.epoch, "step": self.step, "train_loss": train_loss, "wall_time_s": round(self.elapsed, 1),
+            "params": count_parameters(self.model), "command": self.command,
+            "init_from": self.cfg.init_from, "train_config": dataclasses.asdict(self.cfg),
+        }
+        save_checkpoint(self.cfg.model_path, CHECKPOINT_KIND, self.model_cfg, self.eval_net.state_dict(), meta, half=True)
+        (self.out_dir / "best_metrics.json").write_text(json.dumps(meta | {"confusion": scores.confusion.tolist()}, indent=1))
+
+    # --- steps -----------------------------------------------------------------------------------
+    def train_step(self, idx: list[int]) -> float:
+        images, labels = zip(*(self.train_set[i] for i in idx))
+        x, y = augment(torch.stack(images), torch.stack(labels), self.cfg, self.ignore)
+        x, y = x.to(self.device), y.to(self.device)
+        lr = lr_at(self.step, self.cfg, self.total_steps if self.total_steps else 10**9)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(self.model(x), y, weight=self.weights, ignore_index=self.ignore)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.update_ema()
+        self.step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p, 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)  # BatchNorm statistics follow the live model
+
+    def validate(self) -> SegmentationScores:
+        net = self.eval_net
+        was_training = net.training
+        net.eval()
+        scores = score_segmentation(net_predictor(net, self.device), self.val_set, CAMVID_CLASSES, self.void_id)
+        net.train(was_training)
+        return scores
+
+    def update_schedule(self, budget: float, seconds_per_step: float) -> None:
+        """Fit the cosine's length to the wall budget left, so it ends when the budget does even on
+        a shared machine whose speed changes (`max_steps` 0 only)."""
+        if self.cfg.max_steps:
+            return
+        self.sec_per_step = seconds_per_step if self.sec_per_step == 0.0 else 0.5 * (self.sec_per_step + seconds_per_step)
+        remaining = budget - self.elapsed
+        self.total_steps = max(self.step + 1, self.step + int(remaining / self.sec_per_step)) if remaining > 0 else self.step
+
+    def log(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with open(self.out_dir / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def run_epoch(self, budget: float, session_start: float, stop: dict[str, bool]) -> float:
+        """One pass over the train set (or until the step budget / a signal); the mean loss."""
+        cfg = self.cfg
+        perm = torch.randperm(len(self.train_set), generator=self.shuffle_gen)
+        t0, step0, losses = time.time(), self.step, []
+        for b in range(len(self.train_set) // cfg.batch_size):
+            losses.append(self.train_step(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()))
+            if self.total_steps == 0 and len(losses) == min(15, len(self.train_set) // cfg.batch_size):
+                # first estimate of the schedule from the measured step time (+6% for validation)
+                self.elapsed = time.time() - session_start
+                self.update_schedule(budget, 1.06 * (time.time() - t0) / len(losses))
+                self.log(f"measured {self.sec_per_step:.3f}s/step -> schedule of {self.total_steps} steps")
+            if self.step % cfg.log_every == 0:
+                self.log(f"step {self.step} epoch {self.epoch} loss {losses[-1]:.4f} "
+                         f"lr {self.optimizer.param_groups[0]['lr']:.2e} elapsed {time.time() - session_start:.0f}s")
+            if (self.total_steps and self.step >= self.total_steps) or stop["now"]:
+                break
+        self.epoch += 1
+        self.elapsed = time.time() - session_start
+        if self.step > step0:
+            self.update_schedule(budget, (time.time() - t0) / (self.step - step0))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.load_state():
+            self.log(f"resumed from {self.state_path}: step {self.step}, epoch {self.epoch}, "
+                     f"elapsed {self.elapsed:.0f}s, best {self.best:.4f}")
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=typ, default=f.default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------- main
+            self.log(f"config {json.dumps(dataclasses.asdict(cfg))}")
+            self.log(f"model {count_parameters(self.model):,} params, train {len(self.train_set)} / "
+                     f"val {len(self.val_set)}, device {self.device}")
+            self.log("class freq " + " ".join(f"{n}={f:.4f}" for n, f in zip(CAMVID_CLASSES, self.freq)))
+            self.log("class weights " + " ".join(f"{n}={w:.3f}" for n, w in zip(CAMVID_CLASSES, self.weights.tolist())))
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        budget = cfg.minutes * 60.0
+        session_start = time.time() - self.elapsed
+        self.model.train()
+        while self.elapsed < budget and (self.total_steps == 0 or self.step < self.total_steps) and not stop["now"]:
+            train_loss = self.run_epoch(budget, session_start, stop)
+            final = self.elapsed >= budget or (self.total_steps and self.step >= self.total_steps) or stop["now"]
+            if self.epoch % cfg.eval_every_epochs == 0 or final:
+                scores = self.validate()
+                self.history.append({"epoch": self.epoch, "step": self.step, "train_loss": train_loss,
+                                     "elapsed": self.elapsed, "miou_void_excluded": scores.miou_void_excluded,
+                                     "miou_with_void": scores.miou_with_void})
+                self.log(f"eval epoch {self.epoch} step {self.step} train_loss {train_loss:.4f} "
+                         f"val mIoU(11, void excl) {scores.miou_void_excluded:.4f} mIoU(12) {scores.miou_with_void:.4f} "
+                         f"pix acc {scores.pixel_acc_void_excluded:.4f}")
+                if scores.miou_void_excluded > self.best:
+                    self.best = scores.miou_void_excluded
+                    self.export(scores, train_loss)
+                    self.log(f"new best {self.best:.4f} -> {cfg.model_path}; per class "
+                             + " ".join(f"{n}={v}" for n, v in scores.per_class_iou.items()))
+            self.save_state()
+        self.log(f"done: step {self.step}, epoch {self.epoch}, elapsed {self.elapsed:.0f}s, best val mIoU(11) {self.best:.4f}"
+                 + (" (stopped by signal)" if stop["now"] else ""))
+        return {"step": self.step, "epoch": self.epoch, "best": self.best, "history": self.history}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    if cfg.eval_only:
-        torch.set_num_threads(cfg.threads)
-        return evaluate_shipped(cfg)
-    command = "python -m training.train_segmenter " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cfg = parse_config(argv)
     torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_path = out_dir / "state.pt"
-    device = select_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    # data: train at the 192x256 source resolution (crops are resized to the input size), val at
-    # the input size, the resolution the evaluation of generated images works at.
-    void_id = CAMVID_INFO.ignore_index
-    num_classes = CAMVID_INFO.num_classes
-    train = camvid(cfg.data_root, "train", (192, 256), flip=True)
-    val = camvid(cfg.data_root, "val", (cfg.input_height, cfg.input_width))
-    freq = train.class_frequencies()
-    weights = class_weights(freq, void_id, cfg.void_weight, cfg.weight_power).to(device)
-    ignore = void_id if cfg.void_weight == 0 else -100
-
-    model_cfg = SegmenterConfig(
-        num_classes=num_classes,
-        base_channels=cfg.base_channels,
-        input_height=cfg.input_height,
-        input_width=cfg.input_width,
-        dropout=cfg.dropout,
-        ignore_index=void_id,
-    )
-    model = SegmenterNet(model_cfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-
-    step, epoch, elapsed, total_steps, best, history = 0, 0, 0.0, cfg.max_steps, -1.0, []
-    if cfg.resume and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        step, epoch, elapsed, total_steps, best = st["step"], st["epoch"], st["elapsed"], st["total_steps"], st["best"]
-        history = st["history"]
-        torch.set_rng_state(st["torch_rng"])
-        shuffle_gen.set_state(st["shuffle_rng"])
-        random.setstate(st["py_rng"])
-        np.random.set_state(st["np_rng"])
-        if cfg.max_steps:
-            total_steps = cfg.max_steps  # an explicit step budget may be raised to continue a run
-        log(cfg, f"resumed from {state_path}: step {step}, epoch {epoch}, elapsed {elapsed:.0f}s, best {best:.4f}")
-    else:
-        log(cfg, f"config {json.dumps(dataclasses.asdict(cfg))}")
-        log(cfg, f"model {count_parameters(model):,} params, train {len(train)} / val {len(val)}, device {device}")
-        log(cfg, "class freq " + " ".join(f"{n}={f:.4f}" for n, f in zip(CAMVID_CLASSES, freq)))
-        log(cfg, "class weights " + " ".join(f"{n}={w:.3f}" for n, w in zip(CAMVID_CLASSES, weights.tolist())))
-
-    budget = cfg.minutes * 60.0
-    steps_per_epoch = len(train) // cfg.batch_size
-    session_start = time.time() - elapsed
-    timing: list[float] = []
-    # With --max-steps 0 the step budget is re-estimated after every epoch from the measured time
-    # per step (validation included), so the cosine reaches its end when the wall budget does even
-    # on a shared machine whose speed changes; it is stored in the state for resuming.
-    auto_steps = cfg.max_steps == 0
-    sec_per_step = float(st["sec_per_step"]) if cfg.resume and state_path.is_file() else 0.0
-    last_loss = float("nan")
-    model.train()
-    while elapsed < budget and (total_steps == 0 or step < total_steps):
-        # (total_steps == 0 only before the first estimate)
-        perm = torch.randperm(len(train), generator=shuffle_gen)
-        epoch_t0, epoch_step0 = time.time(), step
-        run_loss, run_n = 0.0, 0
-        for b in range(steps_per_epoch):
-            t0 = time.time()
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size].tolist()
-            xb, yb = zip(*(train[i] for i in idx))
-            x, y = augment(torch.stack(xb), torch.stack(yb), cfg, void_id)
-            x, y = x.to(device), y.to(device)
-            sched_total = total_steps if total_steps else 10**9
-            lr = lr_at(step, cfg, sched_total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = F.cross_entropy(model(x), y, weight=weights, ignore_index=ignore)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            step += 1
-            run_loss += loss.item()
-            run_n += 1
-            last_loss = loss.item()
-            timing.append(time.time() - t0)
-            if auto_steps and len(timing) == 15 and sec_per_step == 0.0:
-                # first estimate of the schedule length from the measured step time (+6% for validation)
-                sec_per_step = 1.06 * float(np.median(timing[3:]))
-                total_steps = step + int((budget - (time.time() - session_start)) / sec_per_step)
-                log(cfg, f"measured {sec_per_step:.3f}s/step -> schedule of {total_steps} steps")
-            if step % cfg.log_every == 0:
-                log(cfg, f"step {step} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e} elapsed {time.time() - session_start:.0f}s")
-            if total_steps and step >= total_steps:
-                break
-        epoch += 1
-        elapsed = time.time() - session_start
-        epoch_loss = run_loss / max(run_n, 1)
-        final = elapsed >= budget or (total_steps and step >= total_steps)
-        if epoch % cfg.eval_every_epochs == 0 or final:
-            m = evaluate(model, val, device, num_classes, void_id)
-            history.append({"epoch": epoch, "step": step, "train_loss": epoch_loss, "elapsed": elapsed,
-                            "miou_void_excluded": m["miou_void_excluded"], "miou_with_void": m["miou_with_void"]})
-            log(cfg, f"eval epoch {epoch} step {step} train_loss {epoch_loss:.4f} "
-                     f"val mIoU(11, void excl) {m['miou_void_excluded']:.4f} mIoU(12) {m['miou_with_void']:.4f} "
-                     f"pix acc {m['pixel_acc_void_excluded']:.4f}")
-            if m["miou_void_excluded"] > best:
-                best = m["miou_void_excluded"]
-                meta = {
-                    "dataset": "camvid",
-                    "class_names": list(CAMVID_CLASSES),
-                    "val_miou_void_excluded": m["miou_void_excluded"],
-                    "val_miou_with_void": m["miou_with_void"],
-                    "val_pixel_acc_void_excluded": m["pixel_acc_void_excluded"],
-                    "val_per_class_iou": m["per_class_iou"],
-                    "val_resolution": [cfg.input_height, cfg.input_width],
-                    "epoch": epoch,
-                    "step": step,
-                    "train_loss": epoch_loss,
-                    "wall_time_s": round(elapsed, 1),
-                    "params": count_parameters(model),
-                    "command": command,
-                    "train_config": dataclasses.asdict(cfg),
-                }
-                save_checkpoint(cfg.model_path, CHECKPOINT_KIND, model_cfg, model.state_dict(), meta, half=True)
-                (out_dir / "best_metrics.json").write_text(json.dumps(meta | {"confusion": m["confusion"]}, indent=1))
-                log(cfg, f"new best {best:.4f} -> {cfg.model_path}")
-        if auto_steps and step > epoch_step0:
-            measured = (time.time() - epoch_t0) / (step - epoch_step0)
-            sec_per_step = measured if sec_per_step == 0.0 else 0.5 * sec_per_step + 0.5 * measured
-            remaining = budget - (time.time() - session_start)
-            total_steps = max(step + 1, step + int(remaining / sec_per_step)) if remaining > 0 else step
-        state = {
-            "sec_per_step": sec_per_step,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-            "elapsed": elapsed, "total_steps": total_steps, "best": best, "history": history,
-            "torch_rng": torch.get_rng_state(), "shuffle_rng": shuffle_gen.get_state(),
-            "py_rng": random.getstate(), "np_rng": np.random.get_state(), "config": dataclasses.asdict(cfg),
-        }
-        torch.save(state, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").replace(state_path)
-    log(cfg, f"done: step {step}, epoch {epoch}, elapsed {elapsed:.0f}s, last loss {last_loss:.4f}, best val mIoU(11) {best:.4f}")
-    return {"step": step, "epoch": epoch, "best": best, "history": history}
+    if cfg.eval_only:
+        return evaluate_shipped(cfg)
+    args = sys.argv[1:] if argv is None else argv
+    command = "python -m training.train_segmenter " + " ".join(shlex.quote(a) for a in args)
+    return Trainer(cfg, command).run()
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ wrapper used by the sender service and the evaluation) always resizes inputs to 
 input size, predicts there and resizes the label map back (nearest neighbour).
 
 Metrics: `confusion_matrix` (rows = target, columns = prediction), `miou`, `per_class_iou`,
-`pixel_accuracy`.
+`pixel_accuracy`, and `score_segmentation` / `SegmentationScores`, the val report (mIoU with and
+without void, per-class IoU) that training and the evaluation both print.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,3 +304,71 @@ def pixel_accuracy(conf: np.ndarray) -> float:
     conf = np.asarray(conf)
     total = conf.sum()
     return float(np.trace(conf) / total) if total else float("nan")
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """A segmenter's scores on one labelled split, in the CamVid convention.
+
+    `miou_void_excluded`: void target pixels ignored, mean over the real classes (real pixels
+    predicted as void still count as misses); `miou_with_void`: all ids. `per_class_iou` maps a
+    class name to its IoU (void's from the all-ids matrix), None where the class is absent from
+    both target and prediction.
+    """
+
+    miou_void_excluded: float
+    miou_with_void: float
+    pixel_acc_void_excluded: float
+    per_class_iou: dict[str, float | None]
+    confusion: np.ndarray  # (K, K) int64, rows = target, all pixels
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "miou_void_excluded": self.miou_void_excluded,
+            "miou_with_void": self.miou_with_void,
+            "pixel_acc_void_excluded": self.pixel_acc_void_excluded,
+            "per_class_iou": dict(self.per_class_iou),
+        }
+
+
+def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str], void_id: int | None) -> SegmentationScores:
+    """`SegmentationScores` of a (K, K) confusion matrix over all pixels (void targets included)."""
+    conf = np.asarray(conf, dtype=np.int64)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1] or conf.shape[0] != len(class_names):
+        raise ValueError(f"confusion must be ({len(class_names)}, {len(class_names)}), not {conf.shape}")
+    real = conf.copy()
+    exclude: list[int] = []
+    if void_id is not None:
+        real[void_id, :] = 0  # == ignore_index=void
+        exclude = [void_id]
+    ious_real, ious_all = per_class_iou(real), per_class_iou(conf)
+    ious = [ious_all[c] if c == void_id else ious_real[c] for c in range(len(class_names))]
+    return SegmentationScores(
+        miou_void_excluded=miou(real, exclude=exclude),
+        miou_with_void=miou(conf),
+        pixel_acc_void_excluded=pixel_accuracy(real),
+        per_class_iou={n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(class_names, ious)},
+        confusion=conf,
+    )
+
+
+def score_segmentation(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    pairs: Any,
+    class_names: Sequence[str],
+    void_id: int | None,
+    batch_size: int = 32,
+) -> SegmentationScores:
+    """Score `predict` ((B, 3, H, W) images in [-1, 1] -> (B, H, W) label ids) on every item of
+    `pairs` (a dataset of (image, labels) tensors, e.g. `shared.semantic.data.camvid(..., "val")`).
+
+    `Segmenter.segment_batch` is such a function, so the evaluation scores the shipped file exactly
+    as training scored it.
+    """
+    k = len(class_names)
+    conf = np.zeros((k, k), dtype=np.int64)
+    for start in range(0, len(pairs), batch_size):
+        images, labels = zip(*(pairs[i] for i in range(start, min(start + batch_size, len(pairs)))))
+        pred = predict(torch.stack(images))
+        conf += confusion_matrix(pred.cpu(), torch.stack(labels), k)
+    return scores_from_confusion(conf, class_names, void_id)
