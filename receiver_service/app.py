@@ -25,6 +25,7 @@ from receiver_service.long_poll import FinishWaiters
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
+from shared.limits import MAX_STATUS_WAIT_S
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 from shared.wire.transport import TRANSMISSION_ID_PATTERN
@@ -34,7 +35,6 @@ log = logging.getLogger("receiver_service")
 TransmissionId = Annotated[
     str, Path(pattern=TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
 ]
-MAX_STATUS_WAIT_S = 60.0  # the longest long poll: well inside common proxy and client timeouts
 WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
     "long poll: answer once the transmission has finished (done, failed or cancelled), or after this "
     "many seconds with its status then; 0 answers at once"))]

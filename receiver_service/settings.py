@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.limits import MAX_GUIDANCE, MAX_STEPS
 from shared.paths import REPO_ROOT
 
 
@@ -37,8 +38,8 @@ class ReceiverSettings(BaseSettings):
     store_max_age_s: float = Field(24 * 3600.0, gt=0)
     # Used for a header without a SamplingRequest; "" / 0 within one mean the same defaults.
     default_sampler: str = ""  # "": the model's default sampler
-    default_steps: int = Field(0, ge=0)  # 0: the sampler's default
-    default_guidance: float = Field(0.0, ge=0.0, le=20.0)
+    default_steps: int = Field(0, ge=0, le=MAX_STEPS)  # 0: the sampler's default
+    default_guidance: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE)
     output_height: int = Field(0, ge=0)  # 0: the model's resolution
     output_width: int = Field(0, ge=0)
     max_symbols: int = Field(8_000_000, ge=1)

@@ -28,7 +28,8 @@ from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
 from shared.semantic import codec, link
 from shared.wire import transport
-from shared.semantic.diffusion.generator import MAX_GUIDANCE, SemanticImageGenerator
+from shared.limits import MAX_GUIDANCE
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.wire.imageio import encode_png
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import ServiceMetrics

@@ -38,7 +38,7 @@ from sender_service.pipeline import (
 from sender_service.settings import SenderSettings
 from shared.wire import grpc_security, transport
 from shared.semantic.codec import Compression
-from shared.limits import MAX_GUIDANCE
+from shared.limits import MAX_GUIDANCE, MAX_SNR_DB, MAX_STEPS, MIN_SNR_DB, MIN_STEPS
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
@@ -154,7 +154,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         request: Request,
         file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")],
         kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is")] = PHOTO,
-        psnr_db: Annotated[float, Form(ge=-10, le=100, description="channel SNR in dB")] = 100.0,
+        psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB")] = 100.0,
         snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr",
         channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn",
         equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
@@ -162,7 +162,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         sampler: Annotated[
             str | None, Form(pattern=r"^[A-Za-z0-9_+\-]{1,32}$", description="empty: the receiver's default")
         ] = None,
-        steps: Annotated[int | None, Form(ge=1, le=1000, description="empty: the sampler's default")] = None,
+        steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default")] = None,
         guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0,
         seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None,
         downsample_factor: Annotated[

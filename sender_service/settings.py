@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.limits import MAX_STATUS_WAIT_S
 from shared.paths import REPO_ROOT
 from shared.semantic.codec import Compression
 
@@ -41,8 +42,8 @@ class SenderSettings(BaseSettings):
     wait_timeout_s: float = Field(600.0, gt=0)
     poll_interval_s: float = Field(0.5, gt=0)
     # wait=true asks the receiver to hold each status request until the job ends, up to this long
-    # (60 s at most); 0: plain polling every poll_interval_s.
-    status_long_poll_s: float = Field(20.0, ge=0, le=60)
+    # (MAX_STATUS_WAIT_S at most); 0: plain polling every poll_interval_s.
+    status_long_poll_s: float = Field(20.0, ge=0, le=MAX_STATUS_WAIT_S)
     # Retry-After (seconds) sent with 429 when the channel or receiver gives no hint.
     retry_after_s: int = Field(5, ge=1)
     max_upload_bytes: int = Field(20_000_000, ge=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from sender_service import receiver_client
 from shared.wire import transport
 from shared.wire.imageio import encode_png
-from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
+from tests.service_procs import REPO_ROOT, free_port, open_post, service_log, start_service, stop_service
 
 MAP_HEIGHT, MAP_WIDTH = 96, 128
 MAX_PIXELS = 20_000
@@ -64,6 +66,14 @@ def wait_ready(base: str, timeout: float = 60) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError("the sender's segmenter never became ready")
+
+
+def test_importing_the_sender_app_loads_no_torch() -> None:
+    """The sender's process starts without torch: only its segmenter loader thread imports it."""
+    code = "import sys, sender_service.app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")

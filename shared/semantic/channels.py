@@ -31,8 +31,8 @@ from sionna.phy.mimo import StreamManagement, zf_equalizer
 from sionna.phy.ofdm import ResourceGrid, ResourceGridDemapper, ResourceGridMapper, ZFEqualizer
 from sionna.phy.utils import uniform
 
-SNR_DB_MIN = -10.0
-SNR_DB_MAX = 100.0
+from shared.limits import MAX_SNR_DB, MIN_SNR_DB
+
 TDL_PROFILES = ("A", "B", "C", "D", "E")
 
 # The channel runs on the CPU in single precision whatever Sionna's global defaults are, so a
@@ -84,8 +84,8 @@ class ChannelConfig:
         object.__setattr__(self, "model", ChannelModel(self.model))
         object.__setattr__(self, "snr_definition", SnrDefinition(self.snr_definition))
         _require(
-            _is_real(self.snr_db) and SNR_DB_MIN <= self.snr_db <= SNR_DB_MAX,
-            f"snr_db must lie in [{SNR_DB_MIN:g}, {SNR_DB_MAX:g}], got {self.snr_db!r}",
+            _is_real(self.snr_db) and MIN_SNR_DB <= self.snr_db <= MAX_SNR_DB,
+            f"snr_db must lie in [{MIN_SNR_DB:g}, {MAX_SNR_DB:g}], got {self.snr_db!r}",
         )
         _require(isinstance(self.equalize, bool), f"equalize must be a bool, got {self.equalize!r}")
         _require(
