@@ -11,8 +11,11 @@ import secrets
 from fastapi.responses import JSONResponse
 
 API_KEY_HEADER = "X-API-Key"
-# Probes, scrapers and the docs page work without the key (the schema reveals no secret).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+# Probes, scrapers, the docs pages and the web page work without the key (the schema and the
+# page reveal no secret; the page asks for the key and sends it with its API calls).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json", "/"})
+# Static assets of the docs pages and the web page.
+OPEN_PREFIXES = ("/docs/", "/static/")
 
 
 class ApiKeyGuard:
@@ -25,7 +28,7 @@ class ApiKeyGuard:
         self._key = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._authorised(scope):
+        if scope["type"] != "http" or _open(scope["path"]) or self._authorised(scope):
             await self.app(scope, receive, send)
             return
         response = JSONResponse(
@@ -40,3 +43,7 @@ class ApiKeyGuard:
         name = API_KEY_HEADER.lower().encode()
         given = [value for key, value in scope["headers"] if key == name]
         return len(given) == 1 and secrets.compare_digest(given[0], self._key)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
