@@ -1,6 +1,9 @@
 """Evaluation of the semantic link against classical baselines (the paper's tables on CamVid).
 
-`metrics` holds the image and segmentation metrics, `baselines` the analog and digital (JPEG +
-5G LDPC + QAM) transmissions, `evaluate` the command line and `report` the JSON, Markdown, plots
-and grid it writes.
+`evaluate` is the command line: `EvaluationConfig` holds a run's settings, `Evaluation` its data
+and networks, and it sends every image through our link, its ablations, the analog and the
+digital (JPEG + 5G LDPC + QAM) transmissions of `baselines`, scoring what arrives with
+`image_quality`; `cache` keeps finished configurations so that a rerun resumes. `schema` names
+the rows, SNR definitions and metrics of the results; `report` writes them: the acceptance checks
+and their notes (`checks`), the Markdown (`markdown`) and the figures (`plots`).
 """

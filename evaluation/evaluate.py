@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,27 @@ import numpy as np
 import torch
 
 from evaluation import report
-from evaluation.cache import ConfigCache, file_stamp
 from evaluation.baselines import DigitalPlan, analog_transmit, digital_transmit, jpeg_encode, plan_digital
-from evaluation.metrics import (
+from evaluation.cache import ConfigCache, file_stamp
+from evaluation.checks import load_notes
+from evaluation.image_quality import (
     SegmenterProbe,
     TorchScriptInception,
     TorchScriptLpips,
     frechet_distance,
+    pooled_miou,
     psnr,
     segmentation_scores,
     ssim,
     summarize,
 )
+from evaluation.schema import ABLATIONS, DEFINITION_TEXT, METHODS, Method
+from shared.paths import REPO_ROOT
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
-from shared.semantic.codec import CodecConfig, encode_label_map
-from shared.semantic.data import CAMVID_INFO, REPO_ROOT, camvid, default_data_root
-from shared.semantic.device import select_device
 from shared.semantic.checkpoints import load_checkpoint
+from shared.semantic.codec import CodecConfig, encode_label_map
+from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
+from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
@@ -59,30 +63,56 @@ NA = "n/a"
 
 
 @dataclass(frozen=True)
-class Method:
-    """One row of the tables. `fds` and `noisy_training` are Table 5's columns."""
+class EvaluationConfig:
+    """Everything a run's numbers depend on, with the command line's defaults.
 
-    name: str
-    label: str
-    kind: str  # "semantic", "analog", "digital" or "real"
-    model: str | None = None  # "model" or "ablation_model"
-    fds: bool | None = None
-    noisy_training: bool | None = None
+    The command line builds it from its flags; scripts (scripts/sampler_sweep.py) build it
+    directly. Definitions may be given by name; `ablation_snrs=None` means the same SNRs as `snrs`.
+    """
 
+    split: str = "val"
+    data_root: str | None = None
+    snrs: tuple[float, ...] = DEFAULT_SNRS
+    methods: tuple[str, ...] = tuple(METHODS)
+    definitions: tuple[SnrDefinition, ...] = (SnrDefinition.PAPER_PSNR, SnrDefinition.AVERAGE_POWER)
+    ablation_definitions: tuple[SnrDefinition, ...] = (SnrDefinition.PAPER_PSNR,)
+    ablation_snrs: tuple[float, ...] | None = None
+    model: str = "models/diffusion-camvid.pt"
+    ablation_model: str = "models/diffusion-camvid-clean.pt"
+    segmenter: str = "models/segmenter-camvid.pt"
+    lpips: str | None = None
+    inception: str | None = None
+    sampler: str = "ddim"
+    steps: int = 10
+    guidance: float = 2.0
+    seed: int = 0
+    limit: int = 0
+    map_height: int = 96
+    map_width: int = 128
+    batch_size: int = 8
+    ldpc_iterations: int = 20
+    cliff_snrs: tuple[float, ...] = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
+    cliff_images: int = 10
+    grid_image: int = 0
+    device: str = "auto"
+    threads: int = 0
+    cache_dir: str | None = "runs/evaluation-cache"
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("ours", "ours (noisy training + FDS)", "semantic", "model", True, True),
-        Method("no_fds", "ablation: without FDS", "semantic", "model", False, True),
-        Method("no_noisy", "ablation: without noisy training", "semantic", "ablation_model", True, False),
-        Method("no_both", "ablation: without FDS and noisy training", "semantic", "ablation_model", False, False),
-        Method("analog", "analog: RGB pixels as symbols", "analog"),
-        Method("digital", "digital: JPEG + 5G LDPC + QAM", "digital"),
-        Method("real", "real image (segmenter upper bound, no channel)", "real"),
-    )
-}
-ABLATIONS = ("no_fds", "no_noisy", "no_both")
+    def __post_init__(self) -> None:
+        """Rejects what no run could do before hours of work; definitions become SnrDefinition."""
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+        if not self.snrs:
+            raise ValueError("snrs is empty")
+        for name in ("definitions", "ablation_definitions"):
+            object.__setattr__(self, name, tuple(SnrDefinition(d) for d in getattr(self, name)))
+        if self.ablation_snrs is None:
+            object.__setattr__(self, "ablation_snrs", self.snrs)
+
+    def model_path(self, key: str) -> str:
+        """The checkpoint of a method's `model` key ("model" or "ablation_model")."""
+        return {"model": self.model, "ablation_model": self.ablation_model}[key]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -93,60 +123,50 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
+    """One flag a config field (defaults from EvaluationConfig), then what to write and where."""
+    d = EvaluationConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--data-root", default=None, help="CamVid root (default: $GESCO_DATA_ROOT or ../shared/data/camvid)")
-    p.add_argument("--snrs", type=_floats, default=DEFAULT_SNRS, help="comma-separated SNRs in dB")
-    p.add_argument("--methods", type=_names, default=tuple(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    p.add_argument("--definitions", type=_names, default=(SnrDefinition.PAPER_PSNR.value, SnrDefinition.AVERAGE_POWER.value),
+    p.add_argument("--split", default=d.split, choices=("train", "val", "test"))
+    p.add_argument("--data-root", default=d.data_root, help="CamVid root (default: $GESCO_DATA_ROOT or ../shared/data/camvid)")
+    p.add_argument("--snrs", type=_floats, default=d.snrs, help="comma-separated SNRs in dB")
+    p.add_argument("--methods", type=_names, default=d.methods, help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--definitions", type=_names, default=tuple(x.value for x in d.definitions),
                    help="SNR definitions for ours and the baselines")
-    p.add_argument("--ablation-definitions", type=_names, default=(SnrDefinition.PAPER_PSNR.value,),
+    p.add_argument("--ablation-definitions", type=_names, default=tuple(x.value for x in d.ablation_definitions),
                    help="SNR definitions for the ablations (Table 5 uses the paper's PSNR)")
     p.add_argument("--ablation-snrs", type=_floats, default=None,
                    help="SNRs for the ablations (default: --snrs; Table 5 needs only 10)")
-    p.add_argument("--model", default="models/diffusion-camvid.pt", help="noisy-trained generator")
-    p.add_argument("--ablation-model", default="models/diffusion-camvid-clean.pt", help="generator trained on clean maps")
-    p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
-    p.add_argument("--lpips", default=None, help="TorchScript LPIPS network (NVIDIA vgg16.pt); without it LPIPS is n/a")
-    p.add_argument("--inception", default=None,
+    p.add_argument("--model", default=d.model, help="noisy-trained generator")
+    p.add_argument("--ablation-model", default=d.ablation_model, help="generator trained on clean maps")
+    p.add_argument("--segmenter", default=d.segmenter)
+    p.add_argument("--lpips", default=d.lpips, help="TorchScript LPIPS network (NVIDIA vgg16.pt); without it LPIPS is n/a")
+    p.add_argument("--inception", default=d.inception,
                    help="TorchScript Inception (NVIDIA inception-2015-12-05.pt); without it FID is n/a")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=10, help="the receiver's default: DDIM 10 (docs/sampler-sweep.md)")
-    p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="evaluate N images evenly spread over the split (0: all)")
-    p.add_argument("--map-height", type=int, default=96, help="the sender's map height = evaluated resolution")
-    p.add_argument("--map-width", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="images generated together")
-    p.add_argument("--ldpc-iterations", type=int, default=20)
-    p.add_argument("--cliff-snrs", type=_floats, default=(-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0),
+    p.add_argument("--sampler", default=d.sampler)
+    p.add_argument("--steps", type=int, default=d.steps, help="the receiver's default: DDIM 10 (docs/sampler-sweep.md)")
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")
+    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height = evaluated resolution")
+    p.add_argument("--map-width", type=int, default=d.map_width)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images generated together")
+    p.add_argument("--ldpc-iterations", type=int, default=d.ldpc_iterations)
+    p.add_argument("--cliff-snrs", type=_floats, default=d.cliff_snrs,
                    help="extra SNRs for the digital link's decode-failure curve only (empty string: none)")
-    p.add_argument("--cliff-images", type=int, default=10, help="images of the extra cliff SNRs (0: all)")
-    p.add_argument("--grid-image", type=int, default=0, help="position, among the evaluated images, of the grid's scene")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cliff-images", type=int, default=d.cliff_images, help="images of the extra cliff SNRs (0: all)")
+    p.add_argument("--grid-image", type=int, default=d.grid_image,
+                   help="position, among the evaluated images, of the grid's scene")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="docs/results")
-    p.add_argument("--cache-dir", default="runs/evaluation-cache",
+    p.add_argument("--cache-dir", default=d.cache_dir,
                    help="finished configurations are kept here and reused by a rerun with the same settings")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--report", default=None, help="also write the Markdown report here (links relative to it)")
     p.add_argument("--notes", default=None,
-                   help="TOML with a summary and the explanation of each acceptance check (evaluation.report.load_notes)")
-    args = p.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown methods {unknown}: choose from {list(METHODS)}")
-    for name in ("definitions", "ablation_definitions"):
-        try:
-            setattr(args, name, tuple(SnrDefinition(d) for d in getattr(args, name)))
-        except ValueError as error:
-            p.error(str(error))
-    if not args.snrs:
-        p.error("--snrs is empty")
-    if args.ablation_snrs is None:
-        args.ablation_snrs = args.snrs
-    return args
+                   help="TOML with a summary and the explanation of each acceptance check (evaluation.checks.load_notes)")
+    return p
 
 
 def _seed(*parts: int) -> int:
@@ -211,39 +231,47 @@ def _load_generator(path: str, num_classes: int, device: str) -> tuple[SemanticI
 class Evaluation:
     """Holds the data, the networks and the per-image channel plans of one run."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.device = select_device(args.device)
+    def __init__(self, config: EvaluationConfig) -> None:
+        self.config = config
+        self.device = select_device(config.device)
         self.info = CAMVID_INFO
-        root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
+        root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
         self.data_root = root
-        size = (args.map_height, args.map_width)
-        dataset = camvid(root, args.split, size=size)
+        size = (config.map_height, config.map_width)
+        dataset = camvid(root, config.split, size=size)
         self.split_size = len(dataset)
-        self.indices = evenly_spread(len(dataset), args.limit)
+        self.indices = evenly_spread(len(dataset), config.limit)
         self.names = [dataset.pairs[i][0].name for i in self.indices]
         self.images = dataset.images[self.indices]
         self.labels = dataset.labels[self.indices]
         self.size = size
         self.codec = CodecConfig(num_classes=self.info.num_classes)
         self.encoded = [encode_label_map(label, self.codec) for label in self.labels]
-        self.probe = SegmenterProbe(Segmenter.from_checkpoint(args.segmenter, self.device))
-        self.lpips = TorchScriptLpips(args.lpips, self.device) if args.lpips else None
-        self.inception = TorchScriptInception(args.inception, self.device) if args.inception else None
+        self.probe = SegmenterProbe(Segmenter.from_checkpoint(config.segmenter, self.device))
+        self.lpips = TorchScriptLpips(config.lpips, self.device) if config.lpips else None
+        self.inception = TorchScriptInception(config.inception, self.device) if config.inception else None
         self.generators: dict[str, SemanticImageGenerator] = {}
         self.unavailable: dict[str, str] = {}
-        needed = {METHODS[m].model for m in args.methods if METHODS[m].model}
+        needed = {METHODS[m].model for m in config.methods if METHODS[m].model}
         for key in sorted(needed):
-            generator, reason = _load_generator(getattr(args, key), self.info.num_classes, args.device)
+            generator, reason = _load_generator(config.model_path(key), self.info.num_classes, config.device)
             if generator is None:
                 self.unavailable[key] = reason or "unavailable"
             else:
                 self.generators[key] = generator
-        for generator in self.generators.values():
-            generator.validate_request(args.sampler, args.steps, args.guidance)
+        self._check_sampling(config.sampler, config.steps)
         self.real_labels, self.real_features = self.probe(self.images)
         self.real_inception = self.inception(self.images) if self.inception else None
         self.plans: list[DigitalPlan] | None = None
+
+    def _check_sampling(self, sampler: str, steps: int) -> None:
+        for generator in self.generators.values():
+            generator.validate_request(sampler, steps, self.config.guidance)
+
+    def use_sampling(self, sampler: str, steps: int) -> None:
+        """Generate with another sampler from now on (the sampler sweep), checked as at the start."""
+        self._check_sampling(sampler, steps)
+        self.config = replace(self.config, sampler=sampler, steps=steps)
 
     # --- channel uses ----------------------------------------------------------------------------
     def semantic_uses(self, i: int) -> int:
@@ -259,10 +287,10 @@ class Evaluation:
         return ChannelConfig(snr_db=snr_db, snr_definition=definition)
 
     def channel_seed(self, position: int, definition: SnrDefinition, snr_db: float) -> int:
-        return _seed(self.args.seed, 2, DEFINITION_IDS[definition], _snr_code(snr_db), self.indices[position])
+        return _seed(self.config.seed, 2, DEFINITION_IDS[definition], _snr_code(snr_db), self.indices[position])
 
     def sampling_seed(self, position: int) -> int:
-        return _seed(self.args.seed, 1, self.indices[position])
+        return _seed(self.config.seed, 1, self.indices[position])
 
     # --- transmissions -----------------------------------------------------------------------------
     def semantic(self, method: Method, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
@@ -270,8 +298,8 @@ class Evaluation:
         height, width = generator.info.image_height, generator.info.image_width
         channel = self.channel(definition, snr_db)
         outputs, measured, map_accuracy = [], [], []
-        for start in range(0, len(self.images), self.args.batch_size):
-            positions = range(start, min(start + self.args.batch_size, len(self.images)))
+        for start in range(0, len(self.images), self.config.batch_size):
+            positions = range(start, min(start + self.config.batch_size, len(self.images)))
             conditions = []
             for i in positions:
                 link = simulate_link(self.labels[i], self.codec, channel, seed=self.channel_seed(i, definition, snr_db),
@@ -280,8 +308,8 @@ class Evaluation:
                 measured.append(link.channel.measured_snr_db)
                 sent = cv2.resize(self.labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
                 map_accuracy.append(float((link.condition.argmax(0) == sent).mean()))
-            generated = generator.generate(torch.from_numpy(np.stack(conditions)), self.args.sampler, self.args.steps,
-                                           self.args.guidance, [self.sampling_seed(i) for i in positions])
+            generated = generator.generate(torch.from_numpy(np.stack(conditions)), self.config.sampler, self.config.steps,
+                                           self.config.guidance, [self.sampling_seed(i) for i in positions])
             outputs.extend(resize_image(image, *self.size) for image in generated)
         uses = [self.semantic_uses(i) for i in range(len(self.images))]
         extra = {"channel_uses": uses, "measured_snr_db": measured, "condition_pixel_accuracy": map_accuracy}
@@ -303,7 +331,7 @@ class Evaluation:
         images, failures, uses, measured, failed_blocks = [], [], [], [], []
         for i in positions:
             result = digital_transmit(plans[i], self.images[i].shape, channel, self.channel_seed(i, definition, snr_db),
-                                      map_scale=self.encoded[i].header.scale, max_iterations=self.args.ldpc_iterations)
+                                      map_scale=self.encoded[i].header.scale, max_iterations=self.config.ldpc_iterations)
             images.append(result.image if result.image is not None else np.full_like(self.images[i], GREY))
             failures.append(result.failure)
             uses.append(result.channel_uses)
@@ -328,7 +356,7 @@ class Evaluation:
         scores: dict[str, Any] = {name: summarize(values) for name, values in per_image.items()}
         if self.lpips is None:
             scores["lpips"] = NA
-        scores["pooled_miou"] = float(report.pooled_miou(pooled, self.info.ignore_index))
+        scores["pooled_miou"] = float(pooled_miou(pooled, self.info.ignore_index))
         scores["frechet_segmenter_distance"] = frechet_distance(features, self.real_features)
         scores["fid"] = frechet_distance(self.inception(received), self.real_inception) if self.inception else NA
         scores["per_image"] = {name: [float(v) for v in values] for name, values in per_image.items()}
@@ -339,7 +367,7 @@ class Evaluation:
                                                        self.info.ignore_index)
         return {
             "miou": summarize(ious), "pixel_accuracy": summarize(accuracies),
-            "pooled_miou": float(report.pooled_miou(pooled, self.info.ignore_index)),
+            "pooled_miou": float(pooled_miou(pooled, self.info.ignore_index)),
             "per_image": {"miou": ious.tolist(), "pixel_accuracy": accuracies.tolist()},
             "note": "the original image itself: image metrics are trivial (SSIM 1, PSNR inf, distances 0)",
         }
@@ -402,17 +430,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
+    """Every configuration of `config`, scored; `command` is recorded as what produced them."""
     started = time.monotonic()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    ev = Evaluation(args)
-    _log(f"evaluating {len(ev.indices)} of {ev.split_size} {args.split} images at {ev.size[0]}x{ev.size[1]}")
-    snrs = sorted(set(args.snrs))
-    grid_position = min(max(args.grid_image, 0), len(ev.indices) - 1)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    ev = Evaluation(config)
+    _log(f"evaluating {len(ev.indices)} of {ev.split_size} {config.split} images at {ev.size[0]}x{ev.size[1]}")
+    snrs = sorted(set(config.snrs))
+    grid_position = min(max(config.grid_image, 0), len(ev.indices) - 1)
     methods_info: dict[str, Any] = {}
-    for name in args.methods:
+    for name in config.methods:
         method = METHODS[name]
         status = "ok"
         if method.model and method.model in ev.unavailable:
@@ -424,28 +453,29 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                             "labels": ev.labels[grid_position], "segmented": ev.real_labels[grid_position],
                             "images": {}}
     timings: dict[str, float] = {}
-    cache = ConfigCache(None if args.no_cache else Path(args.cache_dir), {
-        "split": args.split, "data_root": str(ev.data_root.resolve()), "names": ev.names, "indices": ev.indices,
-        "size": list(ev.size), "seed": args.seed, "sampler": args.sampler, "steps": args.steps,
-        "guidance": args.guidance, "ldpc_iterations": args.ldpc_iterations,
-        **{key: file_stamp(getattr(args, key)) for key in ("segmenter", "lpips", "inception")},
+    cache = ConfigCache(None if config.cache_dir is None else Path(config.cache_dir), {
+        "split": config.split, "data_root": str(ev.data_root.resolve()), "names": ev.names, "indices": ev.indices,
+        "size": list(ev.size), "seed": config.seed, "sampler": config.sampler, "steps": config.steps,
+        "guidance": config.guidance, "ldpc_iterations": config.ldpc_iterations,
+        "segmenter": file_stamp(config.segmenter), "lpips": file_stamp(config.lpips),
+        "inception": file_stamp(config.inception),
     })
-    for definition in args.definitions:
+    for definition in config.definitions:
         per_definition: dict[str, Any] = {}
-        for name in args.methods:
+        for name in config.methods:
             method = METHODS[name]
             if methods_info[name]["status"] != "ok":
                 continue
-            if name in ABLATIONS and definition not in args.ablation_definitions:
+            if name in ABLATIONS and definition not in config.ablation_definitions:
                 continue
             methods_info[name]["definitions"].append(definition.value)
             if method.kind == "real":
                 per_definition[name] = {"no channel": ev.score_real()}
                 continue
             per_snr: dict[str, Any] = {}
-            for snr_db in sorted(set(args.ablation_snrs)) if name in ABLATIONS else snrs:
+            for snr_db in sorted(set(config.ablation_snrs)) if name in ABLATIONS else snrs:
                 key = {"method": name, "definition": definition.value, "snr": snr_key(snr_db),
-                       "model": file_stamp(getattr(args, method.model)) if method.model else None}
+                       "model": file_stamp(config.model_path(method.model)) if method.model else None}
                 cached = cache.load(key)
                 if cached is not None:
                     scores, grid_image = cached
@@ -458,18 +488,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, An
                 grid["images"].setdefault(definition.value, {}).setdefault(name, {})[snr_key(snr_db)] = grid_image
             per_definition[name] = per_snr
         results[definition.value] = per_definition
-    cliff = _cliff(ev, args, snrs) if methods_info.get("digital") and args.cliff_snrs else None
+    cliff = _cliff(ev, config, snrs) if methods_info.get("digital") and config.cliff_snrs else None
     wall = time.monotonic() - started
-    command = "python -m evaluation.evaluate " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
     return {
-        "settings": _settings(ev, args, snrs, command, wall, timings) | {"configurations_from_cache": cache.hits},
-        "snr_definitions": report.DEFINITION_TEXT,
+        "settings": _settings(ev, config, snrs, command, wall, timings) | {"configurations_from_cache": cache.hits},
+        "snr_definitions": DEFINITION_TEXT,
         "methods": methods_info,
         "results": results,
         "bits": ev.bits(),
         "conditions": ev.condition_statistics(
-            [d for d in args.definitions if d in args.ablation_definitions], sorted(set(args.ablation_snrs)))
-        if any(METHODS[name].kind == "semantic" for name in args.methods) else None,
+            [d for d in config.definitions if d in config.ablation_definitions], sorted(set(config.ablation_snrs)))
+        if any(METHODS[name].kind == "semantic" for name in config.methods) else None,
         "digital_cliff": cliff,
         "grid": grid,
     }
@@ -497,14 +526,14 @@ def _configuration(ev: Evaluation, method: Method, definition: SnrDefinition, sn
     return scores, received[grid_position]
 
 
-def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[str, Any] | None:
+def _cliff(ev: Evaluation, config: EvaluationConfig, snrs: list[float]) -> dict[str, Any] | None:
     """Decode-failure rate of the digital link at extra SNRs, on a subset (no generation involved)."""
-    extra_snrs = sorted(set(args.cliff_snrs) - set(snrs))
+    extra_snrs = sorted(set(config.cliff_snrs) - set(snrs))
     if not extra_snrs:
         return None
-    positions = evenly_spread(len(ev.images), args.cliff_images)
+    positions = evenly_spread(len(ev.images), config.cliff_images)
     out: dict[str, Any] = {"images": len(positions), "curves": {}}
-    for definition in args.definitions:
+    for definition in config.definitions:
         curve = {}
         for snr_db in extra_snrs:
             _, extra = ev.digital(definition, snr_db, positions)
@@ -514,16 +543,16 @@ def _cliff(ev: Evaluation, args: argparse.Namespace, snrs: list[float]) -> dict[
     return out
 
 
-def _settings(ev: Evaluation, args: argparse.Namespace, snrs: list[float], command: str, wall: float,
+def _settings(ev: Evaluation, config: EvaluationConfig, snrs: list[float], command: str, wall: float,
               timings: dict[str, float]) -> dict[str, Any]:
     models = {}
     for key in ("model", "ablation_model"):
         generator = ev.generators.get(key)
-        models[key] = {"path": _relative(getattr(args, key)), "info": None, "noisy_training": None,
+        models[key] = {"path": _relative(config.model_path(key)), "info": None, "noisy_training": None,
                        "unavailable": ev.unavailable.get(key)}
         if generator is not None:
             models[key]["info"] = generator.info.as_dict() | {"checkpoint": _relative(generator.info.checkpoint)}
-            meta = load_checkpoint(getattr(args, key), CHECKPOINT_KIND)["meta"]
+            meta = load_checkpoint(config.model_path(key), CHECKPOINT_KIND)["meta"]
             models[key]["noisy_training"] = meta.get("noisy_training")
     segmenter = ev.probe.segmenter
     return {
@@ -532,28 +561,37 @@ def _settings(ev: Evaluation, args: argparse.Namespace, snrs: list[float], comma
         "seconds_by_method": {k: round(v, 1) for k, v in timings.items()},
         "torch_threads": torch.get_num_threads(),
         "device": str(ev.device),
-        "dataset": "CamVid", "split": args.split, "data_root": _relative(ev.data_root),
+        "dataset": "CamVid", "split": config.split, "data_root": _relative(ev.data_root),
         "images": len(ev.indices), "split_images": ev.split_size, "image_names": ev.names,
         "evaluated_resolution": list(ev.size),
         "generator_resolution": {k: [g.info.image_height, g.info.image_width] for k, g in ev.generators.items()},
-        "snrs_db": snrs, "ablation_snrs_db": sorted(set(args.ablation_snrs)),
-        "definitions": [d.value for d in args.definitions],
-        "ablation_definitions": [d.value for d in args.ablation_definitions],
-        "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "batch_size": args.batch_size, "ldpc_iterations": args.ldpc_iterations,
+        "snrs_db": snrs, "ablation_snrs_db": sorted(set(config.ablation_snrs)),
+        "definitions": [d.value for d in config.definitions],
+        "ablation_definitions": [d.value for d in config.ablation_definitions],
+        "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
+        "batch_size": config.batch_size, "ldpc_iterations": config.ldpc_iterations,
         "models": models,
-        "segmenter": {"path": _relative(args.segmenter), "trained": segmenter.trained,
+        "segmenter": {"path": _relative(config.segmenter), "trained": segmenter.trained,
                       "input_size": [segmenter.config.input_height, segmenter.config.input_width],
                       "val_miou": segmenter.meta.get("val_miou_void_excluded")},
-        "lpips": _relative(args.lpips) or NA, "inception": _relative(args.inception) or NA,
+        "lpips": _relative(config.lpips) or NA, "inception": _relative(config.inception) or NA,
         "num_classes": ev.info.num_classes, "ignore_index": ev.info.ignore_index,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    notes = report.load_notes(Path(args.notes)) if args.notes else None  # a bad file fails before hours of work
-    results = run(args, argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(EvaluationConfig)}
+    if args.no_cache:
+        values["cache_dir"] = None
+    try:
+        config = EvaluationConfig(**values)
+    except ValueError as error:
+        parser.error(str(error))
+    notes = load_notes(Path(args.notes)) if args.notes else None  # a bad file fails before hours of work
+    command = "python -m evaluation.evaluate " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
+    results = run(config, command)
     paths = report.write_all(results, Path(args.out), Path(args.report) if args.report else None, notes)
     _log(f"wrote {', '.join(str(p) for p in paths)} in {results['settings']['wall_time_s']:.0f} s")
 

@@ -1,8 +1,12 @@
-"""Image, segmentation and distribution metrics of the evaluation.
+"""How close a received image is to the original: pixels, perception, semantics and distribution.
+
+Named for image quality so that it is never taken for the services' Prometheus metrics
+(`shared.wire.monitoring`).
 
 * SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, computed per
   RGB channel over the valid region (no padding) and averaged; PSNR on 8-bit RGB.
-* mIoU and pixel accuracy per image, from `shared.semantic.segmenter`'s confusion matrix.
+* mIoU and pixel accuracy per image, and the mIoU of the pooled confusion matrix, from
+  `shared.semantic.segmenter`'s confusion matrix.
 * Frechet distance between two feature sets (the FID formula), used with the project's segmenter
   features ("Frechet segmenter distance") and, when their weights are given, Inception features.
 * LPIPS and Inception features come only from TorchScript files given by path (NVIDIA's
@@ -100,6 +104,11 @@ def segmentation_scores(
         ious.append(miou(conf, exclude=exclude))
         accuracies.append(pixel_accuracy(conf))
     return np.asarray(ious, dtype=np.float64), np.asarray(accuracies, dtype=np.float64), pooled
+
+
+def pooled_miou(conf: np.ndarray, ignore_index: int | None) -> float:
+    """mIoU of a confusion matrix pooled over images (ignore class excluded), as the paper's tables report it."""
+    return miou(conf, exclude=[] if ignore_index is None else [ignore_index])
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from evaluation.metrics import psnr
+from evaluation.image_quality import psnr
 from shared.semantic.channels import ChannelConfig
 from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.codec import CodecConfig

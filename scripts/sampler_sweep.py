@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from evaluation.evaluate import METHODS, Evaluation, parse_args
+from evaluation.evaluate import Evaluation, EvaluationConfig
+from evaluation.schema import METHODS
 from shared.semantic.channels import SnrDefinition
-
 
 
 def parse_config(text: str) -> tuple[str, int]:
@@ -36,29 +36,25 @@ def parse_configs(text: str) -> list[tuple[str, int]]:
     return [parse_config(item) for item in text.split(",")]
 
 
-def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Score every configuration, in the order given, on the same channel noise and seeds."""
-    eval_args = parse_args(["--methods", "ours", "--snrs", str(args.snr_db), "--limit", str(args.limit),
-                            "--model", args.model, "--segmenter", args.segmenter, "--guidance", str(args.guidance),
-                            "--seed", str(args.seed), "--batch-size", str(args.batch_size)]
-                           + (["--data-root", args.data_root] if args.data_root else []))
-    ev = Evaluation(eval_args)
-    definition = SnrDefinition(args.definition)
+def sweep(config: EvaluationConfig, configs: list[tuple[str, int]], definition: SnrDefinition,
+          reference: tuple[str, int], tolerance: float) -> dict[str, Any]:
+    """Score every (sampler, steps) of `configs`, in the order given, on the same channel noise and
+    seeds: our link at `config`'s one SNR, with its images, model, guidance and seed."""
+    snr_db = config.snrs[0]
+    ev = Evaluation(config)
     rows = []
-    for sampler, steps in args.configs:
-        ev.args.sampler, ev.args.steps = sampler, steps
-        for generator in ev.generators.values():
-            generator.validate_request(sampler, steps, args.guidance)
+    for sampler, steps in configs:
+        ev.use_sampling(sampler, steps)
         started = time.monotonic()
-        images, _ = ev.semantic(METHODS["ours"], definition, args.snr_db)
+        images, _ = ev.semantic(METHODS["ours"], definition, snr_db)
         seconds = (time.monotonic() - started) / len(images)
         scores = ev.score(images)
         rows.append({"sampler": sampler, "steps": steps, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
                      "per_image_miou": scores["per_image"]["miou"], "seconds_per_image": seconds})
         print(f"{sampler}:{steps}  mIoU {scores['miou']['mean']:.3f}  {seconds:.2f} s/image", file=sys.stderr, flush=True)
-    return {"snr_db": args.snr_db, "definition": definition.value, "images": ev.names, "guidance": args.guidance,
-            "seed": args.seed, "model": args.model, "rows": rows, "reference": list(args.reference),
-            "default": pick_default(rows, args.tolerance, args.reference), "tolerance": args.tolerance}
+    return {"snr_db": snr_db, "definition": definition.value, "images": ev.names, "guidance": config.guidance,
+            "seed": config.seed, "model": config.model, "rows": rows, "reference": list(reference),
+            "default": pick_default(rows, tolerance, reference), "tolerance": tolerance}
 
 
 def pick_default(rows: list[dict[str, Any]], tolerance: float, reference_config: tuple[str, int]) -> dict[str, Any] | None:
@@ -114,7 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = sweep(args)
+    (first_sampler, first_steps), *_ = args.configs
+    config = EvaluationConfig(methods=("ours",), snrs=(args.snr_db,), limit=args.limit, data_root=args.data_root,
+                              model=args.model, segmenter=args.segmenter, sampler=first_sampler, steps=first_steps,
+                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    result = sweep(config, args.configs, SnrDefinition(args.definition), args.reference, args.tolerance)
     command = "python -m scripts.sampler_sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.report).write_text(markdown(result, command))

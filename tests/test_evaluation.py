@@ -1,4 +1,4 @@
-"""The evaluation package: metrics, baselines and the command end to end on a tiny fake CamVid."""
+"""The evaluation package: image quality, baselines, config, notes and the command end to end on a tiny fake CamVid."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import evaluate, report
+from evaluation import checks, evaluate
 from evaluation.baselines import MCS_TABLE, analog_transmit, digital_transmit, jpeg_decode, plan_digital
-from evaluation.metrics import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
-from shared.semantic.channels import ChannelConfig
+from evaluation.image_quality import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
+from shared.semantic.channels import ChannelConfig, SnrDefinition
 from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import UNetConfig
@@ -154,6 +154,21 @@ def test_seeds_and_subsets_are_deterministic() -> None:
     assert evaluate.evenly_spread(5, 0) == list(range(5))
 
 
+def test_config_rejects_what_no_run_could_do_and_the_command_line_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    config = evaluate.EvaluationConfig(snrs=(1.0, 10.0), definitions=("average_power",))
+    assert config.definitions == (SnrDefinition.AVERAGE_POWER,) and config.ablation_snrs == (1.0, 10.0)
+    assert evaluate.EvaluationConfig(ablation_snrs=(10.0,)).ablation_snrs == (10.0,)
+    with pytest.raises(ValueError, match="unknown methods"):
+        evaluate.EvaluationConfig(methods=("ours", "jpeg"))
+    with pytest.raises(ValueError, match="snrs is empty"):
+        evaluate.EvaluationConfig(snrs=())
+    with pytest.raises(ValueError):
+        evaluate.EvaluationConfig(definitions=("peak",))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--methods", "ours,jpeg"])
+    assert exit_info.value.code == 2 and "unknown methods ['jpeg']" in capsys.readouterr().err
+
+
 # --- notes ---------------------------------------------------------------------------------------------
 def test_notes_explain_only_the_checks_they_were_written_for(tmp_path: Path) -> None:
     notes_path = tmp_path / "notes.toml"
@@ -167,20 +182,20 @@ explanation = "Fewer bits."
 observed = "ours 0.5 > no_fds 0.4"
 explanation = "Written for another run."
 ''')
-    notes = report.load_notes(notes_path)
+    notes = checks.load_notes(notes_path)
     results = {"acceptance": [{"id": "bits", "observed": "ours 10 bits"},
                               {"id": "ablation_ranking", "observed": "ours 0.6 > no_fds 0.4"},
                               {"id": "ours_1db_paper_psnr", "observed": "ratio 0.9"}]}
-    report.apply_notes(results, notes)
+    checks.apply_notes(results, notes)
     assert [c["explanation"] for c in results["acceptance"]] == ["Fewer bits.", None, None]
     assert results["summary"] is None  # one explained check changed: the summary may be stale too
     results["acceptance"][1]["observed"] = "ours 0.5 > no_fds 0.4"
-    report.apply_notes(results, notes)
+    checks.apply_notes(results, notes)
     assert results["acceptance"][1]["explanation"] == "Written for another run."
     assert results["summary"] == "Ours holds\nat 1 dB."
     notes_path.write_text('[checks.bits]\nobserved = "x"\n')
     with pytest.raises(ValueError, match="checks.bits needs exactly observed and explanation"):
-        report.load_notes(notes_path)
+        checks.load_notes(notes_path)
 
 
 # --- end to end ------------------------------------------------------------------------------------
