@@ -18,6 +18,7 @@ import numpy as np
 
 from gesco.v1 import gesco_pb2
 from sender_service.settings import REPO_ROOT, SenderSettings
+from shared.limits import SamplingOptions
 from shared.semantic import codec
 from shared.wire import imageio, transport
 
@@ -51,9 +52,7 @@ class TransmissionRequest:
     channel: str = "awgn"
     equalize: bool = True
     rician_k_db: float = 6.0
-    sampler: str = ""
-    steps: int = 0
-    guidance: float = 2.0
+    sampling: SamplingOptions = SamplingOptions(guidance=2.0)
     seed: int = 0
     downsample_factor: int = 1
     compression: codec.Compression = codec.Compression.NONE
@@ -71,6 +70,8 @@ class PreparedTransmission:
     segmenter_used: bool
     # Seconds spent per stage ("decode", "segment" for photos, "encode"), for the service's metrics.
     timings_s: dict[str, float] = field(default_factory=dict)
+    # The label map that was encoded (the segmentation of a photo), at the semantic size.
+    labels: np.ndarray | None = None
 
 
 @dataclass
@@ -203,9 +204,9 @@ def prepare_transmission(
             rician_k_db=request.rician_k_db,
         ),
         sampling=gesco_pb2.SamplingRequest(
-            sampler=request.sampler,
-            steps=request.steps,
-            guidance=request.guidance,
+            sampler=request.sampling.sampler,
+            steps=request.sampling.steps,
+            guidance=request.sampling.guidance,
             seed=request.seed,
             use_fds=request.use_fds,
         ),
@@ -218,6 +219,7 @@ def prepare_transmission(
         semantic=encoded.header,
         segmenter_used=request.kind == PHOTO,
         timings_s=timings,
+        labels=labels,
     )
 
 
