@@ -18,7 +18,6 @@ import numpy as np
 
 from gesco.v1 import gesco_pb2
 from sender_service.settings import REPO_ROOT, SenderSettings
-from shared.limits import SamplingOptions
 from shared.semantic import codec
 from shared.wire import imageio, transport
 
@@ -52,7 +51,9 @@ class TransmissionRequest:
     channel: str = "awgn"
     equalize: bool = True
     rician_k_db: float = 6.0
-    sampling: SamplingOptions = SamplingOptions(guidance=2.0)
+    sampler: str = ""
+    steps: int = 0
+    guidance: float = 2.0
     seed: int = 0
     downsample_factor: int = 1
     compression: codec.Compression = codec.Compression.NONE
@@ -204,9 +205,9 @@ def prepare_transmission(
             rician_k_db=request.rician_k_db,
         ),
         sampling=gesco_pb2.SamplingRequest(
-            sampler=request.sampling.sampler,
-            steps=request.sampling.steps,
-            guidance=request.sampling.guidance,
+            sampler=request.sampler,
+            steps=request.steps,
+            guidance=request.guidance,
             seed=request.seed,
             use_fds=request.use_fds,
         ),
