@@ -46,6 +46,7 @@ from evaluation.image_quality import (
     summarize,
 )
 from evaluation.schema import ABLATIONS, DEFINITION_TEXT, METHODS, Method
+from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.checkpoints import load_checkpoint
@@ -53,6 +54,7 @@ from shared.semantic.codec import CodecConfig, encode_label_map
 from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
 
@@ -82,8 +84,8 @@ class EvaluationConfig:
     segmenter: str = "models/segmenter-camvid.pt"
     lpips: str | None = None
     inception: str | None = None
-    sampler: str = "ddim"
-    steps: int = 10
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
     guidance: float = 2.0
     seed: int = 0
     limit: int = 0
@@ -266,7 +268,7 @@ class Evaluation:
 
     def _check_sampling(self, sampler: str, steps: int) -> None:
         for generator in self.generators.values():
-            generator.validate_request(sampler, steps, self.config.guidance)
+            generator.resolve(SamplingOptions(sampler=sampler, steps=steps, guidance=self.config.guidance))
 
     def use_sampling(self, sampler: str, steps: int) -> None:
         """Generate with another sampler from now on (the sampler sweep), checked as at the start."""
@@ -308,8 +310,9 @@ class Evaluation:
                 measured.append(link.channel.measured_snr_db)
                 sent = cv2.resize(self.labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
                 map_accuracy.append(float((link.condition.argmax(0) == sent).mean()))
-            generated = generator.generate(torch.from_numpy(np.stack(conditions)), self.config.sampler, self.config.steps,
-                                           self.config.guidance, [self.sampling_seed(i) for i in positions])
+            sampling = SamplingOptions(sampler=self.config.sampler, steps=self.config.steps, guidance=self.config.guidance)
+            generated = generator.generate(torch.from_numpy(np.stack(conditions)), sampling,
+                                           [self.sampling_seed(i) for i in positions])
             outputs.extend(resize_image(image, *self.size) for image in generated)
         uses = [self.semantic_uses(i) for i in range(len(self.images))]
         extra = {"channel_uses": uses, "measured_snr_db": measured, "condition_pixel_accuracy": map_accuracy}

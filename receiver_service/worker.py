@@ -28,7 +28,7 @@ from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
 from shared.semantic import codec, link
 from shared.wire import transport
-from shared.limits import MAX_GUIDANCE
+from shared.limits import LimitError, SamplingOptions
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.wire.imageio import encode_png
 from shared.wire.logging_setup import request_context
@@ -54,25 +54,6 @@ class QueueFullError(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True)
-class SamplingChoice:
-    """How one job is sampled, with every default resolved."""
-
-    sampler: str
-    steps: int
-    guidance: float
-    seed: int
-    use_fds: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def batch_key(self) -> tuple[str, int, float]:
-        """Jobs with equal keys can share one generate() call; seeds and FDS are per image."""
-        return (self.sampler, self.steps, self.guidance)
-
-
 class BatchCancelled(Exception):
     """Every job of the batch being sampled was cancelled: stop sampling."""
 
@@ -85,7 +66,10 @@ class Job:
     request_id: str
     semantic: codec.SemanticHeader
     symbols: np.ndarray
-    sampling: SamplingChoice
+    # Resolved (no defaults left): jobs with equal options share one generate() call.
+    sampling: SamplingOptions
+    seed: int
+    use_fds: bool
     enqueued_at: float = field(default_factory=time.monotonic)
     # Why the job was cancelled (set once, by `GenerationWorker.cancel`); None while it is wanted.
     cancel_reason: str | None = None
@@ -104,29 +88,27 @@ class JobResult:
     error: str | None = None
 
 
-def resolve_sampling(
-    request: gesco_pb2.SamplingRequest | None,
-    generator: SemanticImageGenerator,
-    settings: ReceiverSettings,
-) -> SamplingChoice:
-    """Fill the request's defaults and check it against the model; ValueError names the field.
+def sampling_request(header: gesco_pb2.TransmissionHeader, settings: ReceiverSettings) -> gesco_pb2.SamplingRequest:
+    """The header's SamplingRequest; for a header without one, the receiver's defaults throughout
+    (its guidance, seed 0, FDS on)."""
+    if header.HasField("sampling"):
+        return header.sampling
+    return gesco_pb2.SamplingRequest(guidance=settings.default_guidance, seed=0, use_fds=True)
 
-    A header without a SamplingRequest gets the receiver's defaults throughout (seed 0, FDS on).
-    Within a request an empty sampler and 0 steps mean the defaults; guidance is taken as sent.
-    """
-    if request is None:
-        request = gesco_pb2.SamplingRequest(guidance=settings.default_guidance, seed=0, use_fds=True)
-    sampler = request.sampler or settings.default_sampler or generator.default_sampler
-    if sampler not in generator.sampler_names:
-        raise ValueError(f"sampling.sampler must be one of {list(generator.sampler_names)}, got {sampler[:40]!r}")
-    steps = request.steps or settings.default_steps or generator.default_steps(sampler)
-    if not 1 <= steps <= generator.max_steps:
-        raise ValueError(f"sampling.steps must be in 1..{generator.max_steps}, got {steps}")
-    guidance = request.guidance
-    if not (math.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
-        raise ValueError(f"sampling.guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance}")
-    return SamplingChoice(sampler=sampler, steps=int(steps), guidance=float(guidance),
-                          seed=int(request.seed), use_fds=bool(request.use_fds))
+
+def resolve_sampling(
+    request: gesco_pb2.SamplingRequest, generator: SemanticImageGenerator, settings: ReceiverSettings
+) -> SamplingOptions:
+    """The sampler, steps and guidance a request runs with: an empty sampler or 0 steps take the
+    receiver's settings, then the model's defaults. ValueError names the field."""
+    try:
+        return generator.resolve(SamplingOptions(
+            sampler=request.sampler or settings.default_sampler,
+            steps=request.steps or settings.default_steps,
+            guidance=request.guidance,
+        ))
+    except LimitError as error:
+        raise ValueError(f"sampling.{error}") from None
 
 
 def output_size(settings: ReceiverSettings, generator: SemanticImageGenerator) -> tuple[int, int]:
@@ -138,7 +120,8 @@ def output_size(settings: ReceiverSettings, generator: SemanticImageGenerator) -
 def job_record(
     header: gesco_pb2.TransmissionHeader,
     semantic: codec.SemanticHeader,
-    sampling: SamplingChoice,
+    request: gesco_pb2.SamplingRequest,
+    sampling: SamplingOptions,
     generator: SemanticImageGenerator,
     size: tuple[int, int],
     request_id: str,
@@ -167,7 +150,7 @@ def job_record(
             "num_symbols": semantic.num_symbols,
             "image_bits_jpeg": header.image_bits_jpeg,
         },
-        "sampling": sampling.as_dict(),
+        "sampling": {**asdict(sampling), "seed": request.seed, "use_fds": request.use_fds},
         "semantic": {
             "num_classes": semantic.num_classes,
             "height": semantic.height,
@@ -211,7 +194,7 @@ def run_batch(
         try:
             # The debug views always show FDS; the model gets FDS maps only when the job asks.
             received = link.received_views(job.symbols, job.semantic, use_fds=True)
-            maps = received.fds_maps if job.sampling.use_fds else received.noisy_maps
+            maps = received.fds_maps if job.use_fds else received.noisy_maps
             condition = link.resize_maps(maps, (info.image_height, info.image_width))
         except ValueError as error:
             results[index].error = f"decoding the received maps failed: {error}"
@@ -220,7 +203,6 @@ def run_batch(
         prepared.append((index, received, condition))
     if not prepared:
         return results
-    sampling = jobs[prepared[0][0]].sampling
 
     def stop_if_asked(step: int, total: int) -> None:
         if should_stop is not None and should_stop():
@@ -230,10 +212,8 @@ def run_batch(
     try:
         images = generator.generate(
             torch.from_numpy(np.stack([condition for _, _, condition in prepared])),
-            sampler=sampling.sampler,
-            steps=sampling.steps,
-            guidance=sampling.guidance,
-            seeds=[jobs[index].sampling.seed for index, _, _ in prepared],
+            jobs[prepared[0][0]].sampling,
+            seeds=[jobs[index].seed for index, _, _ in prepared],
             step_callback=stop_if_asked,
         )
     except BatchCancelled as stopped:
@@ -307,9 +287,11 @@ class GenerationWorker:
             generator = SemanticImageGenerator.load(
                 str(checkpoint) if checkpoint.is_file() else None, device=self.settings.device
             )
-            default = self.settings.default_sampler
-            if default and default not in generator.sampler_names:
-                raise ValueError(f"default_sampler {default!r} is not one of {list(generator.sampler_names)}")
+            try:
+                generator.resolve(SamplingOptions(sampler=self.settings.default_sampler,
+                                                  steps=self.settings.default_steps, guidance=0.0))
+            except LimitError as error:
+                raise ValueError(f"the default {error}") from None
             if self.settings.channels_last:
                 generator.use_channels_last()
             if self.settings.torch_compile:
@@ -348,15 +330,17 @@ class GenerationWorker:
                 f"semantic.num_classes {semantic.num_classes} does not match the model's "
                 f"{generator.info.num_classes} classes"
             )
-        sampling = resolve_sampling(header.sampling if header.HasField("sampling") else None, generator, self.settings)
+        request = sampling_request(header, self.settings)
+        sampling = resolve_sampling(request, generator, self.settings)
         size = output_size(self.settings, generator)
-        job = Job(header.transmission_id, request_id, semantic, symbols, sampling)
+        job = Job(header.transmission_id, request_id, semantic, symbols, sampling,
+                  seed=request.seed, use_fds=request.use_fds)
         with self._changed:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
             if self.queue_depth >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
-            self.store.create(job_record(header, semantic, sampling, generator, size, request_id, time.time()))
+            self.store.create(job_record(header, semantic, request, sampling, generator, size, request_id, time.time()))
             ahead = len(self._jobs)
             self._waiting.append(job)
             self._jobs[job.transmission_id] = job
@@ -412,7 +396,7 @@ class GenerationWorker:
             batch, limit = [first], self.settings.max_batch_size
             deadline = first.enqueued_at + self.settings.max_queue_delay_ms / 1000.0
             while True:
-                for job in [job for job in self._waiting if job.sampling.batch_key == first.sampling.batch_key]:
+                for job in [job for job in self._waiting if job.sampling == first.sampling]:
                     if len(batch) == limit:
                         break
                     self._waiting.remove(job)
@@ -450,7 +434,8 @@ class GenerationWorker:
             with request_context(job.request_id):
                 self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
                                   timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
-                log.info("job started", extra={"transmission_id": job.transmission_id, **job.sampling.as_dict()})
+                log.info("job started", extra={"transmission_id": job.transmission_id, **asdict(job.sampling),
+                                               "seed": job.seed, "use_fds": job.use_fds})
         results: list[JobResult] = []
         if wanted:
             try:

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from shared.limits import SamplingOptions
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 
 
@@ -56,9 +57,11 @@ def main() -> None:
             t = torch.full((batch,), 500, device=generator.device)
             ms = timed(lambda: generator.network(x, t, condition[:batch]), args.repeats)
             print(f"forward, batch {batch}: {ms:.1f} ms")
-    for sampler, steps in (("ddim", 10), ("ddim", 25), ("ddim", 50), (generator.default_sampler, generator.default_steps(generator.default_sampler))):
-        ms = timed(lambda: generator.generate(condition[:1], sampler, steps, args.guidance, [0]), max(1, args.repeats // 2))
-        print(f"{sampler.upper()} {steps} steps, guidance {args.guidance} (cond+uncond in one batch-2 forward), 1 image: {ms / 1000:.2f} s")
+    default = generator.resolve(SamplingOptions(guidance=args.guidance))
+    for sampling in [SamplingOptions(sampler="ddim", steps=steps, guidance=args.guidance) for steps in (10, 25, 50)] + [default]:
+        ms = timed(lambda: generator.generate(condition[:1], sampling, [0]), max(1, args.repeats // 2))
+        print(f"{sampling.sampler.upper()} {sampling.steps} steps, guidance {args.guidance} (cond+uncond in one batch-2 forward), "
+              f"1 image: {ms / 1000:.2f} s")
 
 
 if __name__ == "__main__":

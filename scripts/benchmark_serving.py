@@ -36,6 +36,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.limits import MAX_STEPS, SamplingOptions
 from tests.service_procs import REPO_ROOT, free_port, service_log, start_service, stop_service
 
 EXAMPLES = {"label_map": REPO_ROOT / "examples" / "street_labels.png",
@@ -349,8 +350,8 @@ def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], di
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sampler", default="ddim", help="the receiver's default (docs/sampler-sweep.md)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sampler", default="", help="empty: the receiver's default (docs/sampler-sweep.md)")
+    parser.add_argument("--steps", type=int, default=0, help="0: the sampler's default")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--psnr-db", type=float, default=10.0)
     parser.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "diffusion-camvid.pt"))
@@ -378,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch_size < 2:
         raise SystemExit("--max-batch-size must be at least 2 (the off run uses 1)")
+    from shared.semantic.diffusion.samplers import resolve  # torch, as the compute bound needs it anyway
+
+    # Named in every request and the report: what the receiver runs by default, said explicitly.
+    sampling = resolve(SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance), MAX_STEPS)
+    args.sampler, args.steps = sampling.sampler, sampling.steps
     runs = {"batching on": benchmark_stack(args, "batching on", args.max_batch_size),
             "batching off": benchmark_stack(args, "batching off", 1)}
     print("[compute bound] timing the network in process", file=sys.stderr)

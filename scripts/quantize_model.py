@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from evaluation.image_quality import psnr
+from shared.limits import SamplingOptions
 from shared.semantic.channels import ChannelConfig
 from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.codec import CodecConfig
@@ -113,22 +114,21 @@ def main() -> None:
     if not args.compare:
         return
 
-    sampler = args.sampler or fp32.default_sampler
-    steps = args.steps or fp32.default_steps(sampler)
+    sampling = fp32.resolve(SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance))
     conditions = link_conditions(args.data_root, "val", args.compare, size, args.seed, (args.compare_snr_db,))
     print(f"one forward at t = 500 on {args.compare} val conditions: relative RMS error of int8 "
           f"{forward_relative_rms(fp32.network, int8.network, conditions, args.seed):.3f}")
     seeds = [args.seed + i for i in range(args.compare)]
-    images = {name: g.generate(conditions, sampler, steps, args.guidance, seeds)
+    images = {name: g.generate(conditions, sampling, seeds)
               for name, g in (("fp32", fp32), ("int8", int8))}
-    reseeded = fp32.generate(conditions, sampler, steps, args.guidance, [s + 1000 for s in seeds])
+    reseeded = fp32.generate(conditions, sampling, [s + 1000 for s in seeds])
     for label, a, b in (("int8 vs fp32, same seeds", images["int8"], images["fp32"]),
                         ("fp32 vs fp32, other seeds", reseeded, images["fp32"])):
         mad = [float(np.abs(x.astype(np.int16) - y.astype(np.int16)).mean()) for x, y in zip(a, b)]
         db = psnr(a, b)
         print(f"{label}: mean |difference| {np.mean(mad):.2f} / 255 (max over images {np.max(mad):.2f}), "
               f"PSNR {np.mean(db):.1f} dB (min {np.min(db):.1f}) over {args.compare} val scenes at "
-              f"{args.compare_snr_db:g} dB, {sampler} {steps} steps")
+              f"{args.compare_snr_db:g} dB, {sampling.sampler} {sampling.steps} steps")
 
 
 if __name__ == "__main__":

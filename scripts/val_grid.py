@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from shared.limits import SamplingOptions
 from shared.semantic.channels import ChannelConfig
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid, colorize
@@ -43,7 +44,8 @@ def main() -> None:
     codec = CodecConfig(num_classes=CAMVID_INFO.num_classes)
     channel = ChannelConfig(snr_db=args.psnr_db)
     conditions = [simulate_link(val.labels[i], codec, channel, seed=args.seed + int(i), out_size=size).condition for i in picks]
-    images = generator.generate(torch.from_numpy(np.stack(conditions)), args.sampler, args.steps, args.guidance,
+    sampling = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    images = generator.generate(torch.from_numpy(np.stack(conditions)), sampling,
                                 seeds=[args.seed + int(i) for i in picks])
 
     def at_model_size(rgb: np.ndarray) -> np.ndarray:

@@ -38,7 +38,15 @@ from sender_service.pipeline import (
 from sender_service.settings import SenderSettings
 from shared.wire import grpc_security, transport
 from shared.semantic.codec import Compression
-from shared.limits import MAX_GUIDANCE, MAX_SNR_DB, MAX_STEPS, MIN_SNR_DB, MIN_STEPS
+from shared.limits import (
+    MAX_GUIDANCE,
+    MAX_SNR_DB,
+    MAX_STEPS,
+    MIN_SNR_DB,
+    MIN_STEPS,
+    SAMPLER_NAME_PATTERN,
+    SamplingOptions,
+)
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
@@ -160,7 +168,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
         rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0,
         sampler: Annotated[
-            str | None, Form(pattern=r"^[A-Za-z0-9_+\-]{1,32}$", description="empty: the receiver's default")
+            str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default")
         ] = None,
         steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default")] = None,
         guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0,
@@ -187,9 +195,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
                 channel=channel,
                 equalize=equalize,
                 rician_k_db=rician_k_db,
-                sampler=sampler or "",
-                steps=steps or 0,
-                guidance=guidance,
+                sampling=SamplingOptions(sampler=sampler or "", steps=steps or 0, guidance=guidance),
                 seed=secrets.randbits(32) if seed is None else seed,
                 downsample_factor=downsample_factor or settings.downsample_factor,
                 compression=compression or settings.compression,

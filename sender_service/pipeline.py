@@ -18,6 +18,7 @@ import numpy as np
 
 from gesco.v1 import gesco_pb2
 from sender_service.settings import REPO_ROOT, SenderSettings
+from shared.limits import SamplingOptions
 from shared.semantic import codec
 from shared.wire import imageio, transport
 
@@ -51,9 +52,7 @@ class TransmissionRequest:
     channel: str = "awgn"
     equalize: bool = True
     rician_k_db: float = 6.0
-    sampler: str = ""
-    steps: int = 0
-    guidance: float = 2.0
+    sampling: SamplingOptions = SamplingOptions(guidance=2.0)
     seed: int = 0
     downsample_factor: int = 1
     compression: codec.Compression = codec.Compression.NONE
@@ -205,9 +204,9 @@ def prepare_transmission(
             rician_k_db=request.rician_k_db,
         ),
         sampling=gesco_pb2.SamplingRequest(
-            sampler=request.sampler,
-            steps=request.steps,
-            guidance=request.guidance,
+            sampler=request.sampling.sampler,
+            steps=request.sampling.steps,
+            guidance=request.sampling.guidance,
             seed=request.seed,
             use_fds=request.use_fds,
         ),

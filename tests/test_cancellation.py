@@ -16,6 +16,7 @@ import torch
 
 from receiver_service.app import CANCEL_REASON
 from receiver_service.grpc_server import CALLER_GONE_REASON, ReceiverServicer
+from shared.limits import SamplingOptions
 from shared.wire import transport
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
@@ -73,14 +74,15 @@ def test_the_generator_passes_the_step_callback_on() -> None:
     generator = SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(
         unet=unet, diffusion=DiffusionConfig(num_timesteps=20)))
     heard: list[tuple[int, int]] = []
-    generator.generate(torch.zeros(1, 4, 8, 16), "ddim", 3, 1.0, [0], step_callback=lambda *step: heard.append(step))
+    ddim3 = SamplingOptions(sampler="ddim", steps=3, guidance=1.0)
+    generator.generate(torch.zeros(1, 4, 8, 16), ddim3, [0], step_callback=lambda *step: heard.append(step))
     assert heard == [(0, 3), (1, 3), (2, 3)]
 
     def stop(step: int, total: int) -> None:
         raise Stop
 
     with pytest.raises(Stop):
-        generator.generate(torch.zeros(1, 4, 8, 16), "ddim", 3, 1.0, [0], step_callback=stop)
+        generator.generate(torch.zeros(1, 4, 8, 16), ddim3, [0], step_callback=stop)
 
 
 # ---------------------------------------------------------------------- the worker (fake generator)

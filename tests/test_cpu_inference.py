@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.limits import SamplingOptions
 from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.quantization import INT8, QuantizedConv, keeps_fp32, prepare_int8, quantize_generator
@@ -44,7 +45,7 @@ def test_int8_generator_quantizes_the_inner_convolutions_and_makes_images(int8: 
     assert wrapped and not any(keeps_fp32(name) for name in wrapped)
     assert "down.0.res.in_conv" in wrapped and "input_conv" not in wrapped
     assert int8.info.quantization == INT8 and int8.info.name.endswith("-int8")
-    images = int8.generate(_conditions(3), "ddim", 3, 2.0, [0, 1, 2])
+    images = int8.generate(_conditions(3), SamplingOptions(sampler="ddim", steps=3, guidance=2.0), [0, 1, 2])
     assert images.shape == (3, TINY.image_height, TINY.image_width, 3) and images.dtype.name == "uint8"
 
 
@@ -65,7 +66,8 @@ def test_int8_checkpoint_loads_into_the_same_model(tmp_path, fp32: SemanticImage
     loaded = SemanticImageGenerator.load(path, "cpu")
     assert loaded.info.quantization == INT8 and loaded.info.parameters == fp32.info.parameters
     conditions = _conditions(2)
-    assert (loaded.generate(conditions, "ddpm", 3, 2.0, [4, 5]) == int8.generate(conditions, "ddpm", 3, 2.0, [4, 5])).all()
+    ddpm3 = SamplingOptions(sampler="ddpm", steps=3, guidance=2.0)
+    assert (loaded.generate(conditions, ddpm3, [4, 5]) == int8.generate(conditions, ddpm3, [4, 5])).all()
 
 
 def test_unknown_quantization_is_rejected(tmp_path, fp32: SemanticImageGenerator) -> None:
@@ -77,11 +79,11 @@ def test_unknown_quantization_is_rejected(tmp_path, fp32: SemanticImageGenerator
 
 def test_channels_last_gives_the_same_images(fp32: SemanticImageGenerator) -> None:
     conditions = _conditions(2)
-    reference = fp32.generate(conditions, "ddpm", 4, 2.0, [0, 1])
+    reference = fp32.generate(conditions, SamplingOptions(sampler="ddpm", steps=4, guidance=2.0), [0, 1])
     nhwc = SemanticImageGenerator(copy.deepcopy(fp32.network), fp32.config, fp32.info, fp32.device)
     nhwc.use_channels_last()
     assert nhwc.network.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    images = nhwc.generate(conditions, "ddpm", 4, 2.0, [0, 1])
+    images = nhwc.generate(conditions, SamplingOptions(sampler="ddpm", steps=4, guidance=2.0), [0, 1])
     assert images.shape == reference.shape
     assert np.abs(images.astype(int) - reference.astype(int)).max() <= 1
 
@@ -98,14 +100,14 @@ def test_compile_warms_up_every_batch_size_and_guidance(monkeypatch, fp32: Seman
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     generator = SemanticImageGenerator(copy.deepcopy(fp32.network), fp32.config, fp32.info, fp32.device)
-    reference = fp32.generate(_conditions(3), "ddpm", 2, 2.0, [0, 1, 2])
+    reference = fp32.generate(_conditions(3), SamplingOptions(sampler="ddpm", steps=2, guidance=2.0), [0, 1, 2])
     torch._dynamo.reset()
     try:
         generator.compile()
         monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        assert (generator.generate(_conditions(3), "ddpm", 2, 2.0, [0, 1, 2]) == reference).all()
-        generator.generate(_conditions(1), "ddim", 2, 0.0, [0])
-        generator.generate(_conditions(4), "dpmpp2m", 2, 0.0, [0, 1, 2, 3])
+        assert (generator.generate(_conditions(3), SamplingOptions(sampler="ddpm", steps=2, guidance=2.0), [0, 1, 2]) == reference).all()
+        generator.generate(_conditions(1), SamplingOptions(sampler="ddim", steps=2, guidance=0.0), [0])
+        generator.generate(_conditions(4), SamplingOptions(sampler="dpmpp2m", steps=2, guidance=0.0), [0, 1, 2, 3])
     finally:
         torch._dynamo.reset()
 

@@ -7,8 +7,10 @@ import torch
 
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-from shared.semantic.diffusion.samplers import (SAMPLER_NAMES, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, GuidedModel,
-                                      log_snr_timesteps, make_sampler, per_image_noise, spaced_timesteps)
+from shared.limits import LimitError, SamplingOptions
+from shared.semantic.diffusion.samplers import (DEFAULT_SAMPLER, SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler,
+                                                GuidedModel, Sampler, log_snr_timesteps, per_image_noise, resolve,
+                                                spaced_timesteps)
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
@@ -183,11 +185,39 @@ def test_samplers_return_shape_and_range(sampler, steps: int) -> None:
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
 
 
-def test_make_sampler_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match="unknown sampler"):
-        make_sampler("euler")
+def test_samplers_register_under_the_name_their_class_declares() -> None:
+    assert SAMPLERS == {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverPP2MSampler}
+    assert (DDIMSampler.name, DDIMSampler.default_steps) == ("ddim", 10)
+    with pytest.raises(ValueError, match="registered already"):
+        class Again(Sampler, name="ddim", default_steps=1):
+            def sample(self, *args, **kwargs):
+                raise NotImplementedError
+    assert SAMPLERS["ddim"] is DDIMSampler
     with pytest.raises(ValueError, match="eta"):
-        make_sampler("ddim", eta=2.0)
+        DDIMSampler(eta=2.0)
+
+
+def test_resolve_fills_the_defaults_and_names_the_bad_field() -> None:
+    assert DEFAULT_SAMPLER == "ddim"
+    assert resolve(SamplingOptions(guidance=2.0), 1000) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    assert resolve(SamplingOptions(sampler="ddpm", guidance=0.0), 1000).steps == 50
+    assert resolve(SamplingOptions(sampler="dpmpp2m", guidance=0.0), 8).steps == 8  # a short chain caps the default
+    assert resolve(SamplingOptions(sampler="ddpm", steps=7, guidance=1.0), 1000).steps == 7
+    with pytest.raises(LimitError, match="^sampler must be one of") as raised:
+        resolve(SamplingOptions(sampler="euler", guidance=0.0), 1000)
+    assert raised.value.field == "sampler"
+    with pytest.raises(LimitError, match="^steps must be in 1..20 for this model"):
+        resolve(SamplingOptions(steps=21, guidance=0.0), 20)
+
+
+@pytest.mark.parametrize(("options", "field"), [
+    (dict(steps=1001), "steps"), (dict(steps=-1), "steps"), (dict(steps=2.5), "steps"), (dict(guidance=20.5), "guidance"),
+    (dict(guidance=-0.1), "guidance"), (dict(guidance=float("nan")), "guidance"), (dict(sampler="no spaces"), "sampler"),
+    (dict(sampler="x" * 33), "sampler")])
+def test_sampling_options_are_checked_against_the_limits_when_made(options, field) -> None:
+    with pytest.raises(LimitError) as raised:
+        SamplingOptions(**{"guidance": 1.0, **options})
+    assert raised.value.field == field
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +229,9 @@ def test_generator_is_deterministic_and_batch_independent(generator: SemanticIma
     assert not generator.info.trained and generator.info.num_classes == 4
     cond = torch.zeros(2, 4, 8, 16)
     cond[:, 1] = 1
-    pair = generator.generate(cond, "ddim", 3, 2.0, seeds=[7, 8])
-    alone = generator.generate(cond[:1], "ddim", 3, 2.0, seeds=[7])
+    ddim3 = SamplingOptions(sampler="ddim", steps=3, guidance=2.0)
+    pair = generator.generate(cond, ddim3, seeds=[7, 8])
+    alone = generator.generate(cond[:1], ddim3, seeds=[7])
     assert pair.shape == (2, 8, 16, 3) and pair.dtype == np.uint8
     np.testing.assert_array_equal(pair[0], alone[0])
     assert not np.array_equal(pair[0], pair[1])
@@ -208,18 +239,17 @@ def test_generator_is_deterministic_and_batch_independent(generator: SemanticIma
 
 def test_generator_rejects_bad_requests(generator: SemanticImageGenerator) -> None:
     cond = torch.zeros(1, 4, 8, 16)
+    ddim2 = SamplingOptions(sampler="ddim", steps=2, guidance=1.0)
     with pytest.raises(ValueError, match="shape"):
-        generator.generate(torch.zeros(1, 5, 8, 16), "ddim", 2, 1.0, [0])
+        generator.generate(torch.zeros(1, 5, 8, 16), ddim2, [0])
     with pytest.raises(ValueError, match="seed"):
-        generator.generate(cond, "ddim", 2, 1.0, [0, 1])
+        generator.generate(cond, ddim2, [0, 1])
     with pytest.raises(ValueError, match="steps"):
-        generator.generate(cond, "ddim", 0, 1.0, [0])
+        generator.generate(cond, SamplingOptions(sampler="ddim", steps=1001, guidance=1.0), [0])
     with pytest.raises(ValueError, match="sampler"):
-        generator.generate(cond, "plms", 2, 1.0, [0])
-    with pytest.raises(ValueError, match="guidance"):
-        generator.generate(cond, "ddim", 2, float("nan"), [0])
+        generator.generate(cond, SamplingOptions(sampler="plms", steps=2, guidance=1.0), [0])
     with pytest.raises(ValueError, match="NaN"):
-        generator.generate(torch.full((1, 4, 8, 16), float("nan")), "ddim", 2, 1.0, [0])
+        generator.generate(torch.full((1, 4, 8, 16), float("nan")), ddim2, [0])
 
 
 def test_checkpoint_round_trip(tmp_path, generator: SemanticImageGenerator) -> None:
@@ -297,8 +327,8 @@ def test_dpm_solver_is_deterministic_per_image_seed() -> None:
     torch.manual_seed(2)
     net = SemanticUNet(TINY).eval()
     cond = torch.rand(2, 4, 8, 16)
-    sampler = make_sampler("dpmpp2m")
-    assert isinstance(sampler, DPMSolverPP2MSampler) and "dpmpp2m" in SAMPLER_NAMES
+    sampler = SAMPLERS["dpmpp2m"]()
+    assert isinstance(sampler, DPMSolverPP2MSampler)
     with torch.no_grad():
         first = sampler.sample(diffusion, GuidedModel(net, cond, 1.5), (2, 3, 8, 16), _seeded(2), 5)
         again = sampler.sample(diffusion, GuidedModel(net, cond, 1.5), (2, 3, 8, 16), _seeded(2), 5)

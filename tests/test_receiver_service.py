@@ -251,7 +251,10 @@ from receiver_service.worker import (  # noqa: E402
     NotReadyError,
     QueueFullError,
     resolve_sampling,
+    sampling_request,
 )
+from shared.limits import SamplingOptions  # noqa: E402
+from shared.semantic.diffusion import samplers  # noqa: E402
 from shared.semantic.diffusion.generator import GeneratorInfo  # noqa: E402
 
 NUM_CLASSES = 12
@@ -261,8 +264,6 @@ class FakeGenerator:
     """Paints each pixel with the colour of its condition's argmax; `gate` holds generation (and
     calls the step callback while it does)."""
 
-    sampler_names = ("ddim", "ddpm")
-    default_sampler = "ddim"
     max_steps = 100
 
     def __init__(self) -> None:
@@ -274,8 +275,8 @@ class FakeGenerator:
         self.fail_with: Exception | None = None
         self.inference_options: list[str] = []
 
-    def default_steps(self, sampler: str) -> int:
-        return {"ddim": 50, "ddpm": 100}[sampler]
+    def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
+        return samplers.resolve(sampling, self.max_steps)
 
     def use_channels_last(self) -> None:
         self.inference_options.append("channels_last")
@@ -283,7 +284,8 @@ class FakeGenerator:
     def compile(self) -> None:
         self.inference_options.append("compile")
 
-    def generate(self, conditions, sampler, steps, guidance, seeds, step_callback=None):
+    def generate(self, conditions, sampling, seeds, step_callback=None):
+        sampler, steps, guidance = sampling.sampler, sampling.steps, sampling.guidance
         self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,
                                guidance=guidance, seeds=list(seeds)))
         deadline = time.monotonic() + 30
@@ -417,7 +419,7 @@ def test_header_without_sampling_gets_the_defaults(running_worker, fake_generato
     header, symbols = transmission()
     running_worker.submit(header, symbols, "req")
     record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
-    assert record["sampling"] == {"sampler": "ddim", "steps": 50, "guidance": 0.0, "seed": 0, "use_fds": True}
+    assert record["sampling"] == {"sampler": "ddim", "steps": 10, "guidance": 0.0, "seed": 0, "use_fds": True}
 
 
 def test_queue_full_duplicates_and_positions(running_worker, fake_generator):
@@ -489,12 +491,23 @@ def test_not_ready_before_the_model_is_loaded(tmp_path):
 def test_resolve_sampling_uses_settings_defaults(tmp_path):
     generator = FakeGenerator()
     settings = make_settings(tmp_path, default_sampler="ddpm", default_steps=12, default_guidance=1.5)
-    assert resolve_sampling(None, generator, settings).as_dict() == {
-        "sampler": "ddpm", "steps": 12, "guidance": 1.5, "seed": 0, "use_fds": True}
+    request = sampling_request(gesco_pb2.TransmissionHeader(), settings)
+    assert (request.guidance, request.seed, request.use_fds) == (1.5, 0, True)
+    assert resolve_sampling(request, generator, settings) == SamplingOptions(sampler="ddpm", steps=12, guidance=1.5)
     request = gesco_pb2.SamplingRequest(guidance=0.0, seed=2**64 - 1, use_fds=False)
-    assert resolve_sampling(request, generator, settings).as_dict() == {
-        "sampler": "ddpm", "steps": 12, "guidance": 0.0, "seed": 2**64 - 1, "use_fds": False}
-    assert resolve_sampling(request, generator, make_settings(tmp_path)).steps == 50
+    assert resolve_sampling(request, generator, settings) == SamplingOptions(sampler="ddpm", steps=12, guidance=0.0)
+    defaults = make_settings(tmp_path)
+    assert resolve_sampling(request, generator, defaults) == SamplingOptions(sampler="ddim", steps=10, guidance=0.0)
+    request.sampler = "ddpm"
+    assert resolve_sampling(request, generator, defaults).steps == 50  # that sampler's default
+
+
+def test_an_unknown_default_sampler_fails_the_model_load(tmp_path, fake_generator):
+    store = TransmissionStore(tmp_path / "store", max_items=5, max_age_s=60)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, default_sampler="euler"), store)
+    worker.load_model()
+    assert not worker.ready and "default sampler must be one of" in worker.load_error
 
 
 # ------------------------------------------------------------------------------ dynamic batching
@@ -602,7 +615,7 @@ def test_an_image_is_the_same_batched_or_alone(tmp_path):
     from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig
     from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
     from shared.semantic.diffusion.unet import UNetConfig
-    from receiver_service.worker import Job, SamplingChoice, run_batch
+    from receiver_service.worker import Job, run_batch
 
     unet = UNetConfig(num_classes=NUM_CLASSES, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
                       attention_downsample=(2,), head_channels=32, spade_hidden=16)
@@ -618,8 +631,8 @@ def test_an_image_is_the_same_batched_or_alone(tmp_path):
         label_map[:8] = label
         header, symbols = transmission(label_map)
         semantic = transport.semantic_header_from_proto(header.semantic)
-        sampling = SamplingChoice(sampler="dpmpp2m", steps=4, guidance=1.5, seed=seed, use_fds=seed != 2)
-        jobs.append(Job(header.transmission_id, "req", semantic, symbols, sampling))
+        sampling = SamplingOptions(sampler="dpmpp2m", steps=4, guidance=1.5)
+        jobs.append(Job(header.transmission_id, "req", semantic, symbols, sampling, seed=seed, use_fds=seed != 2))
     batched = run_batch(jobs, generator, (8, 16))
     alone = [run_batch([job], generator, (8, 16))[0] for job in jobs]
     for together, single in zip(batched, alone):

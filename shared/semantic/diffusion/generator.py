@@ -13,12 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared.limits import MAX_GUIDANCE
+from shared.limits import SamplingOptions
 from shared.semantic.checkpoints import load_checkpoint
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
-from shared.semantic.diffusion.samplers import SAMPLER_NAMES, GuidedModel, StepCallback, make_sampler
+from shared.semantic.diffusion.samplers import SAMPLERS, GuidedModel, StepCallback, resolve
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -57,12 +57,6 @@ class GeneratorInfo:
 
 class SemanticImageGenerator:
     """Generates RGB images from K-channel semantic maps with any registered sampler."""
-
-    sampler_names: tuple[str, ...] = SAMPLER_NAMES
-    # The fewest steps whose mIoU at 10 dB is within 0.02 of 1000-step DDPM (docs/sampler-sweep.md:
-    # DDIM 10 scores 0.550 against 0.549, about 150x faster).
-    default_sampler: str = "ddim"
-    default_sampler_steps: int = 10
 
     def __init__(self, network: SemanticUNet, config: SemanticDiffusionConfig, info: GeneratorInfo, device: torch.device) -> None:
         self.network = network.to(device).eval()
@@ -115,25 +109,13 @@ class SemanticImageGenerator:
                              torch.zeros(batch, dtype=torch.long, device=self.device),
                              torch.zeros(batch, cfg.num_classes, cfg.image_height, cfg.image_width, device=self.device))
 
-    @property
-    def max_steps(self) -> int:
-        return self.diffusion.num_timesteps
-
-    def default_steps(self, sampler: str) -> int:
-        steps = self.default_sampler_steps if sampler == self.default_sampler else make_sampler(sampler).default_steps
-        return min(steps, self.max_steps)
-
-    def validate_request(self, sampler: str, steps: int, guidance: float) -> None:
-        """Raise ValueError for settings no sampler can honour, before any work is queued."""
-        if sampler not in self.sampler_names:
-            raise ValueError(f"unknown sampler {sampler!r}: expected one of {self.sampler_names}")
-        if not 1 <= steps <= self.max_steps:
-            raise ValueError(f"steps must lie in [1, {self.max_steps}], got {steps}")
-        if not (np.isfinite(guidance) and 0.0 <= guidance <= MAX_GUIDANCE):
-            raise ValueError(f"guidance must lie in [0, {MAX_GUIDANCE:g}], got {guidance}")
+    def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
+        """The sampler and steps `generate` runs for `sampling` (its defaults filled in); LimitError
+        (a ValueError naming the field) for a sampler or steps this model cannot run."""
+        return resolve(sampling, self.diffusion.num_timesteps)
 
     @torch.inference_mode()
-    def generate(self, conditions: torch.Tensor, sampler: str, steps: int, guidance: float, seeds: Sequence[int],
+    def generate(self, conditions: torch.Tensor, sampling: SamplingOptions, seeds: Sequence[int],
                  step_callback: StepCallback | None = None) -> np.ndarray:
         """Images (B, H, W, 3) uint8 for conditions (B, K, H, W) at the model's resolution.
 
@@ -147,14 +129,15 @@ class SemanticImageGenerator:
             raise ValueError(f"need one seed per image: {conditions.shape[0]} images, {len(seeds)} seeds")
         if not torch.isfinite(conditions).all():
             raise ValueError("conditions contain NaN or infinite values")
-        self.validate_request(sampler, steps, guidance)
+        sampling = self.resolve(sampling)
         # A contiguous copy made here is an inference tensor like every other network input, so a
         # compiled network sees one kind of tensor and does not recompile for unguided requests.
         condition = conditions.to(self.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-        model_fn = GuidedModel(self.network, condition, guidance)
+        model_fn = GuidedModel(self.network, condition, sampling.guidance)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         shape = (conditions.shape[0], cfg.in_channels, cfg.image_height, cfg.image_width)
-        images = make_sampler(sampler).sample(self.diffusion, model_fn, shape, generators, steps, step_callback)
+        sampler = SAMPLERS[sampling.sampler]()
+        images = sampler.sample(self.diffusion, model_fn, shape, generators, sampling.steps, step_callback)
         return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

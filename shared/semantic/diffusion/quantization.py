@@ -22,6 +22,8 @@ from torch import nn
 
 from torch.ao import quantization as tq
 
+from shared.limits import SamplingOptions
+
 if TYPE_CHECKING:
     from shared.semantic.diffusion.generator import SemanticImageGenerator
 
@@ -124,6 +126,6 @@ def quantize_generator(generator: SemanticImageGenerator, conditions: torch.Tens
     """An int8 CPU copy of `generator`, calibrated while the fp32 model samples `conditions`."""
     prepared = prepare_int8(generator.network, reduce_range, all_convolutions)
     with observing(generator.network, prepared):
-        generator.generate(conditions, sampler, steps, guidance, seeds)
+        generator.generate(conditions, SamplingOptions(sampler=sampler, steps=steps, guidance=guidance), seeds)
     info = dataclasses.replace(generator.info, name=f"{generator.info.name}-int8", quantization=INT8)
     return type(generator)(convert_int8(prepared), generator.config, info, torch.device("cpu"))
