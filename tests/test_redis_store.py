@@ -1,0 +1,474 @@
+"""Shared Redis store against a real redis-server: the disk store's behaviour, two replicas, leases,
+pub/sub wake-ups, cancel across replicas, Redis restarts and outages.
+
+Each test starts its own redis-server (Debian's `redis-server`) on a free loopback port, with a
+password and append-only persistence in a temporary folder. Replicas that must die for real run as
+subprocesses and get SIGKILL.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from receiver_service.long_poll import FinishWaiters
+from receiver_service.redis_store import (
+    LEASE_EXPIRED_ERROR,
+    LOST_ERROR,
+    STOPPED_ERROR,
+    RedisStoreSettings,
+    RedisTransmissionStore,
+    StoreUnavailableError,
+    connect,
+)
+from receiver_service.settings import ReceiverSettings
+from receiver_service.store import RESTART_ERROR, DuplicateTransmissionError, TransmissionStore, UnknownTransmissionError
+from receiver_service.store_factory import create_store
+from shared.paths import REPO_ROOT
+from tests.service_procs import free_port
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
+)
+
+IDS = [f"{i:032x}" for i in range(1, 20)]
+PASSWORD = "test-password-1"
+PREFIX = "gesco:receiver:"
+LEASE_S = 1.0
+
+
+class RedisServer:
+    """One redis-server process on a free loopback port, its data in `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--requirepass", PASSWORD, "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = self.client()
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server did not start: {(self.directory / 'redis.log').read_text()}")
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, so whatever survives was persisted as it was written."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def make_store(redis_server) -> Iterator[Callable[..., RedisTransmissionStore]]:
+    """Opened stores on the test's Redis (each one a replica), closed at the end."""
+    stores: list[RedisTransmissionStore] = []
+
+    def make(replica_id: str = "a", max_items: int = 100, max_age_s: float = 1e12,
+             clock: Callable[[], float] = time.time, on_finished: Callable[[str], None] | None = None,
+             ) -> RedisTransmissionStore:
+        settings = RedisStoreSettings(url=redis_server.url, password=PASSWORD, lease_s=LEASE_S)
+        store = RedisTransmissionStore(connect(settings), max_items, max_age_s, lease_s=LEASE_S,
+                                       replica_id=replica_id, clock=clock, on_finished=on_finished)
+        store.open()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(transmission_id: str, created_at: float, status: str = "queued") -> dict:
+    return {"id": transmission_id, "status": status, "created_at": created_at, "error": None, "timings_ms": {}}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# Runs a replica in its own process (settings from the GESCO_RECEIVER_REDIS_* environment), creates
+# the records given as JSON, prints "ready" and waits to be killed.
+REPLICA_SCRIPT = """
+import json, sys, time
+from receiver_service.redis_store import RedisStoreSettings, RedisTransmissionStore
+store = RedisTransmissionStore.from_settings(RedisStoreSettings(), 100, 1e12)
+store.open()
+for record in json.loads(sys.argv[1]):
+    status = record.pop("then", None)
+    store.create(record)
+    if status:
+        store.update(record["id"], status=status)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def run_replica(redis_server: RedisServer, replica_id: str, records: list[dict]) -> subprocess.Popen:
+    """A replica process holding `records` (a record's "then" status is applied after create)."""
+    env = {**os.environ, "GESCO_RECEIVER_REDIS_URL": redis_server.url, "GESCO_RECEIVER_REDIS_PASSWORD": PASSWORD,
+           "GESCO_RECEIVER_REDIS_LEASE_S": str(LEASE_S), "GESCO_RECEIVER_REDIS_REPLICA_ID": replica_id}
+    proc = subprocess.Popen([sys.executable, "-c", REPLICA_SCRIPT, json.dumps(records)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------ the disk store's behaviour
+
+
+def test_create_get_update(make_store, redis_server):
+    store = make_store()
+    store.create(record(IDS[0], 1.0))
+    assert store.get(IDS[0])["status"] == "queued"
+    store.update(IDS[0], status="running", timings_ms={"queue_wait": 3.0})
+    updated = store.update(IDS[0], timings_ms={"sample": 4.0})
+    assert updated["timings_ms"] == {"queue_wait": 3.0, "sample": 4.0}
+    assert json.loads(redis_server.client().hget(f"{PREFIX}tx:{IDS[0]}", "record")) == updated
+    with pytest.raises(DuplicateTransmissionError):
+        store.create(record(IDS[0], 2.0))
+    with pytest.raises(UnknownTransmissionError):
+        store.get(IDS[1])
+    with pytest.raises(UnknownTransmissionError):
+        store.update(IDS[1], status="done")
+    assert store.contains(IDS[0]) and not store.contains(IDS[1]) and len(store) == 1
+
+
+def test_reports_finished_jobs_once(make_store):
+    finished: list[str] = []
+    store = make_store(on_finished=finished.append)
+    store.create(record(IDS[0], 1.0))
+    store.update(IDS[0], status="running")
+    assert finished == []
+    store.update(IDS[0], status="done")
+    time.sleep(0.3)  # its own pub/sub message must not count twice
+    assert finished == [IDS[0]]
+
+
+def test_artifacts(make_store):
+    store = make_store()
+    store.create(record(IDS[0], 1.0))
+    assert store.read_artifact(IDS[0], "image") is None
+    store.write_artifact(IDS[0], "image", b"\x89PNG fake")
+    assert store.read_artifact(IDS[0], "image") == b"\x89PNG fake"
+    with pytest.raises(ValueError, match="unknown artifact"):
+        store.write_artifact(IDS[0], "../status.json", b"x")
+    with pytest.raises(UnknownTransmissionError):
+        store.write_artifact(IDS[1], "image", b"x")
+    with pytest.raises(UnknownTransmissionError):
+        store.read_artifact(IDS[1], "image")
+
+
+@pytest.mark.parametrize("bad_id", ["..", "../" + IDS[0][3:], "ABCDEF0123456789ABCDEF0123456789", IDS[0] + "/x", ""])
+def test_never_builds_a_key_from_a_bad_id(make_store, redis_server, bad_id):
+    store = make_store()
+    with pytest.raises(ValueError, match="transmission_id"):
+        store.create(record(bad_id, 1.0))
+    for call in (store.get, store.contains, store.delete):
+        with pytest.raises(ValueError, match="transmission_id"):
+            call(bad_id)
+    for call in (store.read_artifact, store.request_cancel):
+        with pytest.raises(ValueError, match="transmission_id"):
+            call(bad_id, "image")
+    with pytest.raises(ValueError, match="transmission_id"):
+        store.update(bad_id, status="done")
+    assert sorted(redis_server.client().keys(f"{PREFIX}*")) == [f"{PREFIX}lease:a".encode(), f"{PREFIX}owners".encode()]
+
+
+def test_evicts_oldest_finished_first_by_count(make_store):
+    store = make_store(max_items=3, clock=FakeClock())
+    store.create(record(IDS[0], 1.0, "running"))  # oldest, but unfinished: kept
+    store.create(record(IDS[1], 2.0, "done"))
+    store.create(record(IDS[2], 3.0, "failed"))
+    store.create(record(IDS[3], 4.0, "done"))
+    assert not store.contains(IDS[1])
+    assert all(store.contains(i) for i in (IDS[0], IDS[2], IDS[3]))
+    store.create(record(IDS[4], 5.0))
+    assert [i for i in IDS[:5] if store.contains(i)] == [IDS[0], IDS[3], IDS[4]]
+    assert len(store) == 3
+
+
+def test_never_evicts_unfinished_jobs(make_store):
+    store = make_store(max_items=1)
+    store.create(record(IDS[0], 1.0))
+    store.create(record(IDS[1], 2.0))
+    assert len(store) == 2 and store.unfinished_ids() == [IDS[0], IDS[1]]
+
+
+def test_evicts_by_age_and_redis_expires_finished_records(make_store, redis_server):
+    clock = FakeClock(now=1000.0)
+    store = make_store(max_age_s=60, clock=clock)
+    store.create(record(IDS[0], 900.0, "done"))
+    store.create(record(IDS[1], 900.0, "queued"))
+    store.create(record(IDS[2], 990.0, "done"))
+    assert not store.contains(IDS[0])
+    assert store.contains(IDS[1]) and store.contains(IDS[2])
+    client = redis_server.client()
+    assert 49_000 < client.pttl(f"{PREFIX}tx:{IDS[2]}") <= 50_000  # created 990 + 60 s, now 1000
+    assert client.pttl(f"{PREFIX}tx:{IDS[1]}") == -1  # unfinished: no expiry
+    clock.now = 1100.0
+    assert store.evict() == [IDS[2]]
+    assert store.unfinished_ids() == [IDS[1]] and len(store) == 1
+
+
+def test_restart_with_the_same_replica_id_fails_its_predecessors_jobs_and_keeps_the_rest(make_store, redis_server):
+    proc = run_replica(redis_server, "r1", [record(IDS[0], 1.0), {**record(IDS[1], 2.0), "then": "running"},
+                                            record(IDS[2], 3.0, "done")])
+    kill(proc)
+    restarted = make_store("r1")  # opened at once, well within the dead process's lease
+    for transmission_id in (IDS[0], IDS[1]):
+        assert restarted.get(transmission_id)["status"] == "failed"
+        assert restarted.get(transmission_id)["error"] == RESTART_ERROR
+    assert restarted.get(IDS[2])["status"] == "done"
+    assert restarted.unfinished_ids() == []
+
+
+def test_concurrent_updates_from_two_replicas_are_all_kept(make_store):
+    replicas = [make_store("a"), make_store("b")]
+    replicas[0].create(record(IDS[0], 1.0))
+
+    def bump(worker: int) -> None:
+        for step in range(20):
+            replicas[worker % 2].update(IDS[0], timings_ms={f"w{worker}-{step}": 1.0})
+
+    threads = [threading.Thread(target=bump, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(replicas[1].get(IDS[0])["timings_ms"]) == 80
+
+
+# ------------------------------------------------------------------------------- replicas together
+
+
+def test_two_replicas_see_each_others_records_and_images(make_store):
+    a, b = make_store("a"), make_store("b")
+    a.create(record(IDS[0], 1.0))
+    assert b.get(IDS[0])["status"] == "queued"
+    with pytest.raises(DuplicateTransmissionError):
+        b.create(record(IDS[0], 1.0))
+    a.write_artifact(IDS[0], "maps_fds", b"png bytes")
+    a.update(IDS[0], status="done")
+    assert b.get(IDS[0])["status"] == "done"
+    assert b.read_artifact(IDS[0], "maps_fds") == b"png bytes"
+    b.delete(IDS[0])
+    assert not a.contains(IDS[0]) and len(a) == 0
+
+
+def test_a_finish_on_one_replica_wakes_a_long_poll_on_another(make_store):
+    async def long_poll() -> bool:
+        waiters = FinishWaiters()
+        waiters.bind(asyncio.get_running_loop())
+        make_store("b", on_finished=waiters.notify_finished)
+        event = waiters.register(IDS[0])
+        await asyncio.to_thread(a.update, IDS[0], status="done")
+        return await waiters.wait(event, 5.0)
+
+    a = make_store("a")
+    a.create(record(IDS[0], 1.0))
+    started = time.monotonic()
+    assert asyncio.run(long_poll())
+    assert time.monotonic() - started < 2.0
+
+
+def test_cancel_reaches_the_replica_that_holds_the_job(make_store):
+    cancelled: list[tuple[str, str]] = []
+    a, b = make_store("a"), make_store("b")
+    a.set_cancel_handler(lambda transmission_id, reason: cancelled.append((transmission_id, reason)))
+    a.create(record(IDS[0], 1.0))
+    a.create(record(IDS[1], 2.0))
+    a.update(IDS[1], status="running")
+    a.create(record(IDS[2], 3.0, "done"))
+
+    queued = b.request_cancel(IDS[0], "nobody waits")
+    assert (queued["status"], queued["error"]) == ("cancelled", "nobody waits")
+    running = b.request_cancel(IDS[1], "nobody waits")
+    assert running["status"] == "running"  # the owner stops it at its next sampling step
+    assert b.request_cancel(IDS[2], "nobody waits")["status"] == "done"
+    assert wait_until(lambda: len(cancelled) == 2, 5.0)
+    time.sleep(0.2)
+    assert cancelled == [(IDS[0], "nobody waits"), (IDS[1], "nobody waits")]
+    # The owner's own late update of the cancelled job changes nothing.
+    assert a.update(IDS[0], status="running")["status"] == "cancelled"
+    assert a.unfinished_ids() == [IDS[1]]
+
+
+# ----------------------------------------------------------------------------------------- leases
+
+
+def test_a_killed_replicas_jobs_fail_within_the_lease(make_store, redis_server):
+    finished: list[str] = []
+    survivor = make_store("survivor", on_finished=finished.append)
+    survivor.create(record(IDS[5], 0.5))
+    time.sleep(LEASE_S)  # past the survivor's own start-up grace
+    proc = run_replica(redis_server, "doomed", [record(IDS[0], 1.0), {**record(IDS[1], 2.0), "then": "running"},
+                                                record(IDS[2], 3.0, "done")])
+    time.sleep(2 * LEASE_S)
+    assert survivor.get(IDS[0])["status"] == "queued"  # alive: renewed, never swept
+    killed = time.monotonic()
+    kill(proc)
+    assert wait_until(lambda: survivor.get(IDS[1])["status"] == "failed", 4 / 3 * LEASE_S + 1.0)
+    elapsed = time.monotonic() - killed
+    for transmission_id in (IDS[0], IDS[1]):
+        failed = survivor.get(transmission_id)
+        assert failed["status"] == "failed"
+        assert failed["error"] == LEASE_EXPIRED_ERROR.format(owner="doomed")
+    assert sorted(finished) == [IDS[0], IDS[1]]
+    assert survivor.get(IDS[2])["status"] == "done" and survivor.get(IDS[5])["status"] == "queued"
+    assert redis_server.client().smembers(f"{PREFIX}owners") == {b"survivor"}
+    # The failure is final: a late "done" with its image from the lost replica changes nothing.
+    survivor.write_artifact(IDS[1], "image", b"late")
+    assert survivor.update(IDS[1], status="done")["status"] == "failed"
+    assert survivor.read_artifact(IDS[1], "image") is None
+    print(f"jobs of the killed replica failed {elapsed:.2f} s after SIGKILL (lease {LEASE_S} s)")
+
+
+def test_close_fails_own_unfinished_jobs_at_once(make_store):
+    a, b = make_store("a"), make_store("b")
+    a.create(record(IDS[0], 1.0))
+    a.create(record(IDS[1], 2.0, "done"))
+    assert a.close() == [IDS[0]]
+    assert b.get(IDS[0])["error"] == STOPPED_ERROR.format(owner="a")
+    assert b.get(IDS[1])["status"] == "done"
+
+
+def test_jobs_the_worker_no_longer_holds_end_failed(make_store):
+    held = {IDS[0]}
+    store = make_store()
+    store.set_job_holder(lambda: set(held))
+    store.create(record(IDS[0], 1.0))
+    store.create(record(IDS[1], 2.0))  # e.g. its "done" could not be stored while Redis was down
+    assert wait_until(lambda: store.get(IDS[1])["status"] == "failed", 3 * LEASE_S)
+    assert store.get(IDS[1])["error"] == LOST_ERROR
+    assert store.get(IDS[0])["status"] == "queued"
+    held.clear()
+    store.update(IDS[0], status="done")
+    time.sleep(LEASE_S)
+    assert store.get(IDS[0])["status"] == "done"
+
+
+# -------------------------------------------------------------------------- Redis restarts, outages
+
+
+def test_done_records_survive_a_redis_restart_and_the_same_client_recovers(make_store, redis_server):
+    store = make_store()
+    store.create(record(IDS[0], 1.0))
+    store.write_artifact(IDS[0], "image", b"image bytes")
+    store.update(IDS[0], status="done")
+    redis_server.kill()
+    started = time.monotonic()
+    for call in (lambda: store.get(IDS[0]), lambda: store.create(record(IDS[1], 2.0)), store.check,
+                 lambda: store.read_artifact(IDS[0], "image"), lambda: store.update(IDS[0], error=None), store.evict):
+        with pytest.raises(StoreUnavailableError, match="Redis"):
+            call()
+    assert time.monotonic() - started < 5.0  # every call fails fast
+    redis_server.start()
+    store.check()
+    assert store.get(IDS[0])["status"] == "done"
+    assert store.read_artifact(IDS[0], "image") == b"image bytes"
+    store.create(record(IDS[1], 2.0))
+    assert store.unfinished_ids() == [IDS[1]]
+
+
+def test_an_outage_longer_than_the_lease_fails_no_live_replicas_jobs(make_store, redis_server):
+    a, b = make_store("a"), make_store("b")
+    a.create(record(IDS[0], 1.0))
+    b.create(record(IDS[1], 2.0))
+    time.sleep(LEASE_S)
+    redis_server.kill()
+    time.sleep(2 * LEASE_S)  # every lease has expired by the time Redis is back
+    redis_server.start()
+    time.sleep(3 * LEASE_S)  # both have renewed and swept again
+    assert a.get(IDS[1])["status"] == "queued" and b.get(IDS[0])["status"] == "queued"
+
+
+def test_wrong_password_is_unavailable(redis_server):
+    settings = RedisStoreSettings(url=redis_server.url, password="wrong", lease_s=LEASE_S)
+    store = RedisTransmissionStore.from_settings(settings, 10, 100)
+    with pytest.raises(StoreUnavailableError, match="Authentication|WRONGPASS|invalid"):
+        store.check()
+    with pytest.raises(StoreUnavailableError):
+        store.get(IDS[0])
+
+
+# -------------------------------------------------------------------------------- settings, factory
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", "redis://redis.example.test:6379/2")
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", "s3cret")
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_LEASE_S", "15")
+    settings = RedisStoreSettings()
+    assert (settings.url, settings.password.get_secret_value(), settings.lease_s) == (
+        "redis://redis.example.test:6379/2", "s3cret", 15.0)
+    assert "s3cret" not in repr(settings)
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", "http://redis:6379")
+    with pytest.raises(ValueError, match="url"):
+        RedisStoreSettings()
+    with pytest.raises(ValueError, match="replica_id"):
+        RedisStoreSettings(url="redis://x", replica_id="a/b")
+
+
+def test_factory_picks_the_disk_store_unless_a_redis_url_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("GESCO_RECEIVER_REDIS_URL", raising=False)
+    settings = ReceiverSettings(store_dir=tmp_path, store_max_items=7)
+    disk = create_store(settings)
+    assert isinstance(disk, TransmissionStore) and disk.root == tmp_path and disk.max_items == 7
+    shared = create_store(settings, redis_settings=RedisStoreSettings(url="redis://127.0.0.1:1/0"))
+    assert isinstance(shared, RedisTransmissionStore) and shared.max_items == 7
