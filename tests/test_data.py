@@ -197,3 +197,25 @@ def test_colorize() -> None:
         colorize(np.array([[12]]))
     with pytest.raises(ValueError):
         colorize(np.zeros((2, 2, 3), int))
+
+
+def test_archive_is_read_like_the_folder(tmp_path: Path) -> None:
+    from scripts.make_data_archive import make_archive
+
+    root = make_camvid(tmp_path / "camvid", "train", n=3)
+    make_camvid(root, "val", n=2, seed=1)
+    archive = tmp_path / "out" / "camvid-small.tar"
+    counts = make_archive(root, archive, (8, 12), "png", 95)
+    assert counts["train"] == 3 and counts["val"] == 2 and counts["bytes"] == archive.stat().st_size
+    folder = camvid(root, "train", size=(8, 12))
+    packed = camvid(archive, "train", size=(8, 12))
+    np.testing.assert_array_equal(packed.images, folder.images)
+    np.testing.assert_array_equal(packed.labels, folder.labels)
+    assert (tmp_path / "out" / "camvid-small" / "train" / "labels").is_dir()
+    assert data.unpack_archive(archive) == tmp_path / "out" / "camvid-small"  # already unpacked: no work
+    jpg = tmp_path / "out" / "camvid-jpg.tar"
+    make_archive(root, jpg, None, "jpg", 90)
+    lossy = camvid(jpg, "val", size=(H, W))
+    assert lossy.images.shape == (2, H, W, 3) and np.array_equal(lossy.labels, camvid(root, "val", size=(H, W)).labels)
+    with pytest.raises(ValueError, match="not a data archive"):
+        data.unpack_archive(tmp_path / "camvid" / "train" / "labels" / "f000.png")

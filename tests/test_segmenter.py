@@ -224,3 +224,89 @@ def test_training_script_resumes_exactly(tmp_path: Path) -> None:
     seg = Segmenter.from_checkpoint(straight / "m.pt", "cpu")
     assert seg.trained and "val_miou_void_excluded" in seg.meta and seg.meta["epoch"] >= 1
     assert seg.segment(np.zeros((12, 16, 3), np.uint8)).shape == (12, 16)
+
+
+def test_scale_crop_zoom_out_pads_with_the_ignored_label() -> None:
+    from training.train_segmenter import scale_crop
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 24, 32) * 2 - 1
+    labels = torch.full((1, 1, 24, 32), 3.0)
+    x, y = scale_crop(image, labels, (12, 16), 0.5, -100)  # the window is twice the frame
+    assert x.shape == (1, 3, 12, 16) and y.shape == (1, 1, 12, 16)
+    assert set(y.unique().tolist()) == {3.0, -100.0}
+    assert (y == 3).float().mean() == pytest.approx(0.25, abs=0.1)  # the frame fills about a quarter
+    x, y = scale_crop(image, labels, (12, 16), 2.0, -100)  # zoom in: no padding
+    assert set(y.unique().tolist()) == {3.0}
+
+
+def test_augment_shapes_and_ranges() -> None:
+    from training.train_segmenter import TrainConfig, augment
+
+    torch.manual_seed(1)
+    cfg = TrainConfig(input_height=12, input_width=16, scale_min=0.7, scale_max=2.0, scale_prob=1.0, jitter_prob=1.0,
+                      hue_max=0.1, downup_prob=1.0, noise_prob=1.0)
+    images = torch.rand(4, 3, 24, 32) * 2 - 1
+    labels = torch.randint(0, 12, (4, 24, 32))
+    x, y = augment(images, labels, cfg, -100)
+    assert x.shape == (4, 3, 12, 16) and y.shape == (4, 12, 16) and y.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1
+    assert set(y.unique().tolist()) <= set(range(12)) | {-100}
+
+
+def test_colour_jitter_hue_keeps_grey() -> None:
+    from training.train_segmenter import colour_jitter
+
+    torch.manual_seed(2)
+    grey = torch.zeros(1, 3, 4, 4) + 0.2
+    out = colour_jitter(grey, 0.25)
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
+
+
+def test_score_segmentation_matches_the_metrics() -> None:
+    from shared.semantic.segmenter import score_segmentation, scores_from_confusion
+
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (5, 6, 8), generator=gen)
+    pairs = [(torch.zeros(3, 6, 8), labels[i]) for i in range(5)]
+    preds = torch.where(torch.rand(5, 6, 8, generator=gen) < 0.7, labels, torch.randint(0, 4, (5, 6, 8), generator=gen))
+    calls = iter(range(5))
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        start = next(calls) * 2
+        return preds[start : start + len(images)]
+
+    names = ("a", "b", "c", "void")
+    scores = score_segmentation(predict, pairs, names, void_id=3, batch_size=2)
+    conf = confusion_matrix(preds, labels, 4)
+    real = conf.copy()
+    real[3] = 0
+    assert scores.miou_void_excluded == pytest.approx(miou(real, exclude=[3]))
+    assert scores.miou_with_void == pytest.approx(miou(conf))
+    assert scores.per_class_iou["a"] == pytest.approx(per_class_iou(real)[0], abs=1e-4)
+    assert scores.per_class_iou["void"] == pytest.approx(per_class_iou(conf)[3], abs=1e-4)
+    assert np.array_equal(scores.confusion, conf)
+    assert set(scores.as_dict()) == {"miou_void_excluded", "miou_with_void", "pixel_acc_void_excluded", "per_class_iou"}
+    with pytest.raises(ValueError, match="confusion"):
+        scores_from_confusion(conf, names[:3], 2)
+
+
+def test_training_script_warm_start_and_ema(tmp_path: Path) -> None:
+    from training import train_segmenter
+
+    data_root = _fake_camvid(tmp_path / "camvid")
+    common = ["--data-root", str(data_root), "--batch-size", "4", "--base-channels", "8", "--input-height", "24",
+              "--input-width", "32", "--warmup-steps", "1", "--minutes", "5", "--scale-min", "0.8"]
+    first = tmp_path / "first"
+    train_segmenter.main(common + ["--out-dir", str(first), "--model-path", str(first / "m.pt"), "--max-steps", "2"])
+    second = tmp_path / "second"
+    out = train_segmenter.main(common + ["--out-dir", str(second), "--model-path", str(second / "m.pt"), "--max-steps", "2",
+                                         "--init-from", str(first / "m.pt"), "--ema-decay", "0.9"])
+    assert out["step"] == 2
+    log = (second / "log.txt").read_text()
+    assert "warm start from" in log
+    state = torch.load(second / "state.pt", weights_only=False)
+    assert state["ema"] is not None
+    with pytest.raises(ValueError, match="another network"):
+        train_segmenter.main(common[:6] + ["--base-channels", "16", "--out-dir", str(tmp_path / "third"),
+                                           "--model-path", str(tmp_path / "third" / "m.pt"), "--init-from", str(first / "m.pt")])

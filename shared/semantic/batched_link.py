@@ -52,7 +52,8 @@ def present_maps(labels: torch.Tensor, codec: CodecConfig) -> tuple[torch.Tensor
     """Codec step before power normalisation: (B, K, h, w) float maps (absent classes zero) and the
     (B, K) bool mask of present classes."""
     k, factor = codec.num_classes, codec.downsample_factor
-    one_hot = F.one_hot(labels.long(), k).permute(0, 3, 1, 2).to(torch.float32)
+    ids = torch.arange(k, device=labels.device)[None, :, None, None]
+    one_hot = (labels[:, None].long() == ids).to(torch.float32)  # contiguous (B, K, H, W)
     present = one_hot.flatten(2).amax(2) > 0
     if codec.compression is Compression.JPEG:
         return _reference_codec_maps(labels, codec).to(labels.device), present

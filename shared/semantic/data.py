@@ -18,11 +18,14 @@ Label conventions:
   ignore_index 182); any other id above 181 is treated as unlabelled too.
 
 The default data root is `$GESCO_DATA_ROOT` or `../shared/data/camvid`; a relative path is
-resolved against the repository root, not the current directory.
+resolved against the repository root, not the current directory. A root may also be a `.tar`
+archive of such a folder (scripts/make_data_archive.py makes one for machines that get only the
+repository): it is unpacked once beside the archive and read from there.
 """
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,23 +196,51 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"split must be one of {allowed}, not {split!r}")
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_UNPACKED_MARKER = ".unpacked"
+
+
+def unpack_archive(archive: str | os.PathLike[str]) -> Path:
+    """Unpack a data archive into the folder beside it named after it (`x.tar` -> `x/`), once:
+    a marker file written after the last member makes later calls return at once, and a
+    half-unpacked folder (an interrupted run) is unpacked again."""
+    archive = Path(archive)
+    name = archive.name
+    suffix = next((s for s in ARCHIVE_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        raise ValueError(f"{archive} is not a data archive (expected one of {ARCHIVE_SUFFIXES})")
+    dest = archive.with_name(name[: -len(suffix)])
+    marker = dest / _UNPACKED_MARKER
+    if marker.is_file() and marker.read_text() == f"{archive.stat().st_size} {archive.stat().st_mtime_ns}":
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")  # "data": no absolute paths, links out or devices
+    marker.write_text(f"{archive.stat().st_size} {archive.stat().st_mtime_ns}")
+    return dest
+
+
 def _root(root: str | os.PathLike[str] | None) -> Path:
-    return DEFAULT_DATA_ROOT if root is None else Path(root).expanduser()
+    path = DEFAULT_DATA_ROOT if root is None else Path(root).expanduser()
+    return unpack_archive(path) if path.is_file() else path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg")
 
 
 def camvid_pairs(root: str | os.PathLike[str] | None, split: str) -> list[tuple[Path, Path]]:
-    """`<root>/<split>/images/*.png` with `<root>/<split>/labels/<same name>`."""
+    """`<root>/<split>/images/*.png` (or `*.jpg`) with `<root>/<split>/labels/<same stem>.png`."""
     _check_split(split, ("train", "val", "test"))
     base = _require_dir(_root(root) / split, f"CamVid {split}")
     img_dir = _require_dir(base / "images", "CamVid images")
     lab_dir = _require_dir(base / "labels", "CamVid labels")
-    images = {p.name: p for p in img_dir.glob("*.png")}
-    labels = {p.name: p for p in lab_dir.glob("*.png")}
+    images = {p.stem: p for p in img_dir.iterdir() if p.suffix in IMAGE_SUFFIXES}
+    labels = {p.stem: p for p in lab_dir.glob("*.png")}
     if not images:
-        raise ValueError(f"no *.png images in {img_dir}")
+        raise ValueError(f"no *.png or *.jpg images in {img_dir}")
     if images.keys() != labels.keys():
-        missing = sorted(images.keys() - labels.keys())[:3]
-        extra = sorted(labels.keys() - images.keys())[:3]
+        missing = sorted(images[k].name for k in images.keys() - labels.keys())[:3]
+        extra = sorted(labels[k].name for k in labels.keys() - images.keys())[:3]
         raise ValueError(
             f"image and label names differ in {base}: images without labels {missing}, labels without images {extra}"
         )
