@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from receiver_service.grpc_server import build_grpc_server, set_serving
 from receiver_service.long_poll import FinishWaiters
@@ -28,6 +27,8 @@ from receiver_service.worker import GenerationWorker
 from shared.limits import MAX_STATUS_WAIT_S
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire.records import TransmissionRecord
+from shared.wire.rest_errors import ApiError, add_error_handlers
 from shared.wire.transport import TRANSMISSION_ID_PATTERN
 
 log = logging.getLogger("receiver_service")
@@ -43,29 +44,10 @@ MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_la
 CANCEL_REASON = "cancelled at a client's request"
 
 
-class ChannelInfo(BaseModel):
-    model: str | None
-    snr_definition: str | None
-    requested_snr_db: float | None
-    measured_snr_db: float | None
-    channel_uses: int | None
+class TransmissionStatus(TransmissionRecord):
+    """A transmission's job at the receiver: its progress, the record of what it carried, the
+    model that samples it and where its images are."""
 
-
-class BitsInfo(BaseModel):
-    payload_bits: int
-    num_symbols: int
-    image_bits_jpeg: int
-
-
-class SamplingInfo(BaseModel):
-    sampler: str
-    steps: int
-    guidance: float
-    seed: int
-    use_fds: bool
-
-
-class TransmissionStatus(BaseModel):
     id: str
     status: JobStatus
     error: str | None
@@ -73,10 +55,6 @@ class TransmissionStatus(BaseModel):
     started_at: str | None
     finished_at: str | None
     timings_ms: dict[str, float]
-    channel: ChannelInfo
-    bits: BitsInfo
-    sampling: SamplingInfo
-    semantic: dict[str, Any]
     output: dict[str, int]
     model: dict[str, Any]
     urls: dict[str, str]
@@ -130,6 +108,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     app.state.waiters = waiters
     app.state.metrics = metrics
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    add_error_handlers(app)
     mount_local_docs(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -165,7 +144,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
             if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
                 record = await run_in_threadpool(store.get, transmission_id)
         except UnknownTransmissionError:
-            return _unknown(transmission_id)
+            raise _unknown(transmission_id) from None
         finally:
             waiters.unregister(transmission_id, finished)
         return status_json(record, settings.public_url)
@@ -182,12 +161,12 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         try:
             record = store.get(transmission_id)
         except UnknownTransmissionError:
-            return _unknown(transmission_id)
+            raise _unknown(transmission_id) from None
         if record["status"] == JobStatus.CANCELLED.value:
             return status_json(record, settings.public_url)
         if record["status"] in FINISHED:
-            return JSONResponse({"detail": f"transmission {transmission_id} is already {record['status']}",
-                                 "status": record["status"]}, status_code=409)
+            raise ApiError(409, f"transmission {transmission_id} is already {record['status']}",
+                           status=record["status"])
         return JSONResponse(status_json(record, settings.public_url), status_code=202)
 
     @app.get("/v1/transmissions/{transmission_id}/image", response_class=Response,
@@ -202,8 +181,8 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         """received.png / fds.png: argmax of the received / FDS maps, coloured by class;
         fds_labels.png: the FDS argmax class ids as 8-bit values at the transmitted size."""
         if map_name not in MAP_ARTIFACTS:
-            return JSONResponse({"detail": f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}"},
-                                status_code=404)
+            raise ApiError(404, f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}",
+                           field="map_name")
         return _artifact_response(store, transmission_id, MAP_ARTIFACTS[map_name])
 
     return app
@@ -229,8 +208,8 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _unknown(transmission_id: str) -> JSONResponse:
-    return JSONResponse({"detail": f"no transmission {transmission_id} (unknown or evicted)"}, status_code=404)
+def _unknown(transmission_id: str) -> ApiError:
+    return ApiError(404, f"no transmission {transmission_id} (unknown or evicted)", field="transmission_id")
 
 
 def _artifact_response(store: TransmissionStore, transmission_id: str, name: str) -> Response:
@@ -239,11 +218,11 @@ def _artifact_response(store: TransmissionStore, transmission_id: str, name: str
         record = store.get(transmission_id) if path is None else None
         data = path.read_bytes() if path is not None else None
     except (UnknownTransmissionError, FileNotFoundError):
-        return _unknown(transmission_id)
+        raise _unknown(transmission_id) from None
     if data is None:
         assert record is not None
-        detail = f"transmission {transmission_id} is {record['status']}; no {name} is available"
+        message = f"transmission {transmission_id} is {record['status']}; no {name} is available"
         if record.get("error"):
-            detail += f" ({record['error']})"
-        return JSONResponse({"detail": detail, "status": record["status"]}, status_code=409)
+            message += f" ({record['error']})"
+        raise ApiError(409, message, status=record["status"])
     return Response(data, media_type="image/png", headers={"Cache-Control": "no-cache"})

@@ -33,6 +33,7 @@ from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.wire.imageio import encode_png
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import ServiceMetrics
+from shared.wire.records import TransmissionRecord
 
 log = logging.getLogger("receiver_service.worker")
 
@@ -119,7 +120,6 @@ def output_size(settings: ReceiverSettings, generator: SemanticImageGenerator) -
 
 def job_record(
     header: gesco_pb2.TransmissionHeader,
-    semantic: codec.SemanticHeader,
     request: gesco_pb2.SamplingRequest,
     sampling: SamplingOptions,
     generator: SemanticImageGenerator,
@@ -127,8 +127,7 @@ def job_record(
     request_id: str,
     now: float,
 ) -> dict[str, Any]:
-    """The status.json record of a newly queued job."""
-    report = header.channel_report if header.HasField("channel_report") else None
+    """The status.json record of a newly queued job: its progress, then the transmission's record."""
     return {
         "id": header.transmission_id,
         "status": JobStatus.QUEUED.value,
@@ -138,40 +137,10 @@ def job_record(
         "started_at": None,
         "finished_at": None,
         "timings_ms": {},
-        "channel": {
-            "model": report.model if report else None,
-            "snr_definition": _snr_definition_name(report.snr_definition) if report else None,
-            "requested_snr_db": report.requested_snr_db if report else None,
-            "measured_snr_db": report.measured_snr_db if report else None,
-            "channel_uses": report.channel_uses if report else None,
-        },
-        "bits": {
-            "payload_bits": semantic.payload_bits,
-            "num_symbols": semantic.num_symbols,
-            "image_bits_jpeg": header.image_bits_jpeg,
-        },
-        "sampling": {**asdict(sampling), "seed": request.seed, "use_fds": request.use_fds},
-        "semantic": {
-            "num_classes": semantic.num_classes,
-            "height": semantic.height,
-            "width": semantic.width,
-            "map_height": semantic.map_height,
-            "map_width": semantic.map_width,
-            "present_class_ids": list(semantic.present_class_ids),
-            "downsample_factor": semantic.downsample_factor,
-            "compression": semantic.compression.value,
-            "jpeg_quality": semantic.jpeg_quality,
-        },
+        **TransmissionRecord.from_header(header, request, sampling).model_dump(mode="json"),
         "output": {"height": size[0], "width": size[1]},
         "model": generator.info.as_dict(),
     }
-
-
-def _snr_definition_name(value: int) -> str | None:
-    try:
-        return transport.snr_definition_from_proto(value)
-    except ValueError:
-        return None
 
 
 def run_batch(
@@ -340,7 +309,7 @@ class GenerationWorker:
                 raise DuplicateTransmissionError(job.transmission_id)
             if self.queue_depth >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
-            self.store.create(job_record(header, semantic, request, sampling, generator, size, request_id, time.time()))
+            self.store.create(job_record(header, request, sampling, generator, size, request_id, time.time()))
             ahead = len(self._jobs)
             self._waiting.append(job)
             self._jobs[job.transmission_id] = job

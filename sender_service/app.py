@@ -18,10 +18,8 @@ from typing import Annotated, Any, Literal
 import grpc
 import httpx
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sender_service import receiver_client
 from sender_service.auth import API_KEY_HEADER, ApiKeyGuard
@@ -50,13 +48,14 @@ from shared.limits import (
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire.records import TransmissionRecord
+from shared.wire.rest_errors import ApiError, BodySizeLimit, add_error_handlers, error_response
 
 log = logging.getLogger(__name__)
 
 # Room for the multipart boundaries and the small form fields around the uploaded file.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_SEED = 2**64 - 1
-BODY_TOO_LARGE_SCOPE_KEY = "gesco.body_too_large"
 # The status of the answer to a client that closed its connection while waiting (nginx's
 # convention): nobody reads it, but the request metrics count it.
 CLIENT_CLOSED_REQUEST = 499
@@ -69,19 +68,15 @@ _GRPC_TO_HTTP = {
 }
 
 
-def error_response(
-    status_code: int,
-    message: str,
-    field: str | None = None,
-    headers: dict[str, str] | None = None,
-    **extra: Any,
-) -> JSONResponse:
-    """The one error body of this API."""
-    return JSONResponse(
-        {"error": {"field": field, "message": message, **extra}},
-        status_code=status_code,
-        headers=headers,
-    )
+class TransmissionAccepted(TransmissionRecord):
+    """The 202 answer: where to follow the transmission, and the record of what was sent."""
+
+    id: str
+    status_url: str
+    image_url: str
+    queue_position: int
+    seed: int
+    segmenter: dict[str, Any]
 
 
 def create_app(settings: SenderSettings | None = None) -> FastAPI:
@@ -116,12 +111,14 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics = ServiceMetrics()
-    app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+                       message=f"the request body is larger than the {settings.max_upload_bytes}-byte upload limit",
+                       field="file")
     api_key = settings.api_key.get_secret_value()
     if api_key:
         app.add_middleware(ApiKeyGuard, api_key=api_key)  # before the body is read
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     mount_local_docs(app)
 
     @app.get("/metrics", include_in_schema=False)
@@ -146,6 +143,7 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     @app.post(
         "/v1/transmissions",
         status_code=202,
+        response_model=TransmissionAccepted,
         responses={
             200: {"content": {"image/png": {}}, "description": "wait=true: the generated image"},
             400: {"description": "a form field or the upload is unusable"},
@@ -222,9 +220,9 @@ async def _transmit(
             prepare_transmission, data, spec, settings, loader, transmission_id
         )
     except FieldError as error:
-        return error_response(error.status_code, error.message, field=error.field)
+        raise ApiError(error.status_code, error.message, field=error.field) from None
     except NotReadyError as error:
-        return error_response(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"})
+        raise ApiError(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"}) from None
     for stage, seconds in prepared.timings_s.items():
         metrics.observe_stage(stage, seconds)
 
@@ -233,43 +231,24 @@ async def _transmit(
             ack = await app.state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
     except ChannelCallError as error:
         log.warning("channel call failed", extra={"grpc_code": error.code.name})
-        return _channel_error_response(error, settings, transmission_id)
+        raise _channel_error(error, settings, transmission_id) from None
 
+    header = prepared.header
+    header.channel_report.CopyFrom(ack.channel_report)
     public = settings.receiver_public_url
-    report = ack.channel_report
-    body = {
-        "id": transmission_id,
-        "status_url": receiver_client.status_url(public, transmission_id),
-        "image_url": receiver_client.image_url(public, transmission_id),
-        "queue_position": ack.queue_position,
-        "seed": spec.seed,
-        "channel": {
-            "model": report.model or spec.channel,
-            "requested_snr_db": report.requested_snr_db,
-            "measured_snr_db": report.measured_snr_db,
-            "snr_definition": spec.snr_definition,
-            "channel_uses": report.channel_uses,
-        },
-        "bits": {
-            "payload_bits": prepared.semantic.payload_bits,
-            "num_symbols": prepared.semantic.num_symbols,
-            "channel_uses": report.channel_uses,
-            "image_bits_jpeg": prepared.header.image_bits_jpeg,
-            "image_jpeg_quality": prepared.header.image_jpeg_quality,
-        },
-        "semantic": {
-            "height": prepared.semantic.height,
-            "width": prepared.semantic.width,
-            "present_class_ids": list(prepared.semantic.present_class_ids),
-            "downsample_factor": prepared.semantic.downsample_factor,
-            "compression": prepared.semantic.compression.value,
-        },
-        "segmenter": {"used": prepared.segmenter_used, **_segmenter_summary(loader)},
-    }
+    accepted = TransmissionAccepted(
+        id=transmission_id,
+        status_url=receiver_client.status_url(public, transmission_id),
+        image_url=receiver_client.image_url(public, transmission_id),
+        queue_position=ack.queue_position,
+        seed=spec.seed,
+        segmenter={"used": prepared.segmenter_used, **_segmenter_summary(loader)},
+        **dict(TransmissionRecord.from_header(header, header.sampling)),
+    )
     log.info("transmission sent", extra={"queue_position": ack.queue_position})
     if not wait:
-        return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
-    return await _wait_for_image(app, transmission_id, body)
+        return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.status_url})
+    return await _wait_for_image(app, transmission_id, accepted.status_url)
 
 
 async def _unless_client_leaves(
@@ -307,9 +286,9 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _wait_for_image(app: FastAPI, transmission_id: str, body: dict[str, Any]) -> Response:
+async def _wait_for_image(app: FastAPI, transmission_id: str, status_url: str) -> Response:
     settings: SenderSettings = app.state.settings
-    details = {"id": transmission_id, "status_url": body["status_url"]}
+    details = {"id": transmission_id, "status_url": status_url}
     try:
         png = await receiver_client.wait_for_image(
             app.state.http,
@@ -320,11 +299,11 @@ async def _wait_for_image(app: FastAPI, transmission_id: str, body: dict[str, An
             settings.status_long_poll_s,
         )
     except receiver_client.ReceiverUnavailableError as error:
-        return error_response(503, str(error), **details)
+        raise ApiError(503, str(error), **details) from None
     except receiver_client.GenerationFailedError as error:
-        return error_response(502, str(error), **details)
+        raise ApiError(502, str(error), **details) from None
     except receiver_client.WaitTimeoutError as error:
-        return error_response(504, str(error), **details)
+        raise ApiError(504, str(error), **details) from None
     return Response(png, media_type="image/png", headers={"X-Transmission-Id": transmission_id})
 
 
@@ -332,9 +311,7 @@ def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
     return dict(loader.info) if loader.info else {"trained": False, "note": "the segmenter is loading"}
 
 
-def _channel_error_response(
-    error: ChannelCallError, settings: SenderSettings, transmission_id: str
-) -> JSONResponse:
+def _channel_error(error: ChannelCallError, settings: SenderSettings, transmission_id: str) -> ApiError:
     status_code = _GRPC_TO_HTTP.get(error.code, 502)
     headers = None
     if status_code == 429:
@@ -343,78 +320,4 @@ def _channel_error_response(
         503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
         504: f"the channel call exceeded its {settings.rpc_timeout_s:g} s deadline: {error.details}",
     }.get(status_code, f"the channel refused the transmission: {error.details}")
-    return error_response(
-        status_code, message, headers=headers, grpc_code=error.code.name, id=transmission_id
-    )
-
-
-class BodySizeLimit:
-    """Cap the request body at `max_body_size` bytes with the API's JSON 413.
-
-    A declared Content-Length over the limit is refused before anything is read; a streamed body
-    is cut off once it passes the limit (the form parser's error then becomes the same 413).
-    """
-
-    def __init__(self, app, max_body_size: int) -> None:
-        self.app = app
-        self.max_body_size = max_body_size
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_size:
-            await _too_large_response(self.max_body_size)(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_with_limit():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_size:
-                    scope[BODY_TOO_LARGE_SCOPE_KEY] = True
-                    raise BodyTooLargeError
-            return message
-
-        await self.app(scope, receive_with_limit, send)
-
-
-class BodyTooLargeError(Exception):
-    """Raised into the form parser when a streamed body passes the limit."""
-
-
-def _too_large_response(max_body_size: int) -> JSONResponse:
-    limit = max_body_size - FORM_OVERHEAD_BYTES
-    return error_response(413, f"the request body is larger than the {limit}-byte upload limit", field="file")
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field_name(error.get("loc", ())), "message": error.get("msg", "invalid")}
-            for error in exc.errors()
-        ]
-        first = errors[0] if errors else {"field": None, "message": "invalid request"}
-        return error_response(422, first["message"], field=first["field"], errors=errors)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if request.scope.get(BODY_TOO_LARGE_SCOPE_KEY):
-            settings: SenderSettings = request.app.state.settings
-            return _too_large_response(settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return error_response(exc.status_code, message, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
-
-def _field_name(location: tuple | list) -> str | None:
-    names = [str(part) for part in location if part not in ("body", "query", "path", "header")]
-    return names[0] if names else None
+    return ApiError(status_code, message, headers=headers, grpc_code=error.code.name, id=transmission_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi.responses import JSONResponse
+from shared.wire.rest_errors import error_response
 
 API_KEY_HEADER = "X-API-Key"
 # Probes, scrapers, the docs pages and the web page work without the key (the schema and the
@@ -31,12 +31,9 @@ class ApiKeyGuard:
         if scope["type"] != "http" or _open(scope["path"]) or self._authorised(scope):
             await self.app(scope, receive, send)
             return
-        response = JSONResponse(
-            {"error": {"field": API_KEY_HEADER,
-                       "message": f"a valid API key is required in the {API_KEY_HEADER} header"}},
-            status_code=401,
-            headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'},
-        )
+        response = error_response(401, f"a valid API key is required in the {API_KEY_HEADER} header",
+                                  field=API_KEY_HEADER,
+                                  headers={"WWW-Authenticate": f'ApiKey header="{API_KEY_HEADER}"'})
         await response(scope, receive, send)
 
     def _authorised(self, scope) -> bool:

@@ -114,7 +114,7 @@ def _parse_status(response: httpx.Response) -> tuple[str, str]:
         state = str(body["status"]).lower()
     except (ValueError, KeyError, TypeError) as error:
         raise GenerationFailedError(f"the receiver's status is not understood: {response.text[:300]}") from error
-    detail = body.get("error") or body.get("detail") or ""
+    detail = body.get("error") or ""
     return state, detail if isinstance(detail, str) else str(detail)
 
 

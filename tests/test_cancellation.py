@@ -186,7 +186,7 @@ def test_rest_cancel_of_queued_running_done_and_unknown_jobs(app_client, fake_ge
     receive(port, transport.symbol_frames(*done))
     wait_for_status(store, done[0].transmission_id, {"done"})
     response = app_client.post(f"/v1/transmissions/{done[0].transmission_id}/cancel")
-    assert response.status_code == 409 and response.json()["status"] == "done"
+    assert response.status_code == 409 and response.json()["error"]["status"] == "done"
     assert app_client.get(f"/v1/transmissions/{done[0].transmission_id}/image").status_code == 200
 
     assert app_client.post(f"/v1/transmissions/{transport.new_transmission_id()}/cancel").status_code == 404

@@ -688,7 +688,7 @@ def test_rest_status_image_and_maps(app_client, fake_generator):
     status = app_client.get(f"/v1/transmissions/{tid}").json()
     assert status["status"] in ("queued", "running")
     response = app_client.get(f"/v1/transmissions/{tid}/image")
-    assert response.status_code == 409 and response.json()["status"] in ("queued", "running")
+    assert response.status_code == 409 and response.json()["error"]["status"] in ("queued", "running")
     fake_generator.gate.set()
     deadline = time.monotonic() + 30
     while (status := app_client.get(f"/v1/transmissions/{tid}").json())["status"] != "done":
@@ -699,7 +699,8 @@ def test_rest_status_image_and_maps(app_client, fake_generator):
     assert status["channel"] == {"model": "awgn", "snr_definition": "paper_psnr", "requested_snr_db": 30.0,
                                  "measured_snr_db": pytest.approx(29.8), "channel_uses": symbols.size // 2}
     assert status["bits"] == {"payload_bits": int(header.semantic.payload_bits), "num_symbols": symbols.size,
-                              "image_bits_jpeg": 12345}
+                              "channel_uses": symbols.size // 2, "image_bits_jpeg": 12345, "image_jpeg_quality": 0}
+    assert status["semantic"]["present_class_ids"] == [0, 1, 3, 8] and status["semantic"]["compression"] == "none"
     assert status["sampling"] == {"sampler": "ddim", "steps": 3, "guidance": 0.0, "seed": 5, "use_fds": True}
     assert status["model"]["name"] == "fake" and status["model"]["trained"] is False
     assert status["created_at"].endswith("+00:00") and status["finished_at"] >= status["created_at"]
@@ -725,7 +726,7 @@ def test_rest_rejects_bad_ids_naming_the_field(app_client, bad_id):
         response = app_client.get(f"/v1/transmissions/{bad_id}{suffix}")
         assert response.status_code in (404, 422)
         if response.status_code == 422:
-            assert response.json()["detail"][0]["loc"] == ["path", "transmission_id"]
+            assert response.json()["error"]["field"] == "transmission_id"
     assert app_client.get("/v1/transmissions/abc").status_code == 422
 
 
@@ -755,7 +756,7 @@ def test_rest_long_poll_answers_when_the_job_finishes(app_client, fake_generator
 @pytest.mark.parametrize("wait_s", ["-1", "61", "soon"])
 def test_rest_long_poll_rejects_bad_waits_naming_the_field(app_client, wait_s):
     response = app_client.get(f"/v1/transmissions/{transport.new_transmission_id()}", params={"wait_s": wait_s})
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "wait_s"]
+    assert response.status_code == 422 and response.json()["error"]["field"] == "wait_s"
 
 
 def test_rest_long_poll_of_an_unknown_id_is_404_at_once(app_client):
@@ -768,7 +769,7 @@ def test_rest_unknown_id_is_404(app_client):
     unknown = transport.new_transmission_id()
     for suffix in ("", "/image", "/maps/received.png"):
         response = app_client.get(f"/v1/transmissions/{unknown}{suffix}")
-        assert response.status_code == 404 and "detail" in response.json()
+        assert response.status_code == 404 and response.json()["error"]["field"] == "transmission_id"
 
 
 def test_health_ready_docs_and_grpc_health(app_client):
@@ -937,7 +938,7 @@ def test_e2e_bad_input_is_invalid_argument_and_the_next_request_works(services):
         via_channel(channel.port, frames)
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     bad_id = httpx.get(f"http://127.0.0.1:{receiver.http_port}/v1/transmissions/not-an-id", timeout=10)
-    assert bad_id.status_code == 422 and bad_id.json()["detail"][0]["loc"] == ["path", "transmission_id"]
+    assert bad_id.status_code == 422 and bad_id.json()["error"]["field"] == "transmission_id"
 
 
 def test_e2e_queue_full_then_restart_fails_unfinished_jobs(tmp_path):

@@ -311,7 +311,10 @@ def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
         "image_bits_jpeg": 0,
         "image_jpeg_quality": 0,
     }
-    assert body["channel"]["model"] == "rician" and body["segmenter"]["used"] is False
+    assert body["channel"]["model"] == "rician" and body["channel"]["snr_definition"] == "paper_psnr"
+    assert body["sampling"] == {"sampler": "ddim", "steps": 5, "guidance": 1.5, "seed": 7, "use_fds": False}
+    assert body["semantic"]["present_class_ids"] == [0, 3, 5, 8] and body["semantic"]["num_classes"] == 12
+    assert body["segmenter"]["used"] is False
 
 
 def test_label_maps_of_another_size_are_resized_nearest(sender, channel) -> None:
@@ -333,6 +336,7 @@ def test_photo_is_segmented_and_sized_as_jpeg(sender, channel) -> None:
     assert body["bits"]["image_bits_jpeg"] == header.image_bits_jpeg
     assert body["segmenter"]["used"] is True and isinstance(body["segmenter"]["trained"], bool)
     assert header.sampling.steps == 0 and header.sampling.sampler == ""
+    assert body["sampling"]["sampler"] is None and body["sampling"]["steps"] is None  # the receiver's defaults
 
 
 @pytest.mark.parametrize(

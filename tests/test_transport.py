@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gesco.v1 import gesco_pb2
+from shared.limits import SamplingOptions
 from shared.semantic import codec
 from shared.wire import transport
+from shared.wire.records import ChannelRecord, TransmissionRecord
 
 TRANSMISSION_ID = "0123456789abcdef0123456789abcdef"
 
@@ -251,3 +253,30 @@ def test_bad_snr_definitions():
         transport.snr_definition_to_proto("peak")
     with pytest.raises(ValueError, match="snr_definition"):
         transport.snr_definition_from_proto(gesco_pb2.SNR_DEFINITION_UNSPECIFIED)
+
+
+# ------------------------------------------------------------------------- the transmission record
+
+
+def test_the_transmission_record_is_read_from_the_header() -> None:
+    header = transmission_header(encoded_maps(factor=2))
+    header.image_bits_jpeg, header.image_jpeg_quality = 4096, 75
+    request = gesco_pb2.SamplingRequest(guidance=2.0, seed=3, use_fds=True)
+    record = TransmissionRecord.from_header(header, request)
+    assert record.channel == ChannelRecord() and record.bits.channel_uses is None  # no channel report yet
+    assert record.bits.model_dump() == {"payload_bits": header.semantic.payload_bits, "num_symbols": 3 * 8 * 12,
+                                        "channel_uses": None, "image_bits_jpeg": 4096, "image_jpeg_quality": 75}
+    assert record.semantic.model_dump() == {"num_classes": 12, "height": 16, "width": 24, "map_height": 8,
+                                            "map_width": 12, "present_class_ids": [0, 3, 7], "downsample_factor": 2,
+                                            "compression": "none", "jpeg_quality": 75}
+    assert record.sampling.model_dump() == {"sampler": None, "steps": None, "guidance": 2.0, "seed": 3, "use_fds": True}
+
+    header.channel_report.CopyFrom(gesco_pb2.ChannelReport(
+        model="awgn", requested_snr_db=10.0, measured_snr_db=9.5,
+        snr_definition=gesco_pb2.SNR_DEFINITION_AVERAGE_POWER, channel_uses=96))
+    resolved = SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    record = TransmissionRecord.from_header(header, request, resolved)
+    assert record.channel.model_dump() == {"model": "awgn", "snr_definition": "average_power", "requested_snr_db": 10.0,
+                                           "measured_snr_db": 9.5, "channel_uses": 96}
+    assert record.bits.channel_uses == 96
+    assert (record.sampling.sampler, record.sampling.steps) == ("ddim", 10)
