@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_OUT := gesco/v1/gesco_pb2.py
 
-.PHONY: install proto test up down status demo compose-config
+.PHONY: install proto test up down status demo compose-config cli browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,25 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP) proto
+install: $(STAMP) proto cli browser
+
+# The `gesco` command line client (pyproject.toml's console script), installed editable.
+CLI_STAMP := $(VENV)/.gesco-cli
+$(CLI_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --no-deps -e .
+	touch $(CLI_STAMP)
+
+cli: $(CLI_STAMP)
+
+# Debian's Chromium for the browser test (tests/test_web_page.py drives it with Playwright):
+# installed with apt-get when missing (sudo unless root); without apt-get that test is skipped.
+BROWSER := /usr/bin/chromium
+browser:
+	@if [ -x $(BROWSER) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; \
+	else echo "$(BROWSER) is missing and apt-get is not available: the browser test will be skipped"; fi
 
 # Python stubs are generated from protos/ by grpcio-tools, never edited by hand.
 $(PROTO_OUT): protos/gesco/v1/gesco.proto $(STAMP)
