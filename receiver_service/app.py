@@ -40,7 +40,8 @@ WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
     "long poll: answer once the transmission has finished (done, failed or cancelled), or after this "
     "many seconds with its status then; 0 answers at once"))]
 # URL name of each debug map -> store artifact.
-MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels"}
+MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels",
+                 "received_labels.png": "received_labels"}
 CANCEL_REASON = "cancelled at a client's request"
 
 
@@ -58,6 +59,9 @@ class TransmissionStatus(TransmissionRecord):
     output: dict[str, int]
     model: dict[str, Any]
     urls: dict[str, str]
+    # While running, {"step": k, "steps": n}: sampling step k of n has started (known to the
+    # process sampling it; null otherwise).
+    progress: dict[str, int] | None = None
 
 
 def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
@@ -147,7 +151,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
             raise _unknown(transmission_id) from None
         finally:
             waiters.unregister(transmission_id, finished)
-        return status_json(record, settings.public_url)
+        return status_json(record, settings.public_url, worker.progress(transmission_id))
 
     @app.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
               responses={202: {"description": "running: it stops at its next sampling step"},
@@ -179,7 +183,8 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
              responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not written yet"}})
     def get_map(transmission_id: TransmissionId, map_name: str) -> Response:
         """received.png / fds.png: argmax of the received / FDS maps, coloured by class;
-        fds_labels.png: the FDS argmax class ids as 8-bit values at the transmitted size."""
+        received_labels.png / fds_labels.png: those argmax class ids as 8-bit values at the
+        transmitted size."""
         if map_name not in MAP_ARTIFACTS:
             raise ApiError(404, f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}",
                            field="map_name")
@@ -188,8 +193,9 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     return app
 
 
-def status_json(record: dict[str, Any], public_url: str) -> dict[str, Any]:
-    """The public status of a stored record: ISO timestamps, urls, no internal fields."""
+def status_json(record: dict[str, Any], public_url: str, progress: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The public status of a stored record: ISO timestamps, urls, sampling progress while
+    running, no internal fields."""
     base = f"{public_url}/v1/transmissions/{record['id']}"
     public = {key: record[key] for key in TransmissionStatus.model_fields if key in record}
     for key in ("created_at", "started_at", "finished_at"):
@@ -199,6 +205,8 @@ def status_json(record: dict[str, Any], public_url: str) -> dict[str, Any]:
         "image": f"{base}/image",
         **{f"maps_{name.removesuffix('.png')}": f"{base}/maps/{name}" for name in MAP_ARTIFACTS},
     }
+    running = progress is not None and record["status"] == JobStatus.RUNNING.value
+    public["progress"] = {"step": progress[0], "steps": progress[1]} if running else None
     return public
 
 

@@ -29,6 +29,7 @@ ARTIFACTS = {
     "maps_received": "maps_received.png",
     "maps_fds": "maps_fds.png",
     "fds_labels": "fds_labels.png",
+    "received_labels": "received_labels.png",
 }
 RESTART_ERROR = "receiver restarted before the job finished"
 

@@ -148,12 +148,14 @@ def run_batch(
     generator: SemanticImageGenerator,
     size: tuple[int, int],
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[JobResult]:
     """Decode, sample and encode a batch of jobs that share sampler, steps and guidance.
 
     A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
     `should_stop` is asked before every sampling step; once it says yes, sampling stops there and
-    every job gets an error instead of an image.
+    every job gets an error instead of an image. `on_step(step, total)` hears of each step
+    (1-based) as it starts.
     """
     results = [JobResult() for _ in jobs]
     info = generator.info
@@ -174,6 +176,8 @@ def run_batch(
         return results
 
     def stop_if_asked(step: int, total: int) -> None:
+        if on_step is not None:
+            on_step(step + 1, total)
         if should_stop is not None and should_stop():
             raise BatchCancelled(f"sampling stopped before step {step + 1} of {total}")
 
@@ -203,6 +207,7 @@ def run_batch(
             "maps_received": views.maps_png(received.noisy_maps),
             "maps_fds": views.maps_png(received.fds_maps),
             "fds_labels": views.labels_png(received.fds_maps),
+            "received_labels": views.labels_png(received.noisy_maps),
         }
         results[index].timings_ms.update(sample=sample_ms, png=_elapsed_ms(started))
     return results
@@ -229,6 +234,8 @@ class GenerationWorker:
         # others stay in order, so the next batch starts with the oldest left (FIFO, no starvation).
         self._waiting: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}  # queued or running, by transmission id
+        # (step, steps) of the jobs being sampled, by transmission id: the status shows progress.
+        self._progress: dict[str, tuple[int, int]] = {}
         self._job_seconds = INITIAL_JOB_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
@@ -316,6 +323,14 @@ class GenerationWorker:
             self._changed.notify_all()
         return ahead
 
+    def progress(self, transmission_id: str) -> tuple[int, int] | None:
+        """(step, steps) of a job this process is sampling now, else None."""
+        return self._progress.get(transmission_id)
+
+    def _set_progress(self, jobs: Sequence[Job], step: int, steps: int) -> None:
+        for job in jobs:
+            self._progress[job.transmission_id] = (step, steps)
+
     def cancel(self, transmission_id: str, reason: str) -> None:
         """Cancel a queued or running job (a finished or unknown one is left alone).
 
@@ -392,6 +407,7 @@ class GenerationWorker:
                 with self._changed:
                     for job in batch:
                         self._jobs.pop(job.transmission_id, None)
+                        self._progress.pop(job.transmission_id, None)
 
     def _process(self, batch: list[Job]) -> None:
         """Sample the batch's wanted jobs; jobs cancelled while it formed are only marked so."""
@@ -409,7 +425,8 @@ class GenerationWorker:
         if wanted:
             try:
                 results = run_batch(wanted, self.generator, size,
-                                    should_stop=lambda: all(job.cancelled for job in wanted))
+                                    should_stop=lambda: all(job.cancelled for job in wanted),
+                                    on_step=lambda step, total: self._set_progress(wanted, step, total))
             except Exception as error:  # noqa: BLE001 - never lose a job to an unexpected error
                 log.exception("generation failed")
                 results = [JobResult(error=f"{type(error).__name__}: {error}") for _ in wanted]

@@ -707,17 +707,35 @@ def test_rest_status_image_and_maps(app_client, fake_generator):
     assert set(status["timings_ms"]) >= {"decode_fds", "sample", "png", "total"}
     base = f"http://receiver.test:8001/v1/transmissions/{tid}"
     assert status["urls"] == {"status": base, "image": f"{base}/image", "maps_received": f"{base}/maps/received.png",
-                              "maps_fds": f"{base}/maps/fds.png", "maps_fds_labels": f"{base}/maps/fds_labels.png"}
+                              "maps_fds": f"{base}/maps/fds.png", "maps_fds_labels": f"{base}/maps/fds_labels.png",
+                              "maps_received_labels": f"{base}/maps/received_labels.png"}
+    assert status["progress"] is None
     assert "request_id" not in status
 
     image = app_client.get(f"/v1/transmissions/{tid}/image")
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert decode_png(image.content).shape == (30, 40, 3)
-    labels = app_client.get(f"/v1/transmissions/{tid}/maps/fds_labels.png")
-    np.testing.assert_array_equal(decode_png(labels.content), street_label_map())
+    for name in ("fds_labels.png", "received_labels.png"):  # noiseless: both are the sent map
+        labels = app_client.get(f"/v1/transmissions/{tid}/maps/{name}")
+        np.testing.assert_array_equal(decode_png(labels.content), street_label_map())
     for name in ("received.png", "fds.png"):
         assert app_client.get(f"/v1/transmissions/{tid}/maps/{name}").status_code == 200
     assert app_client.get(f"/v1/transmissions/{tid}/maps/secret.png").status_code == 404
+
+
+def test_rest_status_shows_the_sampling_step_while_running(app_client, fake_generator):
+    fake_generator.gate.clear()  # the fake sampler reports step 1 of 3 until the gate opens
+    header, symbols = transmission(sampling=gesco_pb2.SamplingRequest(steps=3, seed=5, use_fds=True))
+    receive(app_client.settings.grpc_port, transport.symbol_frames(header, symbols))
+    tid = header.transmission_id
+    deadline = time.monotonic() + 30
+    while (status := app_client.get(f"/v1/transmissions/{tid}").json())["progress"] is None:
+        assert status["status"] in ("queued", "running") and time.monotonic() < deadline, status
+        time.sleep(0.02)
+    assert status["status"] == "running" and status["progress"] == {"step": 1, "steps": 3}
+    fake_generator.gate.set()
+    done = app_client.get(f"/v1/transmissions/{tid}", params={"wait_s": 30}).json()
+    assert done["status"] == "done" and done["progress"] is None
 
 
 @pytest.mark.parametrize("bad_id", ["abc", "ABCDEF0123456789ABCDEF0123456789", "0" * 33, "..%2F..%2Fetc"])
