@@ -9,6 +9,7 @@ median of `--repeats` runs is reported, after one warm-up run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="", help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     device = select_device(args.device)
     cfg = TrainConfig()
     labels = torch.from_numpy(camvid(args.data_root, "train", (cfg.link_height, cfg.link_width)).labels[: args.batch].copy())
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"One batch of CamVid train label maps through codec, AWGN (SNR drawn per map), inverse codec, FDS and resize. "
         f"Device {device}, {args.threads} torch thread(s), {platform.processor() or platform.machine()}; "
-        f"median of {args.repeats} runs. Produced by `python -m scripts.benchmark_conditions "
+        f"median of {args.repeats} runs; load average {load:.1f} on {os.cpu_count()} cores at the start. Produced by `python -m scripts.benchmark_conditions "
         f"--batch {args.batch} --threads {args.threads} --device {args.device}`.",
         "",
         "| maps -> condition | batch | reference `simulate_link`, s | batched, s | speed-up |",

@@ -11,7 +11,7 @@
 #   BENCH_STEPS   steps per benchmark phase, 0 skips it [20]
 #   DATA          data archive or folder [data-archive/camvid-96x128.tar]
 #   RESUME_PARTS  parts folder of an earlier call to continue from (re-warms the learning rate) []
-#   PARTS_INCLUDE ema | model,ema [ema: 27 M params in fp16 are 54 MB, model and EMA would not fit
+#   PARTS_INCLUDE ema | model,ema [ema: 27.0 M params in fp16 are 51.6 MiB (4 parts); model and EMA would not fit
 #                 the 64 MiB that one call hands back]
 #   RUN_DIR       out_dir on the machine; state.pt there resumes exactly while it lives [runs/gpu-$PRESET]
 #   PYTHON        [python3]   DEVICE [cuda]
@@ -30,7 +30,7 @@ export PYTHONUNBUFFERED=1
 
 case "$PRESET" in
   large96) MODEL=(--model-name gesco-camvid-96x128 --image-height 96 --image-width 128 --model-channels 64
-                  --channel-mult 1,2,3,4 --num-res-blocks 2 --spade-hidden 64 --batch-size 64 --lr 2e-4
+                  --channel-mult 1,2,3,4 --num-res-blocks 2 --batch-size 64 --lr 2e-4
                   --warmup-steps 500 --ema-decay 0.999 --eval-every 500 --sample-every 2000 --log-every 100) ;;
   tiny) MODEL=(--model-name tiny --image-height 48 --image-width 64 --model-channels 8 --spade-hidden 8
                --batch-size 4 --eval-every 4 --sample-every 8 --log-every 2 --threads 1) ;;

@@ -41,10 +41,10 @@ def draw_snr_db(batch_size: int, values_db: Sequence[float], weights: Sequence[f
     """(B,) SNRs drawn independently from `values_db` with probabilities proportional to `weights`."""
     if len(values_db) == 0 or len(values_db) != len(weights):
         raise ValueError(f"need as many weights as SNR values, got {len(weights)} for {len(values_db)}")
-    probs = torch.tensor([float(w) for w in weights], dtype=torch.float64, device=device)
+    probs = torch.tensor([float(w) for w in weights], dtype=torch.float64)  # checked on the host: no device sync
     if bool((probs < 0).any()) or float(probs.sum()) <= 0:
         raise ValueError(f"SNR weights must be non-negative with a positive sum, not {list(weights)}")
-    picks = torch.multinomial(probs / probs.sum(), batch_size, replacement=True, generator=generator)
+    picks = torch.multinomial((probs / probs.sum()).to(device), batch_size, replacement=True, generator=generator)
     return torch.tensor([float(v) for v in values_db], dtype=torch.float32, device=device)[picks]
 
 
