@@ -163,7 +163,7 @@ def colour_jitter(image: torch.Tensor, hue_max: float) -> torch.Tensor:
     u = (u - mean) * (0.75 + 0.5 * torch.rand(())) + mean
     gray = u.mean(1, keepdim=True)
     u = (u - gray) * (0.6 + 0.8 * torch.rand(())) + gray
-    if hue_max > 0:  # rotate the chroma plane about the grey axis (YIQ-style)
+    if hue_max > 0:  # rotate RGB about the grey axis (1, 1, 1): greys stay, hues turn
         angle = (2 * float(torch.rand(())) - 1) * hue_max * 2 * math.pi
         c, s = math.cos(angle), math.sin(angle)
         k = 1.0 / 3.0
