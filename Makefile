@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_OUT := gesco/v1/gesco_pb2.py
 
-.PHONY: install proto test up down status demo compose-config cli browser
+.PHONY: install proto test up down status demo compose-config compose-check cli browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,3 +67,8 @@ compose-config: install
 	$(COMPOSE_BIN) -f docker-compose.yml config --quiet
 	$(COMPOSE_BIN) -f docker-compose.yml --profile gpu config --quiet
 	@echo "docker-compose.yml is valid (default and gpu profiles)"
+
+# Build the image and run the pipeline through real containers, checked from outside, then tear
+# it all down (scripts/compose_check.py). Installs Docker and starts dockerd when missing (root).
+compose-check: install
+	$(PY) scripts/compose_check.py

@@ -1,17 +1,21 @@
 """docker-compose.yml validates with a real Compose implementation and matches the services."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
 from channel_sim.settings import ChannelSettings
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
+from scripts import compose_check
 from shared.paths import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -98,7 +102,7 @@ def test_services_ports_and_commands(compose_yaml) -> None:
     services = compose_yaml["services"]
     expected = {
         "sender": ({8000}, "sender_service"),
-        "channel": ({50051}, "channel_sim"),
+        "channel": ({50051, 9051}, "channel_sim"),
         "receiver": ({8001, 50052}, "receiver_service"),
         "receiver-gpu": ({8001, 50052}, "receiver_service"),
     }
@@ -118,6 +122,34 @@ def test_every_service_has_a_healthcheck(compose_yaml) -> None:
             assert "-m shared.wire.health_probe receiver 127.0.0.1:50052" in test and "8001/readyz" in test
         if name == "channel":
             assert "-m shared.wire.health_probe channel 127.0.0.1:50051" in test
+
+
+def test_every_service_has_init_and_comes_back_after_a_crash(compose_yaml) -> None:
+    """Python as PID 1 would ignore SIGTERM; a crashed service restarts, a stopped one stays down."""
+    for name, service in compose_yaml["services"].items():
+        assert service["init"] is True, name
+        assert service["restart"] == "unless-stopped", name
+
+
+@needs_compose
+def test_published_ports_stay_on_loopback_and_move_together() -> None:
+    """GESCO_PUBLISH_*_PORT move the host ports (make compose-check picks free ones); the URLs the
+    receiver and the sender hand to clients follow the receiver's port."""
+    env = {**os.environ, "GESCO_PUBLISH_SENDER_PORT": "18000", "GESCO_PUBLISH_RECEIVER_HTTP_PORT": "18001",
+           "GESCO_PUBLISH_CHANNEL_METRICS_PORT": "19051"}
+    env.pop("GESCO_RECEIVER_PUBLIC_URL", None)
+    result = subprocess.run([*COMPOSE, "-f", str(COMPOSE_FILE), "config", "--format", "json"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    published = {(name, port["target"]): (port["host_ip"], port["published"])
+                 for name, service in services.items() for port in service["ports"]}
+    assert published[("sender", 8000)] == ("127.0.0.1", "18000")
+    assert published[("receiver", 8001)] == ("127.0.0.1", "18001")
+    assert published[("receiver", 50052)] == ("127.0.0.1", "50052")
+    assert published[("channel", 9051)] == ("127.0.0.1", "19051")
+    assert services["receiver"]["environment"]["GESCO_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:18001"
+    assert services["sender"]["environment"]["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:18001"
 
 
 def test_start_order_waits_for_health(compose_yaml) -> None:
@@ -155,6 +187,32 @@ def test_dockerfile_builds_stubs_and_copies_what_services_need() -> None:
     assert "grpc_tools.protoc" in dockerfile
     for folder in ("shared", "channel_sim", "receiver_service", "sender_service", "models", "protos"):
         assert f"COPY {folder}/ {folder}/" in dockerfile
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert "\nUSER gesco\n" in final_stage and "useradd" in final_stage  # not root
+    assert "ARG TORCH_WHEELHOUSE=\n" in dockerfile  # empty by default: users' builds use the index
+
+
+def _dockerfile_copy_sources() -> set[str]:
+    """What the Dockerfile copies from the build context (not from a stage, not a build argument)."""
+    sources = set()
+    for line in (REPO_ROOT / "docker" / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            sources.update(word for word in words[1:-1] if not word.startswith("$"))
+    return sources
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
+    """.dockerignore lists what may enter the build context: each COPY source must be let in, and
+    the services' checkpoints with it."""
+    allowed = {line[1:] for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert "*" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    for source in _dockerfile_copy_sources() - {"models/"}:
+        assert source in allowed, f"COPY {source} but .dockerignore keeps it out"
+    compose = (REPO_ROOT / "docker-compose.yml").read_text()
+    for checkpoint in ("models/diffusion-camvid.pt", "models/segmenter-camvid.pt"):
+        assert checkpoint in compose and checkpoint in allowed
+    assert "docker/wheelhouse/" in allowed
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:
@@ -172,3 +230,84 @@ def test_readme_documents_every_setting_with_its_default() -> None:
                 default = default.get_secret_value()
             shown = row.split("|")[2]
             assert (f"`{default}`" in shown) or (default == "" and "empty" in shown), (variable, shown)
+
+
+# scripts/compose_check.py (make compose-check) needs Docker; its plumbing is tested here without.
+
+def _runner(out: io.StringIO, failures: list) -> "compose_check.StepRunner":
+    ticks = iter(range(0, 1000, 2))
+    return compose_check.StepRunner(on_failure=failures.append, out=out, clock=lambda: float(next(ticks)))
+
+
+@pytest.mark.parametrize("error", [
+    compose_check.CheckFailed("status is running"),
+    httpx.ConnectError("connection refused"),
+    subprocess.TimeoutExpired(["docker", "compose"], 30),
+], ids=["check", "http", "timeout"])
+def test_step_runner_stops_at_the_first_failure_and_reports_it(error: Exception) -> None:
+    ran: list[str] = []
+    failures: list = []
+    out = io.StringIO()
+
+    def fail() -> str:
+        ran.append("b")
+        raise error
+
+    steps = [compose_check.Step("a", lambda: ran.append("a") or "fine"),
+             compose_check.Step("b", fail, ("receiver",)),
+             compose_check.Step("c", lambda: ran.append("c") or None)]
+    runner = _runner(out, failures)
+    assert runner.run(steps) is False
+    assert ran == ["a", "b"]  # c never ran
+    assert failures == [steps[1]] and runner.failed is steps[1]  # its services' logs get printed
+    lines = out.getvalue().splitlines()
+    assert lines[1].endswith("ok a (2.0 s): fine")
+    assert "FAILED b" in lines[3] and type(error).__name__ in lines[3]
+    assert not any(line.endswith("c ...") for line in lines)
+
+
+def test_step_runner_passes_when_every_step_does() -> None:
+    failures: list = []
+    out = io.StringIO()
+    steps = [compose_check.Step(name, lambda: None) for name in ("a", "b")]
+    assert _runner(out, failures).run(steps) is True
+    assert failures == [] and out.getvalue().count(" ok ") == 2
+
+
+def test_step_runner_lets_programming_errors_through() -> None:
+    """Only the failures a step can meet become a failed step; a bug in the check is a traceback."""
+    with pytest.raises(KeyError):
+        _runner(io.StringIO(), []).run([compose_check.Step("a", lambda: {}["missing"])])
+
+
+def test_check_arguments() -> None:
+    defaults = compose_check.parse_args([])
+    assert (defaults.project, defaults.keep, defaults.no_wheelhouse) == ("gesco-check", False, False)
+    given = compose_check.parse_args(["--project", "p", "--keep", "--no-wheelhouse"])
+    assert (given.project, given.keep, given.no_wheelhouse) == ("p", True, True)
+    with pytest.raises(SystemExit):
+        compose_check.parse_args(["--unknown"])
+
+
+def test_torch_pin_follows_requirements(tmp_path) -> None:
+    assert compose_check.torch_pin().startswith("torch==")
+    (tmp_path / "requirements.txt").write_text("numpy\n")
+    with pytest.raises(compose_check.CheckFailed):
+        compose_check.torch_pin(tmp_path / "requirements.txt")
+
+
+def test_check_sets_the_variables_the_compose_file_reads(compose_yaml) -> None:
+    """The check's free ports reach the compose file only through variables it really reads."""
+    stack = compose_check.Stack(project="p", wheelhouse="docker/wheelhouse")
+    try:
+        env = stack.env()
+    finally:
+        stack.http.close()
+    assert len(set(stack.ports.values())) == len(stack.ports) == 5
+    compose_text = COMPOSE_FILE.read_text()
+    published = [name for name in env if name.startswith("GESCO_PUBLISH_")]
+    assert len(published) == 5
+    for name in [*published, "GESCO_TORCH_WHEELHOUSE"]:
+        assert "${" + name + ":-" in compose_text, name
+    assert env["GESCO_PUBLISH_SENDER_PORT"] == str(stack.ports["sender"])
+    assert env["GESCO_TORCH_WHEELHOUSE"] == "docker/wheelhouse"
