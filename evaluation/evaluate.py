@@ -57,6 +57,7 @@ from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGe
 from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
+from shared.wire.imageio import resize_image  # as the receiver sizes its output
 
 DEFAULT_SNRS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
 DEFINITION_IDS = {SnrDefinition.PAPER_PSNR: 1, SnrDefinition.AVERAGE_POWER: 2}
@@ -111,6 +112,14 @@ class EvaluationConfig:
             object.__setattr__(self, name, tuple(SnrDefinition(d) for d in getattr(self, name)))
         if self.ablation_snrs is None:
             object.__setattr__(self, "ablation_snrs", self.snrs)
+        sampling = self.sampling  # a LimitError (a ValueError naming the field) out of the limits
+        if not sampling.sampler or not sampling.steps:
+            raise ValueError("sampler and steps must be given (not the receiver's defaults): the results record them")
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        """What `generator.generate` takes: sampler, steps and guidance."""
+        return SamplingOptions(sampler=self.sampler, steps=self.steps, guidance=self.guidance)
 
     def model_path(self, key: str) -> str:
         """The checkpoint of a method's `model` key ("model" or "ablation_model")."""
@@ -146,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=d.inception,
                    help="TorchScript Inception (NVIDIA inception-2015-12-05.pt); without it FID is n/a")
     p.add_argument("--sampler", default=d.sampler)
-    p.add_argument("--steps", type=int, default=d.steps, help="the receiver's default: DDIM 10 (docs/sampler-sweep.md)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"default: the receiver's, {d.sampler} {d.steps} (docs/sampler-sweep.md)")
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")
@@ -190,14 +200,6 @@ def evenly_spread(total: int, limit: int) -> list[int]:
     if limit <= 0 or limit >= total:
         return list(range(total))
     return sorted(set(np.linspace(0, total - 1, limit).round().astype(int).tolist()))
-
-
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize RGB uint8 as the receiver does for its output size: area when shrinking, else bicubic."""
-    if image.shape[:2] == (height, width):
-        return image
-    shrinking = height <= image.shape[0] and width <= image.shape[1]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
 
 def _relative(path: str | os.PathLike[str] | None) -> str | None:
@@ -261,19 +263,21 @@ class Evaluation:
                 self.unavailable[key] = reason or "unavailable"
             else:
                 self.generators[key] = generator
-        self._check_sampling(config.sampler, config.steps)
+        self._check_sampling(config.sampling)
         self.real_labels, self.real_features = self.probe(self.images)
         self.real_inception = self.inception(self.images) if self.inception else None
         self.plans: list[DigitalPlan] | None = None
 
-    def _check_sampling(self, sampler: str, steps: int) -> None:
+    def _check_sampling(self, sampling: SamplingOptions) -> None:
+        """Every loaded model can run this sampler and steps (an unknown sampler fails here, not mid-run)."""
         for generator in self.generators.values():
-            generator.resolve(SamplingOptions(sampler=sampler, steps=steps, guidance=self.config.guidance))
+            generator.resolve(sampling)
 
     def use_sampling(self, sampler: str, steps: int) -> None:
         """Generate with another sampler from now on (the sampler sweep), checked as at the start."""
-        self._check_sampling(sampler, steps)
-        self.config = replace(self.config, sampler=sampler, steps=steps)
+        config = replace(self.config, sampler=sampler, steps=steps)
+        self._check_sampling(config.sampling)
+        self.config = config
 
     # --- channel uses ----------------------------------------------------------------------------
     def semantic_uses(self, i: int) -> int:
@@ -299,6 +303,7 @@ class Evaluation:
         generator = self.generators[method.model]
         height, width = generator.info.image_height, generator.info.image_width
         channel = self.channel(definition, snr_db)
+        sampling = self.config.sampling
         outputs, measured, map_accuracy = [], [], []
         for start in range(0, len(self.images), self.config.batch_size):
             positions = range(start, min(start + self.config.batch_size, len(self.images)))
@@ -310,7 +315,6 @@ class Evaluation:
                 measured.append(link.channel.measured_snr_db)
                 sent = cv2.resize(self.labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
                 map_accuracy.append(float((link.condition.argmax(0) == sent).mean()))
-            sampling = SamplingOptions(sampler=self.config.sampler, steps=self.config.steps, guidance=self.config.guidance)
             generated = generator.generate(torch.from_numpy(np.stack(conditions)), sampling,
                                            [self.sampling_seed(i) for i in positions])
             outputs.extend(resize_image(image, *self.size) for image in generated)

@@ -164,6 +164,11 @@ def test_config_rejects_what_no_run_could_do_and_the_command_line_says_so(capsys
         evaluate.EvaluationConfig(snrs=())
     with pytest.raises(ValueError):
         evaluate.EvaluationConfig(definitions=("peak",))
+    with pytest.raises(ValueError, match="record them"):  # 0 would run the receiver's default but record 0
+        evaluate.EvaluationConfig(steps=0)
+    with pytest.raises(ValueError, match="guidance"):
+        evaluate.EvaluationConfig(guidance=50.0)
+    assert evaluate.EvaluationConfig(sampler="ddpm", steps=3, guidance=1.0).sampling.steps == 3
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--methods", "ours,jpeg"])
     assert exit_info.value.code == 2 and "unknown methods ['jpeg']" in capsys.readouterr().err
