@@ -5,7 +5,7 @@ import logging
 import signal
 import threading
 
-from channel_sim.server import build_server, set_serving
+from channel_sim.server import build_channel_server
 from channel_sim.settings import ChannelSettings
 from shared.wire.logging_setup import configure_logging
 from shared.wire.monitoring import ServiceMetrics, start_metrics_server
@@ -17,7 +17,7 @@ def main() -> None:
     settings = ChannelSettings()
     configure_logging("channel_sim", settings.log_level)
     metrics = ServiceMetrics()
-    server, receiver_channel, health_servicer = build_server(settings, metrics)
+    server, receiver_channel, health = build_channel_server(settings, metrics)
     stop_metrics = None
     if settings.metrics_port:
         stop_metrics = start_metrics_server(metrics, settings.host, settings.metrics_port)
@@ -26,12 +26,12 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     server.start()
-    set_serving(health_servicer, True)
+    health.set_serving(True)
     log.info("listening", extra={"address": f"{settings.host}:{settings.port}",
                                  "receiver_address": settings.receiver_address})
     stop.wait()
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
-    set_serving(health_servicer, False)
+    health.set_serving(False)
     server.stop(settings.shutdown_grace_s).wait()
     receiver_channel.close()
     if stop_metrics is not None:

@@ -6,21 +6,19 @@ The handler only parses, calls shared.semantic.channels and maps errors to statu
 from __future__ import annotations
 
 import logging
-import time
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared.semantic import channels
 from shared.wire import grpc_security, transport
-from shared.wire.logging_setup import clean_request_id, request_context
+from shared.wire.grpc_service import Call, CallRejected, Health, build_server, caller_gone, served_call
 from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("channel_sim")
+
+CHANNEL_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name
 
 # Receiver errors whose code already says the right thing to the sender.
 _PASSED_THROUGH = {
@@ -31,16 +29,6 @@ _PASSED_THROUGH = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.CANCELLED,
 }
-
-
-class CallRejected(Exception):
-    """Ends a call with a status, details and trailing metadata."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.trailing = trailing
 
 
 def channel_config_from_proto(request: gesco_pb2.ChannelRequest) -> channels.ChannelConfig:
@@ -71,44 +59,23 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         self._metrics = metrics
 
     def Transmit(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
-        started = time.perf_counter()
-        request_id = clean_request_id(dict(context.invocation_metadata()).get(transport.REQUEST_ID_METADATA_KEY))
-        fields: dict[str, object] = {}
-        with request_context(request_id):
-            try:
-                ack = self._transmit(request_iterator, context, request_id, fields)
-            except CallRejected as rejected:
-                self._log_call(fields, rejected.code, started, rejected.details)
-                if rejected.trailing:
-                    context.set_trailing_metadata(rejected.trailing)
-                context.abort(rejected.code, rejected.details)
-            except Exception:
-                log.exception("transmit failed")
-                self._log_call(fields, grpc.StatusCode.INTERNAL, started, "internal error")
-                context.abort(grpc.StatusCode.INTERNAL, "internal error in the channel simulator")
-            self._log_call(fields, grpc.StatusCode.OK, started, "")
-            return ack
+        with served_call(context, log, "transmit", "the channel simulator") as call:
+            ack = self._transmit(request_iterator, context, call)
+        return ack
 
-    def _transmit(self, request_iterator, context, request_id, fields) -> gesco_pb2.TransmissionAck:
+    def _transmit(self, request_iterator, context: grpc.ServicerContext, call: Call) -> gesco_pb2.TransmissionAck:
         try:
             with self._metrics.time_stage("assemble"):
                 header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
-        except (grpc.RpcError, ValueError) as error:  # the stream breaks off when the call ends
+        except (grpc.RpcError, ValueError):  # the stream breaks off when the call ends
             if caller_gone(context):
                 raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
-            if isinstance(error, grpc.RpcError):
-                raise
-            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        try:
-            fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
-            config = channel_config_from_proto(header.channel)
-            fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
-            with self._metrics.time_stage("channel"):
-                output = channels.apply_channel(
-                    symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale
-                )
-        except ValueError as error:
-            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            raise
+        call.fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
+        config = channel_config_from_proto(header.channel)
+        call.fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
+        with self._metrics.time_stage("channel"):
+            output = channels.apply_channel(symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale)
         report = gesco_pb2.ChannelReport(
             model=config.model.value,
             requested_snr_db=config.snr_db,
@@ -117,9 +84,9 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
             channel_uses=output.channel_uses,
         )
         header.channel_report.CopyFrom(report)
-        fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
+        call.fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
         with self._metrics.time_stage("forward"):
-            ack = self._forward(header, output.symbols, request_id or header.transmission_id, context)
+            ack = self._forward(header, output.symbols, call.request_id or header.transmission_id, context)
         ack.channel_report.CopyFrom(report)
         return ack
 
@@ -144,18 +111,6 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
         except grpc.RpcError as error:
             raise receiver_error(error) from None
 
-    def _log_call(self, fields: dict, code: grpc.StatusCode, started: float, details: str) -> None:
-        log.info(
-            "transmit",
-            extra={**fields, "code": code.name, "details": details[:300],
-                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-        )
-
-
-def caller_gone(context: grpc.ServicerContext) -> bool:
-    """The call was cancelled or its deadline has passed."""
-    remaining = context.time_remaining()
-    return not context.is_active() or (remaining is not None and remaining <= 0)
 
 
 def receiver_error(error: grpc.RpcError) -> CallRejected:
@@ -165,18 +120,16 @@ def receiver_error(error: grpc.RpcError) -> CallRejected:
     if code is grpc.StatusCode.UNAVAILABLE:
         return CallRejected(code, f"receiver unavailable: {details}" if details else "receiver unavailable")
     if code in _PASSED_THROUGH:
-        trailing = tuple(
-            (key, value) for key, value in (error.trailing_metadata() or ())
-            if key == transport.RETRY_AFTER_METADATA_KEY
-        )
-        return CallRejected(code, details or f"receiver: {code.name}", trailing)
+        retry_after = next((value for key, value in (error.trailing_metadata() or ())
+                            if key == transport.RETRY_AFTER_METADATA_KEY), None)
+        return CallRejected(code, details or f"receiver: {code.name}", retry_after)
     return CallRejected(grpc.StatusCode.INTERNAL, f"receiver failed with {code.name}: {details}")
 
 
-def build_server(
+def build_channel_server(
     settings: ChannelSettings, metrics: ServiceMetrics | None = None
-) -> tuple[grpc.Server, grpc.Channel, health.HealthServicer]:
-    """A started-able server bound to settings.host:port, and the channel to the receiver."""
+) -> tuple[grpc.Server, grpc.Channel, Health]:
+    """A server bound to settings.host:port, ready to start, and its channel to the receiver."""
     metrics = metrics or ServiceMetrics()
     receiver_credentials = grpc_security.channel_credentials(
         settings.receiver_tls_ca_file, settings.receiver_tls_cert_file, settings.receiver_tls_key_file,
@@ -188,25 +141,13 @@ def build_server(
     receiver_channel = grpc_security.open_channel(
         settings.receiver_address, receiver_credentials, options=transport.CLIENT_CHANNEL_OPTIONS
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers), interceptors=[metrics.grpc_interceptor()]
+    servicer = ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel), metrics)
+    server, health = build_server(
+        CHANNEL_SERVICE_NAME,
+        lambda grpc_server: gesco_pb2_grpc.add_ChannelServicer_to_server(servicer, grpc_server),
+        f"{settings.host}:{settings.port}",
+        server_credentials,
+        settings.max_workers,
+        metrics,
     )
-    gesco_pb2_grpc.add_ChannelServicer_to_server(
-        ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel), metrics), server
-    )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (
-        gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(service_names, server)
-    grpc_security.add_port(server, f"{settings.host}:{settings.port}", server_credentials)
-    return server, receiver_channel, health_servicer
-
-
-def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name):
-        health_servicer.set(name, status)
+    return server, receiver_channel, health

@@ -1,16 +1,16 @@
 """Channel simulator settings, read from GESCO_CHANNEL_* environment variables."""
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from shared.wire.service_settings import ServiceSettings
 
 
-class ChannelSettings(BaseSettings):
+class ChannelSettings(ServiceSettings):
     """Where the simulator listens, where it forwards, and how much it accepts."""
 
-    model_config = SettingsConfigDict(env_prefix="GESCO_CHANNEL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GESCO_CHANNEL_")
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=1, le=65535)
@@ -30,9 +30,3 @@ class ChannelSettings(BaseSettings):
     receiver_tls_ca_file: str = ""
     receiver_tls_cert_file: str = ""
     receiver_tls_key_file: str = ""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_case_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value

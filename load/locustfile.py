@@ -36,10 +36,10 @@ import requests
 from locust import HttpUser, constant_throughput, events, task
 from locust.exception import StopUser
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # locust imports this file by path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust imports this file by path
 
 from load import report  # noqa: E402
+from shared.paths import REPO_ROOT  # noqa: E402
 
 RATE_PER_USER = float(os.environ.get("GESCO_LOAD_RATE_PER_USER", "0.5"))
 MAX_REQUESTS = int(os.environ.get("GESCO_LOAD_MAX_REQUESTS", "100"))

@@ -19,7 +19,7 @@ def main() -> None:
     configure_logging("receiver_service", settings.log_level)
     app = create_app(settings)
     serve(app, settings.host, settings.http_port, settings.shutdown_grace_s)  # returns on SIGTERM/SIGINT
-    if app.state.worker.busy:
+    if app.state.receiver.worker.busy:
         # A batch is still sampling, and torch aborts the process when the interpreter finalises
         # under a thread still computing. Leave now: the job stays "running" on disk and the
         # next start marks it failed.

@@ -1,6 +1,7 @@
 """Receiver REST API, and the lifespan that runs the gRPC server, model loading and worker with it.
 
-Clients poll GET /v1/transmissions/{id} (a long poll with ?wait_s=) until the status is done or
+The routes live on `router` and reach the process's store, worker and waiters through the `State`
+dependency. Clients poll GET /v1/transmissions/{id} (a long poll with ?wait_s=) until the status is done or
 failed, then fetch the image and the debug maps; POST .../cancel drops a job whose image nobody
 will fetch. The store is read straight from disk, so the API needs no lock with the worker beyond
 the store's own.
@@ -13,13 +14,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from receiver_service.grpc_server import build_grpc_server, set_serving
+from receiver_service.grpc_server import build_grpc_server
 from receiver_service.long_poll import FinishWaiters
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
@@ -64,7 +66,109 @@ class TransmissionStatus(TransmissionRecord):
     progress: dict[str, int] | None = None
 
 
+router = APIRouter()
+
+
+@dataclass
+class ReceiverState:
+    """What the routes use: the settings, the job store, the worker and the long-poll waiters."""
+
+    settings: ReceiverSettings
+    store: TransmissionStore
+    worker: GenerationWorker
+    waiters: FinishWaiters
+    metrics: ServiceMetrics
+
+
+def get_state(request: Request) -> ReceiverState:
+    return request.app.state.receiver
+
+
+State = Annotated[ReceiverState, Depends(get_state)]
+
+
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics(state: State) -> Response:
+    """Prometheus text format: requests by route/status and gRPC method/code, queue depth,
+    batch sizes, stage latencies, process."""
+    return state.metrics.response()
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (the model may still be loading)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "model loading or failed to load"}})
+def readyz(state: State) -> Response:
+    """200 once the model is loaded and transmissions are accepted."""
+    worker = state.worker
+    if worker.generator is not None:
+        return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
+    if worker.load_error:
+        return JSONResponse({"status": "failed", "error": worker.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+@router.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
+            responses={404: {"description": "unknown or evicted transmission"}})
+async def get_transmission(transmission_id: TransmissionId, state: State, wait_s: WaitSeconds = 0.0) -> Any:
+    """Status, timings, channel report, bit counts, sampling and model of one transmission."""
+    waiters, store = state.waiters, state.store
+    finished = waiters.register(transmission_id)
+    try:
+        record = await run_in_threadpool(store.get, transmission_id)
+        if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
+            record = await run_in_threadpool(store.get, transmission_id)
+    except UnknownTransmissionError:
+        raise _unknown(transmission_id) from None
+    finally:
+        waiters.unregister(transmission_id, finished)
+    return status_json(record, state.settings.public_url, state.worker.progress(transmission_id))
+
+
+@router.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
+             responses={202: {"description": "running: it stops at its next sampling step"},
+                        404: {"description": "unknown or evicted transmission"},
+                        409: {"description": "already done or failed"}})
+def cancel_transmission(transmission_id: TransmissionId, state: State) -> Any:
+    """Cancel a transmission whose image nobody will fetch (the sender does so when a client
+    waiting for the image disconnects). Queued: cancelled at once (200). Running: 202, and
+    cancelled once its batch stops, at the next sampling step unless other jobs share it."""
+    state.worker.cancel(transmission_id, CANCEL_REASON)
+    try:
+        record = state.store.get(transmission_id)
+    except UnknownTransmissionError:
+        raise _unknown(transmission_id) from None
+    if record["status"] == JobStatus.CANCELLED.value:
+        return status_json(record, state.settings.public_url)
+    if record["status"] in FINISHED:
+        raise ApiError(409, f"transmission {transmission_id} is already {record['status']}", status=record["status"])
+    return JSONResponse(status_json(record, state.settings.public_url), status_code=202)
+
+
+@router.get("/v1/transmissions/{transmission_id}/image", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not done"}})
+def get_image(transmission_id: TransmissionId, state: State) -> Response:
+    """The generated image (PNG) once the status is done."""
+    return _artifact_response(state.store, transmission_id, "image")
+
+
+@router.get("/v1/transmissions/{transmission_id}/maps/{map_name}", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not written yet"}})
+def get_map(transmission_id: TransmissionId, map_name: str, state: State) -> Response:
+    """received.png / fds.png: argmax of the received / FDS maps, coloured by class;
+    received_labels.png / fds_labels.png: those argmax class ids as 8-bit values at the
+    transmitted size."""
+    if map_name not in MAP_ARTIFACTS:
+        raise ApiError(404, f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}",
+                       field="map_name")
+    return _artifact_response(state.store, transmission_id, MAP_ARTIFACTS[map_name])
+
+
 def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
+    """Build the app; its lifespan opens the store, serves gRPC and loads the model."""
     settings = settings or ReceiverSettings()
     waiters = FinishWaiters()
     store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s,
@@ -79,21 +183,21 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         recovered = store.open()
         if recovered:
             log.warning("marked unfinished jobs of the previous run failed", extra={"transmission_ids": recovered})
-        grpc_server, health_servicer = build_grpc_server(settings, worker, metrics)
+        grpc_server, health = build_grpc_server(settings, worker, metrics)
         grpc_server.start()
         log.info("gRPC listening", extra={"address": f"{settings.host}:{settings.grpc_port}"})
 
         def load() -> None:
             worker.load_model()
             if worker.ready:
-                set_serving(health_servicer, True)
+                health.set_serving(True)
 
         threading.Thread(target=load, name="model-loader", daemon=True).start()
         try:
             yield
         finally:
             log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
-            set_serving(health_servicer, False)
+            health.set_serving(False)
             grpc_server.stop(settings.shutdown_grace_s).wait()
             worker.stop(settings.shutdown_grace_s)
 
@@ -106,90 +210,11 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    app.state.settings = settings
-    app.state.store = store
-    app.state.worker = worker
-    app.state.waiters = waiters
-    app.state.metrics = metrics
+    app.state.receiver = ReceiverState(settings, store, worker, waiters, metrics)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     add_error_handlers(app)
     mount_local_docs(app)
-
-    @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
-        """Prometheus text format: requests by route/status and gRPC method/code, queue depth,
-        batch sizes, stage latencies, process."""
-        return metrics.response()
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """The process is up (the model may still be loading)."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses={503: {"description": "model loading or failed to load"}})
-    def readyz() -> Response:
-        """200 once the model is loaded and transmissions are accepted."""
-        if worker.generator is not None:
-            return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
-        if worker.load_error:
-            return JSONResponse({"status": "failed", "error": worker.load_error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
-
-    @app.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
-             responses={404: {"description": "unknown or evicted transmission"}})
-    async def get_transmission(
-        transmission_id: TransmissionId,
-        wait_s: WaitSeconds = 0.0,
-    ) -> Any:
-        """Status, timings, channel report, bit counts, sampling and model of one transmission."""
-        finished = waiters.register(transmission_id)
-        try:
-            record = await run_in_threadpool(store.get, transmission_id)
-            if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
-                record = await run_in_threadpool(store.get, transmission_id)
-        except UnknownTransmissionError:
-            raise _unknown(transmission_id) from None
-        finally:
-            waiters.unregister(transmission_id, finished)
-        return status_json(record, settings.public_url, worker.progress(transmission_id))
-
-    @app.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
-              responses={202: {"description": "running: it stops at its next sampling step"},
-                         404: {"description": "unknown or evicted transmission"},
-                         409: {"description": "already done or failed"}})
-    def cancel_transmission(transmission_id: TransmissionId) -> Any:
-        """Cancel a transmission whose image nobody will fetch (the sender does so when a client
-        waiting for the image disconnects). Queued: cancelled at once (200). Running: 202, and
-        cancelled once its batch stops, at the next sampling step unless other jobs share it."""
-        worker.cancel(transmission_id, CANCEL_REASON)
-        try:
-            record = store.get(transmission_id)
-        except UnknownTransmissionError:
-            raise _unknown(transmission_id) from None
-        if record["status"] == JobStatus.CANCELLED.value:
-            return status_json(record, settings.public_url)
-        if record["status"] in FINISHED:
-            raise ApiError(409, f"transmission {transmission_id} is already {record['status']}",
-                           status=record["status"])
-        return JSONResponse(status_json(record, settings.public_url), status_code=202)
-
-    @app.get("/v1/transmissions/{transmission_id}/image", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not done"}})
-    def get_image(transmission_id: TransmissionId) -> Response:
-        """The generated image (PNG) once the status is done."""
-        return _artifact_response(store, transmission_id, "image")
-
-    @app.get("/v1/transmissions/{transmission_id}/maps/{map_name}", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 404: {}, 409: {"description": "not written yet"}})
-    def get_map(transmission_id: TransmissionId, map_name: str) -> Response:
-        """received.png / fds.png: argmax of the received / FDS maps, coloured by class;
-        received_labels.png / fds_labels.png: those argmax class ids as 8-bit values at the
-        transmitted size."""
-        if map_name not in MAP_ARTIFACTS:
-            raise ApiError(404, f"unknown map {map_name[:40]!r}; expected one of {sorted(MAP_ARTIFACTS)}",
-                           field="map_name")
-        return _artifact_response(store, transmission_id, MAP_ARTIFACTS[map_name])
-
+    app.include_router(router)
     return app
 
 

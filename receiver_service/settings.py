@@ -4,25 +4,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from shared.limits import MAX_GUIDANCE, MAX_STEPS
-from shared.paths import REPO_ROOT
+from shared.wire.service_settings import BaseUrl, RepoPath, ServiceSettings
 
 
-class ReceiverSettings(BaseSettings):
+class ReceiverSettings(ServiceSettings):
     """Ports, model, queue, store and sampling defaults of the receiver process."""
 
-    model_config = SettingsConfigDict(env_prefix="GESCO_RECEIVER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GESCO_RECEIVER_")
 
     host: str = "127.0.0.1"
     grpc_port: int = Field(50052, ge=1, le=65535)
     http_port: int = Field(8001, ge=1, le=65535)
     # Base of the URLs the status JSON hands out (the address clients reach this process at).
-    public_url: str = "http://127.0.0.1:8001"
+    public_url: BaseUrl = "http://127.0.0.1:8001"
     # Relative paths are taken from the repository root; a missing file gives an untrained model.
-    checkpoint: Path = Path("models/diffusion-camvid.pt")
+    checkpoint: RepoPath = Path("models/diffusion-camvid.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     # CPU inference options measured in docs/benchmarks.md: channels_last is 6-9% faster for free;
@@ -33,7 +33,7 @@ class ReceiverSettings(BaseSettings):
     # Dynamic batching: compatible jobs (same sampler, steps, guidance) share one sampling run.
     max_batch_size: int = Field(4, ge=1)  # 1: no batching
     max_queue_delay_ms: float = Field(10.0, ge=0.0)  # how long the oldest job waits for company
-    store_dir: Path = Path("var/receiver")
+    store_dir: RepoPath = Path("var/receiver")
     store_max_items: int = Field(500, ge=1)
     store_max_age_s: float = Field(24 * 3600.0, gt=0)
     # Used for a header without a SamplingRequest; "" / 0 within one mean the same defaults.
@@ -45,23 +45,7 @@ class ReceiverSettings(BaseSettings):
     max_symbols: int = Field(8_000_000, ge=1)
     max_grpc_workers: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # TLS of the gRPC server (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_case_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("public_url")
-    @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
-
-    @field_validator("checkpoint", "store_dir")
-    @classmethod
-    def _from_repo_root(cls, value: Path) -> Path:
-        return value if value.is_absolute() else REPO_ROOT / value

@@ -49,12 +49,3 @@ def labels_png(maps: np.ndarray) -> bytes:
     if not ok:
         raise ValueError(f"PNG encoding failed for labels of shape {labels.shape}")
     return data.tobytes()
-
-
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 image; area averaging to shrink, bicubic to enlarge."""
-    if image.shape[:2] == (height, width):
-        return image
-    shrinking = height <= image.shape[0] and width <= image.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
-    return cv2.resize(image, (width, height), interpolation=interpolation)

@@ -30,7 +30,7 @@ from shared.semantic import codec, link
 from shared.wire import transport
 from shared.limits import LimitError, SamplingOptions
 from shared.semantic.diffusion.generator import SemanticImageGenerator
-from shared.wire.imageio import encode_png
+from shared.wire.imageio import encode_png, resize_image
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import ServiceMetrics
 from shared.wire.records import TransmissionRecord
@@ -203,7 +203,7 @@ def run_batch(
     for (index, received, _), image in zip(prepared, images):
         started = time.perf_counter()
         results[index].artifacts = {
-            "image": encode_png(views.resize_image(image, *size)),
+            "image": encode_png(resize_image(image, *size)),
             "maps_received": views.maps_png(received.noisy_maps),
             "maps_fds": views.maps_png(received.fds_maps),
             "fds_labels": views.labels_png(received.fds_maps),

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, it imports the project beside it
+
+from shared.paths import REPO_ROOT  # noqa: E402
 
 
 def main() -> int:

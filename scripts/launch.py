@@ -25,8 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # run as a script, it imports the project's packages beside it
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, it imports the project's packages beside it
+
+from shared.paths import REPO_ROOT  # noqa: E402 - standard library only, so `down` runs without the venv
+
 RUN_DIR = REPO_ROOT / "run"
 PORTS_FILE = RUN_DIR / "ports.json"
 DEFAULT_EXAMPLES = {

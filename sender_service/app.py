@@ -1,9 +1,12 @@
 """Sender REST API: POST /v1/transmissions turns an upload into a semantic transmission.
 
-Handlers only parse and validate the form, run `pipeline.prepare_transmission` in a worker thread,
-stream the result to the channel simulator over gRPC and map failures to HTTP statuses. Every
-error a client sees is JSON of one shape: {"error": {"field": ..., "message": ...}}. A client
-that disconnects while waiting (wait=true) cancels its transmission, at the receiver too.
+The routes live on `router` and reach the process's resources (settings, segmenter, the channel
+simulator's client, the HTTP client) through the `State` dependency; `create_app` adds the
+middlewares and opens those resources in its lifespan. A transmission's form is one model,
+`TransmissionForm`; `pipeline.prepare_transmission` runs in a worker thread, the result streams to
+the channel simulator over gRPC and failures map to HTTP statuses with the error body of
+`shared.wire.rest_errors`. A client that disconnects while waiting (wait=true) cancels its
+transmission, at the receiver too.
 """
 from __future__ import annotations
 
@@ -11,21 +14,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import grpc
 import httpx
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from sender_service import receiver_client
-from sender_service.auth import API_KEY_HEADER, ApiKeyGuard
+from sender_service.auth import API_KEY_HEADER, OPEN_PATHS, ApiKeyGuard
 from sender_service.grpc_client import ChannelCallError, ChannelClient
 from sender_service.pipeline import (
-    LABEL_MAP,
     PHOTO,
     FieldError,
     NotReadyError,
@@ -34,8 +37,7 @@ from sender_service.pipeline import (
     prepare_transmission,
 )
 from sender_service.settings import SenderSettings
-from shared.wire import grpc_security, transport
-from shared.semantic.codec import Compression
+from sender_service.web import mount_web_page
 from shared.limits import (
     MAX_GUIDANCE,
     MAX_SNR_DB,
@@ -45,6 +47,8 @@ from shared.limits import (
     SAMPLER_NAME_PATTERN,
     SamplingOptions,
 )
+from shared.semantic.codec import Compression
+from shared.wire import grpc_security, transport
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
@@ -67,6 +71,65 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
+router = APIRouter()
+
+
+@dataclass
+class SenderState:
+    """The process's resources, opened by the app's lifespan."""
+
+    settings: SenderSettings
+    metrics: ServiceMetrics
+    segmenter: SegmenterLoader
+    channel: ChannelClient
+    http: httpx.AsyncClient
+
+
+def get_state(request: Request) -> SenderState:
+    return request.app.state.sender
+
+
+State = Annotated[SenderState, Depends(get_state)]
+
+
+@dataclass
+class TransmissionForm:
+    """The multipart form of POST /v1/transmissions; empty optional fields take the defaults."""
+
+    file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")]
+    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is")] = PHOTO
+    psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB")] = 100.0
+    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr"
+    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn"
+    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True
+    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0
+    sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default")] = None
+    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default")] = None
+    guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None
+    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting")] = None
+    compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None
+    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None
+    use_fds: Annotated[bool, Form(description="fast denoising of the received maps")] = True
+    wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready")] = False
+
+    def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
+        """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
+        return TransmissionRequest(
+            kind=self.kind,
+            psnr_db=self.psnr_db,
+            snr_definition=self.snr_definition,
+            channel=self.channel,
+            equalize=self.equalize,
+            rician_k_db=self.rician_k_db,
+            sampling=SamplingOptions(sampler=self.sampler or "", steps=self.steps or 0, guidance=self.guidance),
+            seed=secrets.randbits(32) if self.seed is None else self.seed,
+            downsample_factor=self.downsample_factor or settings.downsample_factor,
+            compression=self.compression or settings.compression,
+            jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
+            use_fds=self.use_fds,
+        )
+
 
 class TransmissionAccepted(TransmissionRecord):
     """The 202 answer: where to follow the transmission, and the record of what was sent."""
@@ -79,6 +142,62 @@ class TransmissionAccepted(TransmissionRecord):
     segmenter: dict[str, Any]
 
 
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics(state: State) -> Response:
+    """Prometheus text format: requests by route and status, stage latencies, process."""
+    return state.metrics.response()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (it may still be loading the segmenter)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> JSONResponse:
+    """Ready once the segmenter has loaded; 503 with the reason otherwise."""
+    loader = state.segmenter
+    body = {"ready": loader.ready, "segmenter": loader.info}
+    if loader.ready:
+        return JSONResponse(body)
+    return JSONResponse({**body, "error": loader.error or "the segmenter is loading"}, status_code=503)
+
+
+@router.post(
+    "/v1/transmissions",
+    status_code=202,
+    response_model=TransmissionAccepted,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "wait=true: the generated image"},
+        400: {"description": "a form field or the upload is unusable"},
+        401: {"description": f"an API key is configured and the {API_KEY_HEADER} header lacks it"},
+        413: {"description": "the upload is too large"},
+        422: {"description": "a form field is missing or out of range"},
+        429: {"description": "the channel or receiver is busy (see Retry-After)"},
+        502: {"description": "the channel, receiver or generation failed"},
+        503: {"description": "the channel or receiver is unreachable, or the segmenter is not ready"},
+        504: {"description": "the channel call or the wait timed out"},
+    },
+)
+async def create_transmission(
+    request: Request, form: Annotated[TransmissionForm, Depends()], state: State
+) -> Response:
+    """Send one photo or label map through the channel to the receiver.
+
+    202 with the transmission's id, status and image URLs, the channel's report and the bit
+    counts; with wait=true, 200 with the generated PNG once the receiver has made it.
+    """
+    transmission_id = transport.new_transmission_id()
+    with request_context(transmission_id):
+        spec = form.transmission_request(state.settings)
+        data = await form.file.read(state.settings.max_upload_bytes + 1)
+        transmission = _transmit(state, spec, data, transmission_id, form.wait)
+        if not form.wait:  # the job is the client's to poll, whether or not it stays for the 202
+            return await transmission
+        return await _unless_client_leaves(request, state, transmission, transmission_id)
+
+
 def create_app(settings: SenderSettings | None = None) -> FastAPI:
     """Build the app; resources (segmenter, gRPC channel, HTTP client) open in its lifespan."""
     settings = settings or SenderSettings()
@@ -87,18 +206,19 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         settings.channel_tls_ca_file, settings.channel_tls_cert_file, settings.channel_tls_key_file,
         prefix="GESCO_SENDER_CHANNEL_TLS_",
     )
+    metrics = ServiceMetrics()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        app.state.segmenter = SegmenterLoader(settings)
-        app.state.segmenter.start()
-        app.state.channel = ChannelClient(settings.channel_address, channel_credentials)
-        app.state.http = httpx.AsyncClient()
-        try:
-            yield
-        finally:
-            await app.state.http.aclose()
-            await app.state.channel.close()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        segmenter = SegmenterLoader(settings)
+        segmenter.start()
+        channel = ChannelClient(settings.channel_address, channel_credentials)
+        async with httpx.AsyncClient() as http:
+            app.state.sender = SenderState(settings, metrics, segmenter, channel, http)
+            try:
+                yield
+            finally:
+                await channel.close()
 
     app = FastAPI(
         title="gesco sender",
@@ -109,8 +229,6 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics = ServiceMetrics()
     app.add_middleware(BodySizeLimit, max_body_size=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
                        message=f"the request body is larger than the {settings.max_upload_bytes}-byte upload limit",
                        field="file")
@@ -119,106 +237,18 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         app.add_middleware(ApiKeyGuard, api_key=api_key)  # before the body is read
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     add_error_handlers(app)
-    mount_local_docs(app)
-
-    @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
-        """Prometheus text format: requests by route and status, stage latencies, process."""
-        return metrics.response()
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process is up (it may still be loading the segmenter)."""
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz(request: Request) -> JSONResponse:
-        """Ready once the segmenter has loaded; 503 with the reason otherwise."""
-        loader: SegmenterLoader = request.app.state.segmenter
-        body = {"ready": loader.ready, "segmenter": loader.info}
-        if loader.ready:
-            return JSONResponse(body)
-        return JSONResponse({**body, "error": loader.error or "the segmenter is loading"}, status_code=503)
-
-    @app.post(
-        "/v1/transmissions",
-        status_code=202,
-        response_model=TransmissionAccepted,
-        responses={
-            200: {"content": {"image/png": {}}, "description": "wait=true: the generated image"},
-            400: {"description": "a form field or the upload is unusable"},
-            401: {"description": f"an API key is configured and the {API_KEY_HEADER} header lacks it"},
-            413: {"description": "the upload is too large"},
-            422: {"description": "a form field is missing or out of range"},
-            429: {"description": "the channel or receiver is busy (see Retry-After)"},
-            502: {"description": "the channel, receiver or generation failed"},
-            503: {"description": "the channel or receiver is unreachable, or the segmenter is not ready"},
-            504: {"description": "the channel call or the wait timed out"},
-        },
-    )
-    async def create_transmission(
-        request: Request,
-        file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")],
-        kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is")] = PHOTO,
-        psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB")] = 100.0,
-        snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr",
-        channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn",
-        equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
-        rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0,
-        sampler: Annotated[
-            str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default")
-        ] = None,
-        steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default")] = None,
-        guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0,
-        seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None,
-        downsample_factor: Annotated[
-            int | None, Form(ge=1, le=64, description="empty: the sender's setting")
-        ] = None,
-        compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None,
-        jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None,
-        use_fds: Annotated[bool, Form(description="fast denoising of the received maps")] = True,
-        wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready")] = False,
-    ) -> Response:
-        """Send one photo or label map through the channel to the receiver.
-
-        202 with the transmission's id, status and image URLs, the channel's report and the bit
-        counts; with wait=true, 200 with the generated PNG once the receiver has made it.
-        """
-        transmission_id = transport.new_transmission_id()
-        with request_context(transmission_id):
-            spec = TransmissionRequest(
-                kind=kind,
-                psnr_db=psnr_db,
-                snr_definition=snr_definition,
-                channel=channel,
-                equalize=equalize,
-                rician_k_db=rician_k_db,
-                sampling=SamplingOptions(sampler=sampler or "", steps=steps or 0, guidance=guidance),
-                seed=secrets.randbits(32) if seed is None else seed,
-                downsample_factor=downsample_factor or settings.downsample_factor,
-                compression=compression or settings.compression,
-                jpeg_quality=jpeg_quality or settings.jpeg_quality,
-                use_fds=use_fds,
-            )
-            data = await file.read(settings.max_upload_bytes + 1)
-            transmission = _transmit(request.app, spec, data, transmission_id, wait)
-            if not wait:  # the job is the client's to poll, whether or not it stays for the 202
-                return await transmission
-            return await _unless_client_leaves(request, transmission, transmission_id)
-
+    mount_local_docs(app, api_key_header=API_KEY_HEADER if api_key else None, open_paths=OPEN_PATHS)
+    app.include_router(router)
+    mount_web_page(app)
     return app
 
 
 async def _transmit(
-    app: FastAPI, spec: TransmissionRequest, data: bytes, transmission_id: str, wait: bool
+    state: SenderState, spec: TransmissionRequest, data: bytes, transmission_id: str, wait: bool
 ) -> Response:
-    settings: SenderSettings = app.state.settings
-    loader: SegmenterLoader = app.state.segmenter
-    metrics: ServiceMetrics = app.state.metrics
+    settings, loader, metrics = state.settings, state.segmenter, state.metrics
     try:
-        prepared = await run_in_threadpool(
-            prepare_transmission, data, spec, settings, loader, transmission_id
-        )
+        prepared = await run_in_threadpool(prepare_transmission, data, spec, settings, loader, transmission_id)
     except FieldError as error:
         raise ApiError(error.status_code, error.message, field=error.field) from None
     except NotReadyError as error:
@@ -228,7 +258,7 @@ async def _transmit(
 
     try:
         with metrics.time_stage("channel_rpc"):
-            ack = await app.state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
+            ack = await state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
     except ChannelCallError as error:
         log.warning("channel call failed", extra={"grpc_code": error.code.name})
         raise _channel_error(error, settings, transmission_id) from None
@@ -248,11 +278,11 @@ async def _transmit(
     log.info("transmission sent", extra={"queue_position": ack.queue_position})
     if not wait:
         return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.status_url})
-    return await _wait_for_image(app, transmission_id, accepted.status_url)
+    return await _wait_for_image(state, transmission_id, accepted.status_url)
 
 
 async def _unless_client_leaves(
-    request: Request, transmission: Coroutine[Any, Any, Response], transmission_id: str
+    request: Request, state: SenderState, transmission: Coroutine[Any, Any, Response], transmission_id: str
 ) -> Response:
     """Run a wait=true transmission until it answers or its client disconnects.
 
@@ -272,9 +302,7 @@ async def _unless_client_leaves(
         return answer.result()
     with contextlib.suppress(asyncio.CancelledError):
         await answer  # the channel call is cancelled before the receiver hears of the cancellation
-    app = request.app
-    receiver_answer = await receiver_client.cancel(app.state.http, app.state.settings.receiver_poll_url,
-                                                   transmission_id)
+    receiver_answer = await receiver_client.cancel(state.http, state.settings.receiver_poll_url, transmission_id)
     log.info("the client went away while waiting; transmission cancelled", extra={"receiver": receiver_answer})
     return error_response(CLIENT_CLOSED_REQUEST, "the client closed the connection; the transmission was cancelled",
                           id=transmission_id)
@@ -286,12 +314,12 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _wait_for_image(app: FastAPI, transmission_id: str, status_url: str) -> Response:
-    settings: SenderSettings = app.state.settings
+async def _wait_for_image(state: SenderState, transmission_id: str, status_url: str) -> Response:
+    settings = state.settings
     details = {"id": transmission_id, "status_url": status_url}
     try:
         png = await receiver_client.wait_for_image(
-            app.state.http,
+            state.http,
             settings.receiver_poll_url,
             transmission_id,
             settings.wait_timeout_s,

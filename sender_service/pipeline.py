@@ -17,8 +17,9 @@ import cv2
 import numpy as np
 
 from gesco.v1 import gesco_pb2
-from sender_service.settings import REPO_ROOT, SenderSettings
+from sender_service.settings import SenderSettings
 from shared.limits import SamplingOptions
+from shared.paths import REPO_ROOT
 from shared.semantic import codec
 from shared.wire import imageio, transport
 
@@ -108,7 +109,7 @@ class SegmenterLoader:
     def _load(self) -> None:
         from shared.semantic.segmenter import Segmenter, SegmenterConfig  # torch import off the startup path
 
-        path = self.settings.checkpoint_path
+        path = self.settings.segmenter_checkpoint
         try:
             if path.is_file():
                 segmenter = Segmenter.from_checkpoint(path, device=self.settings.device)

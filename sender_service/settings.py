@@ -4,30 +4,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from shared.limits import MAX_STATUS_WAIT_S
-from shared.paths import REPO_ROOT
 from shared.semantic.codec import Compression
+from shared.wire.service_settings import BaseUrl, RepoPath, ServiceSettings
 
 
-class SenderSettings(BaseSettings):
+class SenderSettings(ServiceSettings):
     """Where the sender listens and sends, its semantic codec defaults and its input bounds."""
 
-    model_config = SettingsConfigDict(env_prefix="GESCO_SENDER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GESCO_SENDER_")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     channel_address: str = "127.0.0.1:50051"
     # Base of the status and image URLs handed to clients.
-    receiver_public_url: str = "http://127.0.0.1:8001"
+    receiver_public_url: BaseUrl = "http://127.0.0.1:8001"
     # Where the sender itself polls the receiver for wait=true (inside Docker: http://receiver:8001);
     # empty means receiver_public_url.
-    receiver_internal_url: str = ""
+    receiver_internal_url: BaseUrl = ""
     # A relative path is resolved against the repository root; a missing file means an untrained
     # segmenter (the responses and logs say so).
-    segmenter_checkpoint: Path = Path("models/segmenter-camvid.pt")
+    segmenter_checkpoint: RepoPath = Path("models/segmenter-camvid.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_classes: int = Field(12, ge=2, le=256)
     # The semantic size every label map is resized to (nearest) before encoding.
@@ -48,7 +48,6 @@ class SenderSettings(BaseSettings):
     retry_after_s: int = Field(5, ge=1)
     max_upload_bytes: int = Field(20_000_000, ge=1)
     max_pixels: int = Field(25_000_000, ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Required in the X-API-Key header of every request but health, metrics and docs; empty: off.
     api_key: SecretStr = SecretStr("")
     # TLS to the channel simulator (PEM paths): its CA turns TLS on; a certificate and key are
@@ -56,23 +55,6 @@ class SenderSettings(BaseSettings):
     channel_tls_ca_file: str = ""
     channel_tls_cert_file: str = ""
     channel_tls_key_file: str = ""
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_case_level(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
-
-    @field_validator("receiver_public_url", "receiver_internal_url")
-    @classmethod
-    def _strip_trailing_slash(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-        return value.rstrip("/")
-
-    @property
-    def checkpoint_path(self) -> Path:
-        path = self.segmenter_checkpoint
-        return path if path.is_absolute() else REPO_ROOT / path
 
     @property
     def receiver_poll_url(self) -> str:

@@ -164,7 +164,7 @@ def test_a_job_cancelled_while_its_batch_forms_is_never_sampled(tmp_path, fake_g
 
 
 def test_rest_cancel_of_queued_running_done_and_unknown_jobs(app_client, fake_generator) -> None:
-    port, store = app_client.settings.grpc_port, app_client.app.state.store
+    port, store = app_client.settings.grpc_port, app_client.app.state.receiver.store
     fake_generator.gate.clear()
     running, queued = transmission(), transmission()
     receive(port, transport.symbol_frames(*running))

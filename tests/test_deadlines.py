@@ -15,11 +15,10 @@ import grpc
 import pytest
 from fastapi.testclient import TestClient
 
-from channel_sim.server import build_server, set_serving
+from channel_sim.server import build_channel_server
 from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.grpc_server import build_grpc_server
-from receiver_service.grpc_server import set_serving as set_receiver_serving
 from receiver_service.store import TransmissionStore, UnknownTransmissionError
 from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
@@ -65,9 +64,9 @@ def stalling_chain():
     settings = ChannelSettings(port=free_port(), receiver_address=f"127.0.0.1:{receiver_port}",
                                forward_timeout_s=30, metrics_port=0)
     metrics = ServiceMetrics()
-    server, receiver_channel, health = build_server(settings, metrics)
+    server, receiver_channel, health = build_channel_server(settings, metrics)
     server.start()
-    set_serving(health, True)
+    health.set_serving(True)
     yield receiver, settings.port, metrics
     server.stop(0)
     receiver_channel.close()
@@ -146,7 +145,7 @@ def receiver(tmp_path, fake_generator):  # noqa: F811 - the fixture imported abo
     worker.load_model()
     server, health = build_grpc_server(settings, worker, metrics)
     server.start()
-    set_receiver_serving(health, True)
+    health.set_serving(True)
     yield settings.grpc_port, store, metrics
     server.stop(0)
     worker.stop(5)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
-from receiver_service.settings import REPO_ROOT, ReceiverSettings
+from receiver_service.settings import ReceiverSettings
 from receiver_service.store import (
     RESTART_ERROR,
     DuplicateTransmissionError,
@@ -30,6 +30,7 @@ from receiver_service.store import (
     UnknownTransmissionError,
 )
 from receiver_service.views import class_palette, labels_png, maps_png
+from shared.paths import REPO_ROOT
 from shared.semantic import codec
 from shared.wire import transport
 from tests.service_procs import free_port, service_log, start_service, stop_service
@@ -768,7 +769,7 @@ def test_rest_long_poll_answers_when_the_job_finishes(app_client, fake_generator
     started = time.monotonic()
     assert app_client.get(url, params={"wait_s": 30}).json()["status"] == "done"  # finished: at once
     assert time.monotonic() - started < 5
-    assert app_client.app.state.waiters.waiting == 0
+    assert app_client.app.state.receiver.waiters.waiting == 0
 
 
 @pytest.mark.parametrize("wait_s", ["-1", "61", "soon"])
@@ -816,7 +817,7 @@ def test_grpc_errors_in_process(app_client, fake_generator):
     with pytest.raises(grpc.RpcError) as raised:
         receive(port, frames)
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    wait_for_status(app_client.app.state.store, header.transmission_id, {"running"})
+    wait_for_status(app_client.app.state.receiver.store, header.transmission_id, {"running"})
     receive(port, transport.symbol_frames(*transmission()))  # fills the one queue slot
     with pytest.raises(grpc.RpcError) as raised:
         receive(port, transport.symbol_frames(*transmission()))

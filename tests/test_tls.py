@@ -13,16 +13,16 @@ import re
 import grpc
 import pytest
 
-from channel_sim.server import build_server, set_serving
+from channel_sim.server import build_channel_server
 from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2_grpc
 from receiver_service.grpc_server import build_grpc_server
-from receiver_service.grpc_server import set_serving as set_receiver_serving
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
 from sender_service.grpc_client import ChannelCallError, ChannelClient
 from sender_service.settings import SenderSettings
+from shared.paths import REPO_ROOT
 from shared.wire import grpc_security
 from tests.service_procs import free_port
 from tests.test_receiver_service import fake_generator, make_settings, transmission, wait_for_status  # noqa: F401
@@ -60,7 +60,7 @@ def receiver(tmp_path, fake_generator, pki):  # noqa: F811 - the fixture importe
     worker.load_model()
     server, health = build_grpc_server(settings, worker)
     server.start()
-    set_receiver_serving(health, True)
+    health.set_serving(True)
     yield settings, store
     server.stop(0)
     worker.stop(5)
@@ -69,9 +69,9 @@ def receiver(tmp_path, fake_generator, pki):  # noqa: F811 - the fixture importe
 def start_channel(receiver_port: int, **tls: str):
     settings = ChannelSettings(port=free_port(), receiver_address=f"127.0.0.1:{receiver_port}",
                                metrics_port=0, forward_timeout_s=10, **tls)
-    server, receiver_channel, health = build_server(settings)
+    server, receiver_channel, health = build_channel_server(settings)
     server.start()
-    set_serving(health, True)
+    health.set_serving(True)
     return settings, server, receiver_channel
 
 
@@ -169,9 +169,9 @@ def test_tls_without_client_authentication(pki) -> None:
 
 def test_bad_tls_settings_fail_at_startup_naming_the_setting(tmp_path, pki) -> None:
     with pytest.raises(ValueError, match="GESCO_CHANNEL_TLS_CERT_FILE and GESCO_CHANNEL_TLS_KEY_FILE"):
-        build_server(ChannelSettings(port=free_port(), metrics_port=0, tls_cert_file=pki.channel.cert))
+        build_channel_server(ChannelSettings(port=free_port(), metrics_port=0, tls_cert_file=pki.channel.cert))
     with pytest.raises(ValueError, match="GESCO_CHANNEL_RECEIVER_TLS_CA_FILE must be set"):
-        build_server(ChannelSettings(port=free_port(), metrics_port=0, receiver_tls_cert_file=pki.channel_client.cert,
+        build_channel_server(ChannelSettings(port=free_port(), metrics_port=0, receiver_tls_cert_file=pki.channel_client.cert,
                                      receiver_tls_key_file=pki.channel_client.key))
     with pytest.raises(ValueError, match="GESCO_SENDER_CHANNEL_TLS_CA_FILE: cannot read"):
         create_app(SenderSettings(channel_tls_ca_file=str(tmp_path / "missing.pem")))
@@ -179,7 +179,7 @@ def test_bad_tls_settings_fail_at_startup_naming_the_setting(tmp_path, pki) -> N
     not_pem.write_text("hello")
     with pytest.raises(ValueError, match="GESCO_RECEIVER_TLS_KEY_FILE: .* is not a PEM file"):
         grpc_security.server_credentials(pki.receiver.cert, str(not_pem), prefix="GESCO_RECEIVER_TLS_")
-    relative = re.escape(f"X_CA_FILE: cannot read {grpc_security.REPO_ROOT / 'no' / 'such.pem'}")
+    relative = re.escape(f"X_CA_FILE: cannot read {REPO_ROOT / 'no' / 'such.pem'}")
     with pytest.raises(ValueError, match=relative):
         grpc_security.channel_credentials("no/such.pem", prefix="X_")
     assert grpc_security.server_credentials("", "") is None

@@ -9,16 +9,14 @@ startup and never logged.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import grpc
 
-from shared.paths import REPO_ROOT
+from shared.paths import resolve_repo_path
 
 
 def read_pem(path: str, setting: str) -> bytes:
     """The bytes of the PEM file a setting names; ValueError naming the setting if unreadable."""
-    resolved = Path(path) if Path(path).is_absolute() else REPO_ROOT / path
+    resolved = resolve_repo_path(path)
     try:
         data = resolved.read_bytes()
     except OSError as error:

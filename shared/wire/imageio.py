@@ -1,4 +1,4 @@
-"""Bounded decoding of untrusted uploads: photos and PNG label maps.
+"""Bounded decoding of untrusted uploads (photos and PNG label maps), PNG encoding and resizing.
 
 A service must never let a client pick its memory use: the byte size is checked first, then the
 pixel count from the image header alone (before any pixel data is decompressed, so a small PNG that
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -87,6 +88,14 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image; area averaging to shrink, bicubic to enlarge."""
+    if image.shape[:2] == (height, width):
+        return image
+    shrinking = height <= image.shape[0] and width <= image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
 
 
 def _open_bounded(

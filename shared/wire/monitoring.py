@@ -22,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from fastapi.routing import iter_route_contexts
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 
@@ -127,9 +128,10 @@ class HttpMetricsMiddleware:
 
 
 def route_template(routes: list[BaseRoute], scope) -> str:
-    """The path template of the route serving `scope` ("/v1/transmissions/{transmission_id}")."""
+    """The path template of the route serving `scope` ("/v1/transmissions/{transmission_id}"),
+    looking into the routers an app includes."""
     partial = None
-    for route in routes:
+    for route in iter_route_contexts(routes):
         match, _ = route.matches(scope)
         if match is Match.FULL:
             return getattr(route, "path", UNMATCHED_ROUTE)

@@ -1,0 +1,111 @@
+"""What the gesco gRPC servers share: the server itself, its health, and how a call is served.
+
+`build_server` makes a server with the metrics interceptor, the standard health service
+(NOT_SERVING until told otherwise) and reflection, bound to its address. `served_call` opens and
+closes every call the same way: the request id from the `x-request-id` metadata tags every log
+line of the call, one line reports its outcome, and a `CallRejected` (or a ValueError, which is
+INVALID_ARGUMENT) ends it with its status and trailing metadata.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.wire import grpc_security
+from shared.wire.logging_setup import clean_request_id, request_context
+from shared.wire.monitoring import ServiceMetrics
+from shared.wire.transport import REQUEST_ID_METADATA_KEY, RETRY_AFTER_METADATA_KEY
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class CallRejected(Exception):
+    """Ends a call with `code`, `details` and, when given, a retry-after trailer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: int | str | None = None) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing = () if retry_after_s is None else ((RETRY_AFTER_METADATA_KEY, str(retry_after_s)),)
+
+
+@dataclass
+class Call:
+    """One call being served: its request id, and the fields its outcome line carries."""
+
+    request_id: str | None
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def served_call(context: grpc.ServicerContext, log: logging.Logger, method: str, server: str) -> Iterator[Call]:
+    """Serve one call of `method` on `server` (a name for error details): log its outcome with
+    the call's fields and end it with the status of what the block raised (OK if nothing)."""
+    started = time.perf_counter()
+    call = Call(clean_request_id(dict(context.invocation_metadata()).get(REQUEST_ID_METADATA_KEY)))
+    with request_context(call.request_id):
+        code, details, trailing = grpc.StatusCode.OK, "", ()
+        try:
+            yield call
+        except CallRejected as rejected:
+            code, details, trailing = rejected.code, rejected.details, rejected.trailing
+        except ValueError as error:
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except Exception:  # noqa: BLE001 - logged with its traceback, reported as INTERNAL
+            log.exception(f"{method} failed")
+            code, details = grpc.StatusCode.INTERNAL, f"internal error in {server}"
+        log.info(method, extra={**call.fields, "code": code.name, "details": details[:300],
+                                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+        if code is not grpc.StatusCode.OK:
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            context.abort(code, details)
+
+
+def caller_gone(context: grpc.ServicerContext) -> bool:
+    """The call was cancelled or its deadline has passed."""
+    remaining = context.time_remaining()
+    return not context.is_active() or (remaining is not None and remaining <= 0)
+
+
+class Health:
+    """The standard health service of a server of `service_name`, NOT_SERVING until it is set."""
+
+    def __init__(self, service_name: str) -> None:
+        self.service_name = service_name
+        self.servicer = health.HealthServicer()
+        self.set_serving(False)
+
+    def set_serving(self, serving: bool) -> None:
+        """Say SERVING (or NOT_SERVING) for the server as a whole and for its service."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service_name):
+            self.servicer.set(name, status)
+
+
+def build_server(
+    service_name: str,
+    add_servicer: Callable[[grpc.Server], None],
+    address: str,
+    credentials: grpc.ServerCredentials | None,
+    max_workers: int,
+    metrics: ServiceMetrics,
+) -> tuple[grpc.Server, Health]:
+    """A server of `service_name` (added by `add_servicer`) with metrics, health and reflection,
+    bound to `address` (TLS when credentials are given) and ready to start."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         interceptors=[metrics.grpc_interceptor()])
+    add_servicer(server)
+    server_health = Health(service_name)
+    health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, server)
+    reflection.enable_server_reflection((service_name, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    grpc_security.add_port(server, address, credentials)
+    return server, server_health
