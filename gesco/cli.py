@@ -303,7 +303,7 @@ def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
     finally:
         progress.end()
     _write(args.output, grid.sweep_grid(grid.data_url_bytes(preview["segmentation_png"]), rows))
-    print(json.dumps({"output": args.output, "seed": args.seed, "ids": dict(zip(map(str, snrs), ids))})
+    print(json.dumps({"output": args.output, "seed": args.seed, "ids": {f"{snr:g}": tid for snr, tid in zip(snrs, ids)}})
           if args.json else "\n".join(ids))
     return EXIT_OK
 

@@ -1,0 +1,457 @@
+// The gesco web page: sends one input through the sender's public API and shows every stage.
+// Plain JavaScript, no build step, no external URL: every request goes to the sender, which relays
+// the receiver's status, image and maps under /receiver/.
+"use strict";
+
+// The form field of the channel SNR in POST /v1/transmissions.
+const SNR_FIELD = "psnr_db";
+const STRIP_SNRS = [1, 5, 10, 20, 100];
+const POLL_WAIT_S = 0.5; // each status request waits this long for the end (the receiver's long poll)
+const FINISHED = new Set(["done", "failed", "cancelled"]);
+
+const $ = (id) => document.getElementById(id);
+const examples = new Map(); // name -> {kind, title, blob}
+let classes = [];
+let running = []; // ids of the transmissions the page waits for (cancel stops them)
+let busy = false;
+
+class ApiError extends Error {
+  constructor(status, message, field = null, retryAfter = null) {
+    super(message);
+    this.status = status;
+    this.field = field;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function authHeaders() {
+  const key = $("api_key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+// fetch() against the sender; any answer but 2xx becomes an ApiError carrying the API's message.
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  } catch (error) {
+    throw new ApiError(0, `the sender cannot be reached (${error.message})`);
+  }
+  if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+async function errorOf(response) {
+  let message = response.statusText || "request failed";
+  let field = null;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      message = body.error.message || message;
+      field = body.error.field || null;
+    } else if (body && body.detail) {
+      message = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    }
+  } catch (_) {
+    // not JSON: keep the status text
+  }
+  if (response.status === 401) $("key-box").open = true;
+  return new ApiError(response.status, message, field, response.headers.get("Retry-After"));
+}
+
+function showError(error) {
+  let text = error instanceof ApiError && error.status ? `HTTP ${error.status}: ${error.message}` : error.message;
+  if (error.field) text += ` (field: ${error.field})`;
+  if (error.retryAfter) text += ` Retry after ${error.retryAfter} s.`;
+  $("error").textContent = text;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function setStatus(text, step = null, steps = null) {
+  $("status").textContent = text;
+  const bar = $("progress");
+  bar.hidden = steps === null;
+  if (steps !== null) {
+    bar.max = steps;
+    bar.value = step;
+  }
+}
+
+function setBusy(value) {
+  busy = value;
+  $("send").disabled = value;
+  $("strip-button").disabled = value;
+  $("cancel").disabled = !value;
+}
+
+// --- input ---------------------------------------------------------------------------------------
+
+async function loadExamples() {
+  const select = $("example");
+  try {
+    const list = await (await api("/v1/examples")).json();
+    select.replaceChildren();
+    for (const example of list) {
+      examples.set(example.name, example);
+      select.append(new Option(example.title, example.name));
+    }
+    select.append(new Option("(my upload)", ""));
+    $("kind").value = examples.get(select.value).kind;
+  } catch (error) {
+    showError(error);
+  }
+}
+
+async function loadClasses() {
+  try {
+    classes = await (await api("/v1/classes")).json();
+    renderLegend(null);
+  } catch (error) {
+    showError(error);
+  }
+}
+
+// The chosen input: {blob, name, kind}; an upload wins over the example list.
+async function currentInput() {
+  const file = $("upload").files[0];
+  if (file && $("example").value === "") return { blob: file, name: file.name, kind: $("kind").value };
+  const example = examples.get($("example").value);
+  if (!example) throw new ApiError(0, "choose an example or upload an image", "file");
+  if (!example.blob) example.blob = await (await api(example.url)).blob();
+  return { blob: example.blob, name: example.name, kind: example.kind };
+}
+
+function formData(input, fields) {
+  const form = new FormData();
+  form.append("file", input.blob, input.name);
+  for (const [name, value] of Object.entries(fields)) {
+    if (value !== "" && value !== null && value !== undefined) form.append(name, String(value));
+  }
+  return form;
+}
+
+// The transmission's form fields as the page's controls set them; a random seed is drawn and shown
+// when the seed box is empty, so a strip uses one seed throughout and a run can be repeated.
+function transmissionFields(input) {
+  if ($("seed").value === "") $("seed").value = String(Math.floor(Math.random() * 2 ** 31));
+  return {
+    kind: input.kind,
+    [SNR_FIELD]: $("snr_db").value,
+    snr_definition: $("snr_definition").value,
+    channel: $("channel").value,
+    sampler: $("sampler").value,
+    steps: $("steps").value,
+    guidance: $("guidance").value,
+    seed: $("seed").value,
+    downsample_factor: $("downsample_factor").value,
+  };
+}
+
+// --- images --------------------------------------------------------------------------------------
+
+const objectUrls = new Map(); // img id -> object URL, revoked when replaced
+
+function setImage(id, url) {
+  const img = $(id);
+  if (objectUrls.has(id)) URL.revokeObjectURL(objectUrls.get(id));
+  objectUrls.delete(id);
+  if (url && url.startsWith("blob:")) objectUrls.set(id, url);
+  if (url) img.src = url;
+  else img.removeAttribute("src");
+  return loaded(img);
+}
+
+function loaded(img) {
+  if (!img.getAttribute("src")) return Promise.resolve();
+  if (img.complete && img.naturalWidth > 0) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    img.onload = () => resolve();
+    img.onerror = () => reject(new ApiError(0, `the image ${img.alt} could not be shown`));
+  });
+}
+
+// Fetched with the API key header (an <img src> could not send it), shown from a blob URL.
+async function relayedImage(path) {
+  const blob = await (await api(path)).blob();
+  return URL.createObjectURL(blob);
+}
+
+function relayPath(id, suffix = "") {
+  return `/receiver/v1/transmissions/${id}${suffix}`;
+}
+
+function resetStages() {
+  for (const id of ["img-input", "img-segmentation", "img-received", "img-fds", "img-generated"]) setImage(id, null);
+  $("transmitted-maps").replaceChildren();
+  $("numbers").tBodies[0].replaceChildren();
+}
+
+function renderLegend(presentIds) {
+  const list = $("legend");
+  list.replaceChildren();
+  for (const entry of classes) {
+    const item = document.createElement("li");
+    if (presentIds && !presentIds.includes(entry.id)) item.className = "absent";
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = entry.colour;
+    item.append(swatch, `${entry.id} ${entry.name}`);
+    list.append(item);
+  }
+}
+
+function renderPreview(input, preview) {
+  renderLegend(preview.semantic.present_class_ids);
+  const tiles = $("transmitted-maps");
+  tiles.replaceChildren();
+  for (const tile of preview.transmitted_maps) {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = `transmitted map of ${tile.name}`;
+    img.src = tile.png;
+    const caption = document.createElement("figcaption");
+    caption.textContent = tile.name;
+    figure.append(img, caption);
+    tiles.append(figure);
+  }
+  $("stage-segmentation").querySelector("figcaption").textContent =
+    input.kind === "photo" ? "Segmentation (label map sent)" : "Label map sent (no segmentation)";
+  return setImage("img-segmentation", preview.segmentation_png);
+}
+
+// --- numbers -------------------------------------------------------------------------------------
+
+function fmt(value, digits = 2) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString("en") : value.toFixed(digits);
+  return String(value);
+}
+
+function timings(record) {
+  return Object.entries(record || {}).map(([stage, ms]) => `${stage} ${fmt(ms, 1)} ms`).join(", ") || "–";
+}
+
+function renderNumbers(preview, sent, status) {
+  const rows = [];
+  const bits = preview.bits;
+  rows.push(["Transmission", sent ? sent.id : "–"]);
+  rows.push(["Semantic maps", `${preview.semantic.present_class_ids.length} present classes, ` +
+    `${preview.semantic.map_height}×${preview.semantic.map_width} each, ` +
+    `downsampling ${preview.semantic.downsample_factor}, compression ${preview.semantic.compression}`]);
+  rows.push(["Bits", `${fmt(bits.payload_bits)} bits of maps in ${fmt(bits.num_symbols)} real symbols` +
+    (bits.image_bits_jpeg ? `; the photo as JPEG: ${fmt(bits.image_bits_jpeg)} bits` : "")]);
+  const channel = (status && status.channel) || (sent && sent.channel);
+  if (channel) {
+    rows.push(["Channel", `${channel.model}, ${fmt(channel.channel_uses)} channel uses`]);
+    rows.push(["SNR", `requested ${fmt(channel.requested_snr_db)} dB, measured ${fmt(channel.measured_snr_db)} dB ` +
+      `(${channel.snr_definition})`]);
+  }
+  rows.push(["Sender timings", timings(preview.timings_ms) + " (preview of the same input)"]);
+  if (status) {
+    const s = status.sampling;
+    rows.push(["Sampling", `${s.sampler}, ${s.steps} steps, guidance ${fmt(s.guidance)}, seed ${s.seed}, ` +
+      `FDS ${s.use_fds ? "on" : "off"}`]);
+    rows.push(["Receiver timings", timings(status.timings_ms)]);
+    const m = status.model;
+    rows.push(["Model", `${m.name} (${m.trained ? "trained" : "UNTRAINED"}` +
+      (m.training_steps ? `, ${fmt(m.training_steps)} training steps` : "") +
+      `, ${m.image_height}×${m.image_width}, ${fmt(m.parameters)} parameters)`]);
+  }
+  const segmenter = preview.segmenter;
+  if (segmenter && segmenter.used) {
+    rows.push(["Segmenter", `${segmenter.checkpoint || "none"} (${segmenter.trained ? "trained" : "UNTRAINED"})`]);
+  }
+  const body = $("numbers").tBodies[0];
+  body.replaceChildren();
+  for (const [name, value] of rows) {
+    const row = body.insertRow();
+    const head = document.createElement("th");
+    head.scope = "row";
+    head.textContent = name;
+    row.append(head);
+    row.insertCell().textContent = value;
+  }
+}
+
+// --- following a transmission --------------------------------------------------------------------
+
+function describe(status) {
+  if (status.status === "queued") return ["queued at the receiver", null, null];
+  if (status.status === "running" && status.progress) {
+    const { step, steps } = status.progress;
+    return [`sampling: step ${step} of ${steps}`, step, steps];
+  }
+  return [status.status, null, null];
+}
+
+// Long-polls the relayed status until the transmission has finished; `onStatus` sees every answer.
+async function follow(id, onStatus) {
+  for (;;) {
+    const status = await (await api(`${relayPath(id)}?wait_s=${POLL_WAIT_S}`)).json();
+    onStatus(status);
+    if (FINISHED.has(status.status)) return status;
+  }
+}
+
+function finishedError(status) {
+  return new ApiError(0, `the transmission ${status.id} ${status.status === "done" ? "is done" : status.status}` +
+    (status.error ? `: ${status.error}` : ""));
+}
+
+async function send(event) {
+  event.preventDefault();
+  if (busy) return;
+  clearError();
+  resetStages();
+  setBusy(true);
+  try {
+    const input = await currentInput();
+    const fields = transmissionFields(input);
+    setStatus("segmenting and encoding");
+    const preview = await (await api("/v1/preview", {
+      method: "POST", body: formData(input, { kind: input.kind, downsample_factor: fields.downsample_factor }),
+    })).json();
+    await setImage("img-input", input.kind === "photo" ? URL.createObjectURL(input.blob) : preview.segmentation_png);
+    await renderPreview(input, preview);
+    renderNumbers(preview, null, null);
+    setStatus("sending over the channel");
+    const sent = await (await api("/v1/transmissions", { method: "POST", body: formData(input, fields) })).json();
+    running = [sent.id];
+    renderNumbers(preview, sent, null);
+    const status = await follow(sent.id, (s) => setStatus(...describe(s)));
+    renderNumbers(preview, sent, status);
+    if (status.status !== "done") throw finishedError(status);
+    const [received, fds, generated] = await Promise.all([
+      relayedImage(relayPath(sent.id, "/maps/received_labels.png?colour=true")),
+      relayedImage(relayPath(sent.id, "/maps/fds_labels.png?colour=true")),
+      relayedImage(relayPath(sent.id, "/image")),
+    ]);
+    await Promise.all([setImage("img-received", received), setImage("img-fds", fds), setImage("img-generated", generated)]);
+    setStatus(`done: ${sent.id}`);
+  } catch (error) {
+    showError(error);
+    setStatus("stopped");
+  } finally {
+    running = [];
+    setBusy(false);
+  }
+}
+
+// --- SNR strip -----------------------------------------------------------------------------------
+
+function stripCell(row, text) {
+  const cell = row.insertCell();
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.alt = text;
+  const caption = document.createElement("figcaption");
+  caption.textContent = "…";
+  figure.append(img, caption);
+  cell.append(figure);
+  return { img, caption };
+}
+
+async function strip() {
+  if (busy) return;
+  clearError();
+  setBusy(true);
+  $("strip-box").hidden = false;
+  const table = $("strip");
+  table.tHead.replaceChildren();
+  table.tBodies[0].replaceChildren();
+  const head = table.tHead.insertRow();
+  head.append(document.createElement("th"));
+  for (const snr of STRIP_SNRS) {
+    const th = document.createElement("th");
+    th.textContent = `${snr} dB`;
+    head.append(th);
+  }
+  const rows = {};
+  for (const [key, title] of [["semantic", "generated (semantic)"], ["analog", "analog (pixels)"]]) {
+    const row = table.tBodies[0].insertRow();
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = title;
+    row.append(th);
+    rows[key] = STRIP_SNRS.map((snr) => stripCell(row, `${title} at ${snr} dB`));
+  }
+  try {
+    const input = await currentInput();
+    const fields = transmissionFields(input);
+    const analog = api("/v1/analog", {
+      method: "POST",
+      body: formData(input, {
+        kind: input.kind, snrs_db: STRIP_SNRS.join(","), channel: fields.channel,
+        snr_definition: fields.snr_definition, seed: fields.seed,
+      }),
+    }).then((r) => r.json()).then((body) => Promise.all(body.results.map((result, i) => {
+      rows.analog[i].caption.textContent = `measured ${fmt(result.measured_snr_db)} dB`;
+      rows.analog[i].img.src = result.png;
+      return loaded(rows.analog[i].img);
+    })));
+    const ids = [];
+    for (const snr of STRIP_SNRS) {
+      setStatus(`sending at ${snr} dB`);
+      const sent = await (await api("/v1/transmissions", {
+        method: "POST", body: formData(input, { ...fields, [SNR_FIELD]: snr }),
+      })).json();
+      ids.push(sent.id);
+      running = ids.slice();
+    }
+    let done = 0;
+    setStatus(`strip: 0 of ${ids.length} generated`);
+    const semantic = ids.map(async (id, i) => {
+      const status = await follow(id, () => {});
+      if (status.status !== "done") throw finishedError(status);
+      rows.semantic[i].caption.textContent = `measured ${fmt(status.channel.measured_snr_db)} dB`;
+      rows.semantic[i].img.src = await relayedImage(relayPath(id, "/image"));
+      await loaded(rows.semantic[i].img);
+      done += 1;
+      setStatus(`strip: ${done} of ${ids.length} generated`);
+    });
+    await Promise.all([analog, ...semantic]);
+    setStatus("strip done");
+  } catch (error) {
+    showError(error);
+    setStatus("stopped");
+  } finally {
+    running = [];
+    setBusy(false);
+  }
+}
+
+async function cancel() {
+  const ids = running.slice();
+  setStatus("cancelling");
+  for (const id of ids) {
+    try {
+      await api(relayPath(id, "/cancel"), { method: "POST" });
+    } catch (error) {
+      if (error.status !== 409) showError(error); // 409: it had finished already
+    }
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("send-form").addEventListener("submit", send);
+  $("strip-button").addEventListener("click", strip);
+  $("cancel").addEventListener("click", cancel);
+  $("upload").addEventListener("change", () => {
+    if ($("upload").files.length) {
+      $("example").value = "";
+      const name = $("upload").files[0].name.toLowerCase();
+      if (!name.endsWith(".png")) $("kind").value = "photo";
+    }
+  });
+  $("example").addEventListener("change", () => {
+    const example = examples.get($("example").value);
+    if (example) $("kind").value = example.kind;
+  });
+  loadExamples();
+  loadClasses();
+});

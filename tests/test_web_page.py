@@ -1,0 +1,340 @@
+"""The web page in a real browser (Playwright driving Debian's chromium) against the three services
+as processes, and the sender routes the page uses.
+
+The browser tests need /usr/bin/chromium (`make install` installs it with apt-get); they are
+skipped only where it is missing and apt-get is not there to install it. With
+GESCO_WEB_SCREENSHOT=docs/web-page.png the page is also photographed, after a run at the default
+sampling steps and an SNR strip, for the README.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from shared.paths import REPO_ROOT
+from tests.link_services import LinkServices
+from tests.service_procs import free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = os.environ.get("GESCO_WEB_SCREENSHOT", "")
+LOOPBACK = {"127.0.0.1", "localhost"}
+STAGE_IMAGES = ("img-input", "img-segmentation", "img-received", "img-fds", "img-generated")
+
+
+needs_browser = pytest.mark.skipif(not CHROMIUM.exists() and not shutil.which("apt-get"),
+                                   reason=f"{CHROMIUM} is missing and apt-get is not available to install it")
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory) -> Iterator[LinkServices]:
+    link = LinkServices(tmp_path_factory.mktemp("web"))
+    yield link
+    link.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not CHROMIUM.exists():  # apt-get is there (needs_browser skips otherwise): CI must run these
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (make install does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        yield browser
+        browser.close()
+
+
+class PageProbe:
+    """A page with its console errors, uncaught exceptions and any request leaving loopback."""
+
+    def __init__(self, browser, width: int = 1280, height: int = 900) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.external: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.route("**/*", self._only_loopback)
+
+    def _only_loopback(self, route) -> None:
+        url = route.request.url
+        if url.startswith(("data:", "blob:")) or urlsplit(url).hostname in LOOPBACK:
+            route.continue_()
+        else:
+            self.external.append(url)
+            route.abort()
+
+    def natural_width(self, selector: str) -> int:
+        return self.page.eval_on_selector(selector, "img => img.naturalWidth")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def probe(browser) -> Iterator[PageProbe]:
+    page = PageProbe(browser)
+    yield page
+    page.close()
+
+
+def open_page(probe: PageProbe, services: LinkServices) -> None:
+    probe.page.goto(services.sender_url + "/")
+    probe.page.wait_for_function("document.querySelectorAll('#example option').length >= 3")
+    probe.page.wait_for_function("document.querySelectorAll('#legend li').length === 12")
+
+
+def wait_for_status(probe: PageProbe, prefix: str, timeout_s: float = 240) -> None:
+    """Until #status starts with `prefix`; a shown error fails at once with its text."""
+    probe.page.wait_for_function(
+        "prefix => document.getElementById('status').textContent.startsWith(prefix)"
+        " || !document.getElementById('error').hidden", arg=prefix, timeout=timeout_s * 1000)
+    error = probe.page.locator("#error")
+    assert error.is_hidden(), error.text_content()
+
+
+@needs_browser
+def test_the_page_sends_the_example_and_shows_every_stage(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    assert page.input_value("#example") == "street_labels.png"  # the drawn street is the default
+    assert page.input_value("#kind") == "label_map"
+    if not SCREENSHOT:
+        page.fill("#steps", "2")
+    page.fill("#seed", "7")
+    page.fill("#snr_db", "10")
+    page.click("#send")
+    wait_for_status(probe, "done")
+    for image in STAGE_IMAGES:
+        assert probe.natural_width(f"#{image}") > 0, image
+    tiles = page.locator("#transmitted-maps img")
+    assert tiles.count() == 10  # the classes present in the drawn street
+    for index in range(tiles.count()):
+        assert tiles.nth(index).evaluate("img => img.naturalWidth") > 0
+    numbers = page.locator("#numbers").inner_text()
+    assert "measured" in numbers and "awgn" in numbers and "channel uses" in numbers
+    assert "Receiver timings" in numbers and "sample" in numbers and "trained" in numbers
+    assert page.locator("#legend li:not(.absent)").count() == 10
+    if SCREENSHOT:
+        page.click("#strip-button")
+        wait_for_status(probe, "strip done", timeout_s=400)
+        page.screenshot(path=str(REPO_ROOT / SCREENSHOT), full_page=True)
+    assert probe.errors == [] and probe.external == []
+
+
+@needs_browser
+def test_the_snr_strip_shows_the_semantic_and_the_analog_row(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    page.fill("#steps", "2")
+    page.click("#strip-button")
+    wait_for_status(probe, "strip done", timeout_s=300)
+    images = page.locator("#strip img")
+    assert images.count() == 10
+    for index in range(10):
+        assert images.nth(index).evaluate("img => img.naturalWidth") > 0
+    captions = page.locator("#strip figcaption").all_inner_texts()
+    assert all(caption.startswith("measured") for caption in captions), captions
+    assert probe.errors == [] and probe.external == []
+
+
+@needs_browser
+def test_a_bad_upload_shows_the_apis_message(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    page.set_input_files("#upload", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
+                                            "buffer": b"these are notes, not a photo"}])
+    assert page.input_value("#example") == "" and page.input_value("#kind") == "photo"
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    text = page.locator("#error").inner_text()
+    assert text.startswith("HTTP 400: ") and "not a recognised image" in text and "(field: file)" in text
+    # The browser logs the failed request itself; nothing else may go wrong.
+    assert all("status of 400" in error for error in probe.errors), probe.errors
+
+
+@needs_browser
+def test_a_busy_receiver_is_shown_with_the_apis_message_and_retry_after(services, probe) -> None:
+    """A 429 as the sender answers it when the receiver's queue is full (the answer is stubbed in
+    the browser: filling the real queue would take minutes of sampling)."""
+    open_page(probe, services)
+    page = probe.page
+    page.route("**/v1/transmissions", lambda route: route.fulfill(
+        status=429, headers={"Retry-After": "7"}, content_type="application/json",
+        body='{"error": {"field": null, "message": "the receiver\'s queue is full; retry after 7 s"}}'))
+    page.fill("#steps", "2")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])")
+    text = page.locator("#error").inner_text()
+    assert text == "HTTP 429: the receiver's queue is full; retry after 7 s Retry after 7 s."
+    assert not page.is_disabled("#send")
+
+
+@needs_browser
+def test_the_page_fits_a_phone_screen(services, browser) -> None:
+    probe = PageProbe(browser, width=390, height=844)
+    try:
+        open_page(probe, services)
+        assert probe.page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert probe.page.locator("#send").bounding_box()["width"] > 60
+        assert probe.errors == [] and probe.external == []
+    finally:
+        probe.close()
+
+
+@needs_browser
+def test_swagger_ui_try_it_out_runs_against_the_sender(services, probe) -> None:
+    page = probe.page
+    page.goto(services.sender_url + "/docs")
+    health = page.locator(".opblock-get:has(.opblock-summary-path[data-path='/healthz'])")
+    health.locator(".opblock-summary").click()
+    health.get_by_role("button", name="Try it out").click()
+    health.get_by_role("button", name="Execute").click()
+    status = health.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for()
+    assert status.inner_text().strip() == "200"
+    assert '"status": "ok"' in health.locator(".live-responses-table tbody .microlight").first.inner_text()
+    # The transmission form, field by field with its examples, sent from the docs page.
+    form = page.locator(".opblock-post:has(.opblock-summary-path[data-path='/v1/transmissions'])")
+    form.locator(".opblock-summary").click()
+    form.get_by_role("button", name="Try it out").click()
+    form.locator("input[type=file]").set_input_files(str(REPO_ROOT / "examples" / "street_labels.png"))
+    field = lambda name, kind="input": form.locator(f"tr[data-property-name='{name}'] {kind}").first  # noqa: E731
+    field("kind", "select").select_option("label_map")
+    assert field("seed").input_value() == "7" and field("sampler").input_value() == "ddim"  # the examples
+    field("steps").fill("1")
+    form.get_by_role("button", name="Execute").click()
+    sent = form.locator(".live-responses-table tbody .response-col_status").first
+    sent.wait_for(timeout=60_000)
+    assert sent.inner_text().strip() == "202", form.locator(".live-responses-table").inner_text()
+    assert probe.errors == [] and probe.external == []
+
+
+@needs_browser
+def test_redoc_renders_the_receiver_api(services, probe) -> None:
+    probe.page.goto(services.receiver_url + "/redoc")
+    probe.page.get_by_text("/v1/transmissions/{transmission_id}").first.wait_for()
+    assert probe.external == []
+
+
+# --- the page's routes, without a browser --------------------------------------------------------
+
+
+def test_the_page_and_its_assets_are_served_without_external_urls(services) -> None:
+    page = httpx.get(services.sender_url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("/static/app.js", "/static/style.css"):
+        body = httpx.get(services.sender_url + asset, timeout=10)
+        assert body.status_code == 200, asset
+        assert "http://" not in body.text and "https://" not in body.text, asset
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+def test_examples_classes_and_preview(services) -> None:
+    base = services.sender_url
+    examples = httpx.get(f"{base}/v1/examples", timeout=10).json()
+    assert [e["name"] for e in examples] == ["street_labels.png", "street_photo.jpg"]
+    labels = httpx.get(base + examples[0]["url"], timeout=10).content
+    assert labels == (REPO_ROOT / "examples" / "street_labels.png").read_bytes()
+    assert httpx.get(f"{base}/v1/examples/..%2Fmodels%2Fsegmenter-camvid.pt", timeout=10).status_code == 404
+    classes = httpx.get(f"{base}/v1/classes", timeout=10).json()
+    assert classes[3] == {"id": 3, "name": "road", "colour": "#804080"}
+    preview = httpx.post(f"{base}/v1/preview", files={"file": ("street.png", labels)},
+                         data={"kind": "label_map", "downsample_factor": "2"}, timeout=60).json()
+    assert preview["semantic"]["map_height"] == 48 and preview["semantic"]["downsample_factor"] == 2
+    assert len(preview["transmitted_maps"]) == len(preview["semantic"]["present_class_ids"]) == 10
+    assert preview["bits"]["channel_uses"] * 2 == preview["bits"]["num_symbols"]
+    sent_labels = _decode(preview["labels_png"])
+    drawn = cv2.imread(str(REPO_ROOT / "examples" / "street_labels.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(sent_labels, drawn)
+
+
+def test_the_preview_matches_what_the_transmission_sends(services) -> None:
+    photo = (REPO_ROOT / "examples" / "street_photo.jpg").read_bytes()
+    preview = httpx.post(f"{services.sender_url}/v1/preview", files={"file": ("s.jpg", photo)},
+                         data={"kind": "photo"}, timeout=60).json()
+    sent = httpx.post(f"{services.sender_url}/v1/transmissions", files={"file": ("s.jpg", photo)},
+                      data={"kind": "photo", "steps": "1", "guidance": "0"}, timeout=60).json()
+    assert sent["semantic"]["present_class_ids"] == preview["semantic"]["present_class_ids"]
+    assert sent["bits"]["payload_bits"] == preview["bits"]["payload_bits"]
+    assert preview["segmenter"]["used"] is True and preview["segmenter"]["trained"] is True
+
+
+def test_analog_goes_through_the_channel_at_each_snr(services) -> None:
+    photo = (REPO_ROOT / "examples" / "street_photo.jpg").read_bytes()
+    answer = httpx.post(f"{services.sender_url}/v1/analog", files={"file": ("s.jpg", photo)},
+                        data={"kind": "photo", "snrs_db": "1,100", "seed": "3"}, timeout=120).json()
+    clean = _decode(answer["input_png"])
+    low, high = (_decode(result["png"]) for result in answer["results"])
+    assert clean.shape == low.shape == (96, 128, 3)
+    assert [r["channel_uses"] for r in answer["results"]] == [96 * 128 * 3 // 2] * 2
+    assert abs(answer["results"][0]["measured_snr_db"] - 1) < 0.5
+    # 100 dB leaves the pixels as they were (up to rounding); 1 dB buries them in noise.
+    assert np.abs(high.astype(int) - clean).max() <= 1
+    assert np.abs(low.astype(int) - clean).mean() > 20
+
+
+@pytest.mark.parametrize(("data", "status", "field"), [
+    ({"kind": "photo", "snrs_db": "1,abc"}, 422, "snrs_db"),
+    ({"kind": "photo", "snrs_db": "500"}, 422, "snrs_db"),
+    ({"kind": "photo", "channel": "fiber"}, 422, "channel"),
+])
+def test_analog_rejects_bad_fields_naming_them(services, data, status, field) -> None:
+    photo = (REPO_ROOT / "examples" / "street_photo.jpg").read_bytes()
+    answer = httpx.post(f"{services.sender_url}/v1/analog", files={"file": ("s.jpg", photo)}, data=data, timeout=30)
+    assert answer.status_code == status and answer.json()["error"]["field"] == field
+
+
+def test_the_relay_passes_the_receivers_answers_and_colours_label_maps(services) -> None:
+    labels = (REPO_ROOT / "examples" / "street_labels.png").read_bytes()
+    sent = httpx.post(f"{services.sender_url}/v1/transmissions", files={"file": ("l.png", labels)},
+                      data={"kind": "label_map", "steps": "1", "guidance": "0", "wait": "true"}, timeout=120)
+    assert sent.status_code == 200
+    relay = f"{services.sender_url}/receiver/v1/transmissions/{sent.headers['x-transmission-id']}"
+    status = httpx.get(relay, params={"wait_s": 5}, timeout=30).json()
+    assert status["status"] == "done" and status["progress"] is None
+    assert httpx.get(f"{relay}/image", timeout=10).content == sent.content
+    ids = _decode(httpx.get(f"{relay}/maps/fds_labels.png", timeout=10).content)
+    coloured = _decode(httpx.get(f"{relay}/maps/fds_labels.png", params={"colour": "true"}, timeout=10).content)
+    classes = httpx.get(f"{services.sender_url}/v1/classes", timeout=10).json()
+    palette = np.array([[int(c["colour"][i:i + 2], 16) for i in (1, 3, 5)] for c in classes], dtype=np.uint8)
+    np.testing.assert_array_equal(coloured, palette[ids])
+    wrong = httpx.get(f"{relay}/maps/received.png", params={"colour": "true"}, timeout=10)
+    assert wrong.status_code == 422 and wrong.json()["error"]["field"] == "colour"
+    unknown = httpx.get(f"{services.sender_url}/receiver/v1/transmissions/{'0' * 32}", timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "transmission_id"
+    cancel = httpx.post(f"{relay}/cancel", timeout=10)
+    assert cancel.status_code == 409  # done already: the receiver's answer, relayed
+
+
+def test_a_receiver_that_is_down_is_a_503_with_the_apis_message(tmp_path) -> None:
+    """The relay of a sender whose receiver does not listen."""
+    from fastapi.testclient import TestClient
+
+    from sender_service.app import create_app
+    from sender_service.settings import SenderSettings
+
+    settings = SenderSettings(receiver_public_url=f"http://127.0.0.1:{free_port()}", device="cpu",
+                              segmenter_checkpoint=tmp_path / "none.pt")
+    with TestClient(create_app(settings)) as client:
+        answer = client.get(f"/receiver/v1/transmissions/{'a' * 32}")
+    assert answer.status_code == 503 and "cannot be reached" in answer.json()["error"]["message"]
+    assert answer.headers["retry-after"] == "5"
+
+
+def _decode(data: bytes | str) -> np.ndarray:
+    if isinstance(data, str):  # a data: URL
+        data = base64.b64decode(data.partition("base64,")[2])
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image is not None
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.ndim == 3 else image
