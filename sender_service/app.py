@@ -97,21 +97,27 @@ class TransmissionForm:
     """The multipart form of POST /v1/transmissions; empty optional fields take the defaults."""
 
     file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")]
-    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is")] = PHOTO
-    psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB")] = 100.0
-    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr"
-    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn"
-    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True
-    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0
-    sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default")] = None
-    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default")] = None
-    guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale")] = 2.0
-    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random")] = None
-    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting")] = None
-    compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None
-    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None
-    use_fds: Annotated[bool, Form(description="fast denoising of the received maps")] = True
-    wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready")] = False
+    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
+    psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB", examples=[10.0])] = 100.0
+    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"])] = "paper_psnr"
+    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
+    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
+    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB", examples=[6.0])] = 6.0
+    sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default",
+                                            examples=["ddim"])] = None
+    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default",
+                                          examples=[10])] = None
+    guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale",
+                                        examples=[2.0])] = 2.0
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=[7])] = None
+    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting",
+                                                  examples=[1])] = None
+    compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
+    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
+                                             examples=[75])] = None
+    use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
+    wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready",
+                                        examples=[False])] = False
 
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
         """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
