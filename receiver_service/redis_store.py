@@ -87,6 +87,14 @@ end
 return victims
 """
 
+# Sets a field of a record that still exists (never recreates an evicted one as a bare hash).
+# KEYS: the record. ARGV: field, value.
+_SET_IF_STORED_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+"""
+
 T = TypeVar("T")
 
 
@@ -186,6 +194,7 @@ class RedisTransmissionStore:
         self._finished_channel = f"{key_prefix}finished"
         self._cancel_channel = f"{key_prefix}cancel"
         self._evict_script = client.register_script(_EVICT_SCRIPT)
+        self._set_if_stored = client.register_script(_SET_IF_STORED_SCRIPT)
         self._unfinished_error = RESTART_ERROR
         self._registered = False
         self._register_lock = threading.Lock()
@@ -381,6 +390,29 @@ class RedisTransmissionStore:
         if status is None:
             raise UnknownTransmissionError(transmission_id)
         return data
+
+    def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
+        """Record the sampling step of running jobs, so that every replica's status shows it.
+        Best effort: with Redis down the step is skipped, never the sampling."""
+        keys = [self._record_key(transmission_id) for transmission_id in transmission_ids]
+        try:
+            with _redis_errors():
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    self._set_if_stored(keys=[key], args=["progress", f"{step}/{steps}"], client=pipe)
+                pipe.execute()
+        except StoreUnavailableError as error:
+            log.debug("sampling progress not stored", extra={"error": str(error)})
+
+    def progress(self, transmission_id: str) -> tuple[int, int] | None:
+        """(step, steps) last recorded for the job, or None."""
+        key = self._record_key(transmission_id)
+        with _redis_errors():
+            raw = self._client.hget(key, "progress")
+        if raw is None:
+            return None
+        step, steps = raw.decode().split("/")
+        return int(step), int(steps)
 
     def delete(self, transmission_id: str) -> None:
         key = self._record_key(transmission_id)
