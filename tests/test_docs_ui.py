@@ -80,3 +80,16 @@ def test_apps_with_cdn_pages_or_no_schema_are_refused(kwargs) -> None:
     app = FastAPI(**{"docs_url": None, "redoc_url": None, **kwargs})
     with pytest.raises(ValueError):
         mount_local_docs(app)
+
+
+def test_the_senders_key_guard_leaves_the_docs_pages_and_their_assets_open() -> None:
+    from sender_service.auth import ApiKeyGuard
+
+    app = make_app(api_key_header="X-API-Key")
+    app.add_middleware(ApiKeyGuard, api_key="secret")
+    client = TestClient(app)
+    for path in ("/docs", "/redoc", f"{ASSETS_PATH}/swagger-ui-bundle.js", f"{ASSETS_PATH}/redoc.standalone.js",
+                 "/docs/oauth2-redirect", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+    assert client.post("/v1/things").status_code == 401
+    assert client.post("/v1/things", headers={"X-API-Key": "secret"}).status_code == 200

@@ -149,6 +149,22 @@ def test_the_snr_strip_shows_the_semantic_and_the_analog_row(services, probe) ->
 
 
 @needs_browser
+def test_sampling_progress_is_shown_and_cancel_stops_it(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    page.select_option("#sampler", "ddim")
+    page.fill("#steps", "400")  # long enough to be watched and cancelled
+    page.click("#send")
+    page.wait_for_function("/^sampling: step \\d+ of 400$/.test(document.getElementById('status').textContent)",
+                           timeout=120_000)
+    assert page.eval_on_selector("#progress", "bar => !bar.hidden && bar.max === 400")
+    page.click("#cancel")
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "cancelled" in page.locator("#error").inner_text()
+    assert not page.is_disabled("#send") and page.is_disabled("#cancel")
+
+
+@needs_browser
 def test_a_bad_upload_shows_the_apis_message(services, probe) -> None:
     open_page(probe, services)
     page = probe.page
@@ -209,7 +225,10 @@ def test_swagger_ui_try_it_out_runs_against_the_sender(services, probe) -> None:
     form.locator(".opblock-summary").click()
     form.get_by_role("button", name="Try it out").click()
     form.locator("input[type=file]").set_input_files(str(REPO_ROOT / "examples" / "street_labels.png"))
-    field = lambda name, kind="input": form.locator(f"tr[data-property-name='{name}'] {kind}").first  # noqa: E731
+
+    def field(name: str, element: str = "input"):
+        return form.locator(f"tr[data-property-name='{name}'] {element}").first
+
     field("kind", "select").select_option("label_map")
     assert field("seed").input_value() == "7" and field("sampler").input_value() == "ddim"  # the examples
     field("steps").fill("1")
