@@ -35,8 +35,17 @@ from receiver_service.redis_store import (
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import RESTART_ERROR, DuplicateTransmissionError, TransmissionStore, UnknownTransmissionError
 from receiver_service.store_factory import create_store
+from receiver_service.worker import GenerationWorker
 from shared.paths import REPO_ROOT
 from tests.service_procs import free_port
+from tests.test_receiver_service import (  # noqa: F401 - fake_generator is a fixture used by name
+    ddim,
+    decode_png,
+    fake_generator,
+    make_settings,
+    transmission,
+    wait_for_status,
+)
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -363,6 +372,36 @@ def test_cancel_reaches_the_replica_that_holds_the_job(make_store):
     # The owner's own late update of the cancelled job changes nothing.
     assert a.update(IDS[0], status="running")["status"] == "cancelled"
     assert a.unfinished_ids() == [IDS[1]]
+
+
+def test_the_worker_generates_on_one_replica_for_another_and_a_cancel_crosses_over(make_store, fake_generator,
+                                                                                  tmp_path):
+    a, b = make_store("a"), make_store("b")
+    worker = GenerationWorker(make_settings(tmp_path), a)
+    a.set_cancel_handler(worker.cancel)
+    worker.load_model()
+    try:
+        header, symbols = transmission(sampling=ddim(1))
+        worker.submit(header, symbols, "req-1")
+        record = wait_for_status(b, header.transmission_id, {"done", "failed"})
+        assert record["status"] == "done", record["error"]
+        assert decode_png(b.read_artifact(header.transmission_id, "image")).shape == (30, 40, 3)
+        assert b.read_artifact(header.transmission_id, "fds_labels") is not None
+
+        fake_generator.gate.clear()  # hold the first job in sampling
+        first, queued = transmission(sampling=ddim(2)), transmission(sampling=ddim(3))
+        worker.submit(*first, "req-2")
+        wait_for_status(b, first[0].transmission_id, {"running"})
+        worker.submit(*queued, "req-3")
+        assert b.request_cancel(queued[0].transmission_id, "nobody waits")["status"] == "cancelled"
+        assert wait_until(lambda: worker.queue_depth == 0, 5.0)  # dropped from a's queue over pub/sub
+        fake_generator.gate.set()
+        assert wait_for_status(b, first[0].transmission_id, {"done", "failed"})["status"] == "done"
+        assert b.get(queued[0].transmission_id)["status"] == "cancelled"
+        assert b.read_artifact(queued[0].transmission_id, "image") is None
+    finally:
+        fake_generator.gate.set()
+        worker.stop(5)
 
 
 # ----------------------------------------------------------------------------------------- leases
