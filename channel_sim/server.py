@@ -13,7 +13,7 @@ from channel_sim.settings import ChannelSettings
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared.semantic import channels
 from shared.wire import grpc_security, transport
-from shared.wire.grpc_service import Call, CallRejected, Health, build_server, caller_gone, served_call
+from shared.wire.grpc_service import CallRejected, Health, build_server, caller_gone, served_call
 from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("channel_sim")
@@ -60,34 +60,32 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
 
     def Transmit(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
         with served_call(context, log, "transmit", "the channel simulator") as call:
-            ack = self._transmit(request_iterator, context, call)
-        return ack
-
-    def _transmit(self, request_iterator, context: grpc.ServicerContext, call: Call) -> gesco_pb2.TransmissionAck:
-        try:
-            with self._metrics.time_stage("assemble"):
-                header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
-        except (grpc.RpcError, ValueError):  # the stream breaks off when the call ends
-            if caller_gone(context):
-                raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
-            raise
-        call.fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
-        config = channel_config_from_proto(header.channel)
-        call.fields.update(model=config.model.value, snr_db=config.snr_db, snr_definition=config.snr_definition.value)
-        with self._metrics.time_stage("channel"):
-            output = channels.apply_channel(symbols, config, seed=header.channel.seed, map_scale=header.semantic.scale)
-        report = gesco_pb2.ChannelReport(
-            model=config.model.value,
-            requested_snr_db=config.snr_db,
-            measured_snr_db=output.measured_snr_db,
-            snr_definition=header.channel.snr_definition,
-            channel_uses=output.channel_uses,
-        )
-        header.channel_report.CopyFrom(report)
-        call.fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
-        with self._metrics.time_stage("forward"):
-            ack = self._forward(header, output.symbols, call.request_id or header.transmission_id, context)
-        ack.channel_report.CopyFrom(report)
+            try:
+                with self._metrics.time_stage("assemble"):
+                    header, symbols = transport.assemble_frames(request_iterator, self._settings.max_symbols)
+            except (grpc.RpcError, ValueError):  # the stream breaks off when the call ends
+                if caller_gone(context):
+                    raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away while streaming") from None
+                raise
+            call.fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
+            config = channel_config_from_proto(header.channel)
+            call.fields.update(model=config.model.value, snr_db=config.snr_db,
+                               snr_definition=config.snr_definition.value)
+            with self._metrics.time_stage("channel"):
+                output = channels.apply_channel(symbols, config, seed=header.channel.seed,
+                                                map_scale=header.semantic.scale)
+            report = gesco_pb2.ChannelReport(
+                model=config.model.value,
+                requested_snr_db=config.snr_db,
+                measured_snr_db=output.measured_snr_db,
+                snr_definition=header.channel.snr_definition,
+                channel_uses=output.channel_uses,
+            )
+            header.channel_report.CopyFrom(report)
+            call.fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
+            with self._metrics.time_stage("forward"):
+                ack = self._forward(header, output.symbols, call.request_id or header.transmission_id, context)
+            ack.channel_report.CopyFrom(report)
         return ack
 
     def _forward(self, header, symbols, request_id: str, context) -> gesco_pb2.TransmissionAck:

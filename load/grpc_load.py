@@ -45,7 +45,7 @@ def make_payload(args: argparse.Namespace) -> tuple[gesco_pb2.TransmissionHeader
     encoded = codec.encode_label_map(street_label_map(), codec.CodecConfig(num_classes=NUM_CLASSES))
     header = gesco_pb2.TransmissionHeader(
         semantic=transport.semantic_header_to_proto(encoded.header),
-        channel=gesco_pb2.ChannelRequest(model="awgn", snr_db=args.psnr_db, equalize=True,
+        channel=gesco_pb2.ChannelRequest(model="awgn", snr_db=args.snr_db, equalize=True,
                                          snr_definition=gesco_pb2.SNR_DEFINITION_PAPER_PSNR),
         sampling=gesco_pb2.SamplingRequest(sampler=args.sampler, steps=args.steps, guidance=0.0, use_fds=True),
     )
@@ -154,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests sent (and waited for) before the run, outside every count")
     parser.add_argument("--steps", type=int, default=5, help="sampling steps per job")
     parser.add_argument("--sampler", default="", help="sampler name (empty: the receiver's default)")
-    parser.add_argument("--psnr-db", type=float, default=20.0, help="channel PSNR in dB")
+    parser.add_argument("--snr-db", type=float, default=20.0, help="channel SNR in dB (the paper's PSNR)")
     parser.add_argument("--metrics-url", action="append", default=[],
                         help="a /metrics URL whose resident memory is compared before and after (repeatable)")
     parser.add_argument("--report", default="", help="also write the report as JSON to this file")

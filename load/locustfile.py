@@ -73,7 +73,7 @@ def _transmission_request(seed: int) -> dict:
     """The form and headers of one POST /v1/transmissions, the measured run's and the warm-up's."""
     return {
         "files": {"file": ("street_labels.png", LABEL_MAP, "image/png")},
-        "data": {"kind": "label_map", "psnr_db": "20", "steps": str(STEPS), "seed": str(seed % 2**64)},
+        "data": {"kind": "label_map", "snr_db": "20", "steps": str(STEPS), "seed": str(seed % 2**64)},
         "headers": {"X-API-Key": API_KEY} if API_KEY else {},
     }
 

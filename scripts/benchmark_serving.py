@@ -128,7 +128,7 @@ def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store
 
 def send(client: httpx.Client, stack: Stack, args: argparse.Namespace, kind: str, seed: int) -> tuple[float, str]:
     """One transmission with wait=true: (end-to-end seconds, transmission id); raises on an error."""
-    form = {"kind": kind, "psnr_db": str(args.psnr_db), "sampler": args.sampler, "steps": str(args.steps),
+    form = {"kind": kind, "snr_db": str(args.snr_db), "sampler": args.sampler, "steps": str(args.steps),
             "guidance": str(args.guidance), "seed": str(seed), "wait": "true"}
     path = EXAMPLES[kind]
     started = time.perf_counter()
@@ -297,7 +297,7 @@ def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], di
         f"- model: {model.get('name')} (trained: {model.get('trained')}), {model.get('image_height')}x"
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "
-        f"{args.psnr_db:g} dB, `wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
+        f"{args.snr_db:g} dB, `wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
         f"{args.poll_interval_s:g} s apart when one comes back unfinished); batching on: max batch "
         f"size {args.max_batch_size}, max queue delay {args.max_queue_delay_ms:g} ms; off: batch size 1; "
         f"channels_last weights: {args.channels_last}",
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default="", help="empty: the receiver's default (docs/sampler-sweep.md)")
     parser.add_argument("--steps", type=int, default=0, help="0: the sampler's default")
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--psnr-db", type=float, default=10.0)
+    parser.add_argument("--snr-db", type=float, default=10.0, help="channel SNR in dB (the paper's PSNR)")
     parser.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "diffusion-camvid.pt"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="receiver torch threads (0: torch's default)")

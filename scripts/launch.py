@@ -373,10 +373,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ports = load_ports(args)
     sender_url = args.sender_url or f"http://{args.host}:{ports.sender}"
     source = Path(args.input) if args.input else DEFAULT_EXAMPLES[args.kind]
-    fields = {"kind": args.kind, "psnr_db": str(args.psnr_db), "steps": str(args.steps),
+    fields = {"kind": args.kind, "snr_db": str(args.snr_db), "snr_definition": args.snr_definition,
               "seed": str(args.seed), "wait": "true"}
-    print(f"sending {_rel(source)} as a {args.kind} to {sender_url} at {args.psnr_db:g} dB, "
-          f"{args.steps} sampling steps (this can take a while on a CPU)...")
+    if args.steps:
+        fields["steps"] = str(args.steps)
+    steps = f"{args.steps} sampling steps" if args.steps else "the receiver's default sampling"
+    print(f"sending {_rel(source)} as a {args.kind} to {sender_url} at {args.snr_db:g} dB ({args.snr_definition}), "
+          f"{steps} (this can take a while on a CPU)...")
     started = time.monotonic()
     try:
         response = httpx.post(
@@ -473,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(demo, port_defaults=False)
     demo.add_argument("--kind", choices=sorted(DEFAULT_EXAMPLES), default="photo")
     demo.add_argument("--input", help="file to send instead of the bundled example")
-    demo.add_argument("--psnr-db", type=float, default=20.0)
-    demo.add_argument("--steps", type=int, default=10, help="sampling steps (few: a CPU is slow)")
+    demo.add_argument("--snr-db", type=float, default=20.0, help="channel SNR in dB")
+    demo.add_argument("--snr-definition", choices=("paper_psnr", "average_power"), default="paper_psnr")
+    demo.add_argument("--steps", type=int, default=0, help="sampling steps (0: the receiver's default)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--sender-url", help="default: the sender started by `up`")
     demo.add_argument("--output", default=str(RUN_DIR / "demo-output.png"))

@@ -25,13 +25,15 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from gesco.v1 import gesco_pb2
 from sender_service import receiver_client
 from sender_service.auth import API_KEY_HEADER, OPEN_PATHS, ApiKeyGuard
-from sender_service.grpc_client import ChannelCallError, ChannelClient
+from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
 from sender_service.pipeline import (
     PHOTO,
     FieldError,
     NotReadyError,
+    PreparedTransmission,
     SegmenterLoader,
     TransmissionRequest,
     prepare_transmission,
@@ -53,13 +55,15 @@ from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 from shared.wire.records import TransmissionRecord
-from shared.wire.rest_errors import ApiError, BodySizeLimit, add_error_handlers, error_response
+from shared.wire.rest_errors import ApiError, BodySizeLimit, add_error_handlers, error_response, validation_error
 
 log = logging.getLogger(__name__)
 
 # Room for the multipart boundaries and the small form fields around the uploaded file.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_SEED = 2**64 - 1
+# When a request gives neither snr_db nor its deprecated alias psnr_db.
+DEFAULT_SNR_DB = 100.0
 # The status of the answer to a client that closed its connection while waiting (nginx's
 # convention): nobody reads it, but the request metrics count it.
 CLIENT_CLOSED_REQUEST = 499
@@ -81,7 +85,7 @@ class SenderState:
     settings: SenderSettings
     metrics: ServiceMetrics
     segmenter: SegmenterLoader
-    channel: ChannelClient
+    channel_sim: ChannelSimClient
     http: httpx.AsyncClient
 
 
@@ -98,8 +102,12 @@ class TransmissionForm:
 
     file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")]
     kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
-    psnr_db: Annotated[float, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, description="channel SNR in dB", examples=[10.0])] = 100.0
-    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"])] = "paper_psnr"
+    snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=[10.0], description=(
+        f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
+    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"], description=(
+        "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = "paper_psnr"
+    psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, description=(
+        "deprecated alias of `snr_db` (it too follows `snr_definition`); refused when both differ"))] = None
     channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
     equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
     rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB", examples=[6.0])] = 6.0
@@ -119,11 +127,16 @@ class TransmissionForm:
     wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready",
                                         examples=[False])] = False
 
+    def __post_init__(self) -> None:
+        if self.psnr_db is not None and self.snr_db is not None and self.psnr_db != self.snr_db:
+            raise validation_error("psnr_db", f"psnr_db is a deprecated alias of snr_db and differs from it "
+                                              f"({self.psnr_db:g} against {self.snr_db:g}); send snr_db alone")
+
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
         """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
         return TransmissionRequest(
             kind=self.kind,
-            psnr_db=self.psnr_db,
+            snr_db=next((snr for snr in (self.snr_db, self.psnr_db) if snr is not None), DEFAULT_SNR_DB),
             snr_definition=self.snr_definition,
             channel=self.channel,
             equalize=self.equalize,
@@ -194,14 +207,26 @@ async def create_transmission(
     202 with the transmission's id, status and image URLs, the channel's report and the bit
     counts; with wait=true, 200 with the generated PNG once the receiver has made it.
     """
+    settings = state.settings
     transmission_id = transport.new_transmission_id()
     with request_context(transmission_id):
-        spec = form.transmission_request(state.settings)
-        data = await form.file.read(state.settings.max_upload_bytes + 1)
-        transmission = _transmit(state, spec, data, transmission_id, form.wait)
+        spec = form.transmission_request(settings)
+        data = await form.file.read(settings.max_upload_bytes + 1)
+        try:
+            prepared = await run_in_threadpool(
+                prepare_transmission, data, spec, settings, state.segmenter, transmission_id
+            )
+        except FieldError as error:
+            raise ApiError(error.status_code, error.message, field=error.field) from None
+        except NotReadyError as error:
+            raise ApiError(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"}) from None
+        for stage, seconds in prepared.timings_s.items():
+            state.metrics.observe_stage(stage, seconds)
+        channel_call = state.channel_sim.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
+        answer = _answer(state, channel_call, prepared, spec.seed, form.wait)
         if not form.wait:  # the job is the client's to poll, whether or not it stays for the 202
-            return await transmission
-        return await _unless_client_leaves(request, state, transmission, transmission_id)
+            return await answer
+        return await _unless_client_leaves(request, state, answer, transmission_id)
 
 
 def create_app(settings: SenderSettings | None = None) -> FastAPI:
@@ -218,13 +243,13 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         segmenter = SegmenterLoader(settings)
         segmenter.start()
-        channel = ChannelClient(settings.channel_address, channel_credentials)
+        channel_sim = ChannelSimClient(settings.channel_address, channel_credentials)
         async with httpx.AsyncClient() as http:
-            app.state.sender = SenderState(settings, metrics, segmenter, channel, http)
+            app.state.sender = SenderState(settings, metrics, segmenter, channel_sim, http)
             try:
                 yield
             finally:
-                await channel.close()
+                await channel_sim.close()
 
     app = FastAPI(
         title="gesco sender",
@@ -249,23 +274,20 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     return app
 
 
-async def _transmit(
-    state: SenderState, spec: TransmissionRequest, data: bytes, transmission_id: str, wait: bool
+async def _answer(
+    state: SenderState,
+    channel_call: Coroutine[Any, Any, gesco_pb2.TransmissionAck],
+    prepared: PreparedTransmission,
+    seed: int,
+    wait: bool,
 ) -> Response:
-    settings, loader, metrics = state.settings, state.segmenter, state.metrics
+    """Await the channel simulator's acknowledgement; then the 202 with the transmission's record,
+    or with wait=true the generated image."""
+    settings, transmission_id = state.settings, prepared.header.transmission_id
     try:
-        prepared = await run_in_threadpool(prepare_transmission, data, spec, settings, loader, transmission_id)
-    except FieldError as error:
-        raise ApiError(error.status_code, error.message, field=error.field) from None
-    except NotReadyError as error:
-        raise ApiError(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"}) from None
-    for stage, seconds in prepared.timings_s.items():
-        metrics.observe_stage(stage, seconds)
-
-    try:
-        with metrics.time_stage("channel_rpc"):
-            ack = await state.channel.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
-    except ChannelCallError as error:
+        with state.metrics.time_stage("channel_rpc"):
+            ack = await channel_call
+    except ChannelSimCallError as error:
         log.warning("channel call failed", extra={"grpc_code": error.code.name})
         raise _channel_error(error, settings, transmission_id) from None
 
@@ -277,8 +299,8 @@ async def _transmit(
         status_url=receiver_client.status_url(public, transmission_id),
         image_url=receiver_client.image_url(public, transmission_id),
         queue_position=ack.queue_position,
-        seed=spec.seed,
-        segmenter={"used": prepared.segmenter_used, **_segmenter_summary(loader)},
+        seed=seed,
+        segmenter={"used": prepared.segmenter_used, **_segmenter_summary(state.segmenter)},
         **dict(TransmissionRecord.from_header(header, header.sampling)),
     )
     log.info("transmission sent", extra={"queue_position": ack.queue_position})
@@ -345,7 +367,7 @@ def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
     return dict(loader.info) if loader.info else {"trained": False, "note": "the segmenter is loading"}
 
 
-def _channel_error(error: ChannelCallError, settings: SenderSettings, transmission_id: str) -> ApiError:
+def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmission_id: str) -> ApiError:
     status_code = _GRPC_TO_HTTP.get(error.code, 502)
     headers = None
     if status_code == 429:

@@ -1,4 +1,5 @@
-"""The sender's gRPC client of Channel.Transmit: one header-first frame stream per transmission."""
+"""The sender's client of the channel simulator (its gRPC Channel.Transmit): one header-first
+frame stream per transmission."""
 from __future__ import annotations
 
 import grpc
@@ -8,8 +9,7 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared.wire import grpc_security, transport
 
 
-
-class ChannelCallError(Exception):
+class ChannelSimCallError(Exception):
     """Channel.Transmit failed; `code` is the gRPC status the HTTP layer maps to a status code."""
 
     def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: int | None = None) -> None:
@@ -19,8 +19,8 @@ class ChannelCallError(Exception):
         self.retry_after_s = retry_after_s
 
 
-class ChannelClient:
-    """An asyncio gRPC channel to the channel simulator, opened once per process."""
+class ChannelSimClient:
+    """The channel simulator's client: an asyncio gRPC channel, opened once per process."""
 
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
@@ -36,7 +36,7 @@ class ChannelClient:
         try:
             return await self._stub.Transmit(frames, metadata=metadata, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise ChannelCallError(
+            raise ChannelSimCallError(
                 error.code(), error.details() or "", _retry_after(error.trailing_metadata())
             ) from error
 

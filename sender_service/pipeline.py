@@ -48,7 +48,7 @@ class TransmissionRequest:
     """Everything a client chose for one transmission, already range-checked by the HTTP layer."""
 
     kind: str = PHOTO
-    psnr_db: float = 100.0
+    snr_db: float = 100.0
     snr_definition: str = "paper_psnr"
     channel: str = "awgn"
     equalize: bool = True
@@ -198,7 +198,7 @@ def prepare_transmission(
         semantic=transport.semantic_header_to_proto(encoded.header),
         channel=gesco_pb2.ChannelRequest(
             model=request.channel,
-            snr_db=request.psnr_db,
+            snr_db=request.snr_db,
             snr_definition=transport.snr_definition_to_proto(request.snr_definition),
             equalize=request.equalize,
             seed=request.seed,

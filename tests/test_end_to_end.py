@@ -132,7 +132,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_photo_comes_back_as_a_png_of_the_configured_size(pipeline) -> None:
-    response = pipeline.post(REPO_ROOT / "examples" / "street_photo.jpg", kind="photo", psnr_db=20, **FAST)
+    response = pipeline.post(REPO_ROOT / "examples" / "street_photo.jpg", kind="photo", snr_db=20, **FAST)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     assert _png_size(response.content) == (OUTPUT_HEIGHT, OUTPUT_WIDTH)
@@ -145,7 +145,7 @@ def test_photo_comes_back_as_a_png_of_the_configured_size(pipeline) -> None:
 def test_lossless_label_map_survives_fds_exactly(pipeline) -> None:
     labels = blocky_label_map()
     response = pipeline.post(
-        data=encode_png(labels), kind="label_map", psnr_db=100, downsample_factor=1,
+        data=encode_png(labels), kind="label_map", snr_db=100, downsample_factor=1,
         compression="none", use_fds="true", **FAST,
     )
     assert response.status_code == 200, response.text

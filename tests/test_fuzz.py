@@ -277,6 +277,7 @@ def form_value(draw, valid) -> str:
 
 FORM_FIELDS = {
     "kind": form_value(st.sampled_from(["photo", "label_map"])),
+    "snr_db": form_value(st.floats(-20, 120).map(str)),
     "psnr_db": form_value(st.floats(-20, 120).map(str)),
     "snr_definition": form_value(st.sampled_from(["paper_psnr", "average_power"])),
     "channel": form_value(st.sampled_from(["awgn", "rayleigh", "rician", "tdl_ofdm"])),

@@ -108,9 +108,11 @@ def lone_sender():
         (b"x" * (MAX_UPLOAD_BYTES + 100_000), {}, 413, "file", "upload limit"),
         (b"x" * (MAX_UPLOAD_BYTES + 10), {}, 413, "file", "limit"),
         (encode_png(photo()), {"kind": "sketch"}, 422, "kind", "photo"),
-        (encode_png(photo()), {"psnr_db": 100.5}, 422, "psnr_db", "less than or equal to 100"),
+        (encode_png(photo()), {"snr_db": 100.5}, 422, "snr_db", "less than or equal to 100"),
+        (encode_png(photo()), {"snr_db": -11}, 422, "snr_db", "greater than or equal to -10"),
+        (encode_png(photo()), {"snr_db": "loud"}, 422, "snr_db", "number"),
         (encode_png(photo()), {"psnr_db": -11}, 422, "psnr_db", "greater than or equal to -10"),
-        (encode_png(photo()), {"psnr_db": "loud"}, 422, "psnr_db", "number"),
+        (encode_png(photo()), {"snr_db": 10, "psnr_db": 20}, 422, "psnr_db", "deprecated alias of snr_db"),
         (encode_png(photo()), {"steps": 0}, 422, "steps", "greater than or equal to 1"),
         (encode_png(photo()), {"steps": 1001}, 422, "steps", "less than or equal to 1000"),
         (encode_png(photo()), {"guidance": 20.5}, 422, "guidance", "less than or equal to 20"),
@@ -123,7 +125,7 @@ def lone_sender():
     ids=[
         "not-an-image", "truncated-png", "empty", "too-many-pixels", "label-id-too-big",
         "rgb-label-map", "factor-not-dividing", "body-too-large", "file-too-large", "bad-kind",
-        "psnr-high", "psnr-low", "psnr-text", "steps-zero", "steps-high", "guidance-high",
+        "snr-high", "snr-low", "snr-text", "psnr-alias-low", "psnr-alias-differs", "steps-zero", "steps-high", "guidance-high",
         "seed-negative", "bad-channel", "bad-snr-definition", "bad-compression", "bad-sampler",
     ],
 )
@@ -141,7 +143,7 @@ def test_channel_down_is_503_and_the_process_survives(lone_sender) -> None:
         ("label_map", encode_png(blocky_label_map())),
         ("label_map", encode_png(blocky_label_map(48, 64))),
     ):
-        error = assert_error(post(lone_sender.base, data, kind=kind, psnr_db=20), 503, None, "unavailable")
+        error = assert_error(post(lone_sender.base, data, kind=kind, snr_db=20), 503, None, "unavailable")
         assert error["grpc_code"] == "UNAVAILABLE" and len(error["id"]) == 32
     wait_ready(lone_sender.base)
     # A valid photo after all the bad requests still gets through decoding and segmentation.
@@ -283,7 +285,7 @@ def channel(fakes):
 
 def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
     labels = blocky_label_map()
-    response = post(sender.base, encode_png(labels), kind="label_map", psnr_db=30, seed=7,
+    response = post(sender.base, encode_png(labels), kind="label_map", snr_db=30, seed=7,
                     channel="rician", rician_k_db=3, steps=5, guidance=1.5, sampler="ddim", use_fds="false")
     assert response.status_code == 202, response.text
     body = response.json()
@@ -315,6 +317,19 @@ def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
     assert body["sampling"] == {"sampler": "ddim", "steps": 5, "guidance": 1.5, "seed": 7, "use_fds": False}
     assert body["semantic"]["present_class_ids"] == [0, 3, 5, 8] and body["semantic"]["num_classes"] == 12
     assert body["segmenter"]["used"] is False
+
+
+@pytest.mark.parametrize(("fields", "snr_db"), [
+    ({}, 100.0), ({"psnr_db": 12}, 12.0), ({"snr_db": 12, "psnr_db": 12}, 12.0),
+    ({"snr_db": 7, "snr_definition": "average_power"}, 7.0),
+])
+def test_snr_db_and_its_deprecated_alias_psnr_db(sender, channel, fields, snr_db) -> None:
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map", **fields)
+    assert response.status_code == 202, response.text
+    request = channel.calls[-1]["header"].channel
+    assert request.snr_db == snr_db and response.json()["channel"]["requested_snr_db"] == snr_db
+    expected = fields.get("snr_definition", "paper_psnr")
+    assert request.snr_definition == transport.snr_definition_to_proto(expected)
 
 
 def test_label_maps_of_another_size_are_resized_nearest(sender, channel) -> None:

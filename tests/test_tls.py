@@ -1,6 +1,6 @@
 """TLS and mutual TLS on both gRPC hops, with certificates made by the tests.
 
-The chain runs in this process: the sender's ChannelClient -> the channel simulator's server ->
+The chain runs in this process: the sender's ChannelSimClient -> the channel simulator's server ->
 the receiver's gRPC server with a fake generator. Every refused handshake must end the call with
 UNAVAILABLE, never a hang.
 """
@@ -20,7 +20,7 @@ from receiver_service.grpc_server import build_grpc_server
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
-from sender_service.grpc_client import ChannelCallError, ChannelClient
+from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
 from sender_service.settings import SenderSettings
 from shared.paths import REPO_ROOT
 from shared.wire import grpc_security
@@ -95,7 +95,7 @@ def sender_transmit(port: int, credentials: grpc.ChannelCredentials | None):
     header, symbols = transmission()
 
     async def run():
-        client = ChannelClient(f"127.0.0.1:{port}", credentials)
+        client = ChannelSimClient(f"127.0.0.1:{port}", credentials)
         try:
             return await client.transmit(header, symbols, timeout_s=15)
         finally:
@@ -105,7 +105,7 @@ def sender_transmit(port: int, credentials: grpc.ChannelCredentials | None):
 
 
 def refused_code(port: int, credentials: grpc.ChannelCredentials | None) -> grpc.StatusCode:
-    with pytest.raises(ChannelCallError) as raised:
+    with pytest.raises(ChannelSimCallError) as raised:
         sender_transmit(port, credentials)
     return raised.value.code
 
@@ -138,7 +138,7 @@ def test_the_receiver_refuses_a_channel_without_a_client_certificate(receiver, p
         receiver_settings.grpc_port, tls_cert_file=pki.channel.cert, tls_key_file=pki.channel.key,
         receiver_tls_ca_file=pki.ca.ca_file)
     try:
-        with pytest.raises(ChannelCallError) as raised:
+        with pytest.raises(ChannelSimCallError) as raised:
             sender_transmit(settings.port, grpc_security.channel_credentials(pki.ca.ca_file))
         assert raised.value.code == grpc.StatusCode.UNAVAILABLE
         assert "receiver unavailable" in raised.value.details
