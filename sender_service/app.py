@@ -74,6 +74,8 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+# An INVALID_ARGUMENT's details start with the header field they refuse; these are form fields.
+_FORM_FIELDS_OF_HEADER = {"sampling.sampler": "sampler", "sampling.steps": "steps", "sampling.guidance": "guidance"}
 
 router = APIRouter()
 
@@ -376,4 +378,7 @@ def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmi
         503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
         504: f"the channel call exceeded its {settings.rpc_timeout_s:g} s deadline: {error.details}",
     }.get(status_code, f"the channel refused the transmission: {error.details}")
-    return ApiError(status_code, message, headers=headers, grpc_code=error.code.name, id=transmission_id)
+    field = None
+    if error.code is grpc.StatusCode.INVALID_ARGUMENT:
+        field = next((name for prefix, name in _FORM_FIELDS_OF_HEADER.items() if error.details.startswith(prefix)), None)
+    return ApiError(status_code, message, field=field, headers=headers, grpc_code=error.code.name, id=transmission_id)

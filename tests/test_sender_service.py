@@ -371,6 +371,13 @@ def test_channel_errors_map_to_http(sender, channel, code, status, retry_after) 
     assert response.headers.get("retry-after") == retry_after
 
 
+def test_a_refused_sampling_option_names_its_form_field(sender, channel) -> None:
+    channel.abort = (grpc.StatusCode.INVALID_ARGUMENT, "sampling.sampler must be one of ['ddim'], got 'euler'", ())
+    error = assert_error(post(sender.base, encode_png(blocky_label_map()), kind="label_map", sampler="euler"),
+                         400, "sampler", "must be one of")
+    assert error["grpc_code"] == "INVALID_ARGUMENT"
+
+
 def test_channel_deadline_is_504(sender, channel) -> None:
     channel.delay_s = 2.5
     response = post(sender.base, encode_png(blocky_label_map()), kind="label_map")
