@@ -93,3 +93,9 @@ def test_the_senders_key_guard_leaves_the_docs_pages_and_their_assets_open() -> 
         assert client.get(path).status_code == 200, path
     assert client.post("/v1/things").status_code == 401
     assert client.post("/v1/things", headers={"X-API-Key": "secret"}).status_code == 200
+
+
+def test_the_redoc_bundle_loads_nothing_from_a_cdn(client) -> None:
+    bundle = client.get(f"{ASSETS_PATH}/redoc.standalone.js")
+    assert bundle.status_code == 200 and bundle.headers["content-type"].startswith("text/javascript")
+    assert b"cdn." not in bundle.content and len(bundle.content) > 500_000

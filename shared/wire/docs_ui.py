@@ -17,7 +17,7 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
@@ -26,6 +26,7 @@ ASSETS_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js",
 DOCS_PREFIX = "/docs"
 ASSETS_PATH = f"{DOCS_PREFIX}/assets"
 REDOC_PATH = "/redoc"
+REDOC_REMOTE_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 API_KEY_SCHEME = "ApiKey"
 # Swagger UI would send the schema to an online validator for its badge: never.
 SWAGGER_UI_PARAMETERS = {"validatorUrl": None, "displayRequestDuration": True, "persistAuthorization": True}
@@ -49,6 +50,12 @@ def mount_local_docs(
         _declare_api_key(app, api_key_header, frozenset(open_paths))
     openapi_url = app.openapi_url
     oauth2_redirect_url = f"{DOCS_PREFIX}/oauth2-redirect"
+    redoc_bundle = redoc_bundle_without_remote_logo()
+
+    @app.get(f"{ASSETS_PATH}/redoc.standalone.js", include_in_schema=False)
+    def redoc_js() -> Response:  # before the mount, which would serve the file as it is
+        return Response(redoc_bundle, media_type="text/javascript")
+
     app.mount(ASSETS_PATH, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
 
     @app.get(DOCS_PREFIX, include_in_schema=False)
@@ -76,6 +83,16 @@ def mount_local_docs(
             redoc_favicon_url=f"{ASSETS_PATH}/favicon.png",
             with_google_fonts=False,
         )
+
+
+def redoc_bundle_without_remote_logo() -> bytes:
+    """The ReDoc bundle, its one remote image (Redocly's logo in the sidebar footer, from their
+    CDN) pointed at an empty data URL: the image fails at once and hides itself, as it does
+    offline, and the page makes no outside request."""
+    bundle = (ASSETS_DIR / "redoc.standalone.js").read_bytes()
+    if REDOC_REMOTE_LOGO not in bundle:
+        raise RuntimeError("the ReDoc bundle changed: check it for remote URLs and update REDOC_REMOTE_LOGO")
+    return bundle.replace(REDOC_REMOTE_LOGO, b"data:,")
 
 
 def _declare_api_key(app: FastAPI, header: str, open_paths: frozenset[str]) -> None:
