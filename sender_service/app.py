@@ -108,7 +108,7 @@ class TransmissionForm:
         f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
     snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"], description=(
         "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = "paper_psnr"
-    psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, description=(
+    psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, examples=[10.0], description=(
         "deprecated alias of `snr_db` (it too follows `snr_definition`); refused when both differ"))] = None
     channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
     equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
