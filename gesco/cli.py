@@ -37,7 +37,7 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = frozenset({"done", "failed", "cancelled"})
 # The form field of the channel SNR in the sender's POST /v1/transmissions.
-SNR_FIELD = "psnr_db"
+SNR_FIELD = "snr_db"
 # A request to the sender gets this long beyond any long poll it asks for.
 REQUEST_TIMEOUT_S = 60.0
 

@@ -43,6 +43,7 @@ from sender_service.pipeline import (
     PHOTO,
     FieldError,
     NotReadyError,
+    PreparedTransmission,
     SegmenterLoader,
     TransmissionRequest,
     prepare_transmission,
@@ -303,7 +304,7 @@ def _class_names(num_classes: int) -> list[str]:
     return [f"class {k}" for k in range(num_classes)]
 
 
-def _preview_body(prepared, num_classes: int) -> dict[str, Any]:
+def _preview_body(prepared: PreparedTransmission, num_classes: int) -> dict[str, Any]:
     semantic = prepared.semantic
     present = semantic.present_class_ids
     maps = (prepared.symbols.astype(np.float64) / semantic.scale).reshape(

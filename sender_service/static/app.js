@@ -4,7 +4,7 @@
 "use strict";
 
 // The form field of the channel SNR in POST /v1/transmissions.
-const SNR_FIELD = "psnr_db";
+const SNR_FIELD = "snr_db";
 const STRIP_SNRS = [1, 5, 10, 20, 100];
 const POLL_WAIT_S = 0.5; // each status request waits this long for the end (the receiver's long poll)
 const FINISHED = new Set(["done", "failed", "cancelled"]);
