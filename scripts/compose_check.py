@@ -27,6 +27,7 @@ tears the project down (unless --keep) and exits 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -51,7 +52,8 @@ SERVICES = ("receiver", "channel", "sender")
 BASE_IMAGE = "python:3.11-slim"
 IMAGE = "gesco:cpu"
 IMAGE_LABEL = "org.opencontainers.image.title=gesco"
-STAND_IN_LABEL = "org.gesco.stand-in-base=debootstrap"
+STAND_IN_LABEL = "org.gesco.stand-in-base"
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FINISHED = {"done", "failed", "cancelled"}
@@ -241,18 +243,25 @@ def install_compose_plugin() -> None:
     (plugins / "docker-compose").chmod(0o755)
 
 
+def host_ca_digest() -> str:
+    return hashlib.sha256(HOST_CA_BUNDLE.read_bytes()).hexdigest()[:16]
+
+
 def ensure_base_image() -> str:
-    """The Dockerfile's base: present, pulled, or else a stand-in made with debootstrap."""
+    """The Dockerfile's base: present, pulled, or else a stand-in made with debootstrap. A stand-in
+    made with other CA certificates than this machine's now is made again."""
     present = run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", BASE_IMAGE], 30, check=False)
     if present.returncode == 0:
         labels = json.loads(present.stdout or b"null") or {}
-        kind = "stand-in" if STAND_IN_LABEL.split("=")[0] in labels else "image"
-        return f"{BASE_IMAGE} present ({kind})"
-    pulled = run(["docker", "pull", "--quiet", BASE_IMAGE], 600, check=False)
-    if pulled.returncode == 0:
+        if STAND_IN_LABEL not in labels:
+            return f"{BASE_IMAGE} present"
+        if labels[STAND_IN_LABEL] == host_ca_digest():
+            return f"{BASE_IMAGE} present (the stand-in made on this machine)"
+        run(["docker", "image", "rm", BASE_IMAGE], 60)
+        return f"the stand-in's CA certificates are not this machine's: {make_stand_in_base()}"
+    if run(["docker", "pull", "--quiet", BASE_IMAGE], 600, check=False).returncode == 0:
         return f"pulled {BASE_IMAGE}"
-    reason = tail((pulled.stdout + pulled.stderr).decode(errors="replace").strip(), 1)
-    return f"no registry ({reason[:120]}); {make_stand_in_base()}"
+    return f"no registry serves it: {make_stand_in_base()}"
 
 
 def make_stand_in_base() -> str:
@@ -273,12 +282,12 @@ def make_stand_in_base() -> str:
             marker.unlink()
         (rootfs / "usr/local/bin/python").symlink_to("/usr/bin/python3")
         (rootfs / "usr/local/bin/pip").symlink_to("/usr/bin/pip3")
-        shutil.copy2("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
+        shutil.copy2(HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
         changes = [
             "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "ENV LANG=C.UTF-8",
             "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
-            f"LABEL {STAND_IN_LABEL}",
+            f"LABEL {STAND_IN_LABEL}={host_ca_digest()}",
             'CMD ["python3"]',
         ]
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
@@ -290,7 +299,7 @@ def make_stand_in_base() -> str:
             tar.wait(timeout=60)
         if imported.returncode != 0 or tar.returncode != 0:
             raise CheckFailed(f"docker import failed: {imported.stderr.decode(errors='replace')[-500:]}")
-    return f"made a stand-in {BASE_IMAGE} with debootstrap ({image_size(BASE_IMAGE)})"
+    return f"made a stand-in with debootstrap ({image_size(BASE_IMAGE)})"
 
 
 def fill_wheelhouse(no_wheelhouse: bool) -> tuple[str | None, str]:
@@ -300,22 +309,23 @@ def fill_wheelhouse(no_wheelhouse: bool) -> tuple[str | None, str]:
     if no_wheelhouse:
         return None, "not used (--no-wheelhouse): torch from the PyTorch CPU index"
     pin = torch_pin()
-    version = pin.split("==", 1)[1]
-    wheels = sorted(WHEELHOUSE.glob(f"torch-{version}+cpu-*.whl"))
-    if wheels:
-        return WHEELHOUSE.relative_to(REPO_ROOT).as_posix(), f"{wheels[0].name} already there"
+    wanted = f"torch-{pin.split('==', 1)[1]}+cpu-"
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
-    # --no-index: only the wheels this machine's pip has locally (its find-links); never a
-    # multi-GB CUDA wheel from an index.
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--no-index", "--no-deps", "--only-binary=:all:",
-         "-d", str(WHEELHOUSE), pin], 600, check=False)
-    wheels = sorted(WHEELHOUSE.glob("torch-*.whl"))
-    cpu = [wheel for wheel in wheels if f"-{version}+cpu-" in wheel.name]
-    for wheel in set(wheels) - set(cpu):
-        wheel.unlink()
-    if not cpu:
+    found = "already there"
+    if not any(WHEELHOUSE.glob(f"{wanted}*.whl")):
+        # --no-index: only the wheels this machine's pip has locally (its find-links), never a
+        # multi-GB CUDA wheel from an index.
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-index", "--no-deps", "--only-binary=:all:",
+             "-d", str(WHEELHOUSE), pin], 600, check=False)
+        found = "from the local pip"
+    # Another pin's wheel or a CUDA one would only enlarge the build context.
+    for wheel in WHEELHOUSE.glob("torch-*.whl"):
+        if not wheel.name.startswith(wanted):
+            wheel.unlink()
+    wheels = sorted(WHEELHOUSE.glob(f"{wanted}*.whl"))
+    if not wheels:
         return None, "no local CPU wheel: torch from the PyTorch CPU index"
-    return WHEELHOUSE.relative_to(REPO_ROOT).as_posix(), f"{cpu[0].name} from the local pip"
+    return WHEELHOUSE.relative_to(REPO_ROOT).as_posix(), f"{wheels[0].name} {found}"
 
 
 def image_size(image: str) -> str:
