@@ -138,17 +138,24 @@ class TransmissionForm:
         """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
         return TransmissionRequest(
             kind=self.kind,
-            snr_db=next((snr for snr in (self.snr_db, self.psnr_db) if snr is not None), DEFAULT_SNR_DB),
-            snr_definition=self.snr_definition,
-            channel=self.channel,
-            equalize=self.equalize,
-            rician_k_db=self.rician_k_db,
             sampling=SamplingOptions(sampler=self.sampler or "", steps=self.steps or 0, guidance=self.guidance),
             seed=secrets.randbits(32) if self.seed is None else self.seed,
             downsample_factor=self.downsample_factor or settings.downsample_factor,
             compression=self.compression or settings.compression,
             jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
             use_fds=self.use_fds,
+        )
+
+    def channel_request(self, seed: int) -> gesco_pb2.ChannelRequest:
+        """The channel the transmission goes through: its model, and the SNR (snr_db, else the
+        deprecated psnr_db, else DEFAULT_SNR_DB) under snr_definition."""
+        return gesco_pb2.ChannelRequest(
+            model=self.channel,
+            snr_db=next((snr for snr in (self.snr_db, self.psnr_db) if snr is not None), DEFAULT_SNR_DB),
+            snr_definition=transport.snr_definition_to_proto(self.snr_definition),
+            equalize=self.equalize,
+            seed=seed,
+            rician_k_db=self.rician_k_db,
         )
 
 
@@ -224,7 +231,8 @@ async def create_transmission(
             raise ApiError(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"}) from None
         for stage, seconds in prepared.timings_s.items():
             state.metrics.observe_stage(stage, seconds)
-        channel_call = state.channel_sim.transmit(prepared.header, prepared.symbols, settings.rpc_timeout_s)
+        channel = form.channel_request(spec.seed)
+        channel_call = state.channel_sim.transmit(prepared.header, channel, prepared.symbols, settings.rpc_timeout_s)
         answer = _answer(state, channel_call, prepared, spec.seed, form.wait)
         if not form.wait:  # the job is the client's to poll, whether or not it stays for the 202
             return await answer

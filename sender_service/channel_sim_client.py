@@ -28,9 +28,15 @@ class ChannelSimClient:
         self._stub = gesco_pb2_grpc.ChannelStub(self._channel)
 
     async def transmit(
-        self, header: gesco_pb2.TransmissionHeader, symbols: np.ndarray, timeout_s: float
+        self,
+        header: gesco_pb2.TransmissionHeader,
+        channel: gesco_pb2.ChannelRequest,
+        symbols: np.ndarray,
+        timeout_s: float,
     ) -> gesco_pb2.TransmissionAck:
-        """Stream the transmission with its id as x-request-id and a deadline of `timeout_s`."""
+        """Stream the transmission through the channel `channel` asks for (set into the header),
+        with its id as x-request-id and a deadline of `timeout_s`."""
+        header.channel.CopyFrom(channel)
         frames = transport.symbol_frames(header, symbols)
         metadata = ((transport.REQUEST_ID_METADATA_KEY, header.transmission_id),)
         try:

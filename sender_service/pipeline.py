@@ -2,7 +2,9 @@
 
 upload -> bounded decode -> label map (segmented photo, or the uploaded map) at the semantic size
 -> present-class maps, compressed and power-normalised by `shared.semantic.codec` -> a TransmissionHeader
-and the symbols that follow it on the wire. Request errors are `FieldError`s naming the form field.
+and the symbols that follow it on the wire. The header's channel request (SNR, model) is not the
+pipeline's: the channel simulator's client adds it. Request errors are `FieldError`s naming the
+form field.
 """
 from __future__ import annotations
 
@@ -45,14 +47,9 @@ class NotReadyError(RuntimeError):
 
 @dataclass(frozen=True)
 class TransmissionRequest:
-    """Everything a client chose for one transmission, already range-checked by the HTTP layer."""
+    """What a client chose for the payload and its sampling, already range-checked by the HTTP layer."""
 
     kind: str = PHOTO
-    snr_db: float = 100.0
-    snr_definition: str = "paper_psnr"
-    channel: str = "awgn"
-    equalize: bool = True
-    rician_k_db: float = 6.0
     sampling: SamplingOptions = SamplingOptions(guidance=2.0)
     seed: int = 0
     downsample_factor: int = 1
@@ -63,7 +60,8 @@ class TransmissionRequest:
 
 @dataclass(frozen=True)
 class PreparedTransmission:
-    """A transmission ready to stream: the wire header, the symbols and what the client is told."""
+    """A transmission ready to stream: the wire header (no channel request yet), the symbols and
+    what the client is told."""
 
     header: gesco_pb2.TransmissionHeader
     symbols: np.ndarray
@@ -196,14 +194,6 @@ def prepare_transmission(
     header = gesco_pb2.TransmissionHeader(
         transmission_id=transmission_id,
         semantic=transport.semantic_header_to_proto(encoded.header),
-        channel=gesco_pb2.ChannelRequest(
-            model=request.channel,
-            snr_db=request.snr_db,
-            snr_definition=transport.snr_definition_to_proto(request.snr_definition),
-            equalize=request.equalize,
-            seed=request.seed,
-            rician_k_db=request.rician_k_db,
-        ),
         sampling=gesco_pb2.SamplingRequest(
             sampler=request.sampling.sampler,
             steps=request.sampling.steps,

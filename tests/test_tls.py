@@ -97,7 +97,7 @@ def sender_transmit(port: int, credentials: grpc.ChannelCredentials | None):
     async def run():
         client = ChannelSimClient(f"127.0.0.1:{port}", credentials)
         try:
-            return await client.transmit(header, symbols, timeout_s=15)
+            return await client.transmit(header, header.channel, symbols, timeout_s=15)
         finally:
             await client.close()
 
