@@ -101,7 +101,8 @@ def resolve_sampling(
     request: gesco_pb2.SamplingRequest, generator: SemanticImageGenerator, settings: ReceiverSettings
 ) -> SamplingOptions:
     """The sampler, steps and guidance a request runs with: an empty sampler or 0 steps take the
-    receiver's settings, then the model's defaults. ValueError names the field."""
+    receiver's settings, then the sampler registry's (capped by the model's chain). ValueError names
+    the field."""
     try:
         return generator.resolve(SamplingOptions(
             sampler=request.sampler or settings.default_sampler,
