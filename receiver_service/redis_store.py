@@ -52,6 +52,7 @@ from receiver_service.store import (
     RESTART_ERROR,
     DuplicateTransmissionError,
     JobStatus,
+    StoreUnavailableError,
     UnknownTransmissionError,
 )
 from shared.wire.transport import validate_transmission_id
@@ -96,10 +97,6 @@ end
 """
 
 T = TypeVar("T")
-
-
-class StoreUnavailableError(Exception):
-    """The shared store cannot be reached: Redis is down, too slow, or refuses the password."""
 
 
 class RedisStoreSettings(BaseSettings):

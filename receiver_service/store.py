@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class DuplicateTransmissionError(Exception):
 
 class UnknownTransmissionError(KeyError):
     """No job with this transmission id is stored (never was, or was evicted)."""
+
+
+class StoreUnavailableError(Exception):
+    """The store cannot be reached: Redis is down, too slow, or refuses the password (or the
+    disk store's folder is gone); answered with 503."""
 
 
 class TransmissionStore:
@@ -154,6 +159,38 @@ class TransmissionStore:
             if transmission_id not in self._index:
                 raise UnknownTransmissionError(transmission_id)
             return path if path.is_file() else None
+
+    def read_artifact(self, transmission_id: str, name: str) -> bytes | None:
+        """The artifact's bytes if it has been written, else None (as the Redis store reads it)."""
+        path = self.artifact_path(transmission_id, name)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:  # evicted since the lookup
+            raise UnknownTransmissionError(transmission_id) from None
+
+    def request_cancel(self, transmission_id: str, reason: str) -> dict[str, Any]:
+        """The record after a cancel: one process holds every job, so the worker's `cancel` has
+        already done what the Redis store asks of the replica that holds the job."""
+        return self.get(transmission_id)
+
+    def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
+        """Nothing to share: the worker of this one process answers for the step it samples."""
+
+    def progress(self, transmission_id: str) -> tuple[int, int] | None:
+        """Never known here (see set_progress); the status asks the worker."""
+        return None
+
+    def check(self) -> None:
+        """Readiness: the folder is still there (the Redis store pings Redis)."""
+        if not self.root.is_dir():
+            raise StoreUnavailableError(f"the store folder {self.root} is gone")
+
+    def close(self) -> list[str]:
+        """Nothing to stop (the Redis store stops its threads and fails its unfinished jobs);
+        the next open fails what is left unfinished."""
+        return []
 
     def delete(self, transmission_id: str) -> None:
         transmission_id = validate_transmission_id(transmission_id)

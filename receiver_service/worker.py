@@ -25,7 +25,8 @@ import torch
 from gesco.v1 import gesco_pb2
 from receiver_service import views
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import DuplicateTransmissionError, JobStatus, TransmissionStore
+from receiver_service.store import DuplicateTransmissionError, JobStatus, StoreUnavailableError
+from receiver_service.store_factory import JobStore
 from shared.semantic import codec, link
 from shared.wire import transport
 from shared.limits import LimitError, SamplingOptions
@@ -222,7 +223,7 @@ class GenerationWorker:
     """Owns the model, the bounded queue and the worker thread; the services call `submit`."""
 
     def __init__(
-        self, settings: ReceiverSettings, store: TransmissionStore, metrics: ServiceMetrics | None = None
+        self, settings: ReceiverSettings, store: JobStore, metrics: ServiceMetrics | None = None
     ) -> None:
         self.settings = settings
         self.store = store
@@ -331,6 +332,13 @@ class GenerationWorker:
     def _set_progress(self, jobs: Sequence[Job], step: int, steps: int) -> None:
         for job in jobs:
             self._progress[job.transmission_id] = (step, steps)
+        self.store.set_progress([job.transmission_id for job in jobs], step, steps)  # for the other replicas
+
+    def held_ids(self) -> set[str]:
+        """The ids of the jobs held in memory (queued or running): the shared store fails a job
+        of this replica that is unfinished there but no longer held here."""
+        with self._changed:
+            return set(self._jobs)
 
     def cancel(self, transmission_id: str, reason: str) -> None:
         """Cancel a queued or running job (a finished or unknown one is left alone).
@@ -448,7 +456,7 @@ class GenerationWorker:
             try:
                 for name, data in result.artifacts.items():
                     self.store.write_artifact(job.transmission_id, name, data)
-            except OSError as store_error:
+            except (OSError, StoreUnavailableError) as store_error:
                 result.error = f"storing the results failed: {store_error}"
             status, error = (JobStatus.FAILED if result.error else JobStatus.DONE), result.error
         self.store.update(job.transmission_id, status=status.value, error=error,
