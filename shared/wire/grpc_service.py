@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -98,11 +99,13 @@ def build_server(
     credentials: grpc.ServerCredentials | None,
     max_workers: int,
     metrics: ServiceMetrics,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> tuple[grpc.Server, Health]:
     """A server of `service_name` (added by `add_servicer`) with metrics, health and reflection,
-    bound to `address` (TLS when credentials are given) and ready to start."""
+    bound to `address` (TLS when credentials are given) and ready to start; `options` are gRPC
+    channel arguments (a larger grpc.max_receive_message_length...)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[metrics.grpc_interceptor()])
+                         interceptors=[metrics.grpc_interceptor()], options=options)
     add_servicer(server)
     server_health = Health(service_name)
     health_pb2_grpc.add_HealthServicer_to_server(server_health.servicer, server)
