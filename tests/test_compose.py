@@ -311,3 +311,27 @@ def test_check_sets_the_variables_the_compose_file_reads(compose_yaml) -> None:
         assert "${" + name + ":-" in compose_text, name
     assert env["GESCO_PUBLISH_SENDER_PORT"] == str(stack.ports["sender"])
     assert env["GESCO_TORCH_WHEELHOUSE"] == "docker/wheelhouse"
+
+
+def test_the_image_holds_every_repository_package_the_services_import() -> None:
+    """A service importing a folder of the repository that the Dockerfile does not copy would pass
+    every test here and fail only in its container."""
+    import ast
+
+    copied = {source.rstrip("/") for source in _dockerfile_copy_sources()}
+    local = {path.parent.name for path in REPO_ROOT.glob("*/__init__.py")} | {"gesco"}
+    for folder in ("sender_service", "channel_sim", "receiver_service", "shared"):
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [node.module]
+                elif isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                else:
+                    continue
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top == "gesco":  # only the stubs the build generates are in the image
+                        assert module.startswith("gesco.v1"), f"{path.relative_to(REPO_ROOT)} imports {module}"
+                    elif top in local:
+                        assert top in copied, f"{path.relative_to(REPO_ROOT)} imports {module}, not in the image"
