@@ -3,8 +3,10 @@
 The routes live on `router` and reach the process's store, worker and waiters through the `State`
 dependency. Clients poll GET /v1/transmissions/{id} (a long poll with ?wait_s=) until the status is done or
 failed, then fetch the image and the debug maps; POST .../cancel drops a job whose image nobody
-will fetch. The store is read straight from disk, so the API needs no lock with the worker beyond
-the store's own.
+will fetch. The store (on disk, or Redis shared by the replicas: store_factory.py) is read
+directly, so the API needs no lock with the worker beyond the store's own; with Redis any replica
+answers for any transmission. A store that cannot be reached answers 503 and fails /readyz. With
+GESCO_RECEIVER_API_KEY set, status, image, maps and cancel need the X-API-Key header.
 """
 from __future__ import annotations
 
@@ -23,14 +25,17 @@ from fastapi.responses import JSONResponse, Response
 
 from receiver_service.grpc_server import build_grpc_server
 from receiver_service.long_poll import FinishWaiters
+from receiver_service.redis_store import RedisTransmissionStore
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import FINISHED, JobStatus, TransmissionStore, UnknownTransmissionError
+from receiver_service.store import FINISHED, JobStatus, StoreUnavailableError, UnknownTransmissionError
+from receiver_service.store_factory import JobStore, create_store
 from receiver_service.worker import GenerationWorker
 from shared.limits import MAX_STATUS_WAIT_S
+from shared.wire.api_key import API_KEY_HEADER, ApiKeyGuard
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 from shared.wire.records import TransmissionRecord
-from shared.wire.rest_errors import ApiError, add_error_handlers
+from shared.wire.rest_errors import ApiError, add_error_handlers, error_response
 from shared.wire.transport import TRANSMISSION_ID_PATTERN
 
 log = logging.getLogger("receiver_service")
@@ -45,6 +50,11 @@ WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
 MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels",
                  "received_labels.png": "received_labels"}
 CANCEL_REASON = "cancelled at a client's request"
+# Open without the API key: probes, scrapers and the docs pages (the schema reveals no secret).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/docs/",)
+# Retry-After of a 503 while the store is unreachable (the Redis client retries for about a second).
+STORE_RETRY_AFTER_S = 2
 
 
 class TransmissionStatus(TransmissionRecord):
@@ -74,7 +84,7 @@ class ReceiverState:
     """What the routes use: the settings, the job store, the worker and the long-poll waiters."""
 
     settings: ReceiverSettings
-    store: TransmissionStore
+    store: JobStore
     worker: GenerationWorker
     waiters: FinishWaiters
     metrics: ServiceMetrics
@@ -100,15 +110,20 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "model loading or failed to load"}})
+@router.get("/readyz", responses={503: {"description": "model loading or failed to load, or the store unreachable"}})
 def readyz(state: State) -> Response:
-    """200 once the model is loaded and transmissions are accepted."""
+    """200 once the model is loaded and the store answers: transmissions are accepted."""
     worker = state.worker
-    if worker.generator is not None:
-        return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
     if worker.load_error:
         return JSONResponse({"status": "failed", "error": worker.load_error}, status_code=503)
-    return JSONResponse({"status": "loading"}, status_code=503)
+    if worker.generator is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    try:
+        state.store.check()
+    except StoreUnavailableError:
+        return JSONResponse({"status": "store unavailable", "error": "the job store cannot be reached"},
+                            status_code=503)
+    return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
 
 
 @router.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
@@ -121,11 +136,14 @@ async def get_transmission(transmission_id: TransmissionId, state: State, wait_s
         record = await run_in_threadpool(store.get, transmission_id)
         if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
             record = await run_in_threadpool(store.get, transmission_id)
+        progress = None
+        if record["status"] == JobStatus.RUNNING.value:  # this process's step, else the sampling replica's
+            progress = state.worker.progress(transmission_id) or await run_in_threadpool(store.progress, transmission_id)
     except UnknownTransmissionError:
         raise _unknown(transmission_id) from None
     finally:
         waiters.unregister(transmission_id, finished)
-    return status_json(record, state.settings.public_url, state.worker.progress(transmission_id))
+    return status_json(record, state.settings.public_url, progress)
 
 
 @router.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
@@ -138,7 +156,7 @@ def cancel_transmission(transmission_id: TransmissionId, state: State) -> Any:
     cancelled once its batch stops, at the next sampling step unless other jobs share it."""
     state.worker.cancel(transmission_id, CANCEL_REASON)
     try:
-        record = state.store.get(transmission_id)
+        record = state.store.request_cancel(transmission_id, CANCEL_REASON)  # whichever replica holds it
     except UnknownTransmissionError:
         raise _unknown(transmission_id) from None
     if record["status"] == JobStatus.CANCELLED.value:
@@ -171,11 +189,13 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     """Build the app; its lifespan opens the store, serves gRPC and loads the model."""
     settings = settings or ReceiverSettings()
     waiters = FinishWaiters()
-    store = TransmissionStore(settings.store_dir, settings.store_max_items, settings.store_max_age_s,
-                              on_finished=waiters.notify_finished)
+    store = create_store(settings, on_finished=waiters.notify_finished)
     metrics = ServiceMetrics(queue=True)
     worker = GenerationWorker(settings, store, metrics)
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
+    if isinstance(store, RedisTransmissionStore):  # other replicas cancel through it, and it
+        store.set_cancel_handler(worker.cancel)  # fails a job whose end it never heard of
+        store.set_job_holder(worker.held_ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -200,6 +220,9 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
             health.set_serving(False)
             grpc_server.stop(settings.shutdown_grace_s).wait()
             worker.stop(settings.shutdown_grace_s)
+            failed = store.close()
+            if failed:
+                log.warning("marked unfinished jobs failed at shutdown", extra={"transmission_ids": failed})
 
     app = FastAPI(
         title="gesco receiver",
@@ -211,9 +234,13 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.receiver = ReceiverState(settings, store, worker, waiters, metrics)
+    api_key = settings.api_key.get_secret_value()
+    if api_key:
+        app.add_middleware(ApiKeyGuard, api_key=api_key, open_paths=OPEN_PATHS, open_prefixes=OPEN_PREFIXES)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=app.router.routes)
     add_error_handlers(app)
-    mount_local_docs(app)
+    _answer_store_outages(app)
+    mount_local_docs(app, api_key_header=API_KEY_HEADER if api_key else None, open_paths=OPEN_PATHS)
     app.include_router(router)
     return app
 
@@ -245,12 +272,23 @@ def _unknown(transmission_id: str) -> ApiError:
     return ApiError(404, f"no transmission {transmission_id} (unknown or evicted)", field="transmission_id")
 
 
-def _artifact_response(store: TransmissionStore, transmission_id: str, name: str) -> Response:
+def _answer_store_outages(app: FastAPI) -> None:
+    """A store that cannot be reached (Redis down) is a 503 with the JSON error body, whichever
+    route met it (the detail, which names Redis's address, is only logged); the next request
+    after Redis is back succeeds."""
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(_: Request, error: StoreUnavailableError) -> Response:
+        log.warning("store unavailable", extra={"error": str(error)})
+        return error_response(503, "the receiver's job store is unavailable; retry later", None,
+                              headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+
+def _artifact_response(store: JobStore, transmission_id: str, name: str) -> Response:
     try:
-        path = store.artifact_path(transmission_id, name)
-        record = store.get(transmission_id) if path is None else None
-        data = path.read_bytes() if path is not None else None
-    except (UnknownTransmissionError, FileNotFoundError):
+        data = store.read_artifact(transmission_id, name)
+        record = store.get(transmission_id) if data is None else None
+    except UnknownTransmissionError:
         raise _unknown(transmission_id) from None
     if data is None:
         assert record is not None

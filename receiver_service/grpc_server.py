@@ -11,7 +11,7 @@ import grpc
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import DuplicateTransmissionError
+from receiver_service.store import DuplicateTransmissionError, StoreUnavailableError
 from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
 from shared.wire import grpc_security, transport
 from shared.wire.grpc_service import Call, CallRejected, Health, build_server, caller_gone, served_call
@@ -38,6 +38,9 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 raise CallRejected(grpc.StatusCode.ALREADY_EXISTS, f"transmission {error} was already received") from None
             except QueueFullError as error:
                 raise CallRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), error.retry_after_s) from None
+            except StoreUnavailableError as error:  # the detail names Redis's address: logged only
+                log.warning("job store unavailable", extra={"error": str(error)})
+                raise CallRejected(grpc.StatusCode.UNAVAILABLE, "the receiver's job store is unavailable") from None
         return ack
 
     def _receive(self, request_iterator, context: grpc.ServicerContext, call: Call) -> gesco_pb2.TransmissionAck:

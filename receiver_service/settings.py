@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from shared.limits import MAX_GUIDANCE, MAX_STEPS
@@ -45,6 +45,9 @@ class ReceiverSettings(ServiceSettings):
     max_symbols: int = Field(8_000_000, ge=1)
     max_grpc_workers: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # Required in the X-API-Key header of the status, image, maps and cancel requests (health,
+    # readiness, metrics and docs stay open); empty: off. Replicas share one key.
+    api_key: SecretStr = SecretStr("")
     # TLS of the gRPC server (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
     tls_cert_file: str = ""
     tls_key_file: str = ""

@@ -115,3 +115,30 @@ def test_the_key_comes_from_the_environment(monkeypatch) -> None:
     assert SenderSettings().api_key.get_secret_value() == API_KEY
     monkeypatch.setenv("GESCO_SENDER_API_KEY", "")
     assert SenderSettings().api_key.get_secret_value() == ""
+
+
+# The receiver's REST API takes the same optional key (GESCO_RECEIVER_API_KEY).
+
+from tests.test_receiver_service import fake_generator, make_settings, ready_client  # noqa: E402,F401
+
+
+def test_the_receiver_needs_the_key_for_status_images_maps_and_cancel(tmp_path, fake_generator) -> None:
+    transmission_id = "ab" * 16
+    paths = [("GET", f"/v1/transmissions/{transmission_id}"), ("GET", f"/v1/transmissions/{transmission_id}/image"),
+             ("GET", f"/v1/transmissions/{transmission_id}/maps/fds.png"),
+             ("POST", f"/v1/transmissions/{transmission_id}/cancel")]
+    with ready_client(make_settings(tmp_path, api_key=API_KEY), fake_generator) as client:
+        for method, path in paths:
+            refused = client.request(method, path)
+            assert refused.status_code == 401 and refused.json()["error"]["field"] == "X-API-Key", path
+            assert client.request(method, path, headers={"X-API-Key": "wrong"}).status_code == 401, path
+            assert client.request(method, path, headers={"X-API-Key": API_KEY}).status_code == 404, path  # let in
+        for path in ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 200, path
+        schema = client.get("/openapi.json").json()
+        assert schema["security"] and schema["paths"]["/readyz"]["get"]["security"] == []  # documented
+
+
+def test_the_receiver_without_a_key_checks_none(tmp_path, fake_generator) -> None:
+    with ready_client(make_settings(tmp_path), fake_generator) as client:
+        assert client.get(f"/v1/transmissions/{'ab' * 16}").status_code == 404

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 
@@ -37,12 +38,15 @@ from receiver_service.store import RESTART_ERROR, DuplicateTransmissionError, Tr
 from receiver_service.store_factory import create_store
 from receiver_service.worker import GenerationWorker
 from shared.paths import REPO_ROOT
+from shared.wire import transport
 from tests.service_procs import free_port
 from tests.test_receiver_service import (  # noqa: F401 - fake_generator is a fixture used by name
     ddim,
     decode_png,
     fake_generator,
     make_settings,
+    ready_client,
+    receive,
     transmission,
     wait_for_status,
 )
@@ -501,6 +505,43 @@ def test_after_an_outage_a_replica_waits_a_lease_before_judging_the_others(make_
     finally:
         proc.send_signal(signal.SIGCONT)
         kill(proc)
+
+
+def test_the_receiver_answers_503_while_redis_is_down_and_recovers_without_a_restart(
+        redis_server, fake_generator, tmp_path, monkeypatch):
+    """The receiver process on Redis: status, image, maps and cancel answer 503 with the JSON error
+    body and /readyz fails while Redis is down, a stream gets UNAVAILABLE; once Redis is back, the
+    same process answers again and a done transmission is still done, with its image."""
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", PASSWORD)
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_LEASE_S", str(SLOW_LEASE_S))
+    with ready_client(make_settings(tmp_path), fake_generator) as client:
+        assert isinstance(client.app.state.receiver.store, RedisTransmissionStore)
+        header, symbols = transmission(sampling=ddim(1))
+        receive(client.settings.grpc_port, transport.symbol_frames(header, symbols))
+        url = f"/v1/transmissions/{header.transmission_id}"
+        assert client.get(url, params={"wait_s": 20}).json()["status"] == "done"
+
+        redis_server.kill()
+        for method, path in (("GET", url), ("GET", f"{url}/image"), ("GET", f"{url}/maps/fds.png"),
+                             ("POST", f"{url}/cancel")):
+            response = client.request(method, path)
+            assert response.status_code == 503, (path, response.text)
+            assert "store is unavailable" in response.json()["error"]["message"] and response.headers["retry-after"]
+            assert str(redis_server.port) not in response.text  # Redis's address stays in the log
+        assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
+        late, late_symbols = transmission(sampling=ddim(1))
+        with pytest.raises(grpc.RpcError) as refused:
+            receive(client.settings.grpc_port, transport.symbol_frames(late, late_symbols))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        redis_server.start()
+        assert wait_until(lambda: client.get("/readyz").status_code == 200, 10.0)
+        assert client.get(url).json()["status"] == "done"
+        assert decode_png(client.get(f"{url}/image").content).shape == (30, 40, 3)
+        again, again_symbols = transmission(sampling=ddim(1))
+        receive(client.settings.grpc_port, transport.symbol_frames(again, again_symbols))
+        assert client.get(f"/v1/transmissions/{again.transmission_id}", params={"wait_s": 20}).json()["status"] == "done"
 
 
 def test_wrong_password_is_unavailable(redis_server):
