@@ -55,6 +55,7 @@ from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from shared.semantic import rate_quality
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
 from shared.wire.imageio import resize_image  # as the receiver sizes its output
@@ -280,6 +281,11 @@ class Evaluation:
         self.config = config
 
     # --- channel uses ----------------------------------------------------------------------------
+    @property
+    def source_values(self) -> int:
+        """Real values of the source image at the evaluated size: the bandwidth ratio's denominator."""
+        return rate_quality.source_values(*self.size)
+
     def semantic_uses(self, i: int) -> int:
         return math.ceil(self.encoded[i].header.num_symbols / 2)
 
@@ -400,6 +406,9 @@ class Evaluation:
         }
         ratio = np.asarray(per_image["ours_payload_bits"], float) / np.asarray(per_image["jpeg_q75_bits"], float)
         per_image["ours_over_jpeg_q75"] = ratio.tolist()
+        for name in ("ours", "analog", "digital"):
+            uses = np.asarray(per_image[f"{name}_channel_uses"], float)
+            per_image[f"{name}_bandwidth_ratio"] = (uses / self.source_values).tolist()
         summary = {k: summarize(v) for k, v in per_image.items() if k not in ("digital_mcs", "digital_over_budget")}
         summary["digital_over_budget"] = int(sum(per_image["digital_over_budget"]))
         summary["digital_mcs_counts"] = {name: per_image["digital_mcs"].count(name) for name in sorted(set(per_image["digital_mcs"]))}
@@ -490,7 +499,7 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
                 else:
                     scores, grid_image = _configuration(ev, method, definition, snr_db, grid_position)
                     cache.save(key, scores, grid_image)
-                per_snr[snr_key(snr_db)] = scores
+                per_snr[snr_key(snr_db)] = with_bandwidth_ratio(scores, ev.source_values)
                 timings[name] = timings.get(name, 0.0) + scores["seconds_per_image"] * len(ev.indices)
                 grid["images"].setdefault(definition.value, {}).setdefault(name, {})[snr_key(snr_db)] = grid_image
             per_definition[name] = per_snr
@@ -531,6 +540,18 @@ def _configuration(ev: Evaluation, method: Method, definition: SnrDefinition, sn
     _log(f"[{definition.value}] {method.name} @ {snr_db:g} dB: mIoU {scores['miou']['mean']:.3f}, "
          f"{scores['seconds_per_image']:.2f} s/image")
     return scores, received[grid_position]
+
+
+def with_bandwidth_ratio(scores: dict[str, Any], source_values: int) -> dict[str, Any]:
+    """`scores` with the bandwidth ratio beside its channel uses (complex uses per source value).
+
+    Derived here rather than stored, so configurations cached before the ratio existed get it too.
+    """
+    uses = scores.get("channel_uses")
+    if not isinstance(uses, dict):
+        return scores
+    ratio = {key: value / source_values if key in ("mean", "std") else value for key, value in uses.items()}
+    return scores | {"bandwidth_ratio": ratio}
 
 
 def _cliff(ev: Evaluation, config: EvaluationConfig, snrs: list[float]) -> dict[str, Any] | None:

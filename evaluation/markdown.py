@@ -145,10 +145,13 @@ def _bits_section(results: dict[str, Any]) -> list[str]:
     def row(label: str, bits_key: str | None, uses_key: str | None) -> str:
         bits = _cell(summary[bits_key], 0) if bits_key else "—"
         uses = _cell(summary[uses_key], 0) if uses_key else "—"
-        return f"| {label} | {bits} | {uses} |"
+        ratio_key = uses_key.replace("_channel_uses", "_bandwidth_ratio") if uses_key else None
+        ratio = _cell(summary[ratio_key], 3) if ratio_key in summary else "—"
+        return f"| {label} | {bits} | {uses} | {ratio} |"
 
     lines = ["", f"## Bits and channel uses per image at {height}x{width}", "",
-             "| transmission | bits per image | complex channel uses per image |", "|---|---|---|",
+             "| transmission | bits per image | complex channel uses per image | bandwidth ratio |",
+             "|---|---|---|---|",
              row("ours and ablations: present-class 0/1 maps (1 bit a value; sent as analog symbols)",
                  "ours_payload_bits", "ours_channel_uses"),
              row("analog: raw 8-bit RGB (sent as analog symbols)", "raw_rgb_bits", "analog_channel_uses"),
@@ -168,7 +171,11 @@ def _bits_section(results: dict[str, Any]) -> list[str]:
              "The analog baseline is not: it sends one real symbol a pixel value (three a pixel), ours one a pixel "
              f"for each of its C present classes, so ours uses "
              f"{summary['ours_channel_uses']['mean'] / summary['analog_channel_uses']['mean']:.1f}x the analog "
-             "baseline's channel uses on average."]
+             "baseline's channel uses on average.",
+             "",
+             f"The bandwidth ratio is the complex channel uses per real value of the {height}x{width}x3 source image "
+             f"({height * width * 3:,} values; docs/rate-quality.md): the analog image's is 1/2. "
+             "docs/rate-quality.md compares the representations at equal channel uses."]
     return lines
 
 

@@ -52,7 +52,8 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
                         stds.append(0.0)
                 if np.all(np.isnan(means)):
                     continue
-                ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=results["methods"][name]["label"])
+                ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3,
+                            label=results["methods"][name]["label"] + _ratio_suffix(per_snr))
                 drawn = True
             if not drawn:
                 plt.close(fig)
@@ -92,6 +93,13 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _ratio_suffix(per_snr: dict[str, Any]) -> str:
+    """The legend's ", bandwidth ratio r" of a method: the mean over its configurations' ratios."""
+    ratios = [entry["bandwidth_ratio"]["mean"] for entry in per_snr.values()
+              if isinstance(entry, dict) and isinstance(entry.get("bandwidth_ratio"), dict)]
+    return f", bandwidth ratio {np.mean(ratios):.3g}" if ratios else ""
 
 
 def plot_grids(results: dict[str, Any], grid: dict[str, Any], out_dir: Path) -> list[Path]:

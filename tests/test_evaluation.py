@@ -251,6 +251,7 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
                 for key in ("miou", "pixel_accuracy", "ssim", "lpips", "channel_uses"):
                     assert math.isfinite(scores[key]["mean"]) and math.isfinite(scores[key]["std"]), (name, snr, key)
                 assert len(scores["per_image"]["miou"]) == 2
+                assert scores["bandwidth_ratio"]["mean"] == pytest.approx(scores["channel_uses"]["mean"] / (H * W * 3))
                 assert math.isfinite(scores["frechet_segmenter_distance"]) and scores["fid"] == "n/a"
                 assert scores["psnr"]["mean"] == "inf" or math.isfinite(scores["psnr"]["mean"])
     digital = results["results"]["average_power"]["digital"]
@@ -262,12 +263,14 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     bits = results["bits"]["summary"]
     assert 0 < bits["label_map_png_bits"]["mean"] < bits["ours_payload_bits"]["mean"]
     assert bits["ours_channel_uses"]["mean"] == bits["ours_payload_bits"]["mean"] / 2
+    # Every fake scene has 5 classes: 5 maps of H x W values in 5 H W / 2 uses, for 3 H W source values.
+    assert bits["ours_bandwidth_ratio"]["mean"] == pytest.approx(5 / 6) and bits["analog_bandwidth_ratio"]["mean"] == 0.5
     assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
     assert all(c["explanation"] is None for c in results["acceptance"]) and results["summary"] is None
     markdown = (out / "results.md").read_text()
     for heading in ("## mIoU", "## SSIM", "## LPIPS", "## FID", "Frechet segmenter distance", "layout of Table 5",
                     "## What the models are conditioned on",
-                    "## Bits", "decode failures", "## Acceptance checks"):
+                    "## Bits", "decode failures", "## Acceptance checks", "| bandwidth ratio |"):
         assert heading in markdown, heading
     assert "| Method \\ PSNR (dB) | 100 | 1 |" in markdown and "| Method \\ SNR (dB) | 100 | 1 |" in markdown
     assert "| ablation: without FDS | — | " in markdown  # run at 1 dB only

@@ -310,6 +310,8 @@ def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
         "payload_bits": 4 * MAP_HEIGHT * MAP_WIDTH,
         "num_symbols": 4 * MAP_HEIGHT * MAP_WIDTH,
         "channel_uses": 2 * MAP_HEIGHT * MAP_WIDTH,
+        "source_values": 3 * MAP_HEIGHT * MAP_WIDTH,
+        "bandwidth_ratio": 2 / 3,  # 4 maps of H x W values, two a channel use, per H x W x 3 source values
         "image_bits_jpeg": 0,
         "image_jpeg_quality": 0,
     }

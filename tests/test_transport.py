@@ -264,8 +264,11 @@ def test_the_transmission_record_is_read_from_the_header() -> None:
     request = gesco_pb2.SamplingRequest(guidance=2.0, seed=3, use_fds=True)
     record = TransmissionRecord.from_header(header, request)
     assert record.channel == ChannelRecord() and record.bits.channel_uses is None  # no channel report yet
+    # 3 maps of 8x12 values: 144 complex channel uses for a 16x24 RGB source of 1,152 values.
     assert record.bits.model_dump() == {"payload_bits": header.semantic.payload_bits, "num_symbols": 3 * 8 * 12,
-                                        "channel_uses": None, "image_bits_jpeg": 4096, "image_jpeg_quality": 75}
+                                        "channel_uses": None, "source_values": 16 * 24 * 3,
+                                        "bandwidth_ratio": 144 / 1152, "image_bits_jpeg": 4096,
+                                        "image_jpeg_quality": 75}
     assert record.semantic.model_dump() == {"num_classes": 12, "height": 16, "width": 24, "map_height": 8,
                                             "map_width": 12, "present_class_ids": [0, 3, 7], "downsample_factor": 2,
                                             "compression": "none", "jpeg_quality": 75}

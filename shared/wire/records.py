@@ -1,6 +1,7 @@
 """The transmission record: what one transmission carried and how, as both REST APIs report it.
 
-Channel (requested and measured SNR, channel uses), bits (payload, symbols, the JPEG comparison),
+Channel (requested and measured SNR, channel uses), bits (payload, symbols, channel uses, the
+bandwidth ratio, the JPEG comparison),
 the semantic maps and the sampling are read from the transmission's wire header in one place,
 `TransmissionRecord.from_header`. The sender's 202 answer extends it with its URLs, the
 receiver's status with the job's progress; the receiver's store keeps its JSON form.
@@ -11,6 +12,7 @@ from pydantic import BaseModel
 
 from gesco.v1 import gesco_pb2
 from shared.limits import SamplingOptions
+from shared.semantic import rate_quality
 from shared.wire import transport
 
 
@@ -28,6 +30,11 @@ class BitsRecord(BaseModel):
     payload_bits: int
     num_symbols: int
     channel_uses: int | None = None
+    # The source: the H x W x 3 RGB image at the sender's map size; the ratio is the complex channel
+    # uses the symbols take (ceil(num_symbols / 2)) per source value (docs/rate-quality.md). None
+    # only in a record a receiver stored before these fields existed.
+    source_values: int | None = None
+    bandwidth_ratio: float | None = None
     image_bits_jpeg: int  # the full image as JPEG, for the comparison (0 for uploaded label maps)
     image_jpeg_quality: int = 0
 
@@ -85,6 +92,9 @@ class TransmissionRecord(BaseModel):
                 payload_bits=semantic.payload_bits,
                 num_symbols=semantic.num_symbols,
                 channel_uses=channel.channel_uses,
+                source_values=rate_quality.source_values(semantic.height, semantic.width),
+                bandwidth_ratio=rate_quality.bandwidth_ratio(
+                    rate_quality.channel_uses(semantic.num_symbols), semantic.height, semantic.width),
                 image_bits_jpeg=header.image_bits_jpeg,
                 image_jpeg_quality=header.image_jpeg_quality,
             ),
