@@ -1,4 +1,8 @@
-"""gRPC Channel.Transmit: assemble the stream, corrupt the symbols, forward them to the receiver.
+"""gRPC Channel.Transmit: assemble the stream, corrupt the symbols, forward them to a receiver.
+
+The receivers may be several replicas: the channel to them balances the calls with gRPC's
+round_robin and health checking (shared/wire/load_balancing.py), and a replica whose queue is full
+hands the transmission on to the next.
 
 The handler only parses, calls shared.semantic.channels and maps errors to statuses; the receiver's answer
 (its ack, or its error with any `retry-after` trailer) goes back to the caller unchanged in meaning.
@@ -14,11 +18,13 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from shared.semantic import channels
 from shared.wire import grpc_security, transport
 from shared.wire.grpc_service import CallRejected, Health, build_server, caller_gone, served_call
+from shared.wire.load_balancing import balancing_options, grpc_target
 from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("channel_sim")
 
 CHANNEL_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Channel"].full_name
+RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 
 # Receiver errors whose code already says the right thing to the sender.
 _PASSED_THROUGH = {
@@ -84,11 +90,30 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
             header.channel_report.CopyFrom(report)
             call.fields.update(measured_snr_db=round(output.measured_snr_db, 3), channel_uses=output.channel_uses)
             with self._metrics.time_stage("forward"):
-                ack = self._forward(header, output.symbols, call.request_id or header.transmission_id, context)
+                ack = self._forward(header, output.symbols, call.request_id or header.transmission_id, context,
+                                    call.fields)
             ack.channel_report.CopyFrom(report)
         return ack
 
-    def _forward(self, header, symbols, request_id: str, context) -> gesco_pb2.TransmissionAck:
+    def _forward(self, header, symbols, request_id: str, context, fields: dict[str, object]) -> gesco_pb2.TransmissionAck:
+        """Forward to the receivers (round_robin: each call goes to the next healthy replica); one
+        whose queue is full (RESOURCE_EXHAUSTED) passes the transmission on to the next, up to
+        forward_attempts receivers, and the last one's answer (with its retry-after) is the caller's."""
+        attempt = 1
+        while True:
+            fields["forward_attempts"] = attempt
+            try:
+                return self._forward_once(header, symbols, request_id, context)
+            except grpc.RpcError as error:
+                full = error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                if not full or attempt == self._settings.forward_attempts or caller_gone(context):
+                    raise receiver_error(error) from None
+                log.info("a receiver's queue is full: offering the transmission to the next one",
+                         extra={"attempt": attempt, "details": (error.details() or "")[:300]})
+            attempt += 1
+
+    def _forward_once(self, header, symbols, request_id: str, context) -> gesco_pb2.TransmissionAck:
+        """One call to a receiver; its RpcError is raised as it is."""
         remaining = context.time_remaining()
         timeout = self._settings.forward_timeout_s if remaining is None else min(remaining, self._settings.forward_timeout_s)
         if timeout <= 0:
@@ -106,8 +131,6 @@ class ChannelServicer(gesco_pb2_grpc.ChannelServicer):
             return call.result()
         except grpc.FutureCancelledError:
             raise CallRejected(grpc.StatusCode.CANCELLED, "the caller went away; the forward was cancelled") from None
-        except grpc.RpcError as error:
-            raise receiver_error(error) from None
 
 
 
@@ -137,7 +160,8 @@ def build_channel_server(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file, prefix="GESCO_CHANNEL_TLS_"
     )
     receiver_channel = grpc_security.open_channel(
-        settings.receiver_address, receiver_credentials, options=transport.CLIENT_CHANNEL_OPTIONS
+        grpc_target(settings.receiver_address, "GESCO_CHANNEL_RECEIVER_ADDRESS"), receiver_credentials,
+        options=(*transport.CLIENT_CHANNEL_OPTIONS, *balancing_options(RECEIVER_SERVICE_NAME)),
     )
     servicer = ChannelServicer(settings, gesco_pb2_grpc.ReceiverStub(receiver_channel), metrics)
     server, health = build_server(

@@ -1,9 +1,10 @@
 """Channel simulator settings, read from GESCO_CHANNEL_* environment variables."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.wire.load_balancing import grpc_target
 from shared.wire.service_settings import ServiceSettings
 
 
@@ -14,7 +15,12 @@ class ChannelSettings(ServiceSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=1, le=65535)
+    # The receiver replicas, spread over with gRPC's round_robin and health checking: host:port,
+    # dns:///name:port (every address of the name) or a list ip:port,ip:port.
     receiver_address: str = "127.0.0.1:50052"
+    # Most receivers one transmission is offered to when each answers RESOURCE_EXHAUSTED (a full
+    # queue) before the caller gets it: each next try goes to the next replica in the rotation.
+    forward_attempts: int = Field(3, ge=1, le=10)
     max_symbols: int = Field(8_000_000, ge=1)
     max_workers: int = Field(8, ge=1)
     # Deadline of the call to the receiver: the caller's remaining time, at most this.
@@ -30,3 +36,9 @@ class ChannelSettings(ServiceSettings):
     receiver_tls_ca_file: str = ""
     receiver_tls_cert_file: str = ""
     receiver_tls_key_file: str = ""
+
+    @field_validator("receiver_address")
+    @classmethod
+    def _receiver_target(cls, value: str) -> str:
+        grpc_target(value, "receiver_address")  # ValueError for a malformed list
+        return value

@@ -13,7 +13,7 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import DuplicateTransmissionError, StoreUnavailableError
 from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
-from shared.wire import grpc_security, transport
+from shared.wire import grpc_security, load_balancing, transport
 from shared.wire.grpc_service import Call, CallRejected, Health, build_server, caller_gone, served_call
 from shared.wire.monitoring import ServiceMetrics
 
@@ -87,4 +87,6 @@ def build_grpc_server(
         credentials,
         settings.max_grpc_workers,
         metrics or ServiceMetrics(),
+        # Clients balancing over the replicas reconnect now and then, and so find new replicas.
+        load_balancing.server_options(),
     )
