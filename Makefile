@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_OUT := gesco/v1/gesco_pb2.py
 
-.PHONY: install proto test up down status demo compose-config compose-check cli browser
+.PHONY: install proto test up down status demo compose-config compose-check cli browser redis
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP) proto cli browser
+install: $(STAMP) proto cli browser redis
 
 # The `gesco` command line client (pyproject.toml's console script), installed editable.
 CLI_STAMP := $(VENV)/.gesco-cli
@@ -32,6 +32,18 @@ browser:
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; \
 	else echo "$(BROWSER) is missing and apt-get is not available: the browser test will be skipped"; fi
+
+# Debian's redis-server for the shared job store of several receivers (`scripts/launch.py up
+# --receivers 3 --redis`) and for the tests that run it (tests/test_redis_store.py,
+# tests/test_scale_out.py): installed with apt-get when missing (sudo unless root); without
+# apt-get those tests are skipped.
+REDIS_SERVER := /usr/bin/redis-server
+redis:
+	@if [ -x $(REDIS_SERVER) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq redis-server; \
+	else echo "$(REDIS_SERVER) is missing and apt-get is not available: the Redis tests will be skipped"; fi
 
 # Python stubs are generated from protos/ by grpcio-tools, never edited by hand.
 $(PROTO_OUT): protos/gesco/v1/gesco.proto $(STAMP)

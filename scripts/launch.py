@@ -1,13 +1,20 @@
 """Run the three gesco services as local processes, without Docker.
 
     python scripts/launch.py up [--foreground]   start receiver, channel and sender; wait until ready
+    python scripts/launch.py up --receivers 3 --redis
+                                                 Debian's redis-server and three receivers sharing it
     python scripts/launch.py status              which are running and ready
     python scripts/launch.py demo                send the bundled example, save the generated image
     python scripts/launch.py down                SIGTERM, then SIGKILL after a grace period
 
 Ports come from the flags, else from the services' own variables (GESCO_SENDER_PORT,
 GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT), else 8000, 8001, 50052,
-50051. The launcher wires the addresses between the services unless those are set explicitly.
+50051; receiver i of N listens on those receiver ports + i - 1, Redis on --redis-port (6380). The
+launcher wires the addresses between the services unless those are set explicitly: the channel
+spreads over every receiver (a list of their gRPC addresses), the receivers share the Redis job
+store (its password, if any, from GESCO_RECEIVER_REDIS_PASSWORD; persistence on, under run/redis),
+and the sender hands out the first receiver's URL (any replica answers for any transmission).
+Several receivers need a shared store: --redis, or GESCO_RECEIVER_REDIS_URL naming one.
 Pid files, logs, the port map and the demo output live under run/ (git-ignored). Run it with the
 project's virtual environment (`make up` does). The gRPC readiness checks speak TLS to a server
 configured for it, with its client's files (shared/wire/health_probe.py).
@@ -15,8 +22,10 @@ configured for it, with its client's files (shared/wire/health_probe.py).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +40,9 @@ from shared.paths import REPO_ROOT  # noqa: E402 - standard library only, so `do
 
 RUN_DIR = REPO_ROOT / "run"
 PORTS_FILE = RUN_DIR / "ports.json"
+REDIS_DIR = RUN_DIR / "redis"  # its configuration (with the password: owner-only) and append-only file
+REDIS_SERVER = "redis-server"
+MAX_RECEIVERS = 16
 DEFAULT_EXAMPLES = {
     "photo": REPO_ROOT / "examples" / "street_photo.jpg",
     "label_map": REPO_ROOT / "examples" / "street_labels.png",
@@ -40,19 +52,35 @@ DEFAULT_EXAMPLES = {
 @dataclass(frozen=True)
 class Ports:
     sender: int
-    receiver_http: int
+    receiver_http: int  # the first receiver's; receiver i listens on this + i - 1
     receiver_grpc: int
     channel: int
+    receivers: int = 1
+    redis: int = 0  # the port of the redis-server the launcher runs; 0: none
+
+    def in_use(self) -> dict[str, int]:
+        """Every port the services listen on, by a name for messages."""
+        ports = {"sender": self.sender, "channel": self.channel}
+        for index in range(self.receivers):
+            suffix = f" {index + 1}" if self.receivers > 1 else ""
+            ports[f"receiver{suffix} REST"] = self.receiver_http + index
+            ports[f"receiver{suffix} gRPC"] = self.receiver_grpc + index
+        if self.redis:
+            ports["redis"] = self.redis
+        return ports
 
 
 @dataclass(frozen=True)
 class Service:
     name: str
-    module: str
+    module: str  # `python -m module`; for a program (redis-server) its name, found in its command line
     http_ready: str | None  # URL answering 200 once ready
     grpc_port: int | None  # port whose gRPC health check says SERVING once ready
     listen: dict[str, str]  # where it listens: the launcher's flags decide
     wiring: dict[str, str]  # where it finds the others: variables set by the user win
+    probe: str = ""  # the health probe of its gRPC port (shared/wire/health_probe.HOPS); "": its name
+    command: tuple[str, ...] = ()  # a program to run instead of `python -m module`
+    redis_ready: str | None = None  # redis URL answering PING once ready
 
     @property
     def pid_file(self) -> Path:
@@ -62,43 +90,101 @@ class Service:
     def log_file(self) -> Path:
         return RUN_DIR / f"{self.name}.log"
 
+    def argv(self) -> list[str]:
+        return list(self.command) if self.command else [sys.executable, "-m", self.module]
+
 
 def services(ports: Ports, host: str = "127.0.0.1") -> list[Service]:
-    """The three services in start order (the receiver first: it loads the largest model)."""
-    receiver_url = f"http://{host}:{ports.receiver_http}"
-    return [
-        Service(
-            "receiver",
-            "receiver_service",
-            f"{receiver_url}/readyz",
-            ports.receiver_grpc,
-            {
-                "GESCO_RECEIVER_HOST": host,
-                "GESCO_RECEIVER_HTTP_PORT": str(ports.receiver_http),
-                "GESCO_RECEIVER_GRPC_PORT": str(ports.receiver_grpc),
-            },
-            {"GESCO_RECEIVER_PUBLIC_URL": receiver_url},
-        ),
+    """The services in start order: Redis (when the launcher runs it), the receivers (they load
+    the largest model), the channel, the sender."""
+    started: list[Service] = []
+    redis_url = f"redis://{_url_host(host)}:{ports.redis}/0" if ports.redis else ""
+    if ports.redis:
+        started.append(Service("redis", REDIS_SERVER, None, None, {}, {}, command=(
+            shutil.which(REDIS_SERVER) or REDIS_SERVER, str(REDIS_DIR / "redis.conf")), redis_ready=redis_url))
+    receiver_urls, receiver_addresses = [], []
+    for index in range(ports.receivers):
+        http_port, grpc_port = ports.receiver_http + index, ports.receiver_grpc + index
+        url = f"http://{_url_host(host)}:{http_port}"
+        receiver_urls.append(url)
+        receiver_addresses.append(f"{_url_host(host)}:{grpc_port}")
+        name = f"receiver-{index + 1}" if ports.receivers > 1 else "receiver"
+        listen = {
+            "GESCO_RECEIVER_HOST": host,
+            "GESCO_RECEIVER_HTTP_PORT": str(http_port),
+            "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
+            "GESCO_RECEIVER_PUBLIC_URL": url,
+            # Unique among the replicas, and the same after a restart (which then fails what its
+            # predecessor left unfinished at once).
+            "GESCO_RECEIVER_REDIS_REPLICA_ID": name,
+        }
+        wiring = {"GESCO_RECEIVER_REDIS_URL": redis_url} if redis_url else {}
+        started.append(Service(name, "receiver_service", f"{url}/readyz", grpc_port, listen, wiring, probe="receiver"))
+    sender_wiring = {
+        "GESCO_SENDER_CHANNEL_ADDRESS": f"{_url_host(host)}:{ports.channel}",
+        "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_urls[0],
+    }
+    if receiver_key := os.environ.get("GESCO_RECEIVER_API_KEY"):
+        sender_wiring["GESCO_SENDER_RECEIVER_API_KEY"] = receiver_key
+    started += [
         Service(
             "channel",
             "channel_sim",
             None,
             ports.channel,
             {"GESCO_CHANNEL_HOST": host, "GESCO_CHANNEL_PORT": str(ports.channel)},
-            {"GESCO_CHANNEL_RECEIVER_ADDRESS": f"{host}:{ports.receiver_grpc}"},
+            {"GESCO_CHANNEL_RECEIVER_ADDRESS": receivers_address(host, receiver_addresses)},
         ),
         Service(
             "sender",
             "sender_service",
-            f"http://{host}:{ports.sender}/readyz",
+            f"http://{_url_host(host)}:{ports.sender}/readyz",
             None,
             {"GESCO_SENDER_HOST": host, "GESCO_SENDER_PORT": str(ports.sender)},
-            {
-                "GESCO_SENDER_CHANNEL_ADDRESS": f"{host}:{ports.channel}",
-                "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_url,
-            },
+            sender_wiring,
         ),
     ]
+    return started
+
+
+def receivers_address(host: str, addresses: list[str]) -> str:
+    """The channel's receiver address: one host:port, or for several receivers the list of their
+    IP addresses the channel spreads over (a host name is resolved here, once)."""
+    if len(addresses) == 1:
+        return addresses[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        resolved = _url_host(socket.gethostbyname(host))
+        addresses = [f"{resolved}:{address.rpartition(':')[2]}" for address in addresses]
+    return ",".join(addresses)
+
+
+def _url_host(host: str) -> str:
+    """The host as it goes into a URL or an address: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def write_redis_config(ports: Ports, host: str) -> None:
+    """redis-server's configuration: loopback (or --host), persistence on (append-only file under
+    run/redis, so done transmissions survive a restart), the store bounds itself (noeviction), and
+    the password of GESCO_RECEIVER_REDIS_PASSWORD if set (in this owner-only file, never on a
+    command line)."""
+    REDIS_DIR.mkdir(parents=True, exist_ok=True)
+    lines = [f"port {ports.redis}", f"bind {host}", f'dir "{REDIS_DIR}"', "appendonly yes",
+             "appendfsync everysec", 'save ""', "maxmemory-policy noeviction", "daemonize no", 'logfile ""']
+    password = os.environ.get("GESCO_RECEIVER_REDIS_PASSWORD", "")
+    if password:
+        if any(character in password for character in "\"\n\r "):
+            raise ValueError("GESCO_RECEIVER_REDIS_PASSWORD must not contain quotes, spaces or newlines")
+        lines.append(f'requirepass "{password}"')
+    config = REDIS_DIR / "redis.conf"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text("\n".join(lines) + "\n")
 
 
 def process_env(service: Service) -> dict[str, str]:
@@ -120,7 +206,7 @@ def tls_probe_error(all_services: list[Service]) -> str | None:
     for service in all_services:
         if service.grpc_port is not None:
             try:
-                health_probe.probe_for(service.name, env)
+                health_probe.probe_for(service.probe or service.name, env)
             except ValueError as error:
                 return str(error)
     return None
@@ -139,8 +225,8 @@ def read_pid(service: Service) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         cmdline = None
-    if cmdline is not None:
-        return pid if service.module.encode() in cmdline else None
+    if cmdline is not None:  # a program may rewrite its command line (redis-server does)
+        return pid if any(service.module.encode() in argument for argument in cmdline) else None
     try:  # no /proc (macOS): trust a live pid
         os.kill(pid, 0)
     except OSError:
@@ -161,11 +247,27 @@ def is_ready(service: Service, host: str, env: dict[str, str]) -> bool:
     """
     from shared.wire import health_probe
 
+    if service.redis_ready is not None:
+        return redis_answers(service.redis_ready, env.get("GESCO_RECEIVER_REDIS_PASSWORD", ""))
     if service.http_ready is not None and not health_probe.http_ok(service.http_ready):
         return False
     if service.grpc_port is None:
         return True
-    return health_probe.grpc_serving(f"{host}:{service.grpc_port}", health_probe.probe_for(service.name, env))
+    target = f"{_url_host(host)}:{service.grpc_port}"
+    return health_probe.grpc_serving(target, health_probe.probe_for(service.probe or service.name, env))
+
+
+def redis_answers(url: str, password: str) -> bool:
+    """Redis at `url` answers PING (with the password, if any)."""
+    import redis
+
+    client = redis.Redis.from_url(url, password=password or None, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def stop_pid(pid: int, grace_s: float) -> str:
@@ -232,27 +334,37 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port)
+    ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port,
+                  receivers=args.receivers, redis=args.redis_port if args.redis else 0)
+    if problem := up_problem(ports):
+        print(problem)
+        return 1
     all_services = services(ports, args.host)
     RUN_DIR.mkdir(exist_ok=True)
     running = [s.name for s in all_services if read_pid(s)]
     if running:
         print(f"already running: {', '.join(running)} (see `status`; `down` stops them)")
         return 1
-    busy = [f"{name} port {port}" for name, port in vars(ports).items() if port_in_use(args.host, port)]
+    busy = [f"{name} port {port}" for name, port in ports.in_use().items() if port_in_use(args.host, port)]
     if busy:
         print(f"ports in use: {', '.join(busy)}; free them or choose others with the --*-port flags")
         return 1
     if problem := tls_probe_error(all_services):
         print(problem)
         return 1
+    if ports.redis:
+        try:
+            write_redis_config(ports, args.host)
+        except ValueError as error:
+            print(error)
+            return 1
     PORTS_FILE.write_text(json.dumps({"host": args.host, **vars(ports)}, indent=2) + "\n")
 
     started: list[tuple[Service, subprocess.Popen]] = []
     for service in all_services:
         output = None if args.foreground else service.log_file.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", service.module],
+            service.argv(),
             cwd=REPO_ROOT,
             env=process_env(service),
             stdin=subprocess.DEVNULL,
@@ -276,6 +388,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stop them with: python scripts/launch.py down   (or: make down)")
         return 0
     return _supervise(started, args.grace)
+
+
+def up_problem(ports: Ports) -> str | None:
+    """Why `up` cannot start these services, if so."""
+    if not 1 <= ports.receivers <= MAX_RECEIVERS:
+        return f"--receivers must be 1 to {MAX_RECEIVERS}"
+    if ports.redis and shutil.which(REDIS_SERVER) is None:
+        return (f"--redis needs Debian's {REDIS_SERVER}: `make redis` (or apt-get install redis-server) "
+                "installs it")
+    if ports.receivers > 1 and not (ports.redis or os.environ.get("GESCO_RECEIVER_REDIS_URL")):
+        return ("several receivers need a shared job store: add --redis, or set GESCO_RECEIVER_REDIS_URL "
+                "to a Redis of yours")
+    return None
 
 
 def _wait_ready(
@@ -314,7 +439,7 @@ def _supervise(started: list[tuple[Service, subprocess.Popen]], grace_s: float) 
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    print("running in the foreground; Ctrl-C stops all three")
+    print("running in the foreground; Ctrl-C stops them all")
     code = 0
     while not stop:
         for service, proc in started:
@@ -361,7 +486,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = f"ready (pid {pid})"
         else:
             state, all_up = f"running, not ready (pid {pid})", False
-        print(f"{service.name:9s} {state}")
+        print(f"{service.name:11s} {state}")
     if all_up:
         print_urls(ports, args.host)
     return 0 if all_up else 3
@@ -416,14 +541,21 @@ def load_ports(args: argparse.Namespace) -> Ports:
         saved = {}
     explicit = {name: getattr(args, f"{name}_port") for name in ("sender", "receiver_http", "receiver_grpc", "channel")}
     return Ports(**{name: value if value is not None else int(saved.get(name, _default_port(name)))
-                    for name, value in explicit.items()})
+                    for name, value in explicit.items()},
+                 receivers=int(saved.get("receivers", 1)), redis=int(saved.get("redis", 0)))
 
 
 def print_urls(ports: Ports, host: str) -> None:
+    host = _url_host(host)
     print(f"sender REST      http://{host}:{ports.sender}   (API docs: http://{host}:{ports.sender}/docs)")
-    print(f"receiver REST    http://{host}:{ports.receiver_http}   (API docs: http://{host}:{ports.receiver_http}/docs)")
+    for index in range(ports.receivers):
+        http_port = ports.receiver_http + index
+        print(f"receiver REST    http://{host}:{http_port}   (API docs: http://{host}:{http_port}/docs)")
     print(f"channel gRPC     {host}:{ports.channel}")
-    print(f"receiver gRPC    {host}:{ports.receiver_grpc}")
+    for index in range(ports.receivers):
+        print(f"receiver gRPC    {host}:{ports.receiver_grpc + index}")
+    if ports.redis:
+        print(f"redis            redis://{host}:{ports.redis}/0   (data in {_rel(REDIS_DIR)})")
 
 
 _PORT_DEFAULTS = {
@@ -461,6 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the three services and wait until they are ready")
     common(up, port_defaults=True)
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops all")
+    up.add_argument("--receivers", type=int, default=1,
+                    help="receiver replicas on consecutive ports, the channel spreading over them (default 1)")
+    up.add_argument("--redis", action="store_true",
+                    help="run Debian's redis-server as the receivers' shared job store (persistence on; "
+                         "password from GESCO_RECEIVER_REDIS_PASSWORD if set)")
+    up.add_argument("--redis-port", type=int, default=6380,
+                    help="port of that redis-server (default 6380, beside a system Redis on 6379)")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     up.set_defaults(handler=cmd_up)
 

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -141,3 +142,81 @@ def test_the_launcher_reports_how_its_child_stopped() -> None:
     assert launch.stop_pid(killed.pid, 10) == "stopped, killed by SIGTERM"
     for proc in (clean, killed):
         proc.stdout.close()
+
+
+# ---------------------------------------------------------------- several receivers sharing Redis
+
+
+def test_several_receivers_share_redis_and_the_channel_spreads_over_them(clean_env) -> None:
+    clean_env.setenv("GESCO_RECEIVER_API_KEY", "receiver-key")
+    ports = launch.Ports(8000, 8001, 50052, 50051, receivers=3, redis=6390)
+    by_name = {service.name: service for service in launch.services(ports)}
+    assert list(by_name) == ["redis", "receiver-1", "receiver-2", "receiver-3", "channel", "sender"]
+    assert by_name["redis"].argv()[1:] == [str(launch.REDIS_DIR / "redis.conf")]
+    replicas = [by_name[f"receiver-{index}"] for index in (1, 2, 3)]
+    assert [launch.process_env(r)["GESCO_RECEIVER_HTTP_PORT"] for r in replicas] == ["8001", "8002", "8003"]
+    assert [launch.process_env(r)["GESCO_RECEIVER_GRPC_PORT"] for r in replicas] == ["50052", "50053", "50054"]
+    assert {launch.process_env(r)["GESCO_RECEIVER_REDIS_REPLICA_ID"] for r in replicas} == {
+        "receiver-1", "receiver-2", "receiver-3"}
+    assert {launch.process_env(r)["GESCO_RECEIVER_REDIS_URL"] for r in replicas} == {"redis://127.0.0.1:6390/0"}
+    assert all(r.probe == "receiver" for r in replicas)
+    channel_env = launch.process_env(by_name["channel"])
+    assert channel_env["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "127.0.0.1:50052,127.0.0.1:50053,127.0.0.1:50054"
+    ChannelSettings(receiver_address=channel_env["GESCO_CHANNEL_RECEIVER_ADDRESS"])  # a valid setting
+    sender_env = launch.process_env(by_name["sender"])
+    assert sender_env["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:8001"
+    assert sender_env["GESCO_SENDER_RECEIVER_API_KEY"] == "receiver-key"
+    assert set(ports.in_use().values()) == {8000, 50051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
+
+
+def test_one_receiver_keeps_the_plain_wiring(clean_env) -> None:
+    by_name = {s.name: s for s in launch.services(launch.Ports(8000, 8001, 50052, 50051))}
+    assert list(by_name) == ["receiver", "channel", "sender"]
+    assert by_name["channel"].wiring["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "127.0.0.1:50052"
+    assert "GESCO_RECEIVER_REDIS_URL" not in launch.process_env(by_name["receiver"])
+
+
+def test_several_receivers_need_a_shared_store(clean_env) -> None:
+    assert "shared job store" in launch.up_problem(launch.Ports(8000, 8001, 50052, 50051, receivers=2))
+    clean_env.setenv("GESCO_RECEIVER_REDIS_URL", "redis://redis.example.test:6379/0")
+    assert launch.up_problem(launch.Ports(8000, 8001, 50052, 50051, receivers=2)) is None
+    assert "--receivers" in launch.up_problem(launch.Ports(8000, 8001, 50052, 50051, receivers=0))
+
+
+def test_the_redis_password_stays_in_an_owner_only_file(clean_env, tmp_path) -> None:
+    clean_env.setattr(launch, "REDIS_DIR", tmp_path / "redis")
+    clean_env.setenv("GESCO_RECEIVER_REDIS_PASSWORD", "pw-123")
+    launch.write_redis_config(launch.Ports(8000, 8001, 50052, 50051, redis=6390), "127.0.0.1")
+    config = tmp_path / "redis" / "redis.conf"
+    lines = config.read_text().splitlines()
+    assert {"port 6390", "bind 127.0.0.1", "appendonly yes", "maxmemory-policy noeviction",
+            'requirepass "pw-123"'} <= set(lines)
+    assert config.stat().st_mode & 0o777 == 0o600
+    clean_env.setenv("GESCO_RECEIVER_REDIS_PASSWORD", 'pw" 1')
+    with pytest.raises(ValueError, match="GESCO_RECEIVER_REDIS_PASSWORD"):
+        launch.write_redis_config(launch.Ports(8000, 8001, 50052, 50051, redis=6390), "127.0.0.1")
+
+
+@pytest.mark.skipif(launch.shutil.which(launch.REDIS_SERVER) is None, reason="redis-server is not installed")
+def test_the_launchers_redis_answers_with_its_password_and_is_found_by_its_pid(clean_env, tmp_path) -> None:
+    """The configuration `up --redis` writes starts a redis-server that answers PING only with the
+    password, and `down` finds it by its pid file although redis-server rewrites its command line."""
+    clean_env.setattr(launch, "REDIS_DIR", tmp_path / "redis")
+    clean_env.setattr(launch, "RUN_DIR", tmp_path)
+    clean_env.setenv("GESCO_RECEIVER_REDIS_PASSWORD", "pw-123")
+    ports = launch.Ports(free_port(), free_port(), free_port(), free_port(), redis=free_port())
+    launch.write_redis_config(ports, "127.0.0.1")
+    redis_service = launch.services(ports)[0]
+    proc = subprocess.Popen(redis_service.argv(), stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        redis_service.pid_file.write_text(f"{proc.pid}\n")
+        env = launch.probe_env([redis_service])
+        deadline = time.monotonic() + 10
+        while not launch.is_ready(redis_service, "127.0.0.1", env):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert not launch.redis_answers(redis_service.redis_ready, "wrong")
+        assert launch.read_pid(redis_service) == proc.pid
+    finally:
+        assert launch.stop_pid(proc.pid, 10).startswith("stopped")
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()  # persistence on

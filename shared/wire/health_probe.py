@@ -87,7 +87,11 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
 
 
 def _host(address: str) -> str:
-    """"receiver:50052" -> "receiver", "[::1]:50052" -> "::1"; "" stays empty."""
+    """"receiver:50052" -> "receiver", "[::1]:50052" -> "::1", "dns:///receiver:50052" ->
+    "receiver", a list of replicas: its first one's; "" stays empty."""
+    address = address.split(",")[0].strip()
+    if address.startswith("dns:"):
+        address = address.rsplit("/", 1)[-1]
     return address.rpartition(":")[0].strip("[]") if ":" in address else address
 
 
