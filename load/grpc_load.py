@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -119,7 +120,8 @@ async def warm_up(args: argparse.Namespace) -> None:
         return asyncio.run_coroutine_threadsafe(client.send_one(index), loop).result()
 
     try:
-        await asyncio.to_thread(report.warm_up, send, args.warmup, args.receiver_url, args.drain_s)
+        await asyncio.to_thread(report.warm_up, send, args.warmup, args.receiver_url, args.drain_s,
+                                api_key=args.receiver_api_key)
     finally:
         await client.channel.close()
 
@@ -134,16 +136,20 @@ async def run(args: argparse.Namespace) -> dict:
         client.record.record_failure("client: the sending phase overran its time bound")
     finally:
         await client.channel.close()
-    statuses = await asyncio.to_thread(report.drain, args.receiver_url, list(client.record.accepted), args.drain_s)
+    statuses = await asyncio.to_thread(report.drain, args.receiver_url, list(client.record.accepted), args.drain_s,
+                                       api_key=args.receiver_api_key)
     memory_after = report.memory_snapshot(args.metrics_url)
-    config = {key: value for key, value in vars(args).items() if key not in ("tls_key",)}
+    config = {key: value for key, value in vars(args).items() if key not in ("tls_key", "receiver_api_key")}
     return report.summarise(client.record, statuses, memory_before, memory_after, config)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channel", default="127.0.0.1:50051", help="gRPC address of the channel simulator")
-    parser.add_argument("--receiver-url", default="http://127.0.0.1:8001", help="the receiver's REST base URL")
+    parser.add_argument("--receiver-url", default="http://127.0.0.1:8001",
+                        help="the receiver's REST base URL (any replica, when several share Redis)")
+    parser.add_argument("--receiver-api-key", default=os.environ.get("GESCO_LOAD_RECEIVER_API_KEY", ""),
+                        help="the receiver's X-API-Key, if it has one (default: $GESCO_LOAD_RECEIVER_API_KEY)")
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second")
     parser.add_argument("--duration-s", type=float, default=30.0, help="length of the sending phase")
     parser.add_argument("--max-requests", type=int, default=100, help="most requests sent")

@@ -18,7 +18,8 @@ in locust's statistics) and happens before locust's --run-time starts.
         locust -f load/locustfile.py --headless -u 4 -r 4 --run-time 5m --host http://127.0.0.1:8000
 
 Other settings: GESCO_LOAD_STEPS (sampling steps, 5), GESCO_LOAD_RECEIVER_URL (the receiver's
-REST base, http://127.0.0.1:8001), GESCO_LOAD_API_KEY (the sender's X-API-Key, if it has one),
+REST base, http://127.0.0.1:8001; any replica when several share Redis), GESCO_LOAD_API_KEY (the
+sender's X-API-Key, if it has one), GESCO_LOAD_RECEIVER_API_KEY (the receiver's, if it has one),
 GESCO_LOAD_REPORT (also write the summary as JSON to this file), GESCO_LOAD_WARMUP (warm-up
 requests per user, 0: none; each waited for at most GESCO_LOAD_DRAIN_S).
 """
@@ -48,6 +49,7 @@ RECEIVER_URL = os.environ.get("GESCO_LOAD_RECEIVER_URL", "http://127.0.0.1:8001"
 DRAIN_S = float(os.environ.get("GESCO_LOAD_DRAIN_S", "120"))
 METRICS_URLS = [url for url in os.environ.get("GESCO_LOAD_METRICS_URLS", "").split(",") if url]
 API_KEY = os.environ.get("GESCO_LOAD_API_KEY", "")
+RECEIVER_API_KEY = os.environ.get("GESCO_LOAD_RECEIVER_API_KEY", "")
 REPORT_PATH = os.environ.get("GESCO_LOAD_REPORT", "")
 WARMUP = report.parse_warmup(os.environ.get("GESCO_LOAD_WARMUP"))
 WARMUP_TIMEOUT_S = 60.0
@@ -124,7 +126,8 @@ def _warm_up(environment, **_) -> None:
             return None
 
     started = time.monotonic()
-    accepted = report.warm_up(send, WARMUP, RECEIVER_URL, DRAIN_S, users=users, wait_each=True)
+    accepted = report.warm_up(send, WARMUP, RECEIVER_URL, DRAIN_S, users=users, wait_each=True,
+                              api_key=RECEIVER_API_KEY)
     print(f"warm-up: {users} users x {WARMUP} requests, {len(accepted)} accepted and waited for, "
           f"{time.monotonic() - started:.1f} s", flush=True)
 
@@ -138,7 +141,7 @@ def _on_start(environment, **_) -> None:
 @events.quitting.add_listener
 def _on_quitting(environment, **_) -> None:
     """At shutdown (however the run ended): drain the accepted jobs and print the summary."""
-    statuses = report.drain(RECEIVER_URL, list(RECORD.accepted), DRAIN_S)
+    statuses = report.drain(RECEIVER_URL, list(RECORD.accepted), DRAIN_S, api_key=RECEIVER_API_KEY)
     config = {"host": environment.host, "rate_per_user": RATE_PER_USER, "max_requests": MAX_REQUESTS,
               "steps": STEPS, "receiver_url": RECEIVER_URL, "drain_s": DRAIN_S, "warmup": WARMUP}
     result = report.summarise(RECORD, statuses, dict(_memory_before), report.memory_snapshot(METRICS_URLS), config)

@@ -54,24 +54,27 @@ class LoadRecord:
             self.request_failures[reason[:80]] += 1
 
 
-def fetch_status(receiver_url: str, transmission_id: str, timeout_s: float = 5.0) -> dict | None:
-    """The receiver's status JSON of one transmission; None if unknown (404) or unreachable."""
+def fetch_status(receiver_url: str, transmission_id: str, timeout_s: float = 5.0, api_key: str = "") -> dict | None:
+    """The receiver's status JSON of one transmission (with the receiver's API key, if it has
+    one); None if unknown (404), unavailable (503) or unreachable."""
     url = f"{receiver_url.rstrip('/')}/v1/transmissions/{transmission_id}"
+    request = urllib.request.Request(url, headers={"X-API-Key": api_key} if api_key else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.load(response)
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
 
-def drain(receiver_url: str, ids: list[str], drain_s: float, interval_s: float = 1.0) -> dict[str, dict | None]:
+def drain(receiver_url: str, ids: list[str], drain_s: float, interval_s: float = 1.0,
+          api_key: str = "") -> dict[str, dict | None]:
     """Poll until every id is finished (FINISHED), or `drain_s` has passed; the last status of each."""
     statuses: dict[str, dict | None] = {transmission_id: None for transmission_id in ids}
     deadline = time.monotonic() + drain_s
     pending = list(ids)
     while pending:
         for transmission_id in pending:
-            statuses[transmission_id] = fetch_status(receiver_url, transmission_id)
+            statuses[transmission_id] = fetch_status(receiver_url, transmission_id, api_key=api_key)
         pending = [i for i in pending if not (statuses[i] and statuses[i].get("status") in FINISHED)]
         if not pending or time.monotonic() >= deadline:
             break
@@ -92,7 +95,7 @@ def parse_warmup(value: str | None, name: str = "GESCO_LOAD_WARMUP") -> int:
 
 
 def warm_up(send: Callable[[int], str | None], count: int, receiver_url: str, drain_s: float, *,
-            users: int = 1, wait_each: bool = False) -> list[str]:
+            users: int = 1, wait_each: bool = False, api_key: str = "") -> list[str]:
     """Send requests before a run, so that first-use allocations (model buffers, thread pools, the
     batches of the run's concurrency) happen before the first memory reading; they count in no total.
 
@@ -114,7 +117,7 @@ def warm_up(send: Callable[[int], str | None], count: int, receiver_url: str, dr
             with lock:
                 accepted.append(transmission_id)
             if wait_each:
-                drain(receiver_url, [transmission_id], drain_s)
+                drain(receiver_url, [transmission_id], drain_s, api_key=api_key)
 
     if count <= 0 or users <= 0:
         return accepted
@@ -124,7 +127,7 @@ def warm_up(send: Callable[[int], str | None], count: int, receiver_url: str, dr
     for thread in workers:
         thread.join()
     if not wait_each:
-        drain(receiver_url, list(accepted), drain_s)
+        drain(receiver_url, list(accepted), drain_s, api_key=api_key)
     return accepted
 
 

@@ -146,14 +146,14 @@ def test_warm_up_waits_for_each_job_of_each_user(monkeypatch) -> None:
             events.append(("send", index))
         return None if index == -2 else f"id{index}"  # one of them rejected: not waited for
 
-    def drain(receiver_url: str, ids: list[str], drain_s: float) -> dict:
-        assert receiver_url == "http://receiver" and drain_s == 7.0
+    def drain(receiver_url: str, ids: list[str], drain_s: float, api_key: str = "") -> dict:
+        assert receiver_url == "http://receiver" and drain_s == 7.0 and api_key == "receiver-key"
         with lock:
             events.append(("wait", *ids))
         return {}
 
     monkeypatch.setattr(report, "drain", drain)
-    accepted = report.warm_up(send, 3, "http://receiver", 7.0, users=2, wait_each=True)
+    accepted = report.warm_up(send, 3, "http://receiver", 7.0, users=2, wait_each=True, api_key="receiver-key")
     assert sorted(index for kind, index in events if kind == "send") == [-6, -5, -4, -3, -2, -1]
     assert sorted(accepted) == sorted(f"id{index}" for index in (-1, -3, -4, -5, -6))
     first_user = [event for event in events if event[1] in (-1, -2, -3, "id-1", "id-3")]
@@ -166,7 +166,7 @@ def test_warm_up_waits_for_each_job_of_each_user(monkeypatch) -> None:
 def test_warm_up_without_waiting_for_each_waits_for_all_at_the_end(monkeypatch) -> None:
     """grpc_load's warm-up: sent one by one, then waited for together (so they can share a batch)."""
     events = []
-    monkeypatch.setattr(report, "drain", lambda url, ids, drain_s: events.append(("wait", *ids)) or {})
+    monkeypatch.setattr(report, "drain", lambda url, ids, drain_s, api_key: events.append(("wait", *ids)) or {})
     accepted = report.warm_up(lambda index: events.append(("send", index)) or f"id{index}", 2, "http://r", 1.0)
     assert accepted == ["id-1", "id-2"]
     assert events == [("send", -1), ("send", -2), ("wait", "id-1", "id-2")]
