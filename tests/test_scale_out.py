@@ -1,0 +1,287 @@
+"""Scale-out as real processes: one redis-server, three receiver replicas sharing it, the channel
+spreading over them with round_robin, the sender in front; the receivers' REST API takes an API
+key, which the sender passes on.
+
+- 60 transmissions are spread over all three replicas, and each one's status, image and maps are
+  fetched through replicas other than the one that generated it (the status with a long poll, so
+  the finish reaches the polled replica over pub/sub);
+- redis-server is killed and restarted under light load: 503s with the JSON error body while it is
+  down, recovery without a restart, every transmission done before still done with the same
+  image, every one accepted meanwhile done or clearly failed;
+- one replica is SIGKILLed with jobs in flight under the load client: its jobs end failed within
+  the lease, the others complete, lost = 0 in the load client's count, new requests succeed.
+
+The receivers run the shipped model for 2 sampling steps with one torch thread each, so the whole
+module stays within a few minutes on two cores. Each test leaves the cluster usable for the next
+(the replica kill comes last).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from receiver_service.redis_store import LEASE_EXPIRED_ERROR
+from shared.paths import REPO_ROOT
+from tests.service_procs import free_port, start_service, stop_service
+from tests.test_redis_store import PASSWORD, PREFIX, REDIS_SERVER, RedisServer
+
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
+)
+
+LEASE_S = 2.0
+RECEIVER_KEY = "receiver-key-for-the-scale-out-test"
+HEADERS = {"X-API-Key": RECEIVER_KEY}
+STEPS = "2"
+LABEL_MAP = (REPO_ROOT / "examples" / "street_labels.png").read_bytes()
+PNG = b"\x89PNG\r\n\x1a\n"
+FINISHED = {"done", "failed", "cancelled"}
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    replicas: dict[str, str]  # replica id -> its REST URL
+    receiver_procs: dict[str, subprocess.Popen]
+    channel_port: int
+    sender_url: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    done_before: list[str] = field(default_factory=list)  # transmissions done in the first test
+
+    def owner(self, transmission_id: str) -> str:
+        """The replica that generated the transmission (read from Redis)."""
+        owner = self.redis.client().hget(f"{PREFIX}tx:{transmission_id}", "owner")
+        assert owner is not None, transmission_id
+        return owner.decode()
+
+    def others(self, replica_id: str) -> list[str]:
+        return [url for name, url in self.replicas.items() if name != replica_id]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("scale-out")
+    redis_server = RedisServer(tmp)
+    redis_server.start()
+    replicas, receiver_ports = {}, {}
+    for index in (1, 2, 3):
+        name, http_port, grpc_port = f"r{index}", free_port(), free_port()
+        replicas[name] = f"http://127.0.0.1:{http_port}"
+        receiver_ports[name] = (http_port, grpc_port)
+
+    def start_receiver(name: str) -> subprocess.Popen:
+        http_port, grpc_port = receiver_ports[name]
+        return start_service("receiver_service", {
+            "GESCO_RECEIVER_HTTP_PORT": str(http_port),
+            "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
+            "GESCO_RECEIVER_PUBLIC_URL": replicas[name],
+            "GESCO_RECEIVER_STORE_DIR": str(tmp / f"unused-{name}"),
+            "GESCO_RECEIVER_DEVICE": "cpu",
+            "GESCO_RECEIVER_TORCH_THREADS": "1",
+            "GESCO_RECEIVER_OUTPUT_HEIGHT": "96",
+            "GESCO_RECEIVER_OUTPUT_WIDTH": "128",
+            "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
+            "GESCO_RECEIVER_QUEUE_SIZE": "16",
+            "GESCO_RECEIVER_API_KEY": RECEIVER_KEY,
+            "GESCO_RECEIVER_REDIS_URL": redis_server.url,
+            "GESCO_RECEIVER_REDIS_PASSWORD": PASSWORD,
+            "GESCO_RECEIVER_REDIS_LEASE_S": str(LEASE_S),
+            "GESCO_RECEIVER_REDIS_REPLICA_ID": name,
+        }, ready_url=f"{replicas[name]}/readyz", grpc_port=grpc_port, timeout=240)
+
+    procs: list[subprocess.Popen] = []
+    try:
+        with ThreadPoolExecutor(3) as pool:  # the three load their models at once
+            started = dict(zip(replicas, pool.map(start_receiver, replicas)))
+        procs += started.values()
+        channel_port, sender_port = free_port(), free_port()
+        procs.append(start_service("channel_sim", {
+            "GESCO_CHANNEL_PORT": str(channel_port),
+            "GESCO_CHANNEL_RECEIVER_ADDRESS": ",".join(f"127.0.0.1:{grpc}" for _, grpc in receiver_ports.values()),
+            "GESCO_CHANNEL_METRICS_PORT": "0",
+        }, grpc_port=channel_port, timeout=120))
+        procs.append(start_service("sender_service", {
+            "GESCO_SENDER_PORT": str(sender_port),
+            "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{channel_port}",
+            "GESCO_SENDER_RECEIVER_PUBLIC_URL": replicas["r1"],
+            "GESCO_SENDER_RECEIVER_API_KEY": RECEIVER_KEY,
+            "GESCO_SENDER_DEVICE": "cpu",
+        }, ready_url=f"http://127.0.0.1:{sender_port}/readyz", timeout=120))
+        yield Cluster(redis_server, replicas, started, channel_port, f"http://127.0.0.1:{sender_port}", procs)
+    finally:
+        for proc in reversed(procs):
+            stop_service(proc)
+        redis_server.kill()
+
+
+def send(http: httpx.Client, cluster: Cluster, seed: int, wait: bool = False) -> httpx.Response:
+    return http.post(f"{cluster.sender_url}/v1/transmissions", files={"file": ("labels.png", LABEL_MAP)},
+                     data={"kind": "label_map", "steps": STEPS, "seed": str(seed), "wait": str(wait).lower()},
+                     timeout=120)
+
+
+def wait_finished(http: httpx.Client, url: str, transmission_id: str, timeout_s: float = 120) -> dict:
+    """Long-poll the status at `url` until the transmission has finished."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = http.get(f"{url}/v1/transmissions/{transmission_id}", params={"wait_s": 20}, headers=HEADERS,
+                            timeout=40)
+        assert response.status_code == 200, response.text
+        record = response.json()
+        if record["status"] in FINISHED:
+            return record
+        assert time.monotonic() < deadline, record
+
+
+def test_transmissions_spread_over_the_replicas_and_any_replica_answers_for_each(cluster) -> None:
+    accepted: list[str] = []
+    with httpx.Client() as http:
+        for seed in range(60):
+            while (response := send(http, cluster, seed)).status_code == 429:  # back-pressure: as told, later
+                time.sleep(min(1.0, float(response.headers.get("retry-after", 1))))
+            assert response.status_code == 202, response.text
+            accepted.append(response.json()["id"])
+        owners = {transmission_id: cluster.owner(transmission_id) for transmission_id in accepted}
+        assert set(Counter(owners.values())) == set(cluster.replicas), Counter(owners.values())
+
+        long_polls = []
+        for index, transmission_id in enumerate(accepted):
+            status_url, image_url = cluster.others(owners[transmission_id])
+            started = time.monotonic()
+            record = wait_finished(http, status_url, transmission_id)
+            long_polls.append(time.monotonic() - started)
+            assert record["status"] == "done", record
+            image = http.get(f"{image_url}/v1/transmissions/{transmission_id}/image", headers=HEADERS)
+            assert image.status_code == 200 and image.content.startswith(PNG)
+            if index % 10 == 0:
+                labels = http.get(f"{status_url}/v1/transmissions/{transmission_id}/maps/fds_labels.png",
+                                  headers=HEADERS)
+                assert labels.status_code == 200 and labels.content.startswith(PNG)
+        # A finish published by the owner wakes the long poll on another replica: no poll waited
+        # out its whole 20 s.
+        assert max(long_polls) < 15, max(long_polls)
+
+        # The key is needed, and the sender passes it on (its wait=true and its relay).
+        assert http.get(f"{cluster.replicas['r2']}/v1/transmissions/{accepted[0]}").status_code == 401
+        waited = send(http, cluster, 1000, wait=True)
+        assert waited.status_code == 200 and waited.content.startswith(PNG), waited.text
+        relayed = http.get(f"{cluster.sender_url}/receiver/v1/transmissions/{accepted[1]}")
+        assert relayed.status_code == 200 and relayed.json()["status"] == "done"
+    cluster.done_before = accepted[:10]
+
+
+def test_a_redis_restart_under_light_load_is_503_then_recovery(cluster) -> None:
+    with httpx.Client() as http:
+        images_before = {transmission_id: http.get(
+            f"{cluster.replicas['r3']}/v1/transmissions/{transmission_id}/image", headers=HEADERS).content
+            for transmission_id in cluster.done_before}
+        assert all(image.startswith(PNG) for image in images_before.values())
+        answers: list[tuple[int, str | None]] = []  # the light load: (status code, transmission id)
+        stop = threading.Event()
+
+        def light_load() -> None:
+            with httpx.Client() as client:
+                seed = 2000
+                while not stop.is_set():
+                    response = send(client, cluster, seed)
+                    answers.append((response.status_code,
+                                    response.json().get("id") if response.status_code == 202 else None))
+                    if response.status_code not in (202, 429):
+                        assert response.json()["error"]["message"], response.text  # the JSON error body
+                    seed += 1
+                    stop.wait(0.4)
+
+        loader = threading.Thread(target=light_load, daemon=True)
+        loader.start()
+        try:
+            time.sleep(2.0)
+            cluster.redis.kill()
+            time.sleep(0.5)
+            for url in cluster.replicas.values():
+                status = http.get(f"{url}/v1/transmissions/{cluster.done_before[0]}", headers=HEADERS)
+                assert status.status_code == 503, status.text
+                assert "unavailable" in status.json()["error"]["message"]
+                assert http.get(f"{url}/readyz").status_code == 503
+                assert http.get(f"{url}/healthz").status_code == 200  # alive: nothing restarts it
+            time.sleep(2.5)
+            cluster.redis.start()
+            deadline = time.monotonic() + 20
+            while not all(http.get(f"{url}/readyz").status_code == 200 for url in cluster.replicas.values()):
+                assert time.monotonic() < deadline, "a replica did not recover"
+                time.sleep(0.2)
+            time.sleep(2.0)
+        finally:
+            stop.set()
+            loader.join(timeout=150)
+        codes = Counter(code for code, _ in answers)
+        assert codes[503] >= 1 and codes[202] >= 2, codes  # refused while down, accepted around it
+        assert set(codes) <= {202, 429, 503}, codes  # never a 500, never a wrong answer
+
+        for transmission_id, image in images_before.items():  # done before: still done, same image
+            record = wait_finished(http, cluster.replicas["r2"], transmission_id, timeout_s=5)
+            assert record["status"] == "done"
+            again = http.get(f"{cluster.replicas['r1']}/v1/transmissions/{transmission_id}/image", headers=HEADERS)
+            assert again.content == image
+        for transmission_id in [tid for code, tid in answers if code == 202]:  # done or a clear failure
+            record = wait_finished(http, cluster.replicas["r1"], transmission_id, timeout_s=60)
+            assert record["status"] == "done" or (record["status"] == "failed" and record["error"]), record
+        assert send(http, cluster, 3000, wait=True).status_code == 200
+
+
+def test_a_replica_killed_with_jobs_in_flight_fails_them_within_the_lease(cluster, tmp_path) -> None:
+    victim = "r3"
+    report_path = tmp_path / "load.json"
+    load = subprocess.Popen(
+        [sys.executable, "-m", "load.grpc_load", "--channel", f"127.0.0.1:{cluster.channel_port}",
+         "--receiver-url", cluster.replicas["r1"], "--rate", "8", "--duration-s", "6", "--max-requests", "48",
+         "--steps", "4", "--drain-s", "90", "--report", str(report_path)],
+        cwd=REPO_ROOT, env={**os.environ, "GESCO_LOAD_RECEIVER_API_KEY": RECEIVER_KEY},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = cluster.redis.client()
+    try:
+        deadline = time.monotonic() + 20
+        while not (in_flight := {member.decode() for member in client.smembers(f"{PREFIX}owned:{victim}")}):
+            assert time.monotonic() < deadline, "no job ever in flight on the victim"
+            time.sleep(0.05)
+        cluster.receiver_procs[victim].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        cluster.receiver_procs[victim].wait(timeout=10)
+        output, _ = load.communicate(timeout=200)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    report = json.loads(report_path.read_text())
+    assert report["lost"] == 0, output
+    assert report["completed"] > 0 and report["accepted"] > len(in_flight), output
+
+    lease_reason = LEASE_EXPIRED_ERROR.format(owner=victim)
+    ended_after = []
+    with httpx.Client() as http:
+        for transmission_id in in_flight:
+            record = http.get(f"{cluster.replicas['r1']}/v1/transmissions/{transmission_id}", headers=HEADERS).json()
+            if record["status"] == "failed":
+                assert record["error"] == lease_reason, record
+                stored = json.loads(client.hget(f"{PREFIX}tx:{transmission_id}", "record"))
+                ended_after.append(stored["finished_at"] - killed_at)
+            else:
+                assert record["status"] == "done", record  # finished just before the kill
+        assert ended_after, "the victim's in-flight jobs should have failed"
+        # Within 4/3 of the lease, and some slack for a starved two-core machine.
+        assert max(ended_after) < 2 * LEASE_S + 1.0, ended_after
+        print(f"the killed replica's {len(ended_after)} jobs failed {min(ended_after):.2f} to "
+              f"{max(ended_after):.2f} s after the kill (lease {LEASE_S} s)")
+        for seed in (4000, 4001):  # new requests succeed, on the replicas left
+            response = send(http, cluster, seed, wait=True)
+            assert response.status_code == 200 and response.content.startswith(PNG), response.text
