@@ -289,6 +289,16 @@ def test_each_service_dials_addresses_that_exist(rendered):
     service_port(docs, redis_url.hostname, redis_url.port)
 
 
+def test_the_sender_holds_the_receivers_api_key(rendered):
+    """The receivers' optional key and the one the sender sends them come from the same Secret."""
+    _, docs = rendered
+    refs = {workload: {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(docs, workload)["env"]
+                       if "secretKeyRef" in e.get("valueFrom", {})} for workload in ("receiver", "sender")}
+    receiver_key = refs["receiver"]["GESCO_RECEIVER_API_KEY"]
+    assert refs["sender"]["GESCO_SENDER_RECEIVER_API_KEY"] == receiver_key and receiver_key["optional"] is True
+    assert refs["sender"]["GESCO_SENDER_API_KEY"]["name"] != receiver_key["name"]  # two keys, two Secrets
+
+
 def test_probes_use_grpc_health_and_readyz_on_the_serving_ports(rendered):
     _, docs = rendered
     receiver, receiver_env = container(docs, "receiver"), container_env(docs, "receiver")
