@@ -15,7 +15,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -27,6 +26,7 @@ from receiver_service.grpc_server import build_grpc_server
 from receiver_service.long_poll import FinishWaiters
 from receiver_service.redis_store import RedisTransmissionStore
 from receiver_service.settings import ReceiverSettings
+from receiver_service.status import MAP_ARTIFACTS, TransmissionStatus, public_status, status_json
 from receiver_service.store import FINISHED, JobStatus, StoreUnavailableError, UnknownTransmissionError
 from receiver_service.store_factory import JobStore, create_store
 from receiver_service.worker import GenerationWorker
@@ -34,7 +34,6 @@ from shared.limits import MAX_STATUS_WAIT_S
 from shared.wire.api_key import API_KEY_HEADER, ApiKeyGuard
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
-from shared.wire.records import TransmissionRecord
 from shared.wire.rest_errors import ApiError, add_error_handlers, error_response
 from shared.wire.transport import TRANSMISSION_ID_PATTERN
 
@@ -46,34 +45,12 @@ TransmissionId = Annotated[
 WaitSeconds = Annotated[float, Query(ge=0, le=MAX_STATUS_WAIT_S, description=(
     "long poll: answer once the transmission has finished (done, failed or cancelled), or after this "
     "many seconds with its status then; 0 answers at once"))]
-# URL name of each debug map -> store artifact.
-MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels",
-                 "received_labels.png": "received_labels"}
 CANCEL_REASON = "cancelled at a client's request"
 # Open without the API key: probes, scrapers and the docs pages (the schema reveals no secret).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/docs/",)
 # Retry-After of a 503 while the store is unreachable (the Redis client retries for about a second).
 STORE_RETRY_AFTER_S = 2
-
-
-class TransmissionStatus(TransmissionRecord):
-    """A transmission's job at the receiver: its progress, the record of what it carried, the
-    model that samples it and where its images are."""
-
-    id: str
-    status: JobStatus
-    error: str | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    timings_ms: dict[str, float]
-    output: dict[str, int]
-    model: dict[str, Any]
-    urls: dict[str, str]
-    # While running, {"step": k, "steps": n}: sampling step k of n has started (known to the
-    # process sampling it; null otherwise).
-    progress: dict[str, int] | None = None
 
 
 router = APIRouter()
@@ -136,14 +113,11 @@ async def get_transmission(transmission_id: TransmissionId, state: State, wait_s
         record = await run_in_threadpool(store.get, transmission_id)
         if wait_s > 0 and record["status"] not in FINISHED and await waiters.wait(finished, wait_s):
             record = await run_in_threadpool(store.get, transmission_id)
-        progress = None
-        if record["status"] == JobStatus.RUNNING.value:  # this process's step, else the sampling replica's
-            progress = state.worker.progress(transmission_id) or await run_in_threadpool(store.progress, transmission_id)
     except UnknownTransmissionError:
         raise _unknown(transmission_id) from None
     finally:
         waiters.unregister(transmission_id, finished)
-    return status_json(record, state.settings.public_url, progress)
+    return await run_in_threadpool(public_status, record, state.settings.public_url, state.worker, store)
 
 
 @router.post("/v1/transmissions/{transmission_id}/cancel", response_model=TransmissionStatus,
@@ -243,29 +217,6 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     mount_local_docs(app, api_key_header=API_KEY_HEADER if api_key else None, open_paths=OPEN_PATHS)
     app.include_router(router)
     return app
-
-
-def status_json(record: dict[str, Any], public_url: str, progress: tuple[int, int] | None = None) -> dict[str, Any]:
-    """The public status of a stored record: ISO timestamps, urls, sampling progress while
-    running, no internal fields."""
-    base = f"{public_url}/v1/transmissions/{record['id']}"
-    public = {key: record[key] for key in TransmissionStatus.model_fields if key in record}
-    for key in ("created_at", "started_at", "finished_at"):
-        public[key] = _iso(record.get(key))
-    public["urls"] = {
-        "status": base,
-        "image": f"{base}/image",
-        **{f"maps_{name.removesuffix('.png')}": f"{base}/maps/{name}" for name in MAP_ARTIFACTS},
-    }
-    running = progress is not None and record["status"] == JobStatus.RUNNING.value
-    public["progress"] = {"step": progress[0], "steps": progress[1]} if running else None
-    return public
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _unknown(transmission_id: str) -> ApiError:

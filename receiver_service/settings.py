@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from receiver_service.presets import apply_preset, queue_size_for
 from shared.limits import MAX_GUIDANCE, MAX_STEPS
 from shared.wire.service_settings import BaseUrl, RepoPath, ServiceSettings
 
@@ -29,10 +30,30 @@ class ReceiverSettings(ServiceSettings):
     # torch.compile 12-19% faster but compiles for minutes at every start on a small CPU.
     channels_last: bool = True
     torch_compile: bool = False
-    queue_size: int = Field(8, ge=1)  # jobs waiting behind the batch being generated
+    # Jobs waiting behind the batch being generated. Unset: sized by the batch, 2 x max_batch_size
+    # and at least 8, so a full batch can always form; below max_batch_size batches stay small.
+    queue_size: int | None = Field(None, ge=1)
     # Dynamic batching: compatible jobs (same sampler, steps, guidance) share one sampling run.
     max_batch_size: int = Field(4, ge=1)  # 1: no batching
     max_queue_delay_ms: float = Field(10.0, ge=0.0)  # how long the oldest job waits for company
+    # request: a batch samples from its first step to its last (the batch above); continuous: jobs
+    # of any sampling options join and leave one running batch of up to max_batch_size jobs at
+    # every step (receiver_service/step_scheduler.py).
+    batching: Literal["request", "continuous"] = "request"
+    # Threads that encode a finished job's PNGs and store them while the next batch samples; 0: the
+    # sampling thread does it.
+    encode_workers: int = Field(1, ge=0)
+    # GPU serving (docs/benchmarks-gpu.md). The network called at these batch sizes only (rows of a
+    # guided forward: conditional + unconditional), JSON, e.g. [2, 4, 8]; empty: any size.
+    batch_buckets: list[int] = []
+    # Each bucket captured as a CUDA graph at start and replayed (CUDA only; ignored on a CPU).
+    cuda_graphs: bool = False
+    # Noise drawn on the model's device: no copy per draw, but a seed's image then differs between
+    # a CPU and a GPU (shared/semantic/diffusion/generator.py).
+    noise_on_device: bool = False
+    # Defaults for a kind of machine (receiver_service/presets.py): "gpu"; the variables set one by
+    # one win over a preset's values.
+    preset: Literal["", "gpu"] = ""
     store_dir: RepoPath = Path("var/receiver")
     store_max_items: int = Field(500, ge=1)
     store_max_age_s: float = Field(24 * 3600.0, gt=0)
@@ -44,6 +65,9 @@ class ReceiverSettings(ServiceSettings):
     output_width: int = Field(0, ge=0)
     max_symbols: int = Field(8_000_000, ge=1)
     max_grpc_workers: int = Field(8, ge=1)
+    # WatchTransmission calls served at once, each on a gRPC thread of its own beside the
+    # max_grpc_workers; more are RESOURCE_EXHAUSTED.
+    max_watches: int = Field(16, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
     # Required in the X-API-Key header of the status, image, maps and cancel requests (health,
     # readiness, metrics and docs stay open); empty: off. Replicas share one key.
@@ -52,3 +76,14 @@ class ReceiverSettings(ServiceSettings):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, values: Any) -> Any:
+        return apply_preset(values)
+
+    @model_validator(mode="after")
+    def _queue_sized_by_the_batch(self) -> ReceiverSettings:
+        if self.queue_size is None:
+            self.queue_size = queue_size_for(self.max_batch_size)
+        return self

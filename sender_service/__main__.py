@@ -1,5 +1,5 @@
 """`python -m sender_service`: serve the sender's REST API on GESCO_SENDER_HOST:GESCO_SENDER_PORT
-until SIGTERM or SIGINT, then exit with status 0."""
+and its gRPC API on GESCO_SENDER_GRPC_PORT until SIGTERM or SIGINT, then exit with status 0."""
 from __future__ import annotations
 
 from sender_service.app import create_app
@@ -14,7 +14,7 @@ SHUTDOWN_GRACE_S = 5.0
 def main() -> None:
     settings = SenderSettings()
     configure_logging("sender", settings.log_level)
-    serve(create_app(settings), settings.host, settings.port, SHUTDOWN_GRACE_S)
+    serve(create_app(settings, grpc_api=True), settings.host, settings.port, SHUTDOWN_GRACE_S)
 
 
 if __name__ == "__main__":

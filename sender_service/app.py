@@ -2,93 +2,59 @@
 
 The routes live on `router` and reach the process's resources (settings, segmenter, the channel
 simulator's client, the HTTP client) through the `State` dependency; `create_app` adds the
-middlewares and opens those resources in its lifespan. A transmission's form is one model,
-`TransmissionForm`; `pipeline.prepare_transmission` runs in a worker thread, the result streams to
-the channel simulator over gRPC and failures map to HTTP statuses with the error body of
-`shared.wire.rest_errors`. A client that disconnects while waiting (wait=true) cancels its
-transmission, at the receiver too.
+middlewares and opens those resources in its lifespan, with the gRPC API (grpc_api.py) when the
+process serves it. A transmission's form is one model, `TransmissionForm`: the parameters both
+APIs share (transmissions.py) and the upload. The route sends it by the path the gRPC API takes
+too (`transmissions.send_transmission`: the pipeline, then the channel simulator over gRPC), and
+its failures become HTTP statuses with the error body of `shared.wire.rest_errors`. A client that
+disconnects while waiting (wait=true) cancels its transmission, at the receiver too.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import grpc
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
-from gesco.v1 import gesco_pb2
 from sender_service import receiver_client
 from sender_service.auth import API_KEY_HEADER, OPEN_PATHS, OPEN_PREFIXES, ApiKeyGuard
-from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
-from sender_service.pipeline import (
-    PHOTO,
-    FieldError,
-    NotReadyError,
-    PreparedTransmission,
-    SegmenterLoader,
-    TransmissionRequest,
-    prepare_transmission,
-)
+from sender_service.channel_sim_client import ChannelSimClient
+from sender_service.grpc_api import build_grpc_api, serve_when_ready
+from sender_service.pipeline import SegmenterLoader
 from sender_service.settings import SenderSettings
-from sender_service.web import mount_web_page
-from shared.limits import (
-    MAX_GUIDANCE,
-    MAX_SNR_DB,
-    MAX_STEPS,
-    MIN_SNR_DB,
-    MIN_STEPS,
-    SAMPLER_NAME_PATTERN,
-    SamplingOptions,
+from sender_service.transmissions import (
+    SenderState,
+    TransmissionAccepted,
+    TransmissionError,
+    TransmissionParameters,
+    send_transmission,
 )
-from shared.semantic.codec import Compression
+from sender_service.web import mount_web_page
+from shared.limits import MAX_SNR_DB, MIN_SNR_DB
 from shared.wire import grpc_security, transport
 from shared.wire.docs_ui import mount_local_docs
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
-from shared.wire.records import TransmissionRecord
 from shared.wire.rest_errors import ApiError, BodySizeLimit, add_error_handlers, error_response, validation_error
 
 log = logging.getLogger(__name__)
 
 # Room for the multipart boundaries and the small form fields around the uploaded file.
 FORM_OVERHEAD_BYTES = 64 * 1024
-MAX_SEED = 2**64 - 1
-# When a request gives neither snr_db nor its deprecated alias psnr_db.
-DEFAULT_SNR_DB = 100.0
+# Calls of the gRPC API in flight get this long to finish at shutdown.
+GRPC_SHUTDOWN_GRACE_S = 5.0
 # The status of the answer to a client that closed its connection while waiting (nginx's
 # convention): nobody reads it, but the request metrics count it.
 CLIENT_CLOSED_REQUEST = 499
 
-_GRPC_TO_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-# An INVALID_ARGUMENT's details start with the header field they refuse; these are form fields.
-_FORM_FIELDS_OF_HEADER = {"sampling.sampler": "sampler", "sampling.steps": "steps", "sampling.guidance": "guidance"}
-
 router = APIRouter()
-
-
-@dataclass
-class SenderState:
-    """The process's resources, opened by the app's lifespan."""
-
-    settings: SenderSettings
-    metrics: ServiceMetrics
-    segmenter: SegmenterLoader
-    channel_sim: ChannelSimClient
-    http: httpx.AsyncClient
 
 
 def get_state(request: Request) -> SenderState:
@@ -98,76 +64,24 @@ def get_state(request: Request) -> SenderState:
 State = Annotated[SenderState, Depends(get_state)]
 
 
-@dataclass
-class TransmissionForm:
-    """The multipart form of POST /v1/transmissions; empty optional fields take the defaults."""
+@dataclass(kw_only=True)
+class TransmissionForm(TransmissionParameters):
+    """The multipart form of POST /v1/transmissions: the upload and the transmission's parameters;
+    empty optional fields take the defaults."""
 
     file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")]
-    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
-    snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=[10.0], description=(
-        f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
-    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"], description=(
-        "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = "paper_psnr"
     psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, examples=[10.0], description=(
         "deprecated alias of `snr_db` (it too follows `snr_definition`); refused when both differ"))] = None
-    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
-    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
-    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB", examples=[6.0])] = 6.0
-    sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default",
-                                            examples=["ddim"])] = None
-    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default",
-                                          examples=[10])] = None
-    guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale",
-                                        examples=[2.0])] = 2.0
-    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=[7])] = None
-    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting",
-                                                  examples=[1])] = None
-    compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
-    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
-                                             examples=[75])] = None
-    use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
     wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready",
-                                        examples=[False])] = False
+                               examples=[False])] = False
 
     def __post_init__(self) -> None:
-        if self.psnr_db is not None and self.snr_db is not None and self.psnr_db != self.snr_db:
+        if self.psnr_db is None:
+            return
+        if self.snr_db is not None and self.psnr_db != self.snr_db:
             raise validation_error("psnr_db", f"psnr_db is a deprecated alias of snr_db and differs from it "
                                               f"({self.psnr_db:g} against {self.snr_db:g}); send snr_db alone")
-
-    def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
-        """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
-        return TransmissionRequest(
-            kind=self.kind,
-            sampling=SamplingOptions(sampler=self.sampler or "", steps=self.steps or 0, guidance=self.guidance),
-            seed=secrets.randbits(32) if self.seed is None else self.seed,
-            downsample_factor=self.downsample_factor or settings.downsample_factor,
-            compression=self.compression or settings.compression,
-            jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
-            use_fds=self.use_fds,
-        )
-
-    def channel_request(self, seed: int) -> gesco_pb2.ChannelRequest:
-        """The channel the transmission goes through: its model, and the SNR (snr_db, else the
-        deprecated psnr_db, else DEFAULT_SNR_DB) under snr_definition."""
-        return gesco_pb2.ChannelRequest(
-            model=self.channel,
-            snr_db=next((snr for snr in (self.snr_db, self.psnr_db) if snr is not None), DEFAULT_SNR_DB),
-            snr_definition=transport.snr_definition_to_proto(self.snr_definition),
-            equalize=self.equalize,
-            seed=seed,
-            rician_k_db=self.rician_k_db,
-        )
-
-
-class TransmissionAccepted(TransmissionRecord):
-    """The 202 answer: where to follow the transmission, and the record of what was sent."""
-
-    id: str
-    status_url: str
-    image_url: str
-    queue_position: int
-    seed: int
-    segmenter: dict[str, Any]
+        self.snr_db = self.psnr_db
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -216,37 +130,29 @@ async def create_transmission(
     202 with the transmission's id, status and image URLs, the channel's report and the bit
     counts; with wait=true, 200 with the generated PNG once the receiver has made it.
     """
-    settings = state.settings
     transmission_id = transport.new_transmission_id()
     with request_context(transmission_id):
-        spec = form.transmission_request(settings)
-        data = await form.file.read(settings.max_upload_bytes + 1)
-        try:
-            prepared = await run_in_threadpool(
-                prepare_transmission, data, spec, settings, state.segmenter, transmission_id
-            )
-        except FieldError as error:
-            raise ApiError(error.status_code, error.message, field=error.field) from None
-        except NotReadyError as error:
-            raise ApiError(503, f"photos cannot be segmented yet: {error}", headers={"Retry-After": "5"}) from None
-        for stage, seconds in prepared.timings_s.items():
-            state.metrics.observe_stage(stage, seconds)
-        channel = form.channel_request(spec.seed)
-        channel_call = state.channel_sim.transmit(prepared.header, channel, prepared.symbols, settings.rpc_timeout_s)
-        answer = _answer(state, channel_call, prepared, spec.seed, form.wait)
+        data = await form.file.read(state.settings.max_upload_bytes + 1)
+        answer = _answer(state, data, form, transmission_id)
         if not form.wait:  # the job is the client's to poll, whether or not it stays for the 202
             return await answer
         return await _unless_client_leaves(request, state, answer, transmission_id)
 
 
-def create_app(settings: SenderSettings | None = None) -> FastAPI:
-    """Build the app; resources (segmenter, gRPC channel, HTTP client) open in its lifespan."""
+def create_app(settings: SenderSettings | None = None, grpc_api: bool = False) -> FastAPI:
+    """Build the app; resources (segmenter, gRPC channel, HTTP client) open in its lifespan, and
+    with `grpc_api` the gRPC API on settings.grpc_port (`python -m sender_service` serves it;
+    in-process tests of the REST API leave it off)."""
     settings = settings or SenderSettings()
     # Read now, so a bad TLS setting stops the process at startup rather than failing each call.
     channel_credentials = grpc_security.channel_credentials(
         settings.channel_tls_ca_file, settings.channel_tls_cert_file, settings.channel_tls_key_file,
         prefix="GESCO_SENDER_CHANNEL_TLS_",
     )
+    grpc_credentials = grpc_security.server_credentials(
+        settings.grpc_tls_cert_file, settings.grpc_tls_key_file, settings.grpc_tls_client_ca_file,
+        prefix="GESCO_SENDER_GRPC_TLS_",
+    ) if grpc_api else None
     metrics = ServiceMetrics()
 
     @asynccontextmanager
@@ -257,10 +163,20 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
         # The receiver's key, when it has one, goes with every call to it (wait=true, the relay).
         receiver_key = settings.receiver_api_key.get_secret_value()
         async with httpx.AsyncClient(headers={API_KEY_HEADER: receiver_key} if receiver_key else None) as http:
-            app.state.sender = SenderState(settings, metrics, segmenter, channel_sim, http)
+            state = app.state.sender = SenderState(settings, metrics, segmenter, channel_sim, http)
+            grpc_server = None
+            if grpc_api:
+                grpc_server, health = build_grpc_api(state, asyncio.get_running_loop(), grpc_credentials)
+                grpc_server.start()
+                log.info("gRPC listening", extra={"address": f"{settings.host}:{settings.grpc_port}"})
+                serve_when_ready(state, health)
             try:
                 yield
             finally:
+                if grpc_server is not None:
+                    health.set_serving(False)
+                    # Off the event loop: calls in flight finish on it during the grace period.
+                    await asyncio.to_thread(lambda: grpc_server.stop(GRPC_SHUTDOWN_GRACE_S).wait())
                 await channel_sim.close()
 
     app = FastAPI(
@@ -287,37 +203,14 @@ def create_app(settings: SenderSettings | None = None) -> FastAPI:
     return app
 
 
-async def _answer(
-    state: SenderState,
-    channel_call: Coroutine[Any, Any, gesco_pb2.TransmissionAck],
-    prepared: PreparedTransmission,
-    seed: int,
-    wait: bool,
-) -> Response:
-    """Await the channel simulator's acknowledgement; then the 202 with the transmission's record,
-    or with wait=true the generated image."""
-    settings, transmission_id = state.settings, prepared.header.transmission_id
+async def _answer(state: SenderState, data: bytes, form: TransmissionForm, transmission_id: str) -> Response:
+    """Send the transmission; then the 202 with its record, or with wait=true the generated image."""
     try:
-        with state.metrics.time_stage("channel_rpc"):
-            ack = await channel_call
-    except ChannelSimCallError as error:
-        log.warning("channel call failed", extra={"grpc_code": error.code.name})
-        raise _channel_error(error, settings, transmission_id) from None
-
-    header = prepared.header
-    header.channel_report.CopyFrom(ack.channel_report)
-    public = settings.receiver_public_url
-    accepted = TransmissionAccepted(
-        id=transmission_id,
-        status_url=receiver_client.status_url(public, transmission_id),
-        image_url=receiver_client.image_url(public, transmission_id),
-        queue_position=ack.queue_position,
-        seed=seed,
-        segmenter={"used": prepared.segmenter_used, **_segmenter_summary(state.segmenter)},
-        **dict(TransmissionRecord.from_header(header, header.sampling)),
-    )
-    log.info("transmission sent", extra={"queue_position": ack.queue_position})
-    if not wait:
+        accepted = await send_transmission(state, data, form, transmission_id)
+    except TransmissionError as error:
+        headers = None if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
+        raise ApiError(error.http_status, error.message, field=error.field, headers=headers, **error.details) from None
+    if not form.wait:
         return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": accepted.status_url})
     return await _wait_for_image(state, transmission_id, accepted.status_url)
 
@@ -374,22 +267,3 @@ async def _wait_for_image(state: SenderState, transmission_id: str, status_url: 
     except receiver_client.WaitTimeoutError as error:
         raise ApiError(504, str(error), **details) from None
     return Response(png, media_type="image/png", headers={"X-Transmission-Id": transmission_id})
-
-
-def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
-    return dict(loader.info) if loader.info else {"trained": False, "note": "the segmenter is loading"}
-
-
-def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmission_id: str) -> ApiError:
-    status_code = _GRPC_TO_HTTP.get(error.code, 502)
-    headers = None
-    if status_code == 429:
-        headers = {"Retry-After": str(error.retry_after_s or settings.retry_after_s)}
-    message = {
-        503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
-        504: f"the channel call exceeded its {settings.rpc_timeout_s:g} s deadline: {error.details}",
-    }.get(status_code, f"the channel refused the transmission: {error.details}")
-    field = None
-    if error.code is grpc.StatusCode.INVALID_ARGUMENT:
-        field = next((name for prefix, name in _FORM_FIELDS_OF_HEADER.items() if error.details.startswith(prefix)), None)
-    return ApiError(status_code, message, field=field, headers=headers, grpc_code=error.code.name, id=transmission_id)

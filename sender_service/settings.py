@@ -19,6 +19,8 @@ class SenderSettings(ServiceSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Port of the gRPC API (gesco.v1.Sender), on the same host; `python -m sender_service` serves it.
+    grpc_port: int = Field(50050, ge=1, le=65535)
     channel_address: str = "127.0.0.1:50051"
     # Base of the status and image URLs handed to clients.
     receiver_public_url: BaseUrl = "http://127.0.0.1:8001"
@@ -53,6 +55,10 @@ class SenderSettings(ServiceSettings):
     # The receiver's API key (its GESCO_RECEIVER_API_KEY), sent with the sender's calls to the
     # receiver's REST API: the wait=true long poll, cancels and the web page's relay. Empty: none.
     receiver_api_key: SecretStr = SecretStr("")
+    # TLS of the gRPC API (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
+    grpc_tls_cert_file: str = ""
+    grpc_tls_key_file: str = ""
+    grpc_tls_client_ca_file: str = ""
     # TLS to the channel simulator (PEM paths): its CA turns TLS on; a certificate and key are
     # presented for mutual TLS. Empty: plaintext.
     channel_tls_ca_file: str = ""

@@ -13,6 +13,7 @@ class LinkServices:
     def __init__(self, tmp: Path, sender_env: dict[str, str] | None = None,
                  output_size: tuple[int, int] = (96, 128)) -> None:
         self.sender_port, self.channel_port = free_port(), free_port()
+        self.sender_grpc = free_port()
         self.receiver_http, self.receiver_grpc = free_port(), free_port()
         self.receiver_url = f"http://127.0.0.1:{self.receiver_http}"
         self.sender_url = f"http://127.0.0.1:{self.sender_port}"
@@ -36,11 +37,12 @@ class LinkServices:
             }, grpc_port=self.channel_port, timeout=120))
             self.procs.append(start_service("sender_service", {
                 "GESCO_SENDER_PORT": str(self.sender_port),
+                "GESCO_SENDER_GRPC_PORT": str(self.sender_grpc),
                 "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{self.channel_port}",
                 "GESCO_SENDER_RECEIVER_PUBLIC_URL": self.receiver_url,
                 "GESCO_SENDER_DEVICE": "cpu",
                 **(sender_env or {}),
-            }, ready_url=f"{self.sender_url}/readyz", timeout=120))
+            }, ready_url=f"{self.sender_url}/readyz", grpc_port=self.sender_grpc, timeout=120))
         except BaseException:
             self.stop()
             raise

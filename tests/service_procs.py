@@ -35,8 +35,11 @@ def start_service(
 
     Ready means `ready_url` answers 200 (when given) and the gRPC health check on 127.0.0.1:grpc_port
     says SERVING (when given). The process's stderr goes to a temporary file, shown if it dies or
-    never becomes ready, and available afterwards as `proc.log_path`.
+    never becomes ready, and available afterwards as `proc.log_path`. A sender whose `env` names no
+    gRPC port gets a free one, so that senders started at once never compete for its default.
     """
+    if module == "sender_service":
+        env = {"GESCO_SENDER_GRPC_PORT": str(free_port()), **env}
     log_file = tempfile.NamedTemporaryFile(prefix=f"{module}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", module],

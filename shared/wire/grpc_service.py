@@ -4,12 +4,14 @@
 (NOT_SERVING until told otherwise) and reflection, bound to its address. `served_call` opens and
 closes every call the same way: the request id from the `x-request-id` metadata tags every log
 line of the call, one line reports its outcome, and a `CallRejected` (or a ValueError, which is
-INVALID_ARGUMENT) ends it with its status and trailing metadata.
+INVALID_ARGUMENT) ends it with its status and trailing metadata. `require_api_key` checks a
+client's API key in the `x-api-key` metadata.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -26,6 +28,8 @@ from shared.wire.monitoring import ServiceMetrics
 from shared.wire.transport import REQUEST_ID_METADATA_KEY, RETRY_AFTER_METADATA_KEY
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The metadata key of a client's API key (the REST APIs' X-API-Key header).
+API_KEY_METADATA_KEY = "x-api-key"
 
 
 class CallRejected(Exception):
@@ -69,6 +73,17 @@ def served_call(context: grpc.ServicerContext, log: logging.Logger, method: str,
             if trailing:
                 context.set_trailing_metadata(trailing)
             context.abort(code, details)
+
+
+def require_api_key(context: grpc.ServicerContext, api_key: str) -> None:
+    """CallRejected (UNAUTHENTICATED) unless the call carries `api_key` (when one is set) in its
+    API_KEY_METADATA_KEY metadata, once; compared in constant time."""
+    if not api_key:
+        return
+    given = [value for key, value in context.invocation_metadata() if key == API_KEY_METADATA_KEY]
+    if len(given) != 1 or not secrets.compare_digest(given[0].encode(), api_key.encode()):
+        raise CallRejected(grpc.StatusCode.UNAUTHENTICATED,
+                           f"{API_KEY_METADATA_KEY}: a valid API key is required in the {API_KEY_METADATA_KEY} metadata")
 
 
 def caller_gone(context: grpc.ServicerContext) -> bool:

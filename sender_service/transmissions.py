@@ -1,0 +1,218 @@
+"""One transmission, whichever API asked for it: the parameters a client chooses, the path that
+sends them and its errors.
+
+The REST route (app.py) and the gRPC Sender.Transmit (grpc_api.py) share all of it.
+`TransmissionParameters` declares the parameters and their ranges once: the REST form extends it
+with the upload, and a gRPC request is checked against the same declarations by
+`parse_parameters`. `send_transmission` prepares the payload (`pipeline.prepare_transmission`),
+streams it through the channel simulator (`ChannelSimClient`) and answers the transmission's
+record. Every failure is a `TransmissionError`, which each API turns into its own answer: an HTTP
+status with the JSON error body, or a gRPC status code with the field in its details.
+"""
+# No `from __future__ import annotations` in this module: app.TransmissionForm extends
+# TransmissionParameters, and FastAPI reads the inherited fields from the subclass's __init__,
+# where postponed (string) annotations would be evaluated in app.py's namespace, not this one's.
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import grpc
+import httpx
+from fastapi import Form
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from gesco.v1 import gesco_pb2
+from sender_service import receiver_client
+from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
+from sender_service.pipeline import PHOTO, FieldError, NotReadyError, SegmenterLoader, TransmissionRequest, prepare_transmission
+from sender_service.settings import SenderSettings
+from shared.limits import MAX_GUIDANCE, MAX_SNR_DB, MAX_STEPS, MIN_SNR_DB, MIN_STEPS, SAMPLER_NAME_PATTERN, SamplingOptions
+from shared.semantic.codec import Compression
+from shared.wire import transport
+from shared.wire.monitoring import ServiceMetrics
+from shared.wire.records import TransmissionRecord
+
+log = logging.getLogger("sender_service")
+
+MAX_SEED = 2**64 - 1
+# When a request gives no SNR.
+DEFAULT_SNR_DB = 100.0
+# Retry-After of an answer given while the segmenter is not ready.
+NOT_READY_RETRY_AFTER_S = 5
+
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+# An INVALID_ARGUMENT's details start with the header field they refuse; these are parameters.
+_PARAMETERS_OF_HEADER = {"sampling.sampler": "sampler", "sampling.steps": "steps", "sampling.guidance": "guidance"}
+
+
+@dataclass
+class SenderState:
+    """The process's resources, opened by the app's lifespan."""
+
+    settings: SenderSettings
+    metrics: ServiceMetrics
+    segmenter: SegmenterLoader
+    channel_sim: ChannelSimClient
+    http: httpx.AsyncClient
+
+
+@dataclass(kw_only=True)
+class TransmissionParameters:
+    """How to send one image: channel, sampling and map coding; empty optional fields take the
+    defaults (the sender's settings, the receiver's sampler)."""
+
+    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
+    snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=[10.0], description=(
+        f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
+    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"], description=(
+        "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = "paper_psnr"
+    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
+    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
+    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB", examples=[6.0])] = 6.0
+    sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default",
+                                        examples=["ddim"])] = None
+    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default",
+                                      examples=[10])] = None
+    guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale",
+                                    examples=[2.0])] = 2.0
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=[7])] = None
+    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting",
+                                                  examples=[1])] = None
+    compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
+    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
+                                             examples=[75])] = None
+    use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
+
+    def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
+        """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
+        return TransmissionRequest(
+            kind=self.kind,
+            sampling=SamplingOptions(sampler=self.sampler or "", steps=self.steps or 0, guidance=self.guidance),
+            seed=secrets.randbits(32) if self.seed is None else self.seed,
+            downsample_factor=self.downsample_factor or settings.downsample_factor,
+            compression=self.compression or settings.compression,
+            jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
+            use_fds=self.use_fds,
+        )
+
+    def channel_request(self, seed: int) -> gesco_pb2.ChannelRequest:
+        """The channel the transmission goes through: its model, and the SNR (DEFAULT_SNR_DB when
+        empty) under snr_definition."""
+        return gesco_pb2.ChannelRequest(
+            model=self.channel,
+            snr_db=DEFAULT_SNR_DB if self.snr_db is None else self.snr_db,
+            snr_definition=transport.snr_definition_to_proto(self.snr_definition),
+            equalize=self.equalize,
+            seed=seed,
+            rician_k_db=self.rician_k_db,
+        )
+
+
+_PARAMETERS = TypeAdapter(TransmissionParameters)
+
+
+class TransmissionError(Exception):
+    """The transmission was not sent. `code` is its gRPC status, `http_status` its REST one;
+    `field` names the parameter to blame (`file`: the image), `retry_after_s` says when to come
+    back, `details` are further keys of the REST error body."""
+
+    def __init__(self, code: grpc.StatusCode, http_status: int, message: str, field: str | None = None,
+                 retry_after_s: int | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+        self.message = message
+        self.field = field
+        self.retry_after_s = retry_after_s
+        self.details = details
+
+
+def parse_parameters(values: Mapping[str, Any]) -> TransmissionParameters:
+    """Parameters from the fields a client set, checked against the REST form's declarations;
+    a TransmissionError naming the first bad field (INVALID_ARGUMENT, 422) otherwise."""
+    try:
+        return _PARAMETERS.validate_python(dict(values))
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise TransmissionError(grpc.StatusCode.INVALID_ARGUMENT, 422, first["msg"], field=field) from None
+
+
+class TransmissionAccepted(TransmissionRecord):
+    """The answer to a transmission sent: where to follow it, and the record of what was sent."""
+
+    id: str
+    status_url: str
+    image_url: str
+    queue_position: int
+    seed: int
+    segmenter: dict[str, Any]
+
+
+async def send_transmission(
+    state: SenderState, data: bytes, parameters: TransmissionParameters, transmission_id: str
+) -> TransmissionAccepted:
+    """Prepare `data` (a photo or a label map) as `parameters` ask, stream it through the channel
+    simulator to the receiver and answer what was sent; TransmissionError when it cannot be."""
+    settings = state.settings
+    request = parameters.transmission_request(settings)
+    try:
+        prepared = await run_in_threadpool(prepare_transmission, data, request, settings, state.segmenter,
+                                           transmission_id)
+    except FieldError as error:
+        raise TransmissionError(grpc.StatusCode.INVALID_ARGUMENT, error.status_code, error.message,
+                                field=error.field) from None
+    except NotReadyError as error:
+        raise TransmissionError(grpc.StatusCode.UNAVAILABLE, 503, f"photos cannot be segmented yet: {error}",
+                                retry_after_s=NOT_READY_RETRY_AFTER_S) from None
+    for stage, seconds in prepared.timings_s.items():
+        state.metrics.observe_stage(stage, seconds)
+    channel = parameters.channel_request(request.seed)
+    try:
+        with state.metrics.time_stage("channel_rpc"):
+            ack = await state.channel_sim.transmit(prepared.header, channel, prepared.symbols, settings.rpc_timeout_s)
+    except ChannelSimCallError as error:
+        log.warning("channel call failed", extra={"grpc_code": error.code.name})
+        raise _channel_error(error, settings, transmission_id) from None
+
+    header = prepared.header
+    header.channel_report.CopyFrom(ack.channel_report)
+    public = settings.receiver_public_url
+    log.info("transmission sent", extra={"queue_position": ack.queue_position})
+    return TransmissionAccepted(
+        id=transmission_id,
+        status_url=receiver_client.status_url(public, transmission_id),
+        image_url=receiver_client.image_url(public, transmission_id),
+        queue_position=ack.queue_position,
+        seed=request.seed,
+        segmenter={"used": prepared.segmenter_used, **_segmenter_summary(state.segmenter)},
+        **dict(TransmissionRecord.from_header(header, header.sampling)),
+    )
+
+
+def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
+    return dict(loader.info) if loader.info else {"trained": False, "note": "the segmenter is loading"}
+
+
+def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmission_id: str) -> TransmissionError:
+    """The channel simulator's (or, through it, the receiver's) refusal: its gRPC code, and the
+    HTTP status a REST client gets (502 for a code with no better match)."""
+    http_status = _GRPC_TO_HTTP.get(error.code, 502)
+    message = {
+        503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
+        504: f"the channel call exceeded its {settings.rpc_timeout_s:g} s deadline: {error.details}",
+    }.get(http_status, f"the channel refused the transmission: {error.details}")
+    field = None
+    if error.code is grpc.StatusCode.INVALID_ARGUMENT:
+        field = next((name for prefix, name in _PARAMETERS_OF_HEADER.items() if error.details.startswith(prefix)), None)
+    retry_after_s = (error.retry_after_s or settings.retry_after_s) if http_status == 429 else None
+    return TransmissionError(error.code, http_status, message, field=field, retry_after_s=retry_after_s,
+                             grpc_code=error.code.name, id=transmission_id)
