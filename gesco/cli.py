@@ -4,10 +4,15 @@
     gesco sweep street.jpg --snrs 1,5,10,20 -o strip.png
     gesco status ID [--wait 30]
 
-It talks to the sender only (`--url`, default $GESCO_URL or http://127.0.0.1:8000): transmissions
-are posted there and the receiver's status, image and maps are read through the sender's relay
-(/receiver/v1/...), so one address and one API key (`--api-key`, or $GESCO_API_KEY) suffice.
-`--via` picks the protocol; `rest` is the one there is (TRANSPORTS maps a name to its client).
+`--via` picks the protocol (TRANSPORTS maps a name to its client). With `rest`, the default, it
+talks to the sender only (`--url`, default $GESCO_URL or http://127.0.0.1:8000): transmissions are
+posted there and the receiver's status, image and maps are read through the sender's relay
+(/receiver/v1/...), so one address and one API key (`--api-key`, or $GESCO_API_KEY) suffice. With
+`grpc`, send and status call the gRPC APIs: Sender.Transmit (`--grpc-sender`, default
+$GESCO_GRPC_SENDER or 127.0.0.1:50050) and the receiver's GetTransmission and WatchTransmission
+(`--grpc-receiver`, default $GESCO_GRPC_RECEIVER or 127.0.0.1:50052), the API key in the
+`x-api-key` metadata, over TLS with `--grpc-ca-file` (and a client certificate for mutual TLS);
+its output is the same JSON. sweep needs the sender's REST-only preview and analog image.
 
 stdout carries the result a script reads (the transmission id, or JSON with --json and for
 status); progress and errors go to stderr, errors as one line `gesco: error: ...`. Exit codes:
@@ -19,22 +24,33 @@ status); progress and errors go to stderr, errors as one line `gesco: error: ...
        413, 422: the message names      9  no such transmission (404)
        the field)                      10  another error answer of a service (5xx)
     4  API key missing or wrong (401)
+
+gRPC status codes map to the same: INVALID_ARGUMENT 3, UNAUTHENTICATED 4, RESOURCE_EXHAUSTED 5,
+UNAVAILABLE 6, DEADLINE_EXCEEDED 8, NOT_FOUND 9, any other 10.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import httpx
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_GRPC_SENDER = "127.0.0.1:50050"
+DEFAULT_GRPC_RECEIVER = "127.0.0.1:50052"
 FINISHED = frozenset({"done", "failed", "cancelled"})
 # The form field of the channel SNR in the sender's POST /v1/transmissions.
 SNR_FIELD = "snr_db"
@@ -45,6 +61,13 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REFUSED, EXIT_AUTH = 0, 1, 2, 3, 4
 EXIT_BUSY, EXIT_UNAVAILABLE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NOT_FOUND, EXIT_SERVER = 5, 6, 7, 8, 9, 10
 _EXIT_BY_STATUS = {400: EXIT_REFUSED, 401: EXIT_AUTH, 404: EXIT_NOT_FOUND, 409: EXIT_FAILED, 413: EXIT_REFUSED,
                    422: EXIT_REFUSED, 429: EXIT_BUSY, 503: EXIT_UNAVAILABLE, 504: EXIT_TIMEOUT}
+_EXIT_BY_GRPC_CODE = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_REFUSED, grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+                      grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_BUSY,
+                      grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_TIMEOUT}
+# The gRPC APIs' error details start with the request field they blame: "snr_db: ...".
+_FIELD_OF_DETAILS = re.compile(r"^([a-z_]+): ")
+# Images come back inside messages: room beyond gRPC's default 4 MiB.
+MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class CliError(Exception):
@@ -64,10 +87,11 @@ class Upload:
 
 
 class Client(Protocol):
-    """What the commands need of a protocol; a gRPC client implements the same methods."""
+    """What the commands need of a protocol: RestClient and GrpcClient."""
 
     def transmit(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]: ...
     def status(self, transmission_id: str, wait_s: float = 0.0) -> dict[str, Any]: ...
+    def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]: ...
     def image(self, transmission_id: str) -> bytes: ...
     def label_map(self, transmission_id: str, stage: str) -> bytes: ...
     def preview(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]: ...
@@ -83,6 +107,10 @@ class RestClient:
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=REQUEST_TIMEOUT_S)
         self.url = url
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RestClient:
+        return cls(args.url, args.api_key)
+
     def transmit(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
         return self._json("POST", "/v1/transmissions", files=self._files(upload), data=fields)
 
@@ -90,6 +118,20 @@ class RestClient:
         params = {"wait_s": f"{wait_s:g}"} if wait_s > 0 else None
         return self._json("GET", f"/receiver/v1/transmissions/{transmission_id}", params=params,
                           timeout=REQUEST_TIMEOUT_S + wait_s)
+
+    def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]:
+        """The status after each long poll until it has finished (short polls when `often`, for a
+        progress bar; else one per 20 s); CliError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        wait_s = 0.5 if often else 20.0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CliError(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after {timeout_s:g} s")
+            status = self.status(transmission_id, wait_s=min(wait_s, remaining))
+            yield status
+            if status.get("status") in FINISHED:
+                return
 
     def image(self, transmission_id: str) -> bytes:
         return self._request("GET", f"/receiver/v1/transmissions/{transmission_id}/image").content
@@ -155,7 +197,163 @@ def api_error(response: httpx.Response) -> CliError:
     return CliError(code, text)
 
 
-TRANSPORTS: dict[str, Callable[[str, str | None], Client]] = {"rest": RestClient}
+class GrpcClient:
+    """The sender's Sender.Transmit and the receiver's GetTransmission and WatchTransmission.
+
+    Answers come back as the REST API's JSON (the messages' fields have the same names).
+    """
+
+    def __init__(self, sender: str, receiver: str, api_key: str | None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = (("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),)
+        open_channel = (lambda target: grpc.secure_channel(target, credentials, options)) if credentials else (
+            lambda target: grpc.insecure_channel(target, options))
+        self._channels = [open_channel(sender), open_channel(receiver)]
+        self._sender = gesco_pb2_grpc.SenderStub(self._channels[0])
+        self._receiver = gesco_pb2_grpc.ReceiverStub(self._channels[1])
+        self._addresses = {"sender": sender, "receiver": receiver}
+        self._metadata = (("x-api-key", api_key),) if api_key else ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GrpcClient:
+        return cls(args.grpc_sender, args.grpc_receiver, args.api_key,
+                   tls_credentials(args.grpc_ca_file, args.grpc_cert_file, args.grpc_key_file))
+
+    def transmit(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
+        request = gesco_pb2.TransmitRequest(image=upload.data)
+        for name, text in fields.items():
+            field = request.DESCRIPTOR.fields_by_name.get(name)
+            if field is None:
+                raise CliError(EXIT_USAGE, f"the gRPC API has no {name} field; use --via rest")
+            setattr(request, name, _field_value(field, text))
+        return message_json(self._call("sender", self._sender.Transmit, request, REQUEST_TIMEOUT_S))
+
+    def status(self, transmission_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """The status now, or with `wait_s` once it has finished or after `wait_s` seconds."""
+        if wait_s > 0:
+            try:
+                *_, finished = self._watch(transmission_id, wait_s)
+                return finished
+            except CliError as error:
+                if error.exit_code != EXIT_TIMEOUT:
+                    raise
+        return message_json(self._get(transmission_id, include_image=False).status)  # not finished (yet)
+
+    def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]:
+        """Each change of the status (every sampling step) until it has finished; CliError after
+        `timeout_s`."""
+        return self._watch(transmission_id, timeout_s)
+
+    def image(self, transmission_id: str) -> bytes:
+        answer = self._get(transmission_id, include_image=True)
+        if not answer.image_png:
+            raise CliError(EXIT_FAILED, f"transmission {transmission_id} is {answer.status.status}: it has no image")
+        return answer.image_png
+
+    def label_map(self, transmission_id: str, stage: str) -> bytes:
+        raise CliError(EXIT_USAGE, "the label maps are served over REST only: use --via rest")
+
+    def preview(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
+        raise CliError(EXIT_USAGE, "the preview is served over REST only: use --via rest")
+
+    def analog(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
+        raise CliError(EXIT_USAGE, "the analog image is served over REST only: use --via rest")
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def _watch(self, transmission_id: str, timeout_s: float) -> Iterator[dict[str, Any]]:
+        request = gesco_pb2.WatchTransmissionRequest(transmission_id=transmission_id)
+        stream = self._call("receiver", self._receiver.WatchTransmission, request, timeout_s)
+        try:
+            for message in stream:
+                yield message_json(message.status)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise CliError(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after "
+                                             f"{timeout_s:g} s") from None
+            raise grpc_error(error, "receiver", self._addresses["receiver"]) from None
+        finally:
+            stream.cancel()  # a watch left early: the job goes on
+
+    def _get(self, transmission_id: str, include_image: bool) -> gesco_pb2.GetTransmissionResponse:
+        request = gesco_pb2.GetTransmissionRequest(transmission_id=transmission_id, include_image=include_image)
+        return self._call("receiver", self._receiver.GetTransmission, request, REQUEST_TIMEOUT_S)
+
+    def _call(self, service: str, method: Callable, request: Message, timeout_s: float) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise grpc_error(error, service, self._addresses[service]) from None
+
+
+def tls_credentials(ca_file: str | None, cert_file: str | None, key_file: str | None) -> grpc.ChannelCredentials | None:
+    """TLS with the servers' CA (None: plaintext); with a certificate and key, mutual TLS."""
+    if not (ca_file or cert_file or key_file):
+        return None
+    if not ca_file or bool(cert_file) != bool(key_file):
+        raise CliError(EXIT_USAGE, "TLS needs --grpc-ca-file, and --grpc-cert-file with --grpc-key-file for mutual TLS")
+    pem = {}
+    for name, path in (("ca", ca_file), ("cert", cert_file), ("key", key_file)):
+        try:
+            pem[name] = Path(path).read_bytes() if path else None
+        except OSError as error:
+            raise CliError(EXIT_USAGE, f"cannot read {path}: {error.strerror or error}") from None
+    return grpc.ssl_channel_credentials(pem["ca"], pem["key"], pem["cert"])
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as the REST API's JSON: the same names, null for an unset optional field or
+    message, numbers as numbers (the proto3 JSON mapping would quote 64-bit integers)."""
+    answer: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            answer[field.name] = dict(value)
+        elif field.is_repeated:
+            answer[field.name] = list(value)
+        elif field.has_presence and not message.HasField(field.name):
+            answer[field.name] = None
+        elif kind is not None and kind.full_name == "google.protobuf.Struct":
+            answer[field.name] = json_format.MessageToDict(value)
+        elif kind is not None:
+            answer[field.name] = message_json(value)
+        else:
+            answer[field.name] = value
+    return answer
+
+
+def _field_value(field, text: str) -> Any:
+    """A form value (text) as the value of `field` in the request."""
+    if field.type == field.TYPE_BOOL:
+        return text.lower() in ("true", "1", "yes", "on")
+    if field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+        return float(text)
+    if field.type == field.TYPE_STRING:
+        return text
+    return int(text)
+
+
+def grpc_error(error: grpc.RpcError, service: str, address: str) -> CliError:
+    """The API's details, with the field they blame, as a CliError of the matching exit code."""
+    code, details = error.code(), error.details() or ""
+    field = _FIELD_OF_DETAILS.match(details)
+    if field:
+        text = f"gRPC {code.name}: {details[field.end():]} (field: {field.group(1)})"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        text = f"gRPC {code.name} from the {service} at {address}: {details}"
+    else:
+        text = f"gRPC {code.name}: {details}"
+    retry_after = dict(error.trailing_metadata() or ()).get("retry-after")
+    if retry_after:
+        text += f"; retry after {retry_after} s"
+    return CliError(_EXIT_BY_GRPC_CODE.get(code, EXIT_SERVER), text)
+
+
+TRANSPORTS: dict[str, Callable[[argparse.Namespace], Client]] = {"rest": RestClient.from_args,
+                                                                 "grpc": GrpcClient.from_args}
 
 
 # --- progress ------------------------------------------------------------------------------------
@@ -196,18 +394,11 @@ class Progress:
 
 
 def follow(client: Client, transmission_id: str, timeout_s: float, progress: Progress) -> dict[str, Any]:
-    """Poll the status until the transmission has finished; CliError on timeout."""
-    deadline = time.monotonic() + timeout_s
-    # With a progress bar, short long polls redraw it; without, one long poll per 20 s.
-    wait_s = 0.5 if progress.enabled else 20.0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CliError(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after {timeout_s:g} s")
-        status = client.status(transmission_id, wait_s=min(wait_s, remaining))
+    """Follow the status until the transmission has finished; CliError on timeout."""
+    status: dict[str, Any] = {}
+    for status in client.watch(transmission_id, timeout_s, often=progress.enabled):
         progress.show(status)
-        if status.get("status") in FINISHED:
-            return status
+    return status
 
 
 def require_done(status: dict[str, Any]) -> None:
@@ -361,7 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the sender's base URL (default: $GESCO_URL or {DEFAULT_URL})")
     parser.add_argument("--api-key", default=os.environ.get("GESCO_API_KEY"),
                         help="sent as X-API-Key (default: $GESCO_API_KEY)")
-    parser.add_argument("--via", choices=sorted(TRANSPORTS), default="rest", help="protocol (default: rest)")
+    parser.add_argument("--via", choices=sorted(TRANSPORTS), default="rest",
+                        help="protocol (default: rest; grpc: send and status only)")
+    grpc_options = parser.add_argument_group("--via grpc")
+    grpc_options.add_argument("--grpc-sender", default=os.environ.get("GESCO_GRPC_SENDER", DEFAULT_GRPC_SENDER),
+                              help=f"the sender's gRPC API (default: $GESCO_GRPC_SENDER or {DEFAULT_GRPC_SENDER})")
+    grpc_options.add_argument("--grpc-receiver", default=os.environ.get("GESCO_GRPC_RECEIVER", DEFAULT_GRPC_RECEIVER),
+                              help=f"the receiver's gRPC API (default: $GESCO_GRPC_RECEIVER or {DEFAULT_GRPC_RECEIVER})")
+    grpc_options.add_argument("--grpc-ca-file", help="PEM CA of the servers' certificates: TLS (default: plaintext)")
+    grpc_options.add_argument("--grpc-cert-file", help="PEM client certificate, for mutual TLS")
+    grpc_options.add_argument("--grpc-key-file", help="PEM key of that certificate")
     commands = parser.add_subparsers(dest="command", required=True)
 
     send = commands.add_parser("send", help="send one image; save the generated PNG with -o")
@@ -386,7 +586,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sweep" and not args.output:
         build_parser().error("sweep needs -o/--output")
-    client = TRANSPORTS[args.via](args.url, args.api_key)
+    try:
+        client = TRANSPORTS[args.via](args)
+    except CliError as error:
+        print(f"gesco: error: {error.message}", file=sys.stderr)
+        return error.exit_code
     try:
         return args.run(client, args)
     except CliError as error:

@@ -1,6 +1,6 @@
 """The `gesco` command line client against the three services as processes (the sender with an
 API key), run as a script would run it: `python -m gesco ...`, reading stdout, stderr and the exit
-code."""
+code; over REST, and with `--via grpc` over the gRPC APIs."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,11 @@ def gesco(services: LinkServices | None, *args: str, api_key: str | None = API_K
                           env=env)
 
 
+def via_grpc(services: LinkServices) -> tuple[str, ...]:
+    return ("--via", "grpc", "--grpc-sender", f"127.0.0.1:{services.sender_grpc}",
+            "--grpc-receiver", f"127.0.0.1:{services.receiver_grpc}")
+
+
 def png_shape(path: Path) -> tuple[int, ...]:
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert image is not None, f"{path} is not an image"
@@ -74,6 +79,42 @@ def test_send_guesses_a_label_map_and_prints_json_on_request(services) -> None:
     assert status["status"] == "done" and status["sampling"]["seed"] == 3
     assert status["bits"]["image_bits_jpeg"] == 0  # sent as a label map: no photo to compare with
     assert done.stderr == ""
+
+
+def test_send_and_status_via_grpc_answer_what_rest_answers(services, tmp_path) -> None:
+    out = tmp_path / "out.png"
+    done = gesco(services, *via_grpc(services), "send", str(LABELS), "--snr-db", "8", "--seed", "5", "-o", str(out),
+                 "--json", "--progress", *FAST)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["status"] == "done" and status["sampling"]["seed"] == 5 and png_shape(out) == (48, 64, 3)
+    assert status["channel"]["requested_snr_db"] == 8 and isinstance(status["bits"]["payload_bits"], int)
+    assert "] done" in done.stderr
+    over_grpc = json.loads(gesco(services, *via_grpc(services), "status", status["id"], "--wait", "5").stdout)
+    over_rest = json.loads(gesco(services, "status", status["id"]).stdout)
+    assert over_grpc == over_rest == status
+
+
+@pytest.mark.parametrize(("args", "code", "text"), [
+    (("send", str(LABELS), "--steps", "5000"), cli.EXIT_REFUSED, "gRPC INVALID_ARGUMENT: Input should be less than or "
+                                                                 "equal to 1000 (field: steps)"),
+    (("send", str(REPO_ROOT / "README.md"), "--kind", "photo"), cli.EXIT_REFUSED, "(field: image)"),
+    (("status", "0" * 32), cli.EXIT_NOT_FOUND, "gRPC NOT_FOUND: no transmission"),
+    (("status", "not-an-id"), cli.EXIT_REFUSED, "(field: transmission_id)"),
+    (("sweep", str(LABELS), "-o", "strip.png"), cli.EXIT_USAGE, "use --via rest"),
+])
+def test_grpc_errors_are_one_line_with_the_apis_details_and_an_exit_code(services, args, code, text) -> None:
+    done = gesco(services, *via_grpc(services), *args)
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert done.stderr.startswith("gesco: error: ") and text in done.stderr and done.stdout == ""
+    assert done.stderr.count("\n") == 1
+
+
+def test_grpc_without_the_api_key_is_exit_4_and_an_unreachable_sender_exit_6(services) -> None:
+    done = gesco(services, *via_grpc(services), "send", str(LABELS), *FAST, api_key=None)
+    assert done.returncode == cli.EXIT_AUTH and "gRPC UNAUTHENTICATED" in done.stderr
+    done = gesco(None, "--via", "grpc", "--grpc-sender", f"127.0.0.1:{free_port()}", "send", str(LABELS), *FAST)
+    assert done.returncode == cli.EXIT_UNAVAILABLE and "gRPC UNAVAILABLE from the sender" in done.stderr
 
 
 def test_sweep_writes_a_grid_of_the_stages_per_snr(services, tmp_path) -> None:
