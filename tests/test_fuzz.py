@@ -6,7 +6,11 @@
   whose maps decode (inverse codec + FDS) with any finite symbols, again raising only ValueError;
 - a channel request with any field values becomes a channel config or a ValueError;
 - image uploads of any bytes decode within the bounds or raise ImageDecodeError;
-- the sender's upload endpoint answers any bytes and any form values without a 5xx.
+- the sender's upload endpoint answers any bytes and any form values without a 5xx;
+- the clients' gRPC API answers any request (structured, and raw bytes parsed as protobuf) with OK
+  or a status that blames the request (or a service's state), never INTERNAL or UNKNOWN:
+  Sender.Transmit with any image and parameter values, the receiver's GetTransmission and
+  WatchTransmission with any id.
 
 The suite runs a short budget (GESCO_FUZZ_EXAMPLES, default 50 per property);
 `python scripts/fuzz.py --examples N` runs the same properties longer.
@@ -29,10 +33,15 @@ from PIL import Image
 
 from channel_sim.server import channel_config_from_proto
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from receiver_service.grpc_server import build_grpc_server
+from receiver_service.settings import ReceiverSettings
+from receiver_service.store import TransmissionStore
+from receiver_service.worker import GenerationWorker
 from sender_service.app import create_app
 from sender_service.settings import SenderSettings
 from shared.semantic import codec, link
 from shared.wire import imageio, transport
+from tests.service_procs import free_port
 from tests.test_sender_service import FakeChannel
 
 EXAMPLES = int(os.environ.get("GESCO_FUZZ_EXAMPLES", "50"))
@@ -317,3 +326,117 @@ def test_the_codec_header_fields_round_trip() -> None:
     encoded = codec.encode_label_map(np.array([[0, 1], [2, 2]]), codec.CodecConfig(num_classes=4))
     message = transport.semantic_header_to_proto(encoded.header)
     assert transport.semantic_header_from_proto(message) == encoded.header
+
+
+# ------------------------------------------------------------------ the clients' gRPC API
+
+# Codes that blame the request, or a service's state (UNAVAILABLE: a budget without the
+# rate-quality table, say), never a failure of the server (INTERNAL, UNKNOWN) or a hang.
+CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+# A value of each field type a TransmitRequest parameter can carry on the wire.
+WIRE_VALUES = {
+    gesco_pb2.TransmitRequest.DESCRIPTOR.fields_by_name["snr_db"].type: DOUBLE,
+    gesco_pb2.TransmitRequest.DESCRIPTOR.fields_by_name["steps"].type: U32,
+    gesco_pb2.TransmitRequest.DESCRIPTOR.fields_by_name["seed"].type: U64,
+    gesco_pb2.TransmitRequest.DESCRIPTOR.fields_by_name["use_fds"].type: st.booleans(),
+    gesco_pb2.TransmitRequest.DESCRIPTOR.fields_by_name["kind"].type: st.text(max_size=12),
+}
+# Mostly valid values, so requests get deep (a field without any here gets wire values only).
+VALID_PARAMETERS = {
+    "kind": st.sampled_from(["photo", "label_map"]), "snr_db": st.floats(-10, 100),
+    "snr_definition": st.sampled_from(["paper_psnr", "average_power"]),
+    "channel": st.sampled_from(["awgn", "rayleigh", "rician", "tdl_ofdm"]), "equalize": st.booleans(),
+    "rician_k_db": st.floats(-30, 40), "sampler": st.sampled_from(["ddim", "ddpm", "dpmpp2m"]),
+    "steps": st.integers(1, 50), "guidance": st.floats(0, 20), "seed": U64, "downsample_factor": st.sampled_from([1, 2, 4]),
+    "compression": st.sampled_from(["none", "jpeg"]), "jpeg_quality": st.integers(1, 100), "use_fds": st.booleans(),
+    "budget": st.sampled_from(["3072", "1/12", "0.083"]),
+}
+
+
+@pytest.fixture(scope="module")
+def grpc_sender():
+    """The sender's gRPC API in process, before a fake channel."""
+    channel = FakeChannel()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    gesco_pb2_grpc.add_ChannelServicer_to_server(channel, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    settings = SenderSettings(channel_address=f"127.0.0.1:{port}", device="cpu", max_upload_bytes=4096,
+                              max_pixels=5000, map_height=24, map_width=32, grpc_port=free_port())
+    try:
+        with TestClient(create_app(settings, grpc_api=True)) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the segmenter never loaded"
+                time.sleep(0.1)
+            with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as grpc_channel:
+                yield grpc_channel
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def grpc_receiver(tmp_path_factory):
+    """The receiver's gRPC server in process over an empty store, without a model."""
+    settings = ReceiverSettings(grpc_port=free_port(), store_dir=tmp_path_factory.mktemp("fuzz-store"))
+    store = TransmissionStore(settings.store_dir, 10, 3600)
+    store.open()
+    server, _ = build_grpc_server(settings, GenerationWorker(settings, store))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            yield channel
+    finally:
+        server.stop(0)
+
+
+@st.composite
+def transmit_requests(draw) -> gesco_pb2.TransmitRequest:
+    """An upload and any subset of the parameters, mostly in range, sometimes any wire value."""
+    request = gesco_pb2.TransmitRequest(image=draw(uploads()))
+    for field in gesco_pb2.TransmitRequest.DESCRIPTOR.fields:
+        if field.name != "image" and draw(st.booleans()):
+            valid = VALID_PARAMETERS.get(field.name, WIRE_VALUES[field.type])
+            value = draw(WIRE_VALUES[field.type] if rarely(draw) else valid)
+            setattr(request, field.name, value)
+    return request
+
+
+def call_code(call, request, stream: bool = False) -> grpc.StatusCode:
+    """The status code `call` ends with (a stream read to its end)."""
+    try:
+        answer = call(request, timeout=30)
+        if stream:
+            list(answer)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def parsed(message_type, raw: bytes):
+    """`raw` parsed as a `message_type` (examples that are not protobuf are skipped)."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        assume(False)
+
+
+@FUZZ
+@given(st.one_of(transmit_requests(), st.binary(max_size=600).map(lambda raw: parsed(gesco_pb2.TransmitRequest, raw))))
+def test_transmit_answers_any_request_with_a_code_that_blames_it(grpc_sender, request) -> None:
+    assert call_code(gesco_pb2_grpc.SenderStub(grpc_sender).Transmit, request) in CLIENT_CODES
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=40), st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)),
+       st.booleans(), st.binary(max_size=80))
+def test_get_and_watch_answer_any_id_with_a_code_that_blames_it(grpc_receiver, transmission_id, include_image,
+                                                                 raw) -> None:
+    stub = gesco_pb2_grpc.ReceiverStub(grpc_receiver)
+    for get in (gesco_pb2.GetTransmissionRequest(transmission_id=transmission_id, include_image=include_image),
+                parsed(gesco_pb2.GetTransmissionRequest, raw)):
+        assert call_code(stub.GetTransmission, get) in CLIENT_CODES
+    for watch in (gesco_pb2.WatchTransmissionRequest(transmission_id=transmission_id),
+                  parsed(gesco_pb2.WatchTransmissionRequest, raw)):
+        assert call_code(stub.WatchTransmission, watch, stream=True) in CLIENT_CODES
