@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from gesco.v1 import gesco_pb2
+from sender_service.budget import BudgetError, BudgetRequest, choose_coding
 from sender_service.settings import SenderSettings
 from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
@@ -56,6 +57,8 @@ class TransmissionRequest:
     compression: codec.Compression = codec.Compression.NONE
     jpeg_quality: int = 75
     use_fds: bool = True
+    # A channel-use budget: the map coding is then chosen from the rate-quality table.
+    budget: BudgetRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class PreparedTransmission:
     timings_s: dict[str, float] = field(default_factory=dict)
     # The label map that was encoded (the segmentation of a photo), at the semantic size.
     labels: np.ndarray | None = None
+    # With a budget: what it was, the table and the coding chosen (sender_service/budget.py).
+    budget: dict[str, Any] | None = None
 
 
 @dataclass
@@ -183,13 +188,21 @@ def prepare_transmission(
         image_bits, image_quality = 0, 0
 
     started = time.perf_counter()
-    config = codec.CodecConfig(
-        num_classes=settings.num_classes,
-        downsample_factor=factor,
-        compression=request.compression,
-        jpeg_quality=request.jpeg_quality,
-    )
-    encoded = codec.encode_label_map(labels, config)
+    budget_record = None
+    if request.budget is not None:
+        try:
+            choice = choose_coding(labels, request.budget, settings)
+        except BudgetError as error:
+            raise FieldError("budget", error.message, status_code=error.status_code) from None
+        encoded, budget_record = choice.encoded, choice.record
+    else:
+        config = codec.CodecConfig(
+            num_classes=settings.num_classes,
+            downsample_factor=factor,
+            compression=request.compression,
+            jpeg_quality=request.jpeg_quality,
+        )
+        encoded = codec.encode_label_map(labels, config)
     timings["encode"] = time.perf_counter() - started
     header = gesco_pb2.TransmissionHeader(
         transmission_id=transmission_id,
@@ -211,6 +224,7 @@ def prepare_transmission(
         segmenter_used=request.kind == PHOTO,
         timings_s=timings,
         labels=labels,
+        budget=budget_record,
     )
 
 

@@ -38,6 +38,8 @@ class SenderSettings(ServiceSettings):
     downsample_factor: int = Field(1, ge=1, le=64)
     compression: Compression = Compression.NONE
     jpeg_quality: int = Field(75, ge=1, le=100)
+    # The measured mIoU of each map coding the `budget` form field chooses from (docs/rate-quality.md).
+    rate_quality_table: RepoPath = Path("models/rate-quality-table.json")
     # Quality of the JPEG that sizes the full-image comparison (image_bits_jpeg).
     image_jpeg_quality: int = Field(75, ge=1, le=100)
     rpc_timeout_s: float = Field(30.0, gt=0)

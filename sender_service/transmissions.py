@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gesco.v1 import gesco_pb2
 from sender_service import receiver_client
+from sender_service.budget import BudgetRequest, TableUnavailableError
 from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
 from sender_service.pipeline import PHOTO, FieldError, NotReadyError, SegmenterLoader, TransmissionRequest, prepare_transmission
 from sender_service.settings import SenderSettings
@@ -89,6 +90,11 @@ class TransmissionParameters:
     compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
     jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
                                              examples=[75])] = None
+    # No example: Swagger UI's Try it out would send it with the coding fields' examples, a conflict.
+    budget: Annotated[str | None, Form(max_length=40, description=(
+        "channel-use budget: complex channel uses (an integer: 3072) or a bandwidth ratio per value of the H x W x 3 "
+        "source (a fraction or a decimal: 1/12, 0.083, 2.0); the sender picks downsample_factor, compression and jpeg_quality with the best expected mIoU at "
+        "the requested SNR within it (docs/rate-quality.md), so those must stay empty"))] = None
     use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
 
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
@@ -101,6 +107,10 @@ class TransmissionParameters:
             compression=self.compression or settings.compression,
             jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
             use_fds=self.use_fds,
+            budget=None if self.budget is None else BudgetRequest(
+                text=self.budget, snr_db=DEFAULT_SNR_DB if self.snr_db is None else self.snr_db,
+                snr_definition=self.snr_definition,
+                codec_given=any(v is not None for v in (self.downsample_factor, self.compression, self.jpeg_quality))),
         )
 
     def channel_request(self, seed: int) -> gesco_pb2.ChannelRequest:
@@ -155,6 +165,8 @@ class TransmissionAccepted(TransmissionRecord):
     queue_position: int
     seed: int
     segmenter: dict[str, Any]
+    # With a budget: the budget, the rate-quality table and the coding it picked (sender_service/budget.py).
+    budget: dict[str, Any] | None = None
 
 
 async def send_transmission(
@@ -173,6 +185,8 @@ async def send_transmission(
     except NotReadyError as error:
         raise TransmissionError(grpc.StatusCode.UNAVAILABLE, 503, f"photos cannot be segmented yet: {error}",
                                 retry_after_s=NOT_READY_RETRY_AFTER_S) from None
+    except TableUnavailableError as error:
+        raise TransmissionError(grpc.StatusCode.UNAVAILABLE, 503, str(error), field="budget") from None
     for stage, seconds in prepared.timings_s.items():
         state.metrics.observe_stage(stage, seconds)
     channel = parameters.channel_request(request.seed)
@@ -194,6 +208,7 @@ async def send_transmission(
         queue_position=ack.queue_position,
         seed=request.seed,
         segmenter={"used": prepared.segmenter_used, **_segmenter_summary(state.segmenter)},
+        budget=prepared.budget,
         **dict(TransmissionRecord.from_header(header, header.sampling)),
     )
 

@@ -254,10 +254,25 @@ def fakes():
         rest.shutdown()
 
 
+# The rate-quality table of the budget tests: within 1/12, factor 4 (1/24 for 4 maps) is best.
+BUDGET_TABLE = {
+    "version": 1, "snr_definition": "average_power", "snrs_db": [1.0, 10.0], "tolerance_miou": 0.01,
+    "made_by": "a test", "images": 2, "split": "val",
+    "entries": [{"representation": "ours", "downsample_factor": factor, "compression": compression, "jpeg_quality": 75,
+                 "bandwidth_ratio": 2 / factor**2, "miou": miou}
+                for factor, compression, miou in ((1, "none", [0.56, 0.56]), (2, "none", [0.55, 0.555]),
+                                                  (4, "none", [0.45, 0.53]), (4, "jpeg", [0.40, 0.50]),
+                                                  (8, "none", [0.30, 0.45]))],
+}
+
+
 @pytest.fixture(scope="module")
-def sender(fakes):
+def sender(fakes, tmp_path_factory):
     port = free_port()
+    table = tmp_path_factory.mktemp("sender") / "rate-quality-table.json"
+    table.write_text(json.dumps(BUDGET_TABLE))
     env = {
+        "GESCO_SENDER_RATE_QUALITY_TABLE": str(table),
         "GESCO_SENDER_PORT": str(port),
         "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{fakes.port}",
         "GESCO_SENDER_RECEIVER_PUBLIC_URL": "http://receiver.example:8001",
@@ -332,6 +347,38 @@ def test_snr_db_and_its_deprecated_alias_psnr_db(sender, channel, fields, snr_db
     assert request.snr_db == snr_db and response.json()["channel"]["requested_snr_db"] == snr_db
     expected = fields.get("snr_definition", "paper_psnr")
     assert request.snr_definition == transport.snr_definition_to_proto(expected)
+
+
+def test_a_budget_picks_the_map_coding_and_the_answer_says_which(sender, channel) -> None:
+    response = post(sender.base, encode_png(blocky_label_map()), kind="label_map", snr_db=10,
+                    snr_definition="average_power", budget="1/12")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    # 4 present maps: factor f takes a ratio of 4 / (6 f^2); within 1/12 fit factors 4 (1/24) and 8 (1/96),
+    # and factor 4 without JPEG maps is the table's best of them at 10 dB.
+    assert channel.calls[-1]["header"].semantic.downsample_factor == 4
+    assert body["semantic"]["downsample_factor"] == 4 and body["semantic"]["compression"] == "none"
+    assert body["bits"]["bandwidth_ratio"] == pytest.approx(1 / 24)
+    budget = body["budget"]
+    assert budget["requested"] == "1/12" and budget["channel_uses"] == 3072
+    assert budget["table"].endswith("rate-quality-table.json") and budget["table_made_by"] == "a test"
+    assert budget["chosen"] == {"representation": "ours", "downsample_factor": 4, "compression": "none",
+                                "jpeg_quality": 75, "channel_uses": 4 * 24 * 32 // 2, "bandwidth_ratio": 1 / 24,
+                                "snr_db_average_power": 10.0, "expected_miou": 0.53}
+    assert [c["fits"] for c in budget["candidates"]] == [False, False, True, True, True]
+    without = post(sender.base, encode_png(blocky_label_map()), kind="label_map")
+    assert without.status_code == 202 and without.json()["budget"] is None
+
+
+def test_a_budget_too_small_unreadable_or_beside_the_coding_fields_is_refused(sender, channel) -> None:
+    labels = encode_png(blocky_label_map())
+    # Factor 8, the smallest coding: 4 maps of 12x16 values in 384 channel uses.
+    assert_error(post(sender.base, labels, kind="label_map", budget="100"), 400, "budget",
+                 "the smallest that works is 384 channel uses")
+    assert_error(post(sender.base, labels, kind="label_map", budget="1/12", downsample_factor=2), 422, "budget",
+                 "either budget or those fields")
+    assert_error(post(sender.base, labels, kind="label_map", budget="lots"), 422, "budget", "1/12")
+    assert not channel.calls
 
 
 def test_label_maps_of_another_size_are_resized_nearest(sender, channel) -> None:

@@ -51,6 +51,30 @@ def bandwidth_ratio(num_channel_uses: int, height: int, width: int) -> float:
     return num_channel_uses / source_values(height, width)
 
 
+def ratio_text(ratio: float) -> str:
+    """"1/12" for a ratio below 1 whose inverse is an integer, else the number ("2", "0.3")."""
+    inverse = 1 / ratio
+    if ratio < 1 and abs(inverse - round(inverse)) < 1e-9:
+        return f"1/{round(inverse)}"
+    return f"{ratio:g}"
+
+
+def parse_ratio(text: str) -> float:
+    """A positive bandwidth ratio written as a fraction ("1/12") or a number ("0.5", "2")."""
+    if fraction := _RATIO_PATTERN.match(text):
+        numerator, denominator = float(fraction.group(1)), float(fraction.group(2))
+        if denominator == 0:
+            raise ValueError(f"the ratio {text.strip()!r} divides by zero")
+        ratio = numerator / denominator
+    elif _DECIMAL_PATTERN.match(text) or _INTEGER_PATTERN.match(text):
+        ratio = float(text)
+    else:
+        raise ValueError(f"a ratio is a fraction such as 1/12 or a number such as 0.083, not {text.strip()[:40]!r}")
+    if not 0 < ratio <= MAX_BUDGET_RATIO:
+        raise ValueError(f"a ratio must lie in (0, {MAX_BUDGET_RATIO:g}], not {ratio:g}")
+    return ratio
+
+
 @dataclass(frozen=True)
 class Budget:
     """A channel-use budget as the client wrote it: complex channel uses, or a bandwidth ratio."""
@@ -69,25 +93,18 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """`3072` (complex channel uses), `1/12` or `0.083` (a bandwidth ratio); ValueError otherwise."""
-    ratio: float | None = None
     if _INTEGER_PATTERN.match(text):
         uses = int(text)
         if not 1 <= uses <= MAX_BUDGET_CHANNEL_USES:
             raise ValueError(f"a budget in channel uses must lie in 1..{MAX_BUDGET_CHANNEL_USES}, not {uses}")
         return Budget(text=text.strip(), channel_uses=uses)
-    if fraction := _RATIO_PATTERN.match(text):
-        numerator, denominator = float(fraction.group(1)), float(fraction.group(2))
-        if denominator == 0:
-            raise ValueError(f"the budget {text.strip()!r} divides by zero")
-        ratio = numerator / denominator
-    elif _DECIMAL_PATTERN.match(text):
-        ratio = float(text)
-    else:
+    if not (_RATIO_PATTERN.match(text) or _DECIMAL_PATTERN.match(text)):
         raise ValueError(f"budget must be complex channel uses (an integer such as 3072) or a bandwidth ratio "
-                         f"(a fraction such as 1/12 or a decimal such as 0.083), not {text.strip()[:40]!r}")
-    if not 0 < ratio <= MAX_BUDGET_RATIO:
-        raise ValueError(f"a budget ratio must lie in (0, {MAX_BUDGET_RATIO:g}], not {ratio:g}")
-    return Budget(text=text.strip(), ratio=ratio)
+                         f"(a fraction such as 1/12 or a decimal such as 0.083 or 2.0), not {text.strip()[:40]!r}")
+    try:
+        return Budget(text=text.strip(), ratio=parse_ratio(text))
+    except ValueError as error:
+        raise ValueError(f"budget: {error}") from None
 
 
 def average_power_snr_db(snr_db: float, snr_definition: str, map_scale: float) -> float:
@@ -213,8 +230,8 @@ class Candidate:
 
 
 def choose(candidates: list[Candidate], budget_uses: int, tolerance_miou: float) -> Candidate | None:
-    """The cheapest candidate within `budget_uses` whose expected mIoU is within `tolerance_miou` of the
-    best one within it; None when none fits.
+    """The cheapest candidate within `budget_uses` whose expected mIoU is less than `tolerance_miou` below
+    the best one within it; None when none fits.
 
     Differences under the tolerance are within what the table's few images can tell apart, so
     they do not buy channel uses.
@@ -223,5 +240,5 @@ def choose(candidates: list[Candidate], budget_uses: int, tolerance_miou: float)
     if not fitting:
         return None
     best = max(c.expected_miou for c in fitting)
-    good = [c for c in fitting if c.expected_miou >= best - tolerance_miou]
+    good = [c for c in fitting if c.expected_miou > best - tolerance_miou or c.expected_miou == best]
     return min(good, key=lambda c: (c.channel_uses, -c.expected_miou))
