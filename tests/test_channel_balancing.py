@@ -101,6 +101,15 @@ def spread(replicas: list[Replica]) -> dict[str, int]:
     return {replica.name: len(replica.accepted) for replica in replicas}
 
 
+def until_every_replica_serves(stub: gesco_pb2_grpc.ChannelStub, replicas: list[Replica]) -> None:
+    """Transmit until each replica has accepted one: the channel has connected to all of them and
+    heard their health (a fresh channel starts with the first replica that answers)."""
+    deadline = time.monotonic() + 20
+    while not all(replica.accepted for replica in replicas):
+        assert time.monotonic() < deadline, spread(replicas)
+        transmit(stub)
+
+
 # ------------------------------------------------------------------------------------- addresses
 
 
@@ -143,10 +152,12 @@ def test_the_service_config_asks_for_round_robin_and_health_checks() -> None:
 
 def test_transmissions_are_spread_over_every_replica(replicas) -> None:
     with channel(address_list(replicas)) as stub:
+        until_every_replica_serves(stub, replicas)
+        before = spread(replicas)
         for _ in range(12):
             transmit(stub)
-    assert sum(spread(replicas).values()) == 12
-    assert all(count >= 2 for count in spread(replicas).values()), spread(replicas)
+    gained = {name: count - before[name] for name, count in spread(replicas).items()}
+    assert sum(gained.values()) == 12 and all(count >= 3 for count in gained.values()), gained  # in turn
 
 
 def test_a_dns_name_reaches_every_address_it_resolves_to(replicas) -> None:
@@ -185,18 +196,22 @@ def test_a_dead_replica_is_skipped(replicas) -> None:
 
 
 def test_a_full_replica_hands_the_transmission_to_the_next(replicas) -> None:
-    replicas[0].full = True
     with channel(address_list(replicas)) as stub:
+        until_every_replica_serves(stub, replicas)
+        before = spread(replicas)
+        replicas[0].full = True
         for _ in range(9):
             transmit(stub)  # none is refused
-    assert replicas[0].accepted == [] and replicas[0].refused >= 1
-    assert len(replicas[1].accepted) + len(replicas[2].accepted) == 9
+    after = spread(replicas)
+    assert after["a"] == before["a"] and replicas[0].refused >= 2  # offered every third call
+    assert after["b"] + after["c"] == before["b"] + before["c"] + 9
 
 
 def test_when_every_replica_is_full_the_caller_hears_it_after_the_bounded_attempts(replicas) -> None:
-    for replica in replicas:
-        replica.full = True
     with channel(address_list(replicas), forward_attempts=3) as stub:
+        until_every_replica_serves(stub, replicas)
+        for replica in replicas:
+            replica.full = True
         with pytest.raises(grpc.RpcError) as raised:
             transmit(stub)
     assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
