@@ -87,6 +87,35 @@ def analog_transmit(image: np.ndarray, channel: ChannelConfig, seed: int) -> Ana
     )
 
 
+def analog_transmit_at_ratio(image: np.ndarray, ratio: float, channel: ChannelConfig, seed: int) -> AnalogResult:
+    """The analog image fitted to `ratio` complex channel uses per source value.
+
+    Below 1/2 the image is area-downsampled to the largest size (aspect kept) whose pixels fit and
+    enlarged again (bicubic) by the receiver; from 1/2 up every real symbol is sent
+    floor(2 ratio) times and the receiver averages the copies (noise variance / copies).
+    """
+    height, width = image.shape[:2]
+    budget_reals = 2 * math.floor(ratio * image.size + 1e-9)
+    if budget_reals < 3:
+        raise ValueError(f"a bandwidth ratio of {ratio:g} leaves no room for one pixel of a {height}x{width} image")
+    copies = max(budget_reals // image.size, 1)
+    small = image
+    if copies == 1 and budget_reals < image.size:
+        scale = math.sqrt(budget_reals / image.size)
+        size = [max(math.floor(height * scale), 1), max(math.floor(width * scale), 1)]
+        while size[0] * size[1] * 3 > budget_reals:
+            size[int(size[1] / width > size[0] / height)] -= 1
+        small = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    encoded = encode_image_analog(small)
+    received = apply_channel(np.tile(encoded.symbols, copies), channel, seed=seed, map_scale=encoded.scale)
+    averaged = received.symbols.reshape(copies, -1).mean(axis=0, dtype=np.float64).astype(np.float32)
+    decoded = decode_image_analog(averaged, encoded)
+    if decoded.shape != image.shape:
+        decoded = cv2.resize(decoded, (width, height), interpolation=cv2.INTER_CUBIC)
+    return AnalogResult(image=decoded, channel_uses=received.channel_uses, payload_bits=encoded.payload_bits,
+                        measured_snr_db=received.measured_snr_db)
+
+
 def jpeg_encode(image: np.ndarray, quality: int) -> bytes:
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
@@ -217,21 +246,48 @@ _TB_CRC = CRCEncoder("CRC24A", precision=_PRECISION, device=_DEVICE)
 _TB_CRC_CHECK = CRCDecoder(_TB_CRC, precision=_PRECISION, device=_DEVICE)
 
 
-def digital_transmit(plan: DigitalPlan, image_shape: tuple[int, ...], channel: ChannelConfig, seed: int,
-                     map_scale: float = 1.0, max_iterations: int = 20) -> DigitalResult:
-    """Send `plan`'s JPEG over the channel and decode it.
+@dataclass(frozen=True)
+class CodeLayout:
+    """How a payload travels: the scheme, the code blocks and their bits before and after coding."""
+
+    mcs: Mcs
+    num_blocks: int
+    block_info_bits: int  # k per code block, CRC24B included
+    block_coded_bits: int  # n per code block after rate matching
+
+    @property
+    def channel_uses(self) -> int:
+        return self.num_blocks * self.block_coded_bits // self.mcs.bits_per_symbol
+
+
+def code_layout(payload_bits: int, mcs: Mcs) -> CodeLayout:
+    """The layout of a payload of `payload_bits` under `mcs` (transport block CRC included)."""
+    return CodeLayout(mcs, *_layout(payload_bits, mcs))
+
+
+@dataclass(frozen=True)
+class BytesResult:
+    data: bytes | None  # None: a code block's or the transport block's CRC failed
+    failed_blocks: int
+    channel_uses: int
+    measured_snr_db: float
+
+
+def transmit_bytes(data: bytes, layout: CodeLayout, channel: ChannelConfig, seed: int, map_scale: float = 1.0,
+                   max_iterations: int = 20) -> BytesResult:
+    """Send bytes over the channel with CRCs, 5G LDPC and QAM, and decode them.
 
     `map_scale` only matters for the paper's PSNR: the channel noise per real symbol is then
     map_scale * 10**(-PSNR/20) at the unit power of the QAM symbols, so passing the semantic
     link's scale gives the digital link the same noise as the semantic one for that image.
     """
-    codec = _codec(plan.block_info_bits, plan.block_coded_bits, plan.mcs.bits_per_symbol, max_iterations)
+    codec = _codec(layout.block_info_bits, layout.block_coded_bits, layout.mcs.bits_per_symbol, max_iterations)
     with torch.inference_mode():
-        payload = torch.from_numpy(np.unpackbits(np.frombuffer(plan.jpeg_bytes, dtype=np.uint8)).astype(np.float32))
+        payload = torch.from_numpy(np.unpackbits(np.frombuffer(data, dtype=np.uint8)).astype(np.float32))
         tb = _TB_CRC(payload[None])[0]
-        per_block = plan.block_info_bits - CRC_BITS
-        padded = torch.nn.functional.pad(tb, (0, plan.num_blocks * per_block - tb.numel()))
-        blocks = codec.block_crc(padded.reshape(plan.num_blocks, per_block))
+        per_block = layout.block_info_bits - CRC_BITS
+        padded = torch.nn.functional.pad(tb, (0, layout.num_blocks * per_block - tb.numel()))
+        blocks = codec.block_crc(padded.reshape(layout.num_blocks, per_block))
         symbols = codec.mapper(codec.encoder(blocks)).reshape(-1)
         # Unit power per real symbol, as the semantic and analog links send: E|c|^2 = 2.
         real = (torch.view_as_real(symbols).reshape(-1) * math.sqrt(2)).numpy().astype(np.float32)
@@ -240,14 +296,25 @@ def digital_transmit(plan: DigitalPlan, image_shape: tuple[int, ...], channel: C
         sigma = noise_std_per_real_symbol(channel, power, map_scale)
         y = torch.view_as_complex(torch.from_numpy(received.symbols.reshape(-1, 2).copy())) / math.sqrt(2)
         # Back on the unit-power constellation the complex noise variance is 2 sigma^2 / 2.
-        llr = codec.demapper(y.reshape(plan.num_blocks, -1), sigma**2)
+        llr = codec.demapper(y.reshape(layout.num_blocks, -1), sigma**2)
         decoded, valid = codec.decode(llr)
         tb_hat = decoded[:, :per_block].reshape(-1)[: tb.numel()]
         _, tb_ok = _TB_CRC_CHECK(tb_hat[None])
     failed_blocks = int((~valid).sum())
-    result = dict(failed_blocks=failed_blocks, channel_uses=received.channel_uses, measured_snr_db=received.measured_snr_db)
-    if failed_blocks or not bool(tb_ok.all()):
+    ok = not failed_blocks and bool(tb_ok.all())
+    decoded_data = np.packbits(tb_hat[: -CRC_BITS].numpy().astype(np.uint8)).tobytes() if ok else None
+    return BytesResult(data=decoded_data, failed_blocks=failed_blocks, channel_uses=received.channel_uses,
+                       measured_snr_db=received.measured_snr_db)
+
+
+def digital_transmit(plan: DigitalPlan, image_shape: tuple[int, ...], channel: ChannelConfig, seed: int,
+                     map_scale: float = 1.0, max_iterations: int = 20) -> DigitalResult:
+    """Send `plan`'s JPEG over the channel (`transmit_bytes`) and decode it."""
+    layout = CodeLayout(plan.mcs, plan.num_blocks, plan.block_info_bits, plan.block_coded_bits)
+    sent = transmit_bytes(plan.jpeg_bytes, layout, channel, seed, map_scale, max_iterations)
+    result = dict(failed_blocks=sent.failed_blocks, channel_uses=sent.channel_uses,
+                  measured_snr_db=sent.measured_snr_db)
+    if sent.data is None:
         return DigitalResult(image=None, failure="crc", **result)
-    data = np.packbits(tb_hat[: -CRC_BITS].numpy().astype(np.uint8)).tobytes()
-    image = jpeg_decode(data, image_shape)
+    image = jpeg_decode(sent.data, image_shape)
     return DigitalResult(image=image, failure=None if image is not None else "jpeg", **result)

@@ -321,3 +321,60 @@ def test_sampler_sweep_default_needs_the_reference_and_respects_the_tolerance() 
     assert pick_default(rows, 0.02, ("ddpm", 1000)) == {"sampler": "ddpm", "steps": 50, "speedup_vs_reference": 20.0}
     assert pick_default(rows, 0.15, ("ddpm", 1000))["sampler"] == "ddim"
     assert pick_default(rows[1:], 0.02, ("ddpm", 1000)) is None
+
+
+# --- the rate-quality frontier ---------------------------------------------------------------------
+def test_rate_quality_end_to_end(fake_setup: dict[str, Path]) -> None:
+    from evaluation import rate_quality
+    from shared.semantic.map_jscc import CHECKPOINT_KIND as JSCC_KIND
+    from shared.semantic.map_jscc import MapJscc, MapJsccConfig
+    from shared.semantic.rate_quality import RateQualityTable
+
+    root = fake_setup["root"]
+    out, table = root / "rq", root / "rq-table.json"
+    # A learned encoder of the fake 24x32 maps for the 12x16 generator: 2 symbols a position of 3x4.
+    jscc = MapJsccConfig(map_height=H, map_width=W, out_height=12, out_width=16, channels=2, width=16)
+    save_checkpoint(root / "jscc.pt", JSCC_KIND, jscc, MapJscc(jscc).state_dict(), {"steps": 0})
+    argv = ["--data-root", str(root / "camvid"), "--limit", "2", "--snrs", "1,10", "--factors", "1,2,8",
+            "--jpeg-factors", "2", "--ratios", "2,1/4,1/48", "--fixed-ratios", "1/4", "--cliff-snrs", "0",
+            "--learned", f"{root / 'jscc.pt'},{root / 'missing-jscc.pt'}", "--model", str(root / "diffusion.pt"),
+            "--segmenter", str(root / "segmenter.pt"), "--sampler", "ddim", "--steps", "2",
+            "--map-height", str(H), "--map-width", str(W), "--device", "cpu", "--cache-dir", str(root / "rq-cache"),
+            "--out", str(out), "--report", str(root / "rq.md"), "--table", str(table)]
+    rate_quality.main(argv)
+    results = json.loads((out / "results.json").read_text())
+    source = H * W * 3
+    ours = results["results"]["ours"]
+    assert set(ours) == {"f1", "f2", "f8"} and set(ours["f1"]) == {"1", "10"}
+    # 5 classes present: 5 maps of (H/f)(W/f) values, two a channel use.
+    for factor in (1, 2, 8):
+        assert ours[f"f{factor}"]["10"]["bandwidth_ratio"]["mean"] == pytest.approx(5 * H * W / factor**2 / 2 / source)
+    for name in ("separated", "digital", "analog"):
+        assert set(results["results"][name]) == {"2", "1/4", "1/48"}
+        for rate, per_snr in results["results"][name].items():
+            budget = rate_quality.rate_quality.parse_ratio(rate) * source
+            assert all(max(per_snr[s]["per_image"]["miou"]) <= 1 for s in per_snr)
+            assert per_snr["10"]["channel_uses"]["mean"] <= budget
+    assert set(results["results"]["separated_fixed"]["1/4"]) == {"0", "1", "10"}  # the cliff SNR too
+    # 1/48 of a 24x32 image is 48 channel uses: no label map code fits, every image is lost.
+    assert results["results"]["separated"]["1/48"]["10"]["lost"] == 1.0
+    learned = results["representations"]["learned"]
+    assert learned["status"] == "ok" and learned["problems"][0].startswith("not run: the learned map encoder's")
+    # 2 x 3 x 4 real symbols: 12 channel uses for 2,304 source values.
+    assert set(results["results"]["learned"]) == {"1/192"}
+    assert results["results"]["learned"]["1/192"]["10"]["bandwidth_ratio"]["mean"] == 1 / 192
+    assert {c["id"] for c in results["acceptance"]} == {"keep_at_1_12", "equal_uses"}
+    assert results["default"]["chosen"]["rate"] in {"f1", "f2", "f8"}
+    loaded = RateQualityTable.load(table)
+    assert {(e.downsample_factor, e.compression) for e in loaded.entries} == {(1, "none"), (2, "none"), (8, "none"),
+                                                                            (2, "jpeg")}
+    report = (root / "rq.md").read_text()
+    for heading in ("## Bandwidth ratio", "## Targets", "## The frontier", "## Every representation at equal channel uses",
+                    "## The sender's default", "## All configurations"):
+        assert heading in report, heading
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert plots == ["cliff.png", "miou_vs_ratio_10dB.png", "miou_vs_ratio_1dB.png", "miou_vs_snr_ratio_1_4.png"]
+    # A rerun takes every configuration from the cache.
+    rate_quality.main(argv)
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["results"] == results["results"] and rerun["settings"]["configurations_from_cache"] > 0
