@@ -11,8 +11,8 @@ posted there and the receiver's status, image and maps are read through the send
 `grpc`, send and status call the gRPC APIs: Sender.Transmit (`--grpc-sender`, default
 $GESCO_GRPC_SENDER or 127.0.0.1:50050) and the receiver's GetTransmission and WatchTransmission
 (`--grpc-receiver`, default $GESCO_GRPC_RECEIVER or 127.0.0.1:50052), the API key in the
-`x-api-key` metadata, over TLS with `--grpc-ca-file` (and a client certificate for mutual TLS);
-its output is the same JSON. sweep needs the sender's REST-only preview and analog image.
+`x-api-key` metadata, over TLS with `--grpc-ca-file` (and a client certificate for mutual TLS;
+GRPC_ENVIRONMENT lists their variables); its output is the same JSON. sweep needs the sender's REST-only preview and analog image.
 
 stdout carries the result a script reads (the transmission id, or JSON with --json and for
 status); progress and errors go to stderr, errors as one line `gesco: error: ...`. Exit codes:
@@ -51,6 +51,11 @@ from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_GRPC_SENDER = "127.0.0.1:50050"
 DEFAULT_GRPC_RECEIVER = "127.0.0.1:50052"
+# The variables the --via grpc options default to, by option. The health probe of the sender's gRPC
+# API (shared/wire/health_probe.py) reads the TLS files and the sender's address from them too.
+GRPC_ENVIRONMENT = {"grpc_sender": "GESCO_GRPC_SENDER", "grpc_receiver": "GESCO_GRPC_RECEIVER",
+                    "grpc_ca_file": "GESCO_GRPC_CA_FILE", "grpc_cert_file": "GESCO_GRPC_CERT_FILE",
+                    "grpc_key_file": "GESCO_GRPC_KEY_FILE"}
 FINISHED = frozenset({"done", "failed", "cancelled"})
 # The form field of the channel SNR in the sender's POST /v1/transmissions.
 SNR_FIELD = "snr_db"
@@ -555,13 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--via", choices=sorted(TRANSPORTS), default="rest",
                         help="protocol (default: rest; grpc: send and status only)")
     grpc_options = parser.add_argument_group("--via grpc")
-    grpc_options.add_argument("--grpc-sender", default=os.environ.get("GESCO_GRPC_SENDER", DEFAULT_GRPC_SENDER),
-                              help=f"the sender's gRPC API (default: $GESCO_GRPC_SENDER or {DEFAULT_GRPC_SENDER})")
-    grpc_options.add_argument("--grpc-receiver", default=os.environ.get("GESCO_GRPC_RECEIVER", DEFAULT_GRPC_RECEIVER),
-                              help=f"the receiver's gRPC API (default: $GESCO_GRPC_RECEIVER or {DEFAULT_GRPC_RECEIVER})")
-    grpc_options.add_argument("--grpc-ca-file", help="PEM CA of the servers' certificates: TLS (default: plaintext)")
-    grpc_options.add_argument("--grpc-cert-file", help="PEM client certificate, for mutual TLS")
-    grpc_options.add_argument("--grpc-key-file", help="PEM key of that certificate")
+    for option, default, help_text in (
+        ("grpc_sender", DEFAULT_GRPC_SENDER, "the sender's gRPC API"),
+        ("grpc_receiver", DEFAULT_GRPC_RECEIVER, "the receiver's gRPC API"),
+        ("grpc_ca_file", None, "PEM CA of the servers' certificates: TLS (none: plaintext)"),
+        ("grpc_cert_file", None, "PEM client certificate, for mutual TLS"),
+        ("grpc_key_file", None, "PEM key of that certificate"),
+    ):
+        variable = GRPC_ENVIRONMENT[option]
+        grpc_options.add_argument("--" + option.replace("_", "-"), default=os.environ.get(variable, default),
+                                  help=f"{help_text} (default: ${variable}" + (f" or {default})" if default else ")"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     send = commands.add_parser("send", help="send one image; save the generated PNG with -o")

@@ -8,8 +8,8 @@
     python scripts/launch.py down                SIGTERM, then SIGKILL after a grace period
 
 Ports come from the flags, else from the services' own variables (GESCO_SENDER_PORT,
-GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT), else 8000, 8001, 50052,
-50051; receiver i of N listens on those receiver ports + i - 1, Redis on --redis-port (6380). The
+GESCO_SENDER_GRPC_PORT, GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT),
+else 8000, 50050, 8001, 50052, 50051; receiver i of N listens on those receiver ports + i - 1, Redis on --redis-port (6380). The
 launcher wires the addresses between the services unless those are set explicitly: the channel
 spreads over every receiver (a list of their gRPC addresses), the receivers share the Redis job
 store (its password, if any, from GESCO_RECEIVER_REDIS_PASSWORD; persistence on, under run/redis),
@@ -57,10 +57,11 @@ class Ports:
     channel: int
     receivers: int = 1
     redis: int = 0  # the port of the redis-server the launcher runs; 0: none
+    sender_grpc: int = 50050
 
     def in_use(self) -> dict[str, int]:
         """Every port the services listen on, by a name for messages."""
-        ports = {"sender": self.sender, "channel": self.channel}
+        ports = {"sender": self.sender, "sender gRPC": self.sender_grpc, "channel": self.channel}
         for index in range(self.receivers):
             suffix = f" {index + 1}" if self.receivers > 1 else ""
             ports[f"receiver{suffix} REST"] = self.receiver_http + index
@@ -139,8 +140,9 @@ def services(ports: Ports, host: str = "127.0.0.1") -> list[Service]:
             "sender",
             "sender_service",
             f"http://{_url_host(host)}:{ports.sender}/readyz",
-            None,
-            {"GESCO_SENDER_HOST": host, "GESCO_SENDER_PORT": str(ports.sender)},
+            ports.sender_grpc,
+            {"GESCO_SENDER_HOST": host, "GESCO_SENDER_PORT": str(ports.sender),
+             "GESCO_SENDER_GRPC_PORT": str(ports.sender_grpc)},
             sender_wiring,
         ),
     ]
@@ -335,7 +337,8 @@ def tail(path: Path, lines: int = 25) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port,
-                  receivers=args.receivers, redis=args.redis_port if args.redis else 0)
+                  receivers=args.receivers, redis=args.redis_port if args.redis else 0,
+                  sender_grpc=args.sender_grpc_port)
     if problem := up_problem(ports):
         print(problem)
         return 1
@@ -539,7 +542,7 @@ def load_ports(args: argparse.Namespace) -> Ports:
         saved = json.loads(PORTS_FILE.read_text())
     except (OSError, ValueError):
         saved = {}
-    explicit = {name: getattr(args, f"{name}_port") for name in ("sender", "receiver_http", "receiver_grpc", "channel")}
+    explicit = {name: getattr(args, f"{name}_port") for name in _PORT_DEFAULTS}
     return Ports(**{name: value if value is not None else int(saved.get(name, _default_port(name)))
                     for name, value in explicit.items()},
                  receivers=int(saved.get("receivers", 1)), redis=int(saved.get("redis", 0)))
@@ -548,6 +551,7 @@ def load_ports(args: argparse.Namespace) -> Ports:
 def print_urls(ports: Ports, host: str) -> None:
     host = _url_host(host)
     print(f"sender REST      http://{host}:{ports.sender}   (API docs: http://{host}:{ports.sender}/docs)")
+    print(f"sender gRPC      {host}:{ports.sender_grpc}")
     for index in range(ports.receivers):
         http_port = ports.receiver_http + index
         print(f"receiver REST    http://{host}:{http_port}   (API docs: http://{host}:{http_port}/docs)")
@@ -560,6 +564,7 @@ def print_urls(ports: Ports, host: str) -> None:
 
 _PORT_DEFAULTS = {
     "sender": ("GESCO_SENDER_PORT", 8000),
+    "sender_grpc": ("GESCO_SENDER_GRPC_PORT", 50050),
     "receiver_http": ("GESCO_RECEIVER_HTTP_PORT", 8001),
     "receiver_grpc": ("GESCO_RECEIVER_GRPC_PORT", 50052),
     "channel": ("GESCO_CHANNEL_PORT", 50051),

@@ -113,7 +113,7 @@ def _published(service: dict) -> set[int]:
 def test_services_ports_and_commands(compose_yaml) -> None:
     services = compose_yaml["services"]
     expected = {
-        "sender": ({8000}, "sender_service"),
+        "sender": ({8000, 50050}, "sender_service"),
         "channel": ({50051, 9051}, "channel_sim"),
         "receiver": (set(), "receiver_service"),  # replicas: no fixed host port
         "receiver-gpu": ({8001, 50052}, "receiver_service"),
@@ -359,10 +359,10 @@ def test_check_sets_the_variables_the_compose_file_reads(compose_yaml) -> None:
         env = stack.env()
     finally:
         stack.http.close()
-    assert len(set(stack.ports.values())) == len(stack.ports) == 4
+    assert len(set(stack.ports.values())) == len(stack.ports) == 5
     compose_text = COMPOSE_FILE.read_text()
     published = [name for name in env if name.startswith("GESCO_PUBLISH_")]
-    assert len(published) == 4
+    assert len(published) == 5
     for name in [*published, "GESCO_TORCH_WHEELHOUSE"]:
         assert "${" + name + ":-" in compose_text, name
     assert env["GESCO_PUBLISH_SENDER_PORT"] == str(stack.ports["sender"])

@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from channel_sim.settings import ChannelSettings
+from gesco import cli
 from scripts import launch
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
@@ -118,7 +119,9 @@ def test_the_compose_probe_command(pki) -> None:
 def test_the_probe_reads_real_settings() -> None:
     """A misspelt variable would make the probe speak plaintext to a TLS server: catch it here."""
     fields = {"GESCO_SENDER_": SenderSettings.model_fields, "GESCO_CHANNEL_": ChannelSettings.model_fields,
-              "GESCO_RECEIVER_": ReceiverSettings.model_fields}
+              "GESCO_RECEIVER_": ReceiverSettings.model_fields,
+              # the gesco command's, for the sender's gRPC API
+              "GESCO_GRPC_": {name.removeprefix("GESCO_GRPC_").lower() for name in cli.GRPC_ENVIRONMENT.values()}}
     for hop in health_probe.HOPS.values():
         client_files = [f"{hop.client_prefix}{name}" for name in ("CA_FILE", "CERT_FILE", "KEY_FILE")]
         names = [hop.server_cert, hop.client_address, *client_files]
@@ -166,12 +169,14 @@ def test_several_receivers_share_redis_and_the_channel_spreads_over_them(clean_e
     sender_env = launch.process_env(by_name["sender"])
     assert sender_env["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:8001"
     assert sender_env["GESCO_SENDER_RECEIVER_API_KEY"] == "receiver-key"
-    assert set(ports.in_use().values()) == {8000, 50051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
+    assert set(ports.in_use().values()) == {8000, 50050, 50051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
 
 
 def test_one_receiver_keeps_the_plain_wiring(clean_env) -> None:
-    by_name = {s.name: s for s in launch.services(launch.Ports(8000, 8001, 50052, 50051))}
+    by_name = {s.name: s for s in launch.services(launch.Ports(8000, 8001, 50052, 50051, sender_grpc=50060))}
     assert list(by_name) == ["receiver", "channel", "sender"]
+    # The sender is ready once /readyz answers and its gRPC API's health says SERVING.
+    assert by_name["sender"].grpc_port == 50060 and launch.process_env(by_name["sender"])["GESCO_SENDER_GRPC_PORT"] == "50060"
     assert by_name["channel"].wiring["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "127.0.0.1:50052"
     assert "GESCO_RECEIVER_REDIS_URL" not in launch.process_env(by_name["receiver"])
 

@@ -2,11 +2,13 @@
 
 Both the launcher's readiness check and the docker-compose health checks use it, so a server
 configured for TLS (or mutual TLS) is checked the way its real client reaches it. A server speaks
-TLS once its certificate is set (GESCO_CHANNEL_TLS_CERT_FILE, GESCO_RECEIVER_TLS_CERT_FILE). The
-probe then uses the client-side files of that hop: GESCO_SENDER_CHANNEL_TLS_* for the channel,
-GESCO_CHANNEL_RECEIVER_TLS_* for the receiver. The server's certificate must name the host of
-that client's address (GESCO_SENDER_CHANNEL_ADDRESS, GESCO_CHANNEL_RECEIVER_ADDRESS), which need
-not be the address the probe dials (127.0.0.1 inside a container).
+TLS once its certificate is set (GESCO_CHANNEL_TLS_CERT_FILE, GESCO_RECEIVER_TLS_CERT_FILE,
+GESCO_SENDER_GRPC_TLS_CERT_FILE). The probe then uses the client-side files of that hop:
+GESCO_SENDER_CHANNEL_TLS_* for the channel, GESCO_CHANNEL_RECEIVER_TLS_* for the receiver, the
+gesco command's GESCO_GRPC_CA_FILE, _CERT_FILE and _KEY_FILE for the sender's gRPC API. The
+server's certificate must name the host of that client's address (GESCO_SENDER_CHANNEL_ADDRESS,
+GESCO_CHANNEL_RECEIVER_ADDRESS, GESCO_GRPC_SENDER), which need not be the address the probe dials
+(127.0.0.1 inside a container).
 
     python -m shared.wire.health_probe receiver 127.0.0.1:50052 [--ready-url http://127.0.0.1:8001/readyz]
 
@@ -41,6 +43,8 @@ class Hop:
 HOPS = {
     "channel": Hop("GESCO_CHANNEL_TLS_CERT_FILE", "GESCO_SENDER_CHANNEL_TLS_", "GESCO_SENDER_CHANNEL_ADDRESS"),
     "receiver": Hop("GESCO_RECEIVER_TLS_CERT_FILE", "GESCO_CHANNEL_RECEIVER_TLS_", "GESCO_CHANNEL_RECEIVER_ADDRESS"),
+    # The sender's gRPC API; its clients are the gesco command's (gesco/cli.py's GRPC_ENVIRONMENT).
+    "sender": Hop("GESCO_SENDER_GRPC_TLS_CERT_FILE", "GESCO_GRPC_", "GESCO_GRPC_SENDER"),
 }
 
 
@@ -53,7 +57,7 @@ class Probe:
 
 
 def probe_for(server: str, env: Mapping[str, str]) -> Probe:
-    """The probe of `server` ("channel" or "receiver") under `env`; ValueError naming the variable
+    """The probe of `server` ("channel", "receiver" or "sender") under `env`; ValueError naming the variable
     when the server speaks TLS but the client's files are missing or unusable."""
     hop = HOPS[server]
     if not env.get(hop.server_cert):
