@@ -16,6 +16,7 @@ import torch
 from shared.limits import SamplingOptions
 from shared.semantic.checkpoints import load_checkpoint
 from shared.semantic.device import select_device
+from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
 from shared.semantic.diffusion.samplers import SAMPLERS, GuidedModel, StepCallback, resolve
@@ -64,6 +65,10 @@ class SemanticImageGenerator:
         self.info = info
         self.device = device
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        # Set by `use_buckets`: the network called at fixed batch sizes (CUDA graphs on a GPU).
+        self.buckets: BucketedForward | None = None
+        # Draw the noise on the model's device (see `generators`); off: on the CPU.
+        self.noise_on_device = False
 
     @classmethod
     def load(cls, checkpoint_path: str | Path | None, device: str = "auto",
@@ -109,6 +114,35 @@ class SemanticImageGenerator:
                              torch.zeros(batch, dtype=torch.long, device=self.device),
                              torch.zeros(batch, cfg.num_classes, cfg.image_height, cfg.image_width, device=self.device))
 
+    def use_buckets(self, buckets: Sequence[int], cuda_graphs: bool = False) -> dict[int, float]:
+        """Call the network at these batch sizes only (a call's rows padded up to the next one),
+        each replayed as a CUDA graph when `cuda_graphs` (CUDA only); every bucket is warmed up
+        (captured) now, after channels_last and compilation. Returns the seconds each took."""
+        cfg = self.config.unet
+        self.buckets = BucketedForward(self.network, buckets, (cfg.in_channels, cfg.image_height, cfg.image_width),
+                                       (cfg.num_classes, cfg.image_height, cfg.image_width), self.device, cuda_graphs)
+        return self.buckets.warm_up()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """One network call: through the buckets when `use_buckets` set them, else directly."""
+        return self.network(x, t, condition) if self.buckets is None else self.buckets(x, t, condition)
+
+    def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One seeded generator per image. On the CPU by default, so a seed gives the same image
+        on every device (up to float rounding); with `noise_on_device` on the model's device,
+        which spares a host-to-device copy per draw but gives other images than the CPU's."""
+        device = self.device if self.noise_on_device else torch.device("cpu")
+        return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    def check_conditions(self, conditions: torch.Tensor) -> None:
+        """ValueError unless `conditions` is a finite (B, K, H, W) batch at the model's resolution."""
+        cfg = self.config.unet
+        expected = (cfg.num_classes, cfg.image_height, cfg.image_width)
+        if conditions.ndim != 4 or tuple(conditions.shape[1:]) != expected:
+            raise ValueError(f"conditions must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(conditions.shape)}")
+        if not torch.isfinite(conditions).all():
+            raise ValueError("conditions contain NaN or infinite values")
+
     def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
         """The sampler and steps `generate` runs for `sampling` (its defaults filled in); LimitError
         (a ValueError naming the field) for a sampler or steps this model cannot run."""
@@ -121,24 +155,28 @@ class SemanticImageGenerator:
 
         `step_callback(step, total)` runs before each sampling step; what it raises stops sampling.
         """
-        cfg = self.config.unet
-        expected = (cfg.num_classes, cfg.image_height, cfg.image_width)
-        if conditions.ndim != 4 or tuple(conditions.shape[1:]) != expected:
-            raise ValueError(f"conditions must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(conditions.shape)}")
+        self.check_conditions(conditions)
         if len(seeds) != conditions.shape[0]:
             raise ValueError(f"need one seed per image: {conditions.shape[0]} images, {len(seeds)} seeds")
-        if not torch.isfinite(conditions).all():
-            raise ValueError("conditions contain NaN or infinite values")
         sampling = self.resolve(sampling)
-        # A contiguous copy made here is an inference tensor like every other network input, so a
-        # compiled network sees one kind of tensor and does not recompile for unguided requests.
-        condition = conditions.to(self.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-        model_fn = GuidedModel(self.network, condition, sampling.guidance)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        model_fn = GuidedModel(self.forward, self.device_condition(conditions), sampling.guidance)
+        cfg = self.config.unet
         shape = (conditions.shape[0], cfg.in_channels, cfg.image_height, cfg.image_width)
         sampler = SAMPLERS[sampling.sampler]()
-        images = sampler.sample(self.diffusion, model_fn, shape, generators, sampling.steps, step_callback)
-        return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = sampler.sample(self.diffusion, model_fn, shape, self.generators(seeds), sampling.steps, step_callback)
+        return to_uint8_images(images)
+
+    def device_condition(self, conditions: torch.Tensor) -> torch.Tensor:
+        """Conditions as the network takes them: float32 on its device, contiguous.
+
+        A copy made here is an inference tensor like every other network input, so a compiled
+        network sees one kind of tensor and does not recompile for unguided requests."""
+        return conditions.to(self.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (B, 3, H, W) as uint8 (B, H, W, 3) on the host."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _info(network: SemanticUNet, config: SemanticDiffusionConfig, name: str, trained: bool,

@@ -1,10 +1,14 @@
 """Samplers as small interchangeable objects with one interface (after diffusers' schedulers).
 
-Each sampler turns a trained network into images: `sample(diffusion, model_fn, shape, generators,
-steps, step_callback)`. One torch.Generator per image makes every image depend on its own seed
-only, so an image is the same whether it is sampled alone or in a batch with others. The optional
-step callback hears of every step before it runs; an exception it raises stops the sampling there
-(a server uses that to drop work nobody waits for any more).
+Each sampler turns a trained network into images, one step at a time: `start` puts images at the
+noisiest end of its chain, `step` moves every row of a `Chain` one step on from the network's
+output. The rows of a chain may stand at different steps, so requests that arrive at different
+times can share every forward (continuous batching, shared/semantic/diffusion/stepper.py);
+`sample(diffusion, model_fn, shape, generators, steps, step_callback)` runs a whole chain with the
+same step. One torch.Generator per image makes every image depend on its own seed only, so an
+image is the same whether it is sampled alone or with others. The optional step callback hears of
+every step before it runs; an exception it raises stops the sampling there (a server uses that to
+drop work nobody waits for any more).
 
 Each sampler class declares its name and default steps once, in its class statement, which
 registers it in SAMPLERS; `resolve` turns a request's SamplingOptions into the sampler and steps
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,33 +37,54 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 
 
 def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A standard normal draw of `shape` (batch first), each image from its own generator."""
-    return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+    """A standard normal draw of `shape` (batch first), each image from its own generator, drawn
+    where its generator lives (a CUDA generator draws on the GPU) and stacked on `device`."""
+    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generators]).to(device)
+
+
+def guided_forward(network: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   t: torch.Tensor, condition: torch.Tensor, guidance: np.ndarray) -> torch.Tensor:
+    """Classifier-free guidance with a scale per row, in one network call.
+
+    eps = eps(x|y) + s (eps(x|y) - eps(x|0)) for the rows with s > 0: the call holds every row
+    conditioned, then the guided rows again with an all-zero condition. A row with s = 0 gets its
+    conditional output exactly. The same extrapolation applies to a velocity output (linear in eps
+    for a fixed x_t); the variance output is taken from the conditional pass.
+    """
+    guided = np.flatnonzero(guidance > 0)
+    if len(guided) == 0:
+        return network(x, t, condition)
+    if len(guided) == len(x):
+        free_x, free_t = x, t
+    else:
+        rows = torch.from_numpy(guided).to(x.device)
+        free_x, free_t = x[rows], t[rows]
+    both = network(torch.cat([x, free_x]), torch.cat([t, free_t]),
+                   torch.cat([condition, condition.new_zeros((len(guided), *condition.shape[1:]))]))
+    conditional, unconditional = both[: len(x)], both[len(x):]
+    mean_c, v_c = conditional.chunk(2, dim=1)
+    mean_u, _ = unconditional.chunk(2, dim=1)
+    if len(guided) < len(x):  # unguided rows: s = 0 times a zero difference leaves mean_c as it is
+        mean_u = mean_c.clone().index_copy_(0, rows, mean_u)
+    scale = torch.from_numpy(guidance.astype(np.float64)).to(x.device).float().view(-1, *([1] * (x.ndim - 1)))
+    return torch.cat([mean_c + scale * (mean_c - mean_u), v_c], dim=1)
 
 
 class GuidedModel:
-    """Classifier-free guidance: eps = eps(x|y) + s (eps(x|y) - eps(x|0)), one batched forward.
+    """Classifier-free guidance at one scale for every image (`guided_forward`); with s = 0 only
+    the conditional pass runs, so the result is exactly the conditional prediction."""
 
-    The same extrapolation applies to a velocity output (linear in eps for a fixed x_t). The
-    variance output is taken from the conditional pass. With s = 0 only the conditional pass runs,
-    so the result is exactly the conditional prediction.
-    """
-
-    def __init__(self, network: torch.nn.Module, condition: torch.Tensor, guidance: float) -> None:
+    def __init__(self, network: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 condition: torch.Tensor, guidance: float) -> None:
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         self.network = network
         self.condition = condition
         self.guidance = guidance
+        self.device = condition.device
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.guidance == 0:
-            return self.network(x, t, self.condition)
-        both = self.network(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.condition, torch.zeros_like(self.condition)]))
-        conditional, unconditional = both.chunk(2)
-        mean_c, v_c = conditional.chunk(2, dim=1)
-        mean_u, _ = unconditional.chunk(2, dim=1)
-        return torch.cat([mean_c + self.guidance * (mean_c - mean_u), v_c], dim=1)
+        return guided_forward(self.network, x, t, self.condition, np.full(len(x), self.guidance))
 
 
 # Called as step_callback(step, total) before each of the `total` steps (step counts from 0).
@@ -69,9 +94,92 @@ StepCallback = Callable[[int, int], None]
 SAMPLERS: dict[str, type[Sampler]] = {}
 
 
+@dataclass
+class Chain:
+    """Images on one sampler's chain, each row at its own place: what a sampler's step reads and
+    writes.
+
+    All rows share the (respaced) `process`, but `positions[r]` is row r's own index in it,
+    counting down to 0 (noisiest first), and -1 once its last step has run: `x[r]` then holds its
+    image in [-1, 1]. Rows may join (`join`) and leave (`take`) between steps, which is how
+    continuous batching keeps requests that started at different times in one forward. Positions
+    live on the host, so deciding which rows draw noise or finish never waits for the device.
+    `memory` holds a sampler's per-row history (DPM-Solver++: the previous x_0 and step).
+    """
+
+    process: GaussianDiffusion
+    x: torch.Tensor
+    positions: np.ndarray
+    generators: list[torch.Generator]
+    memory: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Steps of the whole chain."""
+        return self.process.num_timesteps
+
+    @property
+    def steps_done(self) -> np.ndarray:
+        """Steps each row has run."""
+        return self.total - 1 - self.positions
+
+    @property
+    def finished(self) -> np.ndarray:
+        return self.positions < 0
+
+    def model_timesteps(self) -> torch.Tensor:
+        """The rows' timesteps as the network knows them (the full chain's indices)."""
+        return torch.from_numpy(self.process.timestep_map[self.positions]).to(self.x.device)
+
+    def rows(self, values: np.ndarray) -> torch.Tensor:
+        """A float per row (computed in float64 on the host) as a (B, 1, ..., 1) tensor beside x."""
+        column = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.x.device).float()
+        return column.view(-1, *([1] * (self.x.ndim - 1)))
+
+    def noise(self, wanted: np.ndarray) -> torch.Tensor:
+        """Standard normal draws for the rows `wanted` marks, each from its own generator; zeros
+        elsewhere, and the other rows' generators untouched."""
+        if wanted.all():
+            return per_image_noise(self.generators, tuple(self.x.shape), self.x.device)
+        noise = torch.zeros_like(self.x)
+        picked = np.flatnonzero(wanted)
+        if len(picked):
+            draws = per_image_noise([self.generators[r] for r in picked], tuple(self.x.shape), self.x.device)
+            noise.index_copy_(0, torch.from_numpy(picked).to(self.x.device), draws)
+        return noise
+
+    def take(self, rows: Sequence[int]) -> Chain:
+        """A chain of the given rows only (in that order)."""
+        index = np.asarray(rows, dtype=np.int64)
+        on_device = torch.from_numpy(index).to(self.x.device)
+        return Chain(self.process, self.x[on_device], self.positions[index], [self.generators[r] for r in index],
+                     {name: value[on_device] if isinstance(value, torch.Tensor) else value[index]
+                      for name, value in self.memory.items()})
+
+    @staticmethod
+    def join(chains: Sequence[Chain]) -> Chain:
+        """The rows of chains on the same process, in order, as one chain."""
+        first = chains[0]
+        if len(chains) == 1:
+            return first
+        if any(chain.process is not first.process for chain in chains):
+            raise ValueError("only chains on the same process can join")
+        return Chain(first.process, torch.cat([chain.x for chain in chains]),
+                     np.concatenate([chain.positions for chain in chains]),
+                     [g for chain in chains for g in chain.generators],
+                     {name: torch.cat([chain.memory[name] for chain in chains]) if isinstance(value, torch.Tensor)
+                      else np.concatenate([chain.memory[name] for chain in chains])
+                      for name, value in first.memory.items()})
+
+
 class Sampler(abc.ABC):
     """A way of sampling images, registered under the name its subclass declares with its
-    default number of steps: `class DDIMSampler(Sampler, name="ddim", default_steps=10)`."""
+    default number of steps: `class DDIMSampler(Sampler, name="ddim", default_steps=10)`.
+
+    A sampler is a step function: `process` is the chain it walks for a number of steps, `start`
+    puts images at its noisiest end, `step` moves every row of a `Chain` one step on from the
+    network's output at the rows' own timesteps. `sample` runs a whole chain with that step.
+    """
 
     name: ClassVar[str]
     default_steps: ClassVar[int]
@@ -83,59 +191,67 @@ class Sampler(abc.ABC):
         cls.name, cls.default_steps = name, default_steps
         SAMPLERS[name] = cls
 
+    def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
+        """The chain this sampler walks in `steps` steps: `steps` timesteps spread evenly in time."""
+        return diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps))
+
+    def start(self, process: GaussianDiffusion, shape: tuple[int, ...], generators: list[torch.Generator],
+              device: torch.device) -> Chain:
+        """Images of `shape` at the chain's noisiest end: per-image noise on `device`."""
+        return Chain(process, per_image_noise(generators, shape, device),
+                     np.full(shape[0], process.num_timesteps - 1, dtype=np.int64), generators,
+                     self.initial_memory(shape, device))
+
+    def initial_memory(self, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor | np.ndarray]:
+        """The per-row history a chain starts with (none for a one-step method)."""
+        return {}
+
+    def step(self, chain: Chain, output: torch.Tensor) -> None:
+        """Move every row of `chain` one step on, given the network's output at (chain.x, the rows'
+        timesteps); a row whose last step this was then holds its image, clamped to [-1, 1]."""
+        if chain.finished.any():
+            raise ValueError("a chain's finished rows must leave it before the next step")
+        x = self.next_x(chain, output, torch.from_numpy(chain.positions).to(chain.x.device))
+        last = chain.positions == 0
+        if last.all():
+            x = x.clamp(-1, 1)
+        elif last.any():
+            x = torch.where(torch.from_numpy(last).to(x.device).view(-1, *([1] * (x.ndim - 1))), x.clamp(-1, 1), x)
+        chain.x = x
+        chain.positions = chain.positions - 1
+
     @abc.abstractmethod
+    def next_x(self, chain: Chain, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Every row's x one step on (its result, unclamped, for a row at position 0); `t` holds
+        the rows' positions on the device. Updates `chain.memory` in place."""
+
     def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
                generators: list[torch.Generator], steps: int,
                step_callback: StepCallback | None = None) -> torch.Tensor:
-        """Return images in [-1, 1] of `shape`."""
+        """Images in [-1, 1] of `shape`: the whole chain, one `step` after the other.
 
-
-class _Chain:
-    """What every sampler's loop opens with: per-image noise on the network's device, then the
-    steps noisiest first (the callback told of each before it runs), each with the network's
-    prediction there."""
-
-    def __init__(self, process: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-                 generators: list[torch.Generator], step_callback: StepCallback | None) -> None:
-        self.process = process
-        self.model_fn = model_fn
-        self.shape = shape
-        self.generators = generators
-        self.step_callback = step_callback
-        self.device = _device_of(model_fn)
-
-    def noise(self) -> torch.Tensor:
-        return per_image_noise(self.generators, self.shape, self.device)
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index in the chain, its timestep batch), noisiest first."""
-        total = self.process.num_timesteps
-        for step, i in enumerate(reversed(range(total))):
-            if self.step_callback is not None:
-                self.step_callback(step, total)
-            yield i, torch.full((self.shape[0],), i, device=self.device, dtype=torch.long)
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) with the clipped x_0 the network predicts at x_t."""
-        return self.process.p_mean_variance(self.model_fn(x, self.process.model_timesteps(t)), x, t)
+        `step_callback(step, total)` hears of each step before it runs; what it raises stops there."""
+        chain = self.start(self.process(diffusion, steps), shape, generators, _device_of(model_fn))
+        for step in range(chain.total):
+            if step_callback is not None:
+                step_callback(step, chain.total)
+            self.step(chain, model_fn(chain.x, chain.model_timesteps()))
+        return chain.x
 
 
 @dataclass(frozen=True)
 class DDPMSampler(Sampler, name="ddpm", default_steps=50):  # a respaced chain; 1000 runs the full one
     """Ancestral sampling with the learned variances, over the full chain or a respaced subset."""
 
-    def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int,
-               step_callback: StepCallback | None = None) -> torch.Tensor:
-        process = diffusion if steps == diffusion.num_timesteps else diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps))
-        chain = _Chain(process, model_fn, shape, generators, step_callback)
-        x = chain.noise()
-        for i, t in chain:
-            out = chain.predict(x, t)
-            x = out["mean"]
-            if i > 0:
-                x = x + torch.exp(0.5 * out["log_variance"]) * chain.noise()
-        return x.clamp(-1, 1)
+    def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
+        return diffusion if steps == diffusion.num_timesteps else super().process(diffusion, steps)
+
+    def next_x(self, chain: Chain, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = chain.process.p_mean_variance(output, chain.x, t)
+        noisy = chain.positions > 0
+        if not noisy.any():
+            return out["mean"]
+        return out["mean"] + torch.exp(0.5 * out["log_variance"]) * chain.noise(noisy)
 
 
 @dataclass(frozen=True)
@@ -148,23 +264,19 @@ class DDIMSampler(Sampler, name="ddim", default_steps=10):
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"DDIM eta must lie in [0, 1], got {self.eta}")
 
-    def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int,
-               step_callback: StepCallback | None = None) -> torch.Tensor:
-        process = diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps))
-        chain = _Chain(process, model_fn, shape, generators, step_callback)
-        x = chain.noise()
-        for i, t in chain:
-            x_start = chain.predict(x, t)["pred_xstart"]
-            # Re-derive epsilon from the clipped x_0 so both stay consistent.
-            eps = process.predict_eps_from_start(x, t, x_start)
-            alpha_bar = float(process.alphas_cumprod[i])
-            alpha_bar_prev = float(process.alphas_cumprod_prev[i])
-            sigma = self.eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
-            x = x_start * np.sqrt(alpha_bar_prev) + np.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
-            if i > 0 and sigma > 0:
-                x = x + sigma * chain.noise()
-        return x.clamp(-1, 1)
+    def next_x(self, chain: Chain, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        process, i = chain.process, chain.positions
+        x_start = process.p_mean_variance(output, chain.x, t)["pred_xstart"]
+        # Re-derive epsilon from the clipped x_0 so both stay consistent.
+        eps = process.predict_eps_from_start(chain.x, t, x_start)
+        alpha_bar, alpha_bar_prev = process.alphas_cumprod[i], process.alphas_cumprod_prev[i]
+        sigma = self.eta * np.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * np.sqrt(1 - alpha_bar / alpha_bar_prev)
+        x = (x_start * chain.rows(np.sqrt(alpha_bar_prev))
+             + chain.rows(np.sqrt(np.maximum(1 - alpha_bar_prev - sigma**2, 0.0))) * eps)
+        noisy = (i > 0) & (sigma > 0)
+        if noisy.any():
+            x = x + chain.rows(sigma) * chain.noise(noisy)
+        return x
 
 
 # With its 10 default steps: the fewest whose mIoU at 10 dB is within 0.02 of 1000-step DDPM
@@ -214,35 +326,44 @@ class DPMSolverPP2MSampler(Sampler, name="dpmpp2m", default_steps=20):
         if self.spacing not in ("log_snr", "time"):
             raise ValueError(f"unknown spacing {self.spacing!r}: expected 'log_snr' or 'time'")
 
-    def sample(self, diffusion: GaussianDiffusion, model_fn: ModelFn, shape: tuple[int, ...],
-               generators: list[torch.Generator], steps: int,
-               step_callback: StepCallback | None = None) -> torch.Tensor:
+    def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
         timesteps = (log_snr_timesteps(diffusion.alphas_cumprod, steps) if self.spacing == "log_snr"
                      else spaced_timesteps(diffusion.num_timesteps, steps))
-        process = diffusion.respaced(timesteps)
+        return diffusion.respaced(timesteps)
+
+    def initial_memory(self, shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor | np.ndarray]:
+        # The previous step's x_0 and h; NaN h: no previous step yet (D = x_0).
+        return {"previous_x_start": torch.zeros(shape, device=device), "previous_h": np.full(shape[0], np.nan)}
+
+    def next_x(self, chain: Chain, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        process, i = chain.process, chain.positions
+        x_start = process.p_mean_variance(output, chain.x, t)["pred_xstart"]
+        last = i == 0
+        if last.all():  # the last model call (t = 0) returns its x_0, as DDIM does
+            return x_start
         alpha = np.sqrt(process.alphas_cumprod)
         sigma = np.sqrt(1.0 - process.alphas_cumprod)
         log_snr = np.log(alpha) - np.log(sigma)
-        chain = _Chain(process, model_fn, shape, generators, step_callback)
-        x = chain.noise()
-        previous_x_start, previous_h = None, None
-        for i, t in chain:
-            x_start = chain.predict(x, t)["pred_xstart"]
-            if i == 0:
-                break
-            h = float(log_snr[i - 1] - log_snr[i])
-            if previous_x_start is None:
-                direction = x_start
-            else:
-                half_inverse_ratio = 0.5 * h / previous_h
-                direction = (1 + half_inverse_ratio) * x_start - half_inverse_ratio * previous_x_start
-            x = float(sigma[i - 1] / sigma[i]) * x + float(alpha[i - 1] * -np.expm1(-h)) * direction
-            previous_x_start, previous_h = x_start, h
-        return x_start.clamp(-1, 1)
+        before = np.maximum(i - 1, 0)
+        h = np.where(last, np.nan, log_snr[before] - log_snr[i])
+        previous_h = chain.memory["previous_h"]
+        # D = (1 + r) x_0 - r x_0' with r = h / (2 h'), and r = 0 (D = x_0 exactly) on a first step.
+        ratio = np.divide(0.5 * h, previous_h, out=np.zeros_like(h), where=~np.isnan(previous_h) & ~last)
+        direction = chain.rows(1 + ratio) * x_start - chain.rows(ratio) * chain.memory["previous_x_start"]
+        x = (chain.rows(np.where(last, 1.0, sigma[before] / sigma[i])) * chain.x
+             + chain.rows(np.where(last, 0.0, alpha[before] * -np.expm1(-np.nan_to_num(h)))) * direction)
+        chain.memory.update(previous_x_start=x_start, previous_h=h)
+        if last.any():
+            x = torch.where(torch.from_numpy(last).to(x.device).view(-1, *([1] * (x.ndim - 1))), x_start, x)
+        return x
 
 
 def _device_of(model_fn: ModelFn) -> torch.device:
-    """The network's device; CPU for a model function without parameters (e.g. a closed form)."""
+    """The model function's device (GuidedModel says it), else its network's; CPU for a model
+    function without parameters (e.g. a closed form)."""
+    device = getattr(model_fn, "device", None)
+    if isinstance(device, torch.device):
+        return device
     network = getattr(model_fn, "network", model_fn)
     parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
     return parameter.device if parameter is not None else torch.device("cpu")
