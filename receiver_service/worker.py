@@ -1,12 +1,16 @@
 """Generation worker: a bounded job queue and one thread that turns received symbols into images.
 
-Entry points (gRPC, REST) never run the model: `submit` validates and queues, the worker thread
-takes jobs in batches (`next_batch`, dynamic batching as in Triton's dynamic batcher) and hands
-each batch to `run_batch`, which decodes the maps (shared.semantic.link), samples the generator once for
-the whole batch and encodes the PNGs. The model is
-loaded in the background (`load_model`) so the process answers health checks while it loads.
-`cancel` drops a job nobody waits for any more: a queued one leaves the queue at once, and a
-batch whose jobs are all cancelled stops sampling at the next step.
+Entry points (gRPC, REST) never run the model: `submit` validates and queues. The worker thread
+batches in one of two ways (GESCO_RECEIVER_BATCHING). `request`: it takes jobs in batches
+(`next_batch`, dynamic batching as in Triton's dynamic batcher) and hands each batch to
+`run_batch`, which decodes the maps (shared.semantic.link) and samples the generator once for the
+whole batch. `continuous`: jobs join and leave one running batch at every sampling step
+(receiver_service/step_scheduler.py). Either way a finished job's PNGs are encoded and stored by a
+small thread pool while the sampling thread goes on (`encode_workers`; 0 encodes in line). The
+model is loaded in the background (`load_model`) so the process answers health checks while it
+loads. `cancel` drops a job nobody waits for any more: a queued one leaves the queue at once; a
+running one leaves a continuous batch at the next step, and a request batch whose jobs are all
+cancelled stops sampling at the next step.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import math
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,11 +88,40 @@ class Job:
 
 @dataclass
 class JobResult:
-    """What run_batch produced for one job: its PNGs and stage timings, or the error."""
+    """What sampling produced for one job: its PNGs (or the image and views to encode them from)
+    and stage timings, or the error."""
 
     artifacts: dict[str, bytes] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # Sampled but not encoded yet (`encode_result` turns them into the artifacts).
+    image: np.ndarray | None = None
+    received: link.ReceivedViews | None = None
+
+
+def prepare_job(job: Job, generator: SemanticImageGenerator) -> tuple[link.ReceivedViews, np.ndarray]:
+    """The job's received maps (noisy and FDS-denoised) and the condition the model gets, at its
+    resolution: FDS maps only when the job asks. ValueError when the maps do not decode."""
+    info = generator.info
+    received = link.received_views(job.symbols, job.semantic, use_fds=True)  # the debug views always show FDS
+    maps = received.fds_maps if job.use_fds else received.noisy_maps
+    return received, link.resize_maps(maps, (info.image_height, info.image_width))
+
+
+def encode_result(result: JobResult, size: tuple[int, int]) -> None:
+    """Encode a sampled result's image (resized to `size`) and received views as its PNGs."""
+    assert result.image is not None and result.received is not None
+    started = time.perf_counter()
+    received = result.received
+    result.artifacts = {
+        "image": encode_png(resize_image(result.image, *size)),
+        "maps_received": views.maps_png(received.noisy_maps),
+        "maps_fds": views.maps_png(received.fds_maps),
+        "fds_labels": views.labels_png(received.fds_maps),
+        "received_labels": views.labels_png(received.noisy_maps),
+    }
+    result.timings_ms["png"] = _elapsed_ms(started)
+    result.image = result.received = None
 
 
 def sampling_request(header: gesco_pb2.TransmissionHeader, settings: ReceiverSettings) -> gesco_pb2.SamplingRequest:
@@ -151,8 +185,10 @@ def run_batch(
     size: tuple[int, int],
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    encode: bool = True,
 ) -> list[JobResult]:
-    """Decode, sample and encode a batch of jobs that share sampler, steps and guidance.
+    """Decode, sample and (when `encode`) encode a batch of jobs that share sampler, steps and
+    guidance; without `encode` each result keeps its image and views for `encode_result`.
 
     A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
     `should_stop` is asked before every sampling step; once it says yes, sampling stops there and
@@ -160,15 +196,11 @@ def run_batch(
     (1-based) as it starts.
     """
     results = [JobResult() for _ in jobs]
-    info = generator.info
     prepared: list[tuple[int, link.ReceivedViews, np.ndarray]] = []
     for index, job in enumerate(jobs):
         started = time.perf_counter()
         try:
-            # The debug views always show FDS; the model gets FDS maps only when the job asks.
-            received = link.received_views(job.symbols, job.semantic, use_fds=True)
-            maps = received.fds_maps if job.use_fds else received.noisy_maps
-            condition = link.resize_maps(maps, (info.image_height, info.image_width))
+            received, condition = prepare_job(job, generator)
         except ValueError as error:
             results[index].error = f"decoding the received maps failed: {error}"
             continue
@@ -203,16 +235,27 @@ def run_batch(
         return results
     sample_ms = _elapsed_ms(started)
     for (index, received, _), image in zip(prepared, images):
-        started = time.perf_counter()
-        results[index].artifacts = {
-            "image": encode_png(resize_image(image, *size)),
-            "maps_received": views.maps_png(received.noisy_maps),
-            "maps_fds": views.maps_png(received.fds_maps),
-            "fds_labels": views.labels_png(received.fds_maps),
-            "received_labels": views.labels_png(received.noisy_maps),
-        }
-        results[index].timings_ms.update(sample=sample_ms, png=_elapsed_ms(started))
+        result = results[index]
+        result.timings_ms["sample"] = sample_ms
+        result.image, result.received = image, received
+        if encode:
+            encode_result(result, size)
     return results
+
+
+def forward_buckets(settings: ReceiverSettings, device: torch.device) -> tuple[list[int], bool]:
+    """The batch buckets and whether to capture them as CUDA graphs, for a model on `device`.
+
+    CUDA graphs are for CUDA only: elsewhere the setting is ignored (with a warning), so a GPU
+    preset still starts on a CPU. Graphs without buckets of their own get one per power of two up
+    to a full guided batch (2 x max_batch_size rows)."""
+    cuda_graphs = settings.cuda_graphs and device.type == "cuda"
+    if settings.cuda_graphs and not cuda_graphs:
+        log.warning("cuda_graphs needs a CUDA device: off", extra={"device": str(device)})
+    buckets = list(settings.batch_buckets)
+    if cuda_graphs and not buckets:
+        buckets = [2**k for k in range((2 * settings.max_batch_size - 1).bit_length() + 1)]
+    return buckets, cuda_graphs
 
 
 def _elapsed_ms(started: float) -> float:
@@ -241,6 +284,10 @@ class GenerationWorker:
         self._job_seconds = INITIAL_JOB_SECONDS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+        # Encodes and stores finished jobs off the sampling thread (None: in line); made with the model.
+        self._encoder: ThreadPoolExecutor | None = None
+        self._encoding: set[Future] = set()
+        self._last_evicted = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -272,15 +319,29 @@ class GenerationWorker:
                 raise ValueError(f"the default {error}") from None
             if self.settings.channels_last:
                 generator.use_channels_last()
-            if self.settings.torch_compile:
+            buckets, cuda_graphs = [], False
+            if self.settings.batch_buckets or self.settings.cuda_graphs:
+                buckets, cuda_graphs = forward_buckets(self.settings, generator.device)
+            if self.settings.torch_compile and buckets:
+                generator.compile(warm_up_batches=())  # warmed up at each bucket below instead
+            elif self.settings.torch_compile:
                 generator.compile()
+            if buckets:
+                generator.use_buckets(buckets, cuda_graphs)
+            generator.noise_on_device = self.settings.noise_on_device
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
             self.load_error = f"{type(error).__name__}: {error}"
             log.exception("loading the model failed")
             return
         if not checkpoint.is_file():
             log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
-        log.info("model loaded", extra={"model": generator.info.as_dict()})
+        if self.settings.queue_size < self.settings.max_batch_size:
+            log.warning("the queue is smaller than the batch: batches stay smaller than max_batch_size",
+                        extra={"queue_size": self.settings.queue_size, "max_batch_size": self.settings.max_batch_size})
+        log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": self.settings.batching,
+                                        "buckets": list(buckets), "cuda_graphs": cuda_graphs})
+        if self.settings.encode_workers:
+            self._encoder = ThreadPoolExecutor(self.settings.encode_workers, thread_name_prefix="png-encoder")
         self.generator = generator
         if not self._stop.is_set():
             self._thread.start()
@@ -329,7 +390,8 @@ class GenerationWorker:
         """(step, steps) of a job this process is sampling now, else None."""
         return self._progress.get(transmission_id)
 
-    def _set_progress(self, jobs: Sequence[Job], step: int, steps: int) -> None:
+    def set_progress(self, jobs: Sequence[Job], step: int, steps: int) -> None:
+        """Jobs that have started sampling step `step` (1-based) of `steps`."""
         for job in jobs:
             self._progress[job.transmission_id] = (step, steps)
         self.store.set_progress([job.transmission_id for job in jobs], step, steps)  # for the other replicas
@@ -344,7 +406,8 @@ class GenerationWorker:
         """Cancel a queued or running job (a finished or unknown one is left alone).
 
         A queued job leaves the queue and is marked cancelled at once. A running one is marked when
-        its batch ends; its sampling stops at the next step if every job of the batch is cancelled.
+        it leaves its batch: a continuous batch drops it at the next step; a request batch stops
+        sampling at the next step if every job of the batch is cancelled.
         """
         with self._changed:
             job = self._jobs.get(transmission_id)
@@ -361,16 +424,40 @@ class GenerationWorker:
             log.info("job cancelled" if queued else "job cancellation requested",
                      extra={"transmission_id": transmission_id, "reason": reason})
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self, timeout: float) -> None:
-        """Take no more jobs and wait up to `timeout` s for the one in progress.
+        """Take no more jobs and wait up to `timeout` s for the ones in progress (and their PNGs).
 
         Jobs still queued or running stay so on disk; the next start marks them failed.
         """
+        deadline = time.monotonic() + timeout
         self._stop.set()
         with self._changed:
             self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._encoder is not None:
+            with self._changed:
+                encoding = set(self._encoding)
+            wait(encoding, timeout=max(0.0, deadline - time.monotonic()))
+            self._encoder.shutdown(wait=False)
+
+    def take_waiting(self, limit: int, block: bool) -> list[Job]:
+        """Up to `limit` queued jobs, oldest first, whatever their sampling options (continuous
+        batching); when `block` and none is queued, wait a moment for one."""
+        with self._changed:
+            if block and not self._waiting and not self._stop.is_set():
+                self._changed.wait(timeout=0.2)
+            return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
+
+    def idle(self) -> None:
+        """Nothing to sample: apply the store's age limit now and then."""
+        if time.monotonic() - self._last_evicted > EVICT_INTERVAL_S:
+            self.store.evict()
+            self._last_evicted = time.monotonic()
 
     def next_batch(self) -> list[Job]:
         """The oldest job and up to max_batch_size - 1 later ones with its batch key (empty when idle).
@@ -400,52 +487,95 @@ class GenerationWorker:
                 self._changed.wait(remaining)
 
     def _run(self) -> None:
-        last_evicted = time.monotonic()
+        if self.settings.batching == "continuous":
+            from receiver_service.step_scheduler import StepScheduler  # it imports this module
+
+            StepScheduler(self).run()
+            return
         while not self._stop.is_set():
             batch = self.next_batch()
             if not batch:
-                if time.monotonic() - last_evicted > EVICT_INTERVAL_S:
-                    self.store.evict()
-                    last_evicted = time.monotonic()
+                self.idle()
                 continue
             try:
                 self._process(batch)
             except Exception:  # noqa: BLE001 - e.g. a full disk; keep serving the next jobs
                 log.exception("processing a batch failed")
-            finally:
-                with self._changed:
-                    for job in batch:
-                        self._jobs.pop(job.transmission_id, None)
-                        self._progress.pop(job.transmission_id, None)
+                for job in batch:
+                    self._release(job)
+
+    def begin(self, job: Job, started: float) -> None:
+        """Mark a job running: its queue wait ends at `started` (monotonic)."""
+        with request_context(job.request_id):
+            self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
+                              timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
+            log.info("job started", extra={"transmission_id": job.transmission_id, **asdict(job.sampling),
+                                           "seed": job.seed, "use_fds": job.use_fds})
+
+    def complete(self, job: Job, result: JobResult, started: float) -> None:
+        """Encode (if sampled), store and finish a job, on the encoder threads when there are
+        some; the job is released (no longer held) once it is finished."""
+        if self._encoder is None:
+            self._complete(job, result, started)
+            return
+        with self._changed:
+            future = self._encoder.submit(self._complete, job, result, started)
+            self._encoding.add(future)
+        future.add_done_callback(self._encoded)
+
+    def _encoded(self, future: Future) -> None:
+        with self._changed:
+            self._encoding.discard(future)
+
+    def _complete(self, job: Job, result: JobResult, started: float) -> None:
+        try:
+            with request_context(job.request_id):
+                if result.image is not None and not job.cancelled:
+                    try:
+                        encode_result(result, output_size(self.settings, self.generator))
+                    except Exception as error:  # noqa: BLE001 - the job records the failure
+                        log.exception("encoding the images failed")
+                        result.error = f"encoding the images failed: {error}"
+                self._finish(job, result, started)
+                self._observe(job, result, started)
+        except Exception:  # noqa: BLE001 - e.g. a full disk; keep serving the next jobs
+            log.exception("finishing a job failed")
+        finally:
+            self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self._changed:
+            self._jobs.pop(job.transmission_id, None)
+            self._progress.pop(job.transmission_id, None)
+
+    def job_done(self, seconds: float) -> None:
+        """One more job took `seconds` of the sampler's time: what `retry_after_s` tells clients."""
+        self._job_seconds = 0.7 * self._job_seconds + 0.3 * seconds
 
     def _process(self, batch: list[Job]) -> None:
         """Sample the batch's wanted jobs; jobs cancelled while it formed are only marked so."""
         assert self.generator is not None
         started = time.monotonic()
-        size = output_size(self.settings, self.generator)
         wanted = [job for job in batch if not job.cancelled]
         for job in wanted:
-            with request_context(job.request_id):
-                self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
-                                  timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
-                log.info("job started", extra={"transmission_id": job.transmission_id, **asdict(job.sampling),
-                                               "seed": job.seed, "use_fds": job.use_fds})
+            self.begin(job, started)
         results: list[JobResult] = []
         if wanted:
             try:
-                results = run_batch(wanted, self.generator, size,
+                results = run_batch(wanted, self.generator, output_size(self.settings, self.generator),
                                     should_stop=lambda: all(job.cancelled for job in wanted),
-                                    on_step=lambda step, total: self._set_progress(wanted, step, total))
+                                    on_step=lambda step, total: self.set_progress(wanted, step, total),
+                                    encode=self._encoder is None)
             except Exception as error:  # noqa: BLE001 - never lose a job to an unexpected error
                 log.exception("generation failed")
                 results = [JobResult(error=f"{type(error).__name__}: {error}") for _ in wanted]
+        if wanted and self.metrics is not None and self.metrics.batch_size is not None:
+            self.metrics.batch_size.observe(len(wanted))
         outcomes = dict(zip(map(id, wanted), results))
         for job in batch:
-            with request_context(job.request_id):
-                self._finish(job, outcomes.get(id(job), JobResult()), started)
+            self.complete(job, outcomes.get(id(job), JobResult()), started)
         if wanted:
-            self._observe(wanted, results, started)
-            self._job_seconds = 0.7 * self._job_seconds + 0.3 * (time.monotonic() - started) / len(wanted)
+            self.job_done((time.monotonic() - started) / len(wanted))
 
     def _finish(self, job: Job, result: JobResult, started: float) -> None:
         """Store the job's images and final status; a cancelled job keeps no images."""
@@ -464,13 +594,10 @@ class GenerationWorker:
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
                                         "error": error, "timings_ms": timings})
 
-    def _observe(self, batch: list[Job], results: list[JobResult], started: float) -> None:
-        """Batch size and each job's stage latencies (a batch's sampling time counts per job)."""
-        if self.metrics is None:
+    def _observe(self, job: Job, result: JobResult, started: float) -> None:
+        """A finished job's stage latencies (a batch's sampling time counts per job)."""
+        if self.metrics is None or not result.timings_ms:  # never started: nothing to observe
             return
-        if self.metrics.batch_size is not None:
-            self.metrics.batch_size.observe(len(batch))
-        for job, result in zip(batch, results):
-            self.metrics.observe_stage("queue_wait", max(0.0, started - job.enqueued_at))
-            for stage, milliseconds in result.timings_ms.items():
-                self.metrics.observe_stage(stage, milliseconds / 1000.0)
+        self.metrics.observe_stage("queue_wait", max(0.0, started - job.enqueued_at))
+        for stage, milliseconds in result.timings_ms.items():
+            self.metrics.observe_stage(stage, milliseconds / 1000.0)
