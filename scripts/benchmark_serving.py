@@ -1,21 +1,30 @@
 """Serving benchmark of the three real services over loopback (not a test: the numbers are the machine's).
 
-Starts channel_sim, receiver_service and sender_service on free loopback ports twice, with dynamic
-batching on (--max-batch-size) and off (batch size 1), and sends label maps (and, for the stage
-breakdown, a photo) with one fixed sampler, steps and guidance. Per run it measures
+Starts channel_sim, receiver_service and sender_service on free loopback ports once per receiver
+configuration (--configs): `request` (request-level dynamic batching up to --max-batch-size),
+`continuous` (jobs join and leave one running batch at every step, same size) and `off` (request
+batching with batch size 1). It sends label maps (and, for the stage breakdown, a photo) with one
+fixed sampler, steps and guidance. Per configuration it measures
 
 - the latency of single requests per stage: the sender's decode/segment/encode and its channel
   RPC, the channel's own stages (from the services' /metrics), the receiver's queue wait, FDS
   decoding, sampling and PNG encoding (from the transmission's status) and the client's end to end;
 - the throughput at each --concurrency, with p50/p95/p99 of the end-to-end latency; each level
-  stops sending after --requests requests or --max-seconds, whichever comes first.
+  stops sending after --requests requests or --max-seconds, whichever comes first. The load
+  average beside each level says how busy the machine was.
 
-Then, with the services stopped, the compute bound: steps x the best per-image forward time over
-batch sizes (a guided step runs the network on cond + uncond, twice the batch). It prints a
-Markdown report with the machine and the command, and writes it to --output when given.
+With --profile-dir, py-spy samples each service (all threads, 50 Hz) through the highest
+concurrency level of every configuration, that is at saturation; the report lists where each
+spent its samples and the raw stacks (flamegraph.pl's collapsed format) stay in the folder.
+
+Then, with the services stopped, the compute bound: the per-image time of one guided network step
+at doubling batch sizes until the throughput plateaus (a guided step runs the network on
+cond + uncond, twice the batch), and the in-process generator's images/s at the best of them. It
+prints a Markdown report with the machine and the command, and writes it to --output when given.
 
     python -m scripts.benchmark_serving                                       # the recorded run
     python -m scripts.benchmark_serving --steps 2 --concurrency 1 2 --requests 4 --stage-requests 1
+    python -m scripts.benchmark_serving --device cuda --receiver-env GESCO_RECEIVER_PRESET=gpu ...
 """
 from __future__ import annotations
 
@@ -23,11 +32,15 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +57,11 @@ EXAMPLES = {"label_map": REPO_ROOT / "examples" / "street_labels.png",
 SENDER_STAGES = ("decode", "segment", "encode", "channel_rpc")
 CHANNEL_STAGES = ("assemble", "channel", "forward")
 RECEIVER_STAGES = ("queue_wait", "decode_fds", "sample", "png", "total")
-FORWARD_BATCH_SIZES = (1, 2, 4, 8, 16)
+# Receiver configurations: (label, batching mode, whether it uses --max-batch-size or batch 1).
+CONFIGS = {"request": ("request batching", "request", True),
+           "continuous": ("continuous batching", "continuous", True),
+           "off": ("batching off", "request", False)}
+SERVICES = ("sender", "channel", "receiver")
 
 
 @dataclass
@@ -55,10 +72,10 @@ class Stack:
     sender_url: str
     receiver_url: str
     channel_metrics_url: str
-    processes: list = field(default_factory=list)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
+        for proc in reversed(list(self.processes.values())):
             stop_service(proc)
 
 
@@ -70,6 +87,7 @@ class Level:
     latencies_s: list[float]
     failures: int
     wall_s: float
+    load_average: tuple[float, float]  # 1-minute load average before and after the level
 
     @property
     def throughput(self) -> float:
@@ -79,7 +97,7 @@ class Level:
         return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
 
 
-def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store_dir: Path) -> Stack:
+def start_stack(args: argparse.Namespace, label: str, batching: str, max_batch_size: int, store_dir: Path) -> Stack:
     """Receiver, channel and sender on fresh loopback ports, wired to each other, all ready."""
     receiver_grpc, receiver_http, channel_port, channel_metrics, sender_port = (free_port() for _ in range(5))
     receiver_url = f"http://127.0.0.1:{receiver_http}"
@@ -96,7 +114,9 @@ def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store
         "GESCO_RECEIVER_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency))),
         "GESCO_RECEIVER_MAX_BATCH_SIZE": str(max_batch_size),
         "GESCO_RECEIVER_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
+        "GESCO_RECEIVER_BATCHING": batching,
         "GESCO_RECEIVER_LOG_LEVEL": "WARNING",
+        **dict(setting.split("=", 1) for setting in args.receiver_env),
     }
     channel_env = {
         "GESCO_CHANNEL_PORT": str(channel_port),
@@ -114,12 +134,12 @@ def start_stack(args: argparse.Namespace, label: str, max_batch_size: int, store
         "GESCO_SENDER_LOG_LEVEL": "WARNING",
     }
     try:
-        stack.processes.append(start_service("receiver_service", receiver_env, f"{receiver_url}/readyz",
-                                             receiver_grpc, timeout=args.start_timeout_s))
-        stack.processes.append(start_service("channel_sim", channel_env, grpc_port=channel_port,
-                                             timeout=args.start_timeout_s))
-        stack.processes.append(start_service("sender_service", sender_env, f"{stack.sender_url}/readyz",
-                                             timeout=args.start_timeout_s))
+        stack.processes["receiver"] = start_service("receiver_service", receiver_env, f"{receiver_url}/readyz",
+                                                    receiver_grpc, timeout=args.start_timeout_s)
+        stack.processes["channel"] = start_service("channel_sim", channel_env, grpc_port=channel_port,
+                                                   timeout=args.start_timeout_s)
+        stack.processes["sender"] = start_service("sender_service", sender_env, f"{stack.sender_url}/readyz",
+                                                  timeout=args.start_timeout_s)
     except BaseException:
         stack.stop()
         raise
@@ -180,6 +200,7 @@ def stage_latency(client: httpx.Client, stack: Stack, args: argparse.Namespace, 
 
 def run_level(stack: Stack, args: argparse.Namespace, concurrency: int) -> Level:
     """`concurrency` clients sending label maps back to back until the request or time budget ends."""
+    load_before = os.getloadavg()[0]
     lock = threading.Lock()
     issued, latencies, failures = 0, [], []
     deadline = time.monotonic() + args.max_seconds
@@ -209,36 +230,123 @@ def run_level(stack: Stack, args: argparse.Namespace, concurrency: int) -> Level
     wall = time.perf_counter() - started
     if failures:
         print(f"[{stack.label}, concurrency {concurrency}] {len(failures)} failed, e.g. {failures[0]}", file=sys.stderr)
-    return Level(concurrency, latencies, len(failures), wall)
+    return Level(concurrency, latencies, len(failures), wall, (load_before, os.getloadavg()[0]))
 
 
-def benchmark_stack(args: argparse.Namespace, label: str, max_batch_size: int) -> tuple[dict, list[Level], dict]:
-    """Start one configuration, warm it up, measure stages and levels, stop it."""
+@dataclass
+class Run:
+    """What one receiver configuration measured."""
+
+    stages: dict[str, dict[str, float]]
+    levels: list[Level]
+    model: dict
+    profiles: dict[str, Path] = field(default_factory=dict)  # service -> py-spy's collapsed stacks
+
+
+def start_profilers(stack: Stack, folder: Path) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """py-spy sampling every thread of each service until stopped (SIGINT writes its file)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    slug = stack.label.replace(" ", "-")
+    profilers = {}
+    for name, proc in stack.processes.items():
+        path = folder / f"{slug}-{name}.txt"
+        profilers[name] = (subprocess.Popen(
+            [py_spy, "record", "--pid", str(proc.pid), "--rate", "50", "--threads", "--format", "raw",
+             "--output", str(path), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path)
+    return profilers
+
+
+def stop_profilers(profilers: dict[str, tuple[subprocess.Popen, Path]]) -> dict[str, Path]:
+    written = {}
+    for name, (proc, path) in profilers.items():
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, errors = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, errors = proc.communicate()
+        if path.is_file():
+            written[name] = path
+        else:
+            print(f"[profile] py-spy wrote nothing for {name}: {errors.decode(errors='replace')[-500:]}", file=sys.stderr)
+    return written
+
+
+def benchmark_stack(args: argparse.Namespace, config: str) -> Run:
+    """Start one configuration, warm it up, measure stages and levels (profiling the last), stop it."""
+    label, batching, batched = CONFIGS[config]
+    max_batch_size = args.max_batch_size if batched else 1
     with tempfile.TemporaryDirectory(prefix="gesco-bench-") as store_dir:
         print(f"[{label}] starting the services (max batch size {max_batch_size})", file=sys.stderr)
-        stack = start_stack(args, label, max_batch_size, Path(store_dir))
+        stack = start_stack(args, label, batching, max_batch_size, Path(store_dir))
         try:
             with httpx.Client(timeout=args.request_timeout_s) as client:
                 model = client.get(f"{stack.receiver_url}/readyz").json().get("model", {})
                 for kind in ("photo", "label_map"):  # first calls pay for lazy initialisation
                     send(client, stack, args, kind, seed=0)
                 stages = {kind: stage_latency(client, stack, args, kind) for kind in ("photo", "label_map")}
-            levels = []
+            run = Run(stages, [], model)
             for concurrency in args.concurrency:
                 print(f"[{label}] concurrency {concurrency}", file=sys.stderr)
-                levels.append(run_level(stack, args, concurrency))
+                profiling = args.profile_dir is not None and concurrency == max(args.concurrency)
+                profilers = start_profilers(stack, args.profile_dir) if profiling else {}
+                try:
+                    run.levels.append(run_level(stack, args, concurrency))
+                finally:
+                    run.profiles.update(stop_profilers(profilers))
         except BaseException:
-            for proc in stack.processes:
+            for proc in stack.processes.values():
                 if proc.poll() is not None:
                     print(service_log(proc)[-3000:], file=sys.stderr)
             raise
         finally:
             stack.stop()
-    return stages, levels, model
+    return run
 
 
-def compute_bound(args: argparse.Namespace) -> tuple[dict[int, float], float]:
-    """Per-image milliseconds of one (guided) network step at each batch size, and images/s."""
+def forward_ms(generator, rows: int, repeats: int) -> float:
+    """Median milliseconds of one network call on `rows` rows (after a warm-up call)."""
+    import torch
+
+    cfg = generator.config.unet
+    device = generator.device
+    x = torch.randn(rows, cfg.in_channels, cfg.image_height, cfg.image_width, device=device)
+    t = torch.full((rows,), 500, device=device)
+    condition = torch.zeros(rows, cfg.num_classes, cfg.image_height, cfg.image_width, device=device)
+    condition[:, 0] = 1
+    times = []
+    for repeat in range(repeats + 1):
+        synchronize(device)
+        started = time.perf_counter()
+        generator.network(x, t, condition)
+        synchronize(device)
+        if repeat:  # the first call warms up
+            times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it (CUDA is asynchronous)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Bound:
+    """The compute bound: per-image ms of a guided network step by batch, and what it allows."""
+
+    per_image_ms: dict[int, float]
+    best_batch: int
+    images_per_s: float  # steps x the best per-image step: the network alone
+    generator_images_per_s: float  # the in-process generator (sampler maths included) at best_batch
+
+
+def compute_bound(args: argparse.Namespace) -> Bound:
+    """Per-image milliseconds of one (guided) network step at doubling batch sizes, until more
+    batch stops paying (the throughput plateau), then the generator itself at the best batch."""
     import torch
 
     from shared.semantic.diffusion.generator import SemanticImageGenerator
@@ -249,24 +357,32 @@ def compute_bound(args: argparse.Namespace) -> tuple[dict[int, float], float]:
     generator = SemanticImageGenerator.load(checkpoint if checkpoint.is_file() else None, args.device)
     if args.channels_last:  # as the receiver runs it
         generator.use_channels_last()
-    cfg = generator.config.unet
     passes = 1 if args.guidance == 0 else 2
-    per_image_ms = {}
+    per_image_ms: dict[int, float] = {}
+    flat, batch = 0, 1
     with torch.inference_mode():
-        for batch in FORWARD_BATCH_SIZES:
-            rows = passes * batch
-            x = torch.randn(rows, cfg.in_channels, cfg.image_height, cfg.image_width, device=generator.device)
-            t = torch.full((rows,), 500, device=generator.device)
-            condition = torch.zeros(rows, cfg.num_classes, cfg.image_height, cfg.image_width, device=generator.device)
-            condition[:, 0] = 1
-            generator.network(x, t, condition)  # warm-up
-            times = []
-            for _ in range(args.forward_repeats):
-                started = time.perf_counter()
-                generator.network(x, t, condition)
-                times.append(time.perf_counter() - started)
-            per_image_ms[batch] = statistics.median(times) * 1000.0 / batch
-    return per_image_ms, 1000.0 / (args.steps * min(per_image_ms.values()))
+        while batch <= args.max_forward_batch and flat < args.plateau_batches:
+            try:
+                per_image_ms[batch] = forward_ms(generator, passes * batch, args.forward_repeats) / batch
+            except torch.OutOfMemoryError:
+                break
+            best_before = min((ms for size, ms in per_image_ms.items() if size < batch), default=float("inf"))
+            # Less than plateau_gain faster per image than the best smaller batch: one more flat doubling.
+            flat = flat + 1 if per_image_ms[batch] > best_before * (1 - args.plateau_gain) else 0
+            print(f"[compute bound] batch {batch}: {per_image_ms[batch]:.3f} ms per image", file=sys.stderr)
+            batch *= 2
+        best = min(per_image_ms, key=per_image_ms.get)
+        cfg = generator.config.unet
+        conditions = torch.zeros(best, cfg.num_classes, cfg.image_height, cfg.image_width)
+        conditions[:, 0] = 1
+        sampling = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+        generator.generate(conditions, sampling, list(range(best)))  # warm-up
+        synchronize(generator.device)
+        started = time.perf_counter()
+        generator.generate(conditions, sampling, list(range(best)))
+        synchronize(generator.device)
+        generated = best / (time.perf_counter() - started)
+    return Bound(per_image_ms, best, 1000.0 / (args.steps * per_image_ms[best]), generated)
 
 
 def machine_summary(args: argparse.Namespace) -> str:
@@ -285,10 +401,48 @@ def machine_summary(args: argparse.Namespace) -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}; receiver torch threads: {threads}")
 
 
-def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], dict]],
-           forward_ms: dict[int, float], bound: float) -> str:
-    on, off = runs["batching on"], runs["batching off"]
-    model = on[2]
+# Frames of this repository's own code (py-spy names files relative to the service's directory).
+OWN_CODE = ("receiver_service/", "sender_service/", "channel_sim/", "shared/")
+
+
+@dataclass
+class Profile:
+    """A py-spy raw file summed up: samples per thread, per function on top of the stack (self
+    time) and per function of this repository anywhere on the stack (inclusive time)."""
+
+    samples: int
+    threads: Counter
+    self_time: Counter
+    own_inclusive: Counter
+
+
+def read_profile(path: Path) -> Profile:
+    profile = Profile(0, Counter(), Counter(), Counter())
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        thread, *frames = stack.split(";")
+        samples = int(count)
+        profile.samples += samples
+        profile.threads[thread.partition("): ")[2] or thread] += samples
+        profile.self_time[_short_frame(frames[-1]) if frames else "(no Python frame)"] += samples
+        for frame in {_short_frame(frame, line=False) for frame in frames if any(own in frame for own in OWN_CODE)}:
+            profile.own_inclusive[frame] += samples
+    return profile
+
+
+def _short_frame(frame: str, line: bool = True) -> str:
+    """`function (path/to/file.py:line)` as `function (file.py:line)`, or `function (file.py)`."""
+    name, _, where = frame.partition(" (")
+    where = Path(where.rstrip(")")).name
+    return f"{name} ({where if line else where.rpartition(':')[0]})" if where else name
+
+
+def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound) -> str:
+    first = next(iter(runs.values()))
+    model = first.model
+    labels = {config: CONFIGS[config][0] for config in runs}
     lines = [
         "## Serving benchmark",
         "",
@@ -298,53 +452,89 @@ def report(args: argparse.Namespace, runs: dict[str, tuple[dict, list[Level], di
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "
         f"{args.snr_db:g} dB, `wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
-        f"{args.poll_interval_s:g} s apart when one comes back unfinished); batching on: max batch "
-        f"size {args.max_batch_size}, max queue delay {args.max_queue_delay_ms:g} ms; off: batch size 1; "
-        f"channels_last weights: {args.channels_last}",
+        f"{args.poll_interval_s:g} s apart when one comes back unfinished); request and continuous batching: "
+        f"max batch size {args.max_batch_size} (request: max queue delay {args.max_queue_delay_ms:g} ms); "
+        f"off: batch size 1; channels_last weights: {args.channels_last}"
+        + (f"; receiver settings: {', '.join(f'`{setting}`' for setting in args.receiver_env)}" if args.receiver_env else ""),
         "",
         f"### Latency of one request by stage (ms, median of {args.stage_requests})",
         "",
-        "| stage | photo, batching off | label map, batching off | label map, batching on |",
-        "| --- | ---: | ---: | ---: |",
     ]
-    columns = [off[0]["photo"], off[0]["label_map"], on[0]["label_map"]]
-    for stage in dict.fromkeys(key for column in columns for key in column):
-        cells = [f"{column[stage]:.1f}" if stage in column else "-" for column in columns]
+    columns = [(f"photo, {labels[config]}", run.stages["photo"]) for config, run in runs.items() if config == "off"]
+    columns += [(f"label map, {labels[config]}", run.stages["label_map"]) for config, run in runs.items()]
+    lines += ["| stage | " + " | ".join(name for name, _ in columns) + " |",
+              "| --- |" + " ---: |" * len(columns)]
+    for stage in dict.fromkeys(key for _, column in columns for key in column):
+        cells = [f"{column[stage]:.1f}" if stage in column else "-" for _, column in columns]
         lines.append(f"| {stage} | {' | '.join(cells)} |")
     lines += [
         "",
         "### Throughput (label maps)",
         "",
-        "| concurrency | batching | requests | failed | images/s | p50 s | p95 s | p99 s | of compute bound |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| concurrency | batching | requests | failed | images/s | p50 s | p95 s | p99 s | of compute bound | load average before, after |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for level_on, level_off in zip(on[1], off[1]):
-        for name, level in (("on", level_on), ("off", level_off)):
+    for index, concurrency in enumerate(args.concurrency):
+        for config, run in runs.items():
+            level = run.levels[index]
             lines.append(
-                f"| {level.concurrency} | {name} | {len(level.latencies_s)} | {level.failures} | "
+                f"| {concurrency} | {labels[config]} | {len(level.latencies_s)} | {level.failures} | "
                 f"{level.throughput:.3f} | {level.percentile_s(50):.2f} | {level.percentile_s(95):.2f} | "
-                f"{level.percentile_s(99):.2f} | {level.throughput / bound:.0%} |")
-    lines += ["", "Batching on / off:", "",
-              "| concurrency | throughput ratio | p50 latency ratio |", "| ---: | ---: | ---: |"]
-    for level_on, level_off in zip(on[1], off[1]):
-        ratio = level_on.throughput / level_off.throughput if level_off.throughput else float("nan")
-        latency = level_on.percentile_s(50) / level_off.percentile_s(50)
-        lines.append(f"| {level_on.concurrency} | {ratio:.2f}x | {latency:.2f}x |")
-    best = min(forward_ms, key=forward_ms.get)
+                f"{level.percentile_s(99):.2f} | {level.throughput / bound.images_per_s:.0%} | "
+                f"{level.load_average[0]:.1f}, {level.load_average[1]:.1f} |")
+    pairs = [(a, b) for a, b in (("request", "off"), ("continuous", "off"), ("continuous", "request"))
+             if a in runs and b in runs]
+    if pairs:
+        lines += ["", "Ratios (throughput, p50 latency):", "",
+                  "| concurrency | " + " | ".join(f"{labels[a]} / {labels[b]}" for a, b in pairs) + " |",
+                  "| ---: |" + " ---: |" * len(pairs)]
+        for index, concurrency in enumerate(args.concurrency):
+            cells = []
+            for a, b in pairs:
+                mine, theirs = runs[a].levels[index], runs[b].levels[index]
+                ratio = mine.throughput / theirs.throughput if theirs.throughput else float("nan")
+                cells.append(f"{ratio:.2f}x, {mine.percentile_s(50) / theirs.percentile_s(50):.2f}x")
+            lines.append(f"| {concurrency} | {' | '.join(cells)} |")
     lines += [
         "",
         "### Compute bound",
         "",
         "Per-image time of one network step (the guided step's cond + uncond forward), by batch size, "
-        "measured in process with the services stopped:",
+        f"measured in process with the services stopped, doubling the batch until {args.plateau_batches} "
+        f"doublings in a row gained less than {args.plateau_gain:.0%} per image (or batch {args.max_forward_batch}):",
         "",
-        "| batch | " + " | ".join(str(batch) for batch in forward_ms) + " |",
-        "| --- | " + " | ".join("---:" for _ in forward_ms) + " |",
-        "| ms per image | " + " | ".join(f"{ms:.1f}" for ms in forward_ms.values()) + " |",
+        "| batch | " + " | ".join(str(batch) for batch in bound.per_image_ms) + " |",
+        "| --- | " + " | ".join("---:" for _ in bound.per_image_ms) + " |",
+        "| ms per image | " + " | ".join(f"{ms:.3g}" for ms in bound.per_image_ms.values()) + " |",
         "",
-        f"Compute bound: 1 / ({args.steps} steps x {forward_ms[best]:.1f} ms at batch {best}) = "
-        f"**{bound:.3f} images/s** (network only: no sampler arithmetic, FDS, PNG or transport).",
+        f"Compute bound: 1 / ({args.steps} steps x {bound.per_image_ms[bound.best_batch]:.3g} ms at batch "
+        f"{bound.best_batch}) = **{bound.images_per_s:.3f} images/s** (network only: no sampler arithmetic, FDS, "
+        f"PNG or transport). The in-process generator at batch {bound.best_batch} (sampler arithmetic "
+        f"included): **{bound.generator_images_per_s:.3f} images/s**.",
     ]
+    profiled = [(config, run) for config, run in runs.items() if run.profiles]
+    if profiled:
+        lines += ["", f"### Where the time goes at saturation (py-spy, concurrency {max(args.concurrency)})", "",
+                  f"Samples at 50 Hz of every thread that was running (idle threads are not sampled); raw stacks "
+                  f"in {args.profile_dir.name}/. Per service, as shares of its samples: the threads, the "
+                  f"functions on top of the stack (self time), and this repository's functions anywhere "
+                  f"on it (inclusive time).", ""]
+        for config, run in profiled:
+            for service in SERVICES:
+                if service not in run.profiles:
+                    continue
+                profile = read_profile(run.profiles[service])
+                if not profile.samples:
+                    continue
+
+                def shares(counter: Counter, code: bool = False) -> str:
+                    return ", ".join(f"`{name}` {count / profile.samples:.0%}" if code else
+                                     f"{name} {count / profile.samples:.0%}"
+                                     for name, count in counter.most_common(args.profile_top))
+
+                lines.append(f"- **{labels[config]}, {service}** ({profile.samples} samples): threads "
+                             f"{shares(profile.threads)}; self time {shares(profile.self_time, True)}; "
+                             f"own code, inclusive: {shares(profile.own_inclusive, True)}")
     return "\n".join(lines) + "\n"
 
 
@@ -363,12 +553,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=48, help="most requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long per level")
     parser.add_argument("--stage-requests", type=int, default=3, help="single requests per stage breakdown")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="the receiver's batch size with batching on")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="receiver configurations to run, in this order")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="the receiver's batch size with request or continuous batching")
+    parser.add_argument("--receiver-env", action="append", default=[], metavar="GESCO_RECEIVER_X=VALUE",
+                        help="a further receiver setting for every configuration (repeatable)")
     parser.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     parser.add_argument("--poll-interval-s", type=float, default=0.02, help="the sender's wait=true polling")
     parser.add_argument("--long-poll-s", type=float, default=20.0,
                         help="the sender's GESCO_SENDER_STATUS_LONG_POLL_S (0: plain polling every --poll-interval-s)")
     parser.add_argument("--forward-repeats", type=int, default=5)
+    parser.add_argument("--max-forward-batch", type=int, default=1024, help="the compute bound's largest batch")
+    parser.add_argument("--plateau-gain", type=float, default=0.03,
+                        help="a doubling of the batch that gains less per image than this is flat")
+    parser.add_argument("--plateau-batches", type=int, default=2, help="flat doublings in a row that end the scan")
+    parser.add_argument("--profile-dir", type=Path,
+                        help="profile each service with py-spy at the highest concurrency; stacks go here")
+    parser.add_argument("--profile-top", type=int, default=6, help="threads and functions listed per service")
     parser.add_argument("--request-timeout-s", type=float, default=900.0)
     parser.add_argument("--start-timeout-s", type=float, default=300.0)
     parser.add_argument("--output", type=Path, help="also write the report here")
@@ -379,16 +581,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch_size < 2:
         raise SystemExit("--max-batch-size must be at least 2 (the off run uses 1)")
+    if any("=" not in setting or not setting.startswith("GESCO_RECEIVER_") for setting in args.receiver_env):
+        raise SystemExit("--receiver-env takes GESCO_RECEIVER_NAME=VALUE")
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     from shared.semantic.diffusion.samplers import resolve  # torch, as the compute bound needs it anyway
 
     # Named in every request and the report: what the receiver runs by default, said explicitly.
     sampling = resolve(SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance), MAX_STEPS)
     args.sampler, args.steps = sampling.sampler, sampling.steps
-    runs = {"batching on": benchmark_stack(args, "batching on", args.max_batch_size),
-            "batching off": benchmark_stack(args, "batching off", 1)}
+    runs = {config: benchmark_stack(args, config) for config in dict.fromkeys(args.configs)}
     print("[compute bound] timing the network in process", file=sys.stderr)
-    forward_ms, bound = compute_bound(args)
-    text = report(args, runs, forward_ms, bound)
+    text = report(args, runs, compute_bound(args))
     print(text)
     if args.output:
         args.output.write_text(text)
