@@ -25,6 +25,8 @@ from sender_service.grpc_api import PARAMETER_FIELDS
 from sender_service.transmissions import TransmissionAccepted, TransmissionParameters
 from shared.paths import REPO_ROOT
 from tests.link_services import LinkServices
+from tests.service_procs import free_port
+from tests.test_tls import pki  # noqa: F401 - the fixture
 
 API_KEY = "grpc-test-key"
 KEY = (("x-api-key", API_KEY),)
@@ -180,6 +182,30 @@ def test_the_round_trip_with_grpcurl_and_reflection_alone(services) -> None:
     assert messages[-1]["status"]["status"] == "done"
     assert decoded_shape(base64.b64decode(messages[-1]["image_png"])) == (*OUTPUT_SIZE, 3)
     assert json.loads(grpcurl(services.sender_grpc, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+
+
+def test_the_senders_grpc_api_speaks_mutual_tls_when_configured(pki) -> None:  # noqa: F811
+    """In process; the channel's certificate (it names 127.0.0.1) stands in for the sender's."""
+    from fastapi.testclient import TestClient
+
+    from sender_service.app import create_app
+    from sender_service.settings import SenderSettings
+    from shared.wire import health_probe
+
+    settings = SenderSettings(grpc_port=free_port(), device="cpu", grpc_tls_cert_file=pki.channel.cert,
+                              grpc_tls_key_file=pki.channel.key, grpc_tls_client_ca_file=pki.ca.ca_file)
+    target = f"127.0.0.1:{settings.grpc_port}"
+    env = {"GESCO_SENDER_GRPC_TLS_CERT_FILE": pki.channel.cert, "GESCO_GRPC_CA_FILE": pki.ca.ca_file}
+    client_files = {"GESCO_GRPC_CERT_FILE": pki.sender_client.cert, "GESCO_GRPC_KEY_FILE": pki.sender_client.key}
+    with TestClient(create_app(settings, grpc_api=True)):
+        deadline = time.monotonic() + 60
+        while not health_probe.grpc_serving(target, health_probe.probe_for("sender", {**env, **client_files})):
+            assert time.monotonic() < deadline, "the sender's gRPC API never said SERVING over mutual TLS"
+            time.sleep(0.2)
+        assert not health_probe.grpc_serving(target, health_probe.Probe())  # plaintext
+        assert not health_probe.grpc_serving(target, health_probe.probe_for("sender", env))  # no client certificate
+    with pytest.raises(ValueError, match="GESCO_SENDER_GRPC_TLS_KEY_FILE"):
+        create_app(SenderSettings(grpc_tls_cert_file=pki.channel.cert), grpc_api=True)
 
 
 @pytest.fixture
