@@ -122,7 +122,7 @@ def test_services_ports_and_commands(compose_yaml) -> None:
         assert _published(services[name]) == ports, name
         assert services[name]["command"] == ["python", "-m", module]
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
-    assert _published(services["receiver-proxy"]) == {8001} and "ports" not in services["redis"]
+    assert _published(services["receiver-proxy"]) == {8001, 50052} and "ports" not in services["redis"]
     assert services["redis"]["image"].startswith("redis:") and services["receiver-proxy"]["image"].startswith("nginx:")
 
 
@@ -141,6 +141,8 @@ def test_the_receiver_scales_behind_the_proxy(compose_yaml) -> None:
     read_timeout = int(conf.split("proxy_read_timeout ")[1].split("s;")[0])
     assert read_timeout > MAX_STATUS_WAIT_S
     assert "listen 8001;" in conf and "location = /proxy-health" in conf
+    assert "listen 50052 http2;" in conf and "grpc_pass $receivers_grpc;" in conf  # the clients' gRPC API
+    assert "set $receivers_grpc grpc://receiver:50052;" in conf
     assert "/proxy-health" in " ".join(proxy["healthcheck"]["test"])
 
 
@@ -193,6 +195,7 @@ def test_published_ports_stay_on_loopback_and_move_together() -> None:
                  for name, service in services.items() for port in service.get("ports", [])}
     assert published[("sender", 8000)] == ("127.0.0.1", "18000")
     assert published[("receiver-proxy", 8001)] == ("127.0.0.1", "18001")
+    assert published[("receiver-proxy", 50052)] == ("127.0.0.1", "50052")
     assert published[("channel", 9051)] == ("127.0.0.1", "19051")
     assert all(host_ip == "127.0.0.1" for host_ip, _ in published.values())
     assert services["receiver"]["environment"]["GESCO_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:18001"
@@ -359,10 +362,10 @@ def test_check_sets_the_variables_the_compose_file_reads(compose_yaml) -> None:
         env = stack.env()
     finally:
         stack.http.close()
-    assert len(set(stack.ports.values())) == len(stack.ports) == 5
+    assert len(set(stack.ports.values())) == len(stack.ports) == 6
     compose_text = COMPOSE_FILE.read_text()
     published = [name for name in env if name.startswith("GESCO_PUBLISH_")]
-    assert len(published) == 5
+    assert len(published) == 6
     for name in [*published, "GESCO_TORCH_WHEELHOUSE"]:
         assert "${" + name + ":-" in compose_text, name
     assert env["GESCO_PUBLISH_SENDER_PORT"] == str(stack.ports["sender"])
