@@ -92,9 +92,10 @@ class TransmissionParameters:
                                              examples=[75])] = None
     # No example: Swagger UI's Try it out would send it with the coding fields' examples, a conflict.
     budget: Annotated[str | None, Form(max_length=40, description=(
-        "channel-use budget: complex channel uses (an integer: 3072) or a bandwidth ratio per value of the H x W x 3 "
-        "source (a fraction or a decimal: 1/12, 0.083, 2.0); the sender picks downsample_factor, compression and jpeg_quality with the best expected mIoU at "
-        "the requested SNR within it (docs/rate-quality.md), so those must stay empty"))] = None
+        "channel-use budget: complex channel uses (an integer: 3072) or a bandwidth ratio per value of the "
+        "H x W x 3 source (a fraction or a decimal: 1/12, 0.083, 2.0); the sender picks downsample_factor, "
+        "compression and jpeg_quality with the best expected mIoU at the requested SNR within it "
+        "(docs/rate-quality.md), so those must stay empty"))] = None
     use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
 
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:

@@ -8,8 +8,9 @@ The encoder takes the one-hot CamVid train label maps at the sender's size (96x1
 uniformly from [--snr-min, --snr-max] dB, and the decoder is trained with cross-entropy against
 the label map at the generator's 48x64 (majority over 2x2 blocks). The ratio fixes the latent's
 channels: ratio x 2 x 36,864 / 192 positions. Adam, a cosine schedule over a budget of the
-process's CPU time (so a shared, busy machine gets the same training as a quiet one), horizontal flips. At the end the val split is scored at a few SNRs (decoded-map pixel accuracy and
-mIoU, void excluded) and the weights are written in fp16 with that in the meta (models/map-jscc.md).
+process's CPU time (so a shared, busy machine gets the same training as a quiet one), horizontal
+flips. At the end the val split is scored at a few SNRs (decoded-map pixel accuracy and mIoU, void
+excluded) and the weights are written in fp16 with that in the meta (models/map-jscc.md).
 """
 from __future__ import annotations
 
