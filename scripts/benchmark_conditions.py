@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         reference = median_seconds(lambda: reference_conditions(labels, cfg, rng), args.repeats, device)
         fast = median_seconds(batched, args.repeats, device)
         rows.append(f"| {labels.shape[1]}x{labels.shape[2]} -> {out_size[0]}x{out_size[1]} | {len(labels)} "
-                    f"| {reference:.3f} | {fast:.4f} | {reference / fast:.0f}x |")
+                    f"| {reference:.3f} | {fast:.4f} | {reference / fast:.2f}x |")
     lines = [
         "# Training conditions: reference link vs batched link",
         "",

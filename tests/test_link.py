@@ -90,8 +90,9 @@ def _reference(labels: np.ndarray, codec: CodecConfig, snr_db: float, out_size: 
 @pytest.mark.parametrize("use_fds", [True, False])
 @pytest.mark.parametrize("out_size", [(16, 24), (32, 48), (64, 96)])
 def test_batched_link_equals_reference_without_noise(factor: int, use_fds: bool, out_size: tuple[int, int]) -> None:
-    """At 100 dB the only noise is 1e-5 on the 0/1 maps: both paths give the same condition."""
-    labels = _label_batch()
+    """At 100 dB the only noise is 1e-5 on the 0/1 maps: both paths give the same condition (10
+    maps: more than one CPU chunk)."""
+    labels = _label_batch(10)
     codec = CodecConfig(num_classes=12, downsample_factor=factor)
     ref = _reference(labels, codec, 100.0, out_size, use_fds)
     got = batched_conditions(torch.from_numpy(labels), codec, torch.full((len(labels),), 100.0), out_size,
