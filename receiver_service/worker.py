@@ -519,9 +519,16 @@ class GenerationWorker:
             self._complete(job, result, started)
             return
         with self._changed:
-            future = self._encoder.submit(self._complete, job, result, started)
-            self._encoding.add(future)
-        future.add_done_callback(self._encoded)
+            try:
+                future = self._encoder.submit(self._complete, job, result, started)
+            except RuntimeError:  # `stop` shut the encoders down while this batch ran: finish here
+                future = None
+            else:
+                self._encoding.add(future)
+        if future is None:
+            self._complete(job, result, started)
+        else:
+            future.add_done_callback(self._encoded)
 
     def _encoded(self, future: Future) -> None:
         with self._changed:

@@ -61,9 +61,19 @@ class DiffusionConfig:
     prediction: str = "epsilon"  # what the network's first C outputs are: "epsilon" or "velocity"
 
 
+def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on `device`, without waiting for it: onto a GPU through pinned
+    memory and asynchronously, since a copy from pageable memory first waits for every kernel
+    queued (a host sync at each sampling step). On the CPU the array itself, shared."""
+    tensor = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _extract(values: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Gather per-timestep constants for a batch and broadcast them over the image dims."""
-    out = torch.from_numpy(values).to(device=t.device)[t].float()
+    out = to_device(values, t.device)[t].float()
     return out.reshape(-1, *([1] * (ndim - 1)))
 
 
@@ -140,7 +150,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Timesteps as the network knows them (the original chain's indices)."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return to_device(self.timestep_map, t.device)[t]
 
     # --- forward process -------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from shared.limits import SamplingOptions
 from shared.semantic.checkpoints import load_checkpoint
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.forward_buckets import BucketedForward
-from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
+from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, to_device
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
 from shared.semantic.diffusion.samplers import SAMPLERS, GuidedModel, StepCallback, resolve
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
@@ -170,8 +170,10 @@ class SemanticImageGenerator:
         """Conditions as the network takes them: float32 on its device, contiguous.
 
         A copy made here is an inference tensor like every other network input, so a compiled
-        network sees one kind of tensor and does not recompile for unguided requests."""
-        return conditions.to(self.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+        network sees one kind of tensor and does not recompile for unguided requests. A GPU gets
+        it without a host sync (`to_device`)."""
+        copy = conditions.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        return to_device(copy, self.device)
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:

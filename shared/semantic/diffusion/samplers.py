@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from shared.limits import MIN_STEPS, LimitError, SamplingOptions
-from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn
+from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn, to_device
 
 
 def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -39,7 +39,7 @@ def spaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
 def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A standard normal draw of `shape` (batch first), each image from its own generator, drawn
     where its generator lives (a CUDA generator draws on the GPU) and stacked on `device`."""
-    return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generators]).to(device)
+    return to_device(torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generators]), device)
 
 
 def guided_forward(network: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -57,7 +57,7 @@ def guided_forward(network: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
     if len(guided) == len(x):
         free_x, free_t = x, t
     else:
-        rows = torch.from_numpy(guided).to(x.device)
+        rows = to_device(guided, x.device)
         free_x, free_t = x[rows], t[rows]
     both = network(torch.cat([x, free_x]), torch.cat([t, free_t]),
                    torch.cat([condition, condition.new_zeros((len(guided), *condition.shape[1:]))]))
@@ -66,7 +66,7 @@ def guided_forward(network: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
     mean_u, _ = unconditional.chunk(2, dim=1)
     if len(guided) < len(x):  # unguided rows: s = 0 times a zero difference leaves mean_c as it is
         mean_u = mean_c.clone().index_copy_(0, rows, mean_u)
-    scale = torch.from_numpy(guidance.astype(np.float64)).to(x.device).float().view(-1, *([1] * (x.ndim - 1)))
+    scale = to_device(guidance.astype(np.float64), x.device).float().view(-1, *([1] * (x.ndim - 1)))
     return torch.cat([mean_c + scale * (mean_c - mean_u), v_c], dim=1)
 
 
@@ -129,11 +129,11 @@ class Chain:
 
     def model_timesteps(self) -> torch.Tensor:
         """The rows' timesteps as the network knows them (the full chain's indices)."""
-        return torch.from_numpy(self.process.timestep_map[self.positions]).to(self.x.device)
+        return to_device(self.process.timestep_map[self.positions], self.x.device)
 
     def rows(self, values: np.ndarray) -> torch.Tensor:
         """A float per row (computed in float64 on the host) as a (B, 1, ..., 1) tensor beside x."""
-        column = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.x.device).float()
+        column = to_device(np.asarray(values, dtype=np.float64), self.x.device).float()
         return column.view(-1, *([1] * (self.x.ndim - 1)))
 
     def noise(self, wanted: np.ndarray) -> torch.Tensor:
@@ -145,13 +145,13 @@ class Chain:
         picked = np.flatnonzero(wanted)
         if len(picked):
             draws = per_image_noise([self.generators[r] for r in picked], tuple(self.x.shape), self.x.device)
-            noise.index_copy_(0, torch.from_numpy(picked).to(self.x.device), draws)
+            noise.index_copy_(0, to_device(picked, self.x.device), draws)
         return noise
 
     def take(self, rows: Sequence[int]) -> Chain:
         """A chain of the given rows only (in that order)."""
         index = np.asarray(rows, dtype=np.int64)
-        on_device = torch.from_numpy(index).to(self.x.device)
+        on_device = to_device(index, self.x.device)
         return Chain(self.process, self.x[on_device], self.positions[index], [self.generators[r] for r in index],
                      {name: value[on_device] if isinstance(value, torch.Tensor) else value[index]
                       for name, value in self.memory.items()})
@@ -211,12 +211,12 @@ class Sampler(abc.ABC):
         timesteps); a row whose last step this was then holds its image, clamped to [-1, 1]."""
         if chain.finished.any():
             raise ValueError("a chain's finished rows must leave it before the next step")
-        x = self.next_x(chain, output, torch.from_numpy(chain.positions).to(chain.x.device))
+        x = self.next_x(chain, output, to_device(chain.positions, chain.x.device))
         last = chain.positions == 0
         if last.all():
             x = x.clamp(-1, 1)
         elif last.any():
-            x = torch.where(torch.from_numpy(last).to(x.device).view(-1, *([1] * (x.ndim - 1))), x.clamp(-1, 1), x)
+            x = torch.where(to_device(last, x.device).view(-1, *([1] * (x.ndim - 1))), x.clamp(-1, 1), x)
         chain.x = x
         chain.positions = chain.positions - 1
 
@@ -354,7 +354,7 @@ class DPMSolverPP2MSampler(Sampler, name="dpmpp2m", default_steps=20):
              + chain.rows(np.where(last, 0.0, alpha[before] * -np.expm1(-np.nan_to_num(h)))) * direction)
         chain.memory.update(previous_x_start=x_start, previous_h=h)
         if last.any():
-            x = torch.where(torch.from_numpy(last).to(x.device).view(-1, *([1] * (x.ndim - 1))), x_start, x)
+            x = torch.where(to_device(last, x.device).view(-1, *([1] * (x.ndim - 1))), x_start, x)
         return x
 
 

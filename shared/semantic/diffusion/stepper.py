@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from shared.limits import SamplingOptions
-from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion
+from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, to_device
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
 from shared.semantic.diffusion.samplers import SAMPLERS, Chain, Sampler, guided_forward
 
@@ -45,7 +45,7 @@ class _Group:
     def keep(self, rows: list[int]) -> None:
         self.chain = self.chain.take(rows)
         self.keys = [self.keys[r] for r in rows]
-        self.conditions = self.conditions[torch.tensor(rows, dtype=torch.long, device=self.conditions.device)]
+        self.conditions = self.conditions[to_device(np.asarray(rows, dtype=np.int64), self.conditions.device)]
         self.guidance = self.guidance[rows]
 
 
@@ -125,7 +125,7 @@ class StepBatch:
             first += rows
             done = group.chain.finished
             if done.any():
-                images = to_uint8_images(group.chain.x[torch.from_numpy(np.flatnonzero(done)).to(group.chain.x.device)])
+                images = to_uint8_images(group.chain.x[to_device(np.flatnonzero(done), group.chain.x.device)])
                 finished += zip([group.keys[r] for r in np.flatnonzero(done)], images)
                 self._keep(group_key, [int(r) for r in np.flatnonzero(~done)])
         return finished
