@@ -439,7 +439,8 @@ def _short_frame(frame: str, line: bool = True) -> str:
     return f"{name} ({where if line else where.rpartition(':')[0]})" if where else name
 
 
-def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound) -> str:
+def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound, command: str | None = None) -> str:
+    """The Markdown report; `command` is the command line it names (default: this process's)."""
     first = next(iter(runs.values()))
     model = first.model
     labels = {config: CONFIGS[config][0] for config in runs}
@@ -447,7 +448,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound) -> str:
         "## Serving benchmark",
         "",
         f"- machine: {machine_summary(args)}",
-        f"- command: `{shlex.join(['python', '-m', 'scripts.benchmark_serving', *sys.argv[1:]])}`",
+        f"- command: `{command or shlex.join(['python', '-m', 'scripts.benchmark_serving', *sys.argv[1:]])}`",
         f"- model: {model.get('name')} (trained: {model.get('trained')}), {model.get('image_height')}x"
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "
@@ -577,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict[str, Run], Bound]:
+    """Parse `argv`, run every configuration through the services, then the compute bound."""
     args = build_parser().parse_args(argv)
     if args.max_batch_size < 2:
         raise SystemExit("--max-batch-size must be at least 2 (the off run uses 1)")
@@ -592,7 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     args.sampler, args.steps = sampling.sampler, sampling.steps
     runs = {config: benchmark_stack(args, config) for config in dict.fromkeys(args.configs)}
     print("[compute bound] timing the network in process", file=sys.stderr)
-    text = report(args, runs, compute_bound(args))
+    return args, runs, compute_bound(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, runs, bound = measure(argv)
+    text = report(args, runs, bound)
     print(text)
     if args.output:
         args.output.write_text(text)
