@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -355,6 +356,8 @@ class Stack:
     in_flight: str | None = None
     started: bool = False  # `up` was attempted: there may be something to tear down
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=httpx.Timeout(30.0, read=180.0)))
+    # The receivers reach Redis with a password, as a deployment should: the check exercises it.
+    redis_password: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -373,6 +376,7 @@ class Stack:
             "GESCO_PUBLISH_RECEIVER_GRPC_PORT": str(self.ports["receiver_grpc"]),
             "GESCO_PUBLISH_CHANNEL_PORT": str(self.ports["channel"]),
             "GESCO_PUBLISH_CHANNEL_METRICS_PORT": str(self.ports["channel_metrics"]),
+            "GESCO_REDIS_PASSWORD": self.redis_password,
         }
         if self.wheelhouse:
             env["GESCO_TORCH_WHEELHOUSE"] = self.wheelhouse
