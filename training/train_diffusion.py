@@ -25,7 +25,6 @@ of a fixed length always returns its weights. The EMA weights are exported (fp16
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -50,6 +49,7 @@ from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, Gaussi
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig
 from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
+from training.config_cli import config_parser
 from training.weight_parts import has_parts, load_parts, save_parts
 
 PARTS_KIND = "semantic-diffusion-training"
@@ -112,28 +112,8 @@ class TrainConfig:
     device: str = "auto"
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-    return lowered in ("1", "true", "yes")
-
-
-def _parse_tuple(text: str) -> tuple[float | int, ...]:
-    return tuple(float(v) if "." in v else int(v) for v in text.split(","))
-
-
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(TrainConfig, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, default=default)
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, type=_parse_tuple, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
+    parser = config_parser(TrainConfig, __doc__)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.amp not in AMP_DTYPES:
         parser.error(f"--amp must be one of {sorted(AMP_DTYPES)}, not {cfg.amp!r}")

@@ -29,7 +29,6 @@ Choices:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -58,6 +57,7 @@ from shared.semantic.segmenter import (
     count_parameters,
     score_segmentation,
 )
+from training.config_cli import config_parser
 
 SOURCE_SIZE = (192, 256)  # training crops are cut from the data at this resolution
 
@@ -105,14 +105,7 @@ class TrainConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(TrainConfig, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, type=type(default), default=default)
+    parser = config_parser(TrainConfig, __doc__)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if not 0 < cfg.scale_min <= cfg.scale_max:
         parser.error(f"--scale-min must be positive and at most --scale-max, not {cfg.scale_min} / {cfg.scale_max}")
