@@ -90,8 +90,9 @@ class TransmissionParameters:
     compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
     jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
                                              examples=[75])] = None
-    # No example: Swagger UI's Try it out would send it with the coding fields' examples, a conflict.
-    budget: Annotated[str | None, Form(max_length=40, description=(
+    # An empty example: Swagger UI's Try it out would otherwise fill in "string" beside the coding
+    # fields' examples, a conflict; an empty field is not sent.
+    budget: Annotated[str | None, Form(max_length=40, examples=[""], description=(
         "channel-use budget: complex channel uses (an integer: 3072) or a bandwidth ratio per value of the "
         "H x W x 3 source (a fraction or a decimal: 1/12, 0.083, 2.0); the sender picks downsample_factor, "
         "compression and jpeg_quality with the best expected mIoU at the requested SNR within it "

@@ -83,10 +83,10 @@ def test_apps_with_cdn_pages_or_no_schema_are_refused(kwargs) -> None:
 
 
 def test_the_senders_key_guard_leaves_the_docs_pages_and_their_assets_open() -> None:
-    from sender_service.auth import ApiKeyGuard
+    from sender_service.auth import OPEN_PATHS, OPEN_PREFIXES, ApiKeyGuard
 
     app = make_app(api_key_header="X-API-Key")
-    app.add_middleware(ApiKeyGuard, api_key="secret")
+    app.add_middleware(ApiKeyGuard, api_key="secret", open_paths=OPEN_PATHS, open_prefixes=OPEN_PREFIXES)
     client = TestClient(app)
     for path in ("/docs", "/redoc", f"{ASSETS_PATH}/swagger-ui-bundle.js", f"{ASSETS_PATH}/redoc.standalone.js",
                  "/docs/oauth2-redirect", "/openapi.json"):

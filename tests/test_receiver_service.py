@@ -699,8 +699,11 @@ def test_rest_status_image_and_maps(app_client, fake_generator):
     assert status["id"] == tid and status["error"] is None
     assert status["channel"] == {"model": "awgn", "snr_definition": "paper_psnr", "requested_snr_db": 30.0,
                                  "measured_snr_db": pytest.approx(29.8), "channel_uses": symbols.size // 2}
+    source_values = header.semantic.height * header.semantic.width * 3
     assert status["bits"] == {"payload_bits": int(header.semantic.payload_bits), "num_symbols": symbols.size,
-                              "channel_uses": symbols.size // 2, "image_bits_jpeg": 12345, "image_jpeg_quality": 0}
+                              "channel_uses": symbols.size // 2, "image_bits_jpeg": 12345, "image_jpeg_quality": 0,
+                              "source_values": source_values,
+                              "bandwidth_ratio": pytest.approx(symbols.size // 2 / source_values)}
     assert status["semantic"]["present_class_ids"] == [0, 1, 3, 8] and status["semantic"]["compression"] == "none"
     assert status["sampling"] == {"sampler": "ddim", "steps": 3, "guidance": 0.0, "seed": 5, "use_fds": True}
     assert status["model"]["name"] == "fake" and status["model"]["trained"] is False
