@@ -224,12 +224,18 @@ class RateQualityRun:
         self.height, self.width = self.ev.size
         self.probe = SchemeProbe(config.seed, max_iterations=config.ldpc_iterations)
         self.schemes: dict[str, str | None] = {}  # average-power SNR -> the scheme link adaptation picks
-        self.cache = ConfigCache(None if config.cache_dir is None else Path(config.cache_dir), {
+        # Two caches: what arrived (every image; it does not depend on the segmenter) and its scores.
+        # A new segmenter then rescores without sending or generating anything again.
+        directory = None if config.cache_dir is None else Path(config.cache_dir)
+        received = {
             "kind": "rate-quality", "split": config.split, "data_root": str(self.ev.data_root.resolve()),
             "names": self.ev.names, "size": list(self.ev.size), "seed": config.seed, "sampler": config.sampler,
             "steps": config.steps, "guidance": config.guidance, "ldpc_iterations": config.ldpc_iterations,
-            "segmenter": file_stamp(config.segmenter), "model": file_stamp(config.model),
-        })
+            "model": file_stamp(config.model),
+        }
+        self.received = ConfigCache(None if directory is None else directory / "received", received)
+        self.cache = ConfigCache(None if directory is None else directory / "scores",
+                                 received | {"segmenter": file_stamp(config.segmenter)})
         self.grid_position = 0
         self.grid: dict[str, Any] = {}  # representation -> rate -> SNR -> the grid scene as received
         self._label_options: list[list[SourceOption]] | None = None
@@ -254,13 +260,13 @@ class RateQualityRun:
         snr = round(self.average_power_snr(i, snr_db), 2)
         key = {"method": "scheme_probe", "definition": "average_power", "snr": snr_key(snr)}
         if snr_key(snr) not in self.schemes:
-            cached = self.cache.load(key)
+            cached = self.received.load(key)
             if cached is not None:
                 self.schemes[snr_key(snr)] = cached[0]["scheme"]
             else:
                 probed = self.probe(snr)
                 self.schemes[snr_key(snr)] = None if probed is None else probed.name
-                self.cache.save(key, {"scheme": self.schemes[snr_key(snr)]}, np.zeros(1))
+                self.received.save(key, {"scheme": self.schemes[snr_key(snr)]}, np.zeros(1))
         return next((m for m in MCS_TABLE if m.name == self.schemes[snr_key(snr)]), None)
 
     def generate(self, conditions: list[np.ndarray]) -> np.ndarray:
@@ -277,28 +283,33 @@ class RateQualityRun:
     def out_size(self) -> tuple[int, int]:
         return self.generator.info.image_height, self.generator.info.image_width
 
-    def configuration(self, representation: str, rate: str, snr_db: float | None,
-                      transmit: Callable[[], tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
-        """Scores of one (representation, rate, SNR): from the cache, or transmitted, scored and cached."""
+    def configuration(self, representation: str, rate: str, snr_db: float, transmit: Callable[[], Any],
+                      stamp: Any = None) -> dict[str, Any]:
+        """Scores of one (representation, rate, SNR): from the cache, or scored from the cached received
+        images, or transmitted, scored and cached. `stamp` adds what else the result depends on."""
         key = {"method": f"{representation}_{rate.replace('/', 'over')}", "definition": self.definition.value,
-               "snr": "none" if snr_db is None else snr_key(snr_db)}
+               "snr": snr_key(snr_db), "stamp": stamp}
         cached = self.cache.load(key)
         if cached is not None:
             scores, grid_image = cached
         else:
-            started = time.monotonic()
-            images, extra = transmit()
-            seconds = time.monotonic() - started
+            sent = self.received.load(key)
+            if sent is not None:
+                extra, images = sent
+            else:
+                started = time.monotonic()
+                images, extra = transmit()
+                extra["seconds_per_image"] = (time.monotonic() - started) / len(images)
+                self.received.save(key, extra, images)
             scores = self.ev.score(images)
             for name in ("channel_uses", "payload_bits", "measured_snr_db"):
                 if name in extra:
                     scores[name] = summarize(extra.pop(name))
             scores.update(extra)
-            scores["seconds_per_image"] = seconds / len(images)
             grid_image = images[self.grid_position]
             self.cache.save(key, scores, grid_image)
             _log(f"{representation} {rate} @ {key['snr']} dB: mIoU {scores['miou']['mean']:.3f}, "
-                 f"{scores['seconds_per_image']:.2f} s/image")
+                 f"{scores['seconds_per_image']:.2f} s/image" + (" (received images from the cache)" if sent else ""))
         self.grid.setdefault(representation, {}).setdefault(rate, {})[key["snr"]] = grid_image
         return with_bandwidth_ratio(scores, self.ev.source_values)
 
@@ -329,7 +340,7 @@ class RateQualityRun:
     def label_scenes(self, factor: int) -> np.ndarray:
         """The generated images of the exact label maps at `factor`: what a decoded separated link gives."""
         key = {"method": f"separated_scenes_f{factor}", "definition": "none", "snr": "clean"}
-        cached = self.cache.load(key)
+        cached = self.received.load(key)
         if cached is not None:
             return cached[1]
         conditions = []
@@ -338,7 +349,7 @@ class RateQualityRun:
             encoded = encode_label_map(small, CodecConfig(num_classes=self.num_classes))
             conditions.append(received_condition(encoded.symbols, encoded.header, self.out_size))
         images = self.generate(conditions)
-        self.cache.save(key, {"factor": factor}, images)
+        self.received.save(key, {"factor": factor}, images)
         _log(f"separated: scenes of the label maps at factor {factor} generated")
         return images
 
@@ -416,12 +427,12 @@ class RateQualityRun:
             rates: dict[str, Any] = {}
             per_rate: dict[str, Any] = {}
             problems = []
-            for rate, rate_info, rate_snrs, transmit in self._plan(name, snrs):
+            for rate, rate_info, rate_snrs, transmit, stamp in self._plan(name, snrs):
                 if isinstance(transmit, str):
                     problems.append(transmit)
                     continue
                 rates[rate] = rate_info
-                per_rate[rate] = {snr_key(snr): self.configuration(name, rate, snr, lambda s=snr: transmit(s))
+                per_rate[rate] = {snr_key(snr): self.configuration(name, rate, snr, lambda s=snr: transmit(s), stamp)
                                   for snr in rate_snrs}
             info[name] = {"label": representation.label, "kind": representation.kind,
                           "sendable": representation.sendable, "problems": problems,
@@ -432,12 +443,15 @@ class RateQualityRun:
                 self.scheme(0, snr)
         if any(n in config.representations for n in ("separated_fixed", "digital_fixed")):
             self.scheme(0, config.design_snr)
-        return {"representations": info, "results": results, "link_adaptation": dict(self.schemes),
+        order = [name for name in REPRESENTATIONS if name in info]  # the report's order, whatever ran first
+        return {"representations": {name: info[name] for name in order},
+                "results": {name: results[name] for name in order}, "link_adaptation": dict(self.schemes),
                 "sizes": self.sizes(), "grid": self.grid}
 
     def _plan(self, name: str, snrs: list[float]):
-        """(rate key, rate info, SNRs, transmit(snr)) of each rate of a representation; a str instead of
-        transmit when the representation cannot run (why)."""
+        """(rate key, rate info, SNRs, transmit(snr), stamp) of each rate of a representation; a str instead
+        of transmit when the representation cannot run (why); the stamp of a file the results depend on
+        (a learned encoder's checkpoint: retrained, it gives other results)."""
         config = self.config
         if name in ("ours", "ours_jpeg"):
             compression = Compression.JPEG if name == "ours_jpeg" else Compression.NONE
@@ -446,36 +460,38 @@ class RateQualityRun:
                     continue
                 yield (f"f{factor}", {"downsample_factor": factor, "compression": compression.value,
                                       "jpeg_quality": config.map_jpeg_quality, "budget_ratio": None}, snrs,
-                       lambda snr, f=factor, c=compression: self.ours(f, c, snr))
+                       lambda snr, f=factor, c=compression: self.ours(f, c, snr), None)
         elif name in ("separated", "digital"):
             for ratio in config.ratios:
                 yield (rate_quality.ratio_text(ratio), {"budget_ratio": ratio}, snrs,
-                       lambda snr, r=ratio: self.separated(name == "separated", r, snr, None))
+                       lambda snr, r=ratio: self.separated(name == "separated", r, snr, None), None)
         elif name in ("separated_fixed", "digital_fixed"):
             every = sorted(set(snrs) | set(config.cliff_snrs))
             for ratio in config.fixed_ratios:
                 yield (rate_quality.ratio_text(ratio), {"budget_ratio": ratio, "design_snr_db": config.design_snr}, every,
-                       lambda snr, r=ratio: self.separated(name == "separated_fixed", r, snr, config.design_snr))
+                       lambda snr, r=ratio: self.separated(name == "separated_fixed", r, snr, config.design_snr),
+                       None)
         elif name == "analog":
             for ratio in config.ratios:
-                yield rate_quality.ratio_text(ratio), {"budget_ratio": ratio}, snrs, lambda snr, r=ratio: self.analog(r, snr)
+                yield (rate_quality.ratio_text(ratio), {"budget_ratio": ratio}, snrs,
+                       lambda snr, r=ratio: self.analog(r, snr), None)
         elif name == "learned":
             for path in config.learned:
                 try:
                     model, meta = load_map_jscc(path, _relative(path))
                 except (FileNotFoundError, ValueError) as error:
-                    yield path, None, snrs, f"not run: {error}"
+                    yield path, None, snrs, f"not run: {error}", None
                     continue
                 if (model.config.map_height, model.config.map_width) != (self.height, self.width) \
                         or (model.config.out_height, model.config.out_width) != self.out_size:
                     yield path, None, snrs, (f"not run: {_relative(path)} codes {model.config.map_height}x"
                                              f"{model.config.map_width} maps for a {model.config.out_height}x"
-                                             f"{model.config.out_width} generator")
+                                             f"{model.config.out_width} generator"), None
                     continue
                 ratio = rate_quality.channel_uses(model.config.num_symbols) / self.ev.source_values
                 yield (rate_quality.ratio_text(ratio), {"budget_ratio": None, "ratio": ratio, "checkpoint": _relative(path),
                                           "trained_snr_db": meta.get("snr_db_range"), "steps": meta.get("steps")},
-                       snrs, lambda snr, m=model: self.learned(m, snr))
+                       snrs, lambda snr, m=model: self.learned(m, snr), file_stamp(path))
 
     def sizes(self) -> dict[str, Any]:
         """Bits of every source option per image: the label map's lossless codes and the JPEGs."""
@@ -507,7 +523,11 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
     results = runner.run()
     results["settings"] = {
         "command": command, "wall_time_s": round(time.monotonic() - started, 1),
-        "configurations_from_cache": runner.cache.hits, "torch_threads": torch.get_num_threads(),
+        "configurations_from_cache": runner.cache.hits,
+        "recorded_compute_s": round(sum(entry["seconds_per_image"] * len(ev.indices)
+                                        for per_rate in results["results"].values()
+                                        for per_snr in per_rate.values() for entry in per_snr.values()), 1),
+        "torch_threads": torch.get_num_threads(),
         "device": str(ev.device), "split": config.split, "images": len(ev.indices), "split_images": ev.split_size,
         "image_names": ev.names, "evaluated_resolution": list(ev.size), "source_values": ev.source_values,
         "generator_resolution": list(runner.out_size), "snrs_db": sorted(set(config.snrs)),

@@ -128,7 +128,7 @@ def _equal_uses_check(results: dict[str, Any]) -> dict[str, Any]:
     snrs = [s for s in _snr_keys(results) if float(s) <= TARGET_SNR]
     if not snrs or not {"digital", "analog"} <= set(results["results"]):
         return check | {"status": "NOT EVALUATED", "observed": "needs digital and analog at SNRs <= 10 dB"}
-    lost, cells = [], 0
+    lost, cells, margins = [], 0, []
     separated_wins = []
     for snr in snrs:
         semantic = frontier(results, _ratios(results), snr, kind="semantic")
@@ -140,10 +140,15 @@ def _equal_uses_check(results: dict[str, Any]) -> dict[str, Any]:
             ours, theirs = semantic[ratio], images[ratio]
             if ours is None or (theirs is not None and theirs[2] >= ours[2]):
                 lost.append(f"{rate_quality.ratio_text(ratio)} at {snr} dB ({_who(theirs)} vs {_who(ours)})")
+            elif ours is not None:
+                margins.append((ours[2] - (theirs[2] if theirs else 0.0), f"{rate_quality.ratio_text(ratio)} at {snr} dB"))
             if ours and ours[0].startswith("separated") and without_separated[ratio]:
                 separated_wins.append(f"{rate_quality.ratio_text(ratio)} at {snr} dB by "
                                       f"{ours[2] - without_separated[ratio][2]:+.3f}")
     observed = f"semantic ahead in {cells - len(lost)} of {cells} (ratio, SNR) cells"
+    if margins:
+        narrow = sorted(margins)[:3]
+        observed += " (smallest margins " + ", ".join(f"{m:+.3f} at {where}" for m, where in narrow) + ")"
     if lost:
         observed += "; not in " + ", ".join(lost)
     observed += ("; the separated semantic link is the best semantic one at " + ", ".join(separated_wins)
@@ -252,6 +257,9 @@ def plot_all(results: dict[str, Any], plot_dir: Path) -> list[Path]:
             if points:
                 style = "--" if name.endswith("_fixed") else "-"
                 ax.plot(*zip(*points), style, marker="o", label=_label(results, name))
+        if not ax.lines:
+            plt.close(fig)
+            continue
         ax.set_xlabel(axis)
         ax.set_ylabel("mIoU ↑")
         ax.set_title(f"bandwidth ratio at most {key}: each representation's best rate within it", fontsize=9)
@@ -347,8 +355,9 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
     if results.get("summary"):
         lines += [" ".join(results["summary"].split()), ""]
     lines += [f"Command ({s['wall_time_s'] / 60:.1f} min wall time, {s['torch_threads']} torch threads on {s['device']}"
-              + (f"; {s['configurations_from_cache']} configurations from the cache" if s["configurations_from_cache"]
-                 else "") + "):", "", "```sh", s["command"], "```", ""]
+              + (f"; {s['configurations_from_cache']} configurations from the cache of an earlier run with the same "
+                 f"settings, whose own compute time, as recorded, was {s['recorded_compute_s'] / 60:.1f} min"
+                 if s["configurations_from_cache"] else "") + "):", "", "```sh", s["command"], "```", ""]
     lines += [
         "## Bandwidth ratio",
         "",
@@ -459,8 +468,9 @@ def _default_section(results: dict[str, Any]) -> list[str]:
 
 def _tables_section(results: dict[str, Any]) -> list[str]:
     lines = ["", "## All configurations", "",
-             "mIoU mean ± standard deviation over the images; the ratio is the measured mean (for budget-driven "
-             "rows at most the budget); lost: share of images lost by a separated link."]
+             "mIoU mean ± standard deviation over the images; ratio and bits: the measured means, lowest–highest over "
+             "the SNRs when they differ (a budget-driven row's rate is its budget, which it never exceeds; an image "
+             "not sent counts 0); lost: share of images lost by a separated link."]
     for name in _plot_order(results):
         per_rate = results["results"][name]
         snrs = sorted({s for per_snr in per_rate.values() for s in per_snr}, key=float)
@@ -468,7 +478,6 @@ def _tables_section(results: dict[str, Any]) -> list[str]:
                   "| rate | ratio | bits | " + " | ".join(f"{s} dB" for s in snrs) + " |",
                   "|---" * (len(snrs) + 3) + "|"]
         for rate, per_snr in per_rate.items():
-            any_entry = next(iter(per_snr.values()))
             cells = []
             for snr in snrs:
                 entry = per_snr.get(snr)
@@ -479,10 +488,17 @@ def _tables_section(results: dict[str, Any]) -> list[str]:
                 if "lost" in entry:
                     cell += f" (lost {entry['lost']:.2f})"
                 cells.append(cell)
-            bits = any_entry.get("payload_bits", {}).get("mean")
-            lines.append(f"| {rate} | {any_entry['bandwidth_ratio']['mean']:.4g} | "
-                         f"{'—' if bits is None else f'{bits:,.0f}'} | " + " | ".join(cells) + " |")
+            ratios = [e["bandwidth_ratio"]["mean"] for e in per_snr.values()]
+            bits = [e["payload_bits"]["mean"] for e in per_snr.values() if "payload_bits" in e]
+            lines.append(f"| {rate} | {_span(ratios, '{:.4g}')} | {_span(bits, '{:,.0f}') if bits else '—'} | "
+                         + " | ".join(cells) + " |")
     return lines
+
+
+def _span(values: list[float], form: str) -> str:
+    """One value, or "low–high" when the SNRs differ (a separated link's scheme changes with the SNR)."""
+    low, high = min(values), max(values)
+    return form.format(low) if math.isclose(low, high) else f"{form.format(low)}–{form.format(high)}"
 
 
 def _sizes_section(results: dict[str, Any]) -> list[str]:

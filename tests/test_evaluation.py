@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -378,3 +379,10 @@ def test_rate_quality_end_to_end(fake_setup: dict[str, Path]) -> None:
     rate_quality.main(argv)
     rerun = json.loads((out / "results.json").read_text())
     assert rerun["results"] == results["results"] and rerun["settings"]["configurations_from_cache"] > 0
+    # Another segmenter file (here: the same weights, touched) rescores the received images it kept,
+    # without sending or generating again.
+    segmenter = root / "segmenter.pt"
+    os.utime(segmenter, ns=(segmenter.stat().st_atime_ns, segmenter.stat().st_mtime_ns + 10**9))
+    rate_quality.main(argv)
+    rescored = json.loads((out / "results.json").read_text())
+    assert rescored["settings"]["configurations_from_cache"] == 0 and rescored["results"] == results["results"]

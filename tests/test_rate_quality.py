@@ -83,3 +83,7 @@ def test_choose_takes_the_cheapest_within_the_tolerance_of_the_best_that_fits() 
     assert choose(at_1, 100_000, 0.01).entry is full  # 0.10 better: worth the uses
     assert choose(at_1, 10_000, 0.01).entry is quarter  # the only one within the budget
     assert choose(at_1, 4_000, 0.01) is None
+    # Equally cheap (JPEG maps take the channel uses of plain ones): the first, unless clearly better.
+    jpeg = TableEntry("ours", 4, "jpeg", 75, 0.125, (0.405, 0.545, 0.56))
+    assert choose([candidate(quarter, 4_608, 10), candidate(jpeg, 4_608, 10)], 10_000, 0.01).entry is quarter
+    assert choose([candidate(quarter, 4_608, 1), candidate(jpeg, 4_608, 1)], 10_000, 0.001).entry is jpeg

@@ -319,14 +319,17 @@ def test_label_map_is_sent_as_present_class_symbols(sender, channel) -> None:
     assert header.sampling.steps == 5 and header.sampling.guidance == 1.5
     assert header.sampling.sampler == "ddim" and header.sampling.use_fds is False
     assert header.image_bits_jpeg == 0
-    assert len(call["symbols"]) == 4 * MAP_HEIGHT * MAP_WIDTH
+    # The default downsampling factor 2: 4 maps of H/2 x W/2 values, still 0/1 (the regions are
+    # aligned to 2x2 blocks), so one bit a value.
+    assert header.semantic.downsample_factor == 2
+    assert len(call["symbols"]) == MAP_HEIGHT * MAP_WIDTH
     assert np.mean(call["symbols"].astype(np.float64) ** 2) == pytest.approx(1.0, rel=1e-5)
     assert body["bits"] == {
-        "payload_bits": 4 * MAP_HEIGHT * MAP_WIDTH,
-        "num_symbols": 4 * MAP_HEIGHT * MAP_WIDTH,
-        "channel_uses": 2 * MAP_HEIGHT * MAP_WIDTH,
+        "payload_bits": MAP_HEIGHT * MAP_WIDTH,
+        "num_symbols": MAP_HEIGHT * MAP_WIDTH,
+        "channel_uses": MAP_HEIGHT * MAP_WIDTH // 2,
         "source_values": 3 * MAP_HEIGHT * MAP_WIDTH,
-        "bandwidth_ratio": 2 / 3,  # 4 maps of H x W values, two a channel use, per H x W x 3 source values
+        "bandwidth_ratio": 1 / 6,  # H W / 2 channel uses per H x W x 3 source values
         "image_bits_jpeg": 0,
         "image_jpeg_quality": 0,
     }

@@ -231,14 +231,15 @@ class Candidate:
 
 def choose(candidates: list[Candidate], budget_uses: int, tolerance_miou: float) -> Candidate | None:
     """The cheapest candidate within `budget_uses` whose expected mIoU is less than `tolerance_miou` below
-    the best one within it; None when none fits.
+    the best one within it (of equally cheap ones, the first: the table lists plain maps before JPEG
+    maps of the same size); None when none fits.
 
     Differences under the tolerance are within what the table's few images can tell apart, so
-    they do not buy channel uses.
+    they buy neither channel uses nor the JPEG round trip.
     """
     fitting = [c for c in candidates if c.channel_uses <= budget_uses]
     if not fitting:
         return None
     best = max(c.expected_miou for c in fitting)
     good = [c for c in fitting if c.expected_miou > best - tolerance_miou or c.expected_miou == best]
-    return min(good, key=lambda c: (c.channel_uses, -c.expected_miou))
+    return min(good, key=lambda c: c.channel_uses)
