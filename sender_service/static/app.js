@@ -286,6 +286,8 @@ function describe(status) {
     const { step, steps } = status.progress;
     return [`sampling: step ${step} of ${steps}`, step, steps];
   }
+  // "done" is said once the images are shown, not while they are still being fetched.
+  if (status.status === "done") return ["generated: fetching the images", null, null];
   return [status.status, null, null];
 }
 
