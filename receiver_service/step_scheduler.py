@@ -99,9 +99,8 @@ class StepScheduler:
         """One step of every job held; the finished ones leave for encoding."""
         worker = self.worker
         by_step: dict[tuple[int, int], list[Job]] = defaultdict(list)
-        for transmission_id, running in self.running.items():
-            step, steps = self.batch.progress(transmission_id)
-            by_step[(step + 1, steps)].append(running.job)
+        for transmission_id, (step, steps) in self.batch.progress_all().items():
+            by_step[(step + 1, steps)].append(self.running[transmission_id].job)
         for (step, steps), jobs in by_step.items():
             worker.set_progress(jobs, step, steps)
         if worker.metrics is not None and worker.metrics.batch_size is not None:

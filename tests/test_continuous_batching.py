@@ -121,8 +121,10 @@ def test_the_batch_tells_progress_and_refuses_bad_input() -> None:
     condition = conditions(1)[0]
     batch.add("a", condition, SamplingOptions(sampler="ddim", steps=3, guidance=1.0), 0)
     assert batch.progress("a") == (0, 3) and "a" in batch and len(batch) == 1
+    batch.add("b", condition, SamplingOptions(sampler="ddpm", steps=2, guidance=0.0), 1)
     batch.step()
-    assert batch.progress("a") == (1, 3)
+    assert batch.progress("a") == (1, 3) and batch.progress_all() == {"a": (1, 3), "b": (1, 2)}
+    assert batch.remove("b")
     with pytest.raises(ValueError, match="in the batch"):
         batch.add("a", condition, SamplingOptions(sampler="ddim", steps=3, guidance=1.0), 0)
     with pytest.raises(ValueError, match="NaN"):

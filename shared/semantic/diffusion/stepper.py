@@ -103,6 +103,11 @@ class StepBatch:
                 return int(group.chain.steps_done[group.keys.index(key)]), group.chain.total
         raise KeyError(key)
 
+    def progress_all(self) -> dict[Hashable, tuple[int, int]]:
+        """`progress` of every image held, in one pass."""
+        return {key: (int(done), group.chain.total) for group in self._groups.values()
+                for key, done in zip(group.keys, group.chain.steps_done)}
+
     @torch.inference_mode()
     def step(self) -> list[tuple[Hashable, np.ndarray]]:
         """One guided network call for every image held, then one step of each image's chain;
