@@ -44,7 +44,16 @@ from evaluation import rate_quality_report
 from evaluation.baselines import MCS_TABLE, Mcs, analog_transmit_at_ratio, transmit_bytes
 from evaluation.cache import ConfigCache, file_stamp
 from evaluation.checks import load_notes
-from evaluation.evaluate import GREY, Evaluation, EvaluationConfig, _portable, _relative, snr_key, with_bandwidth_ratio
+from evaluation.evaluate import (
+    GREY,
+    Evaluation,
+    EvaluationConfig,
+    _log,
+    _portable,
+    _relative,
+    snr_key,
+    with_bandwidth_ratio,
+)
 from evaluation.image_quality import summarize
 from evaluation.separated import (
     SchemeProbe,
@@ -204,10 +213,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="write the sender's rate-quality table here (JSON)")
     p.add_argument("--notes", default=None, help="TOML with a summary and the explanation of each target check")
     return p
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class RateQualityRun:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from shared.paths import REPO_ROOT
 WHEELS = REPO_ROOT / "wheels-py312"
 SITE = REPO_ROOT / ".gpu-site"
 TARGET = ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none",
