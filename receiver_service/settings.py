@@ -24,6 +24,9 @@ class ReceiverSettings(ServiceSettings):
     public_url: BaseUrl = "http://127.0.0.1:8001"
     # Relative paths are taken from the repository root; a missing file gives an untrained model.
     checkpoint: RepoPath = Path("models/diffusion-camvid.pt")
+    # Use the condition adapters found beside the checkpoint (<stem>.f<factor>.adapter.pt) for maps
+    # sent at their downsample factor; off: the base generator serves every factor.
+    adapters: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     # CPU inference options measured in docs/benchmarks.md: channels_last is 6-9% faster for free;

@@ -7,7 +7,9 @@ first and whatever their sampler, steps or guidance, up to max_batch_size jobs h
 jobs cancelled since the last step. Each step is one guided network call for every job held, each
 at its own step of its own chain (shared.semantic.diffusion.stepper.StepBatch). A job whose chain
 ends leaves at once and its PNGs are encoded off this thread, so under load a new job waits at
-most one step to start and the network always runs on as many jobs as there are.
+most one step to start and the network always runs on as many jobs as there are. Jobs of another
+generator (a condition adapter for their downsample factor) are held in a step batch of their own,
+stepped in the same pass: one network call per generator.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from receiver_service.worker import GenerationWorker, Job, JobResult, prepare_job
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic import link
 from shared.semantic.diffusion.stepper import StepBatch
 from shared.wire.logging_setup import request_context
@@ -31,6 +35,7 @@ class _Running:
     """A job in the batch: its received views (for the debug PNGs) and when it started."""
 
     job: Job
+    batch: StepBatch  # the step batch of the job's generator
     received: link.ReceivedViews
     started: float  # monotonic: when it left the queue
     timings_ms: dict[str, float]
@@ -43,7 +48,7 @@ class StepScheduler:
     def __init__(self, worker: GenerationWorker) -> None:
         assert worker.generator is not None
         self.worker = worker
-        self.batch = StepBatch(worker.generator)
+        self.batches: dict[SemanticImageGenerator, StepBatch] = {}
         self.running: dict[str, _Running] = {}
 
     def run(self) -> None:
@@ -70,23 +75,24 @@ class StepScheduler:
         worker.begin(job, started)
         decoding = time.perf_counter()
         try:
-            received, condition = prepare_job(job, worker.generator)
+            received, condition = prepare_job(job, job.generator)
         except ValueError as error:
             worker.complete(job, JobResult(error=f"decoding the received maps failed: {error}"), started)
             return
         timings = {"decode_fds": round((time.perf_counter() - decoding) * 1000.0, 2)}
+        batch = self.batches.setdefault(job.generator, StepBatch(job.generator))
         try:
-            self.batch.add(job.transmission_id, torch.from_numpy(condition), job.sampling, job.seed)
+            batch.add(job.transmission_id, torch.from_numpy(condition), job.sampling, job.seed)
         except ValueError as error:
             worker.complete(job, JobResult(timings_ms=timings, error=f"sampling failed: {error}"), started)
             return
-        self.running[job.transmission_id] = _Running(job, received, started, timings, time.perf_counter())
+        self.running[job.transmission_id] = _Running(job, batch, received, started, timings, time.perf_counter())
 
     def _drop_cancelled(self) -> None:
         for transmission_id, running in list(self.running.items()):
             if running.job.cancelled:
-                step, steps = self.batch.progress(transmission_id)
-                self.batch.remove(transmission_id)
+                step, steps = running.batch.progress(transmission_id)
+                running.batch.remove(transmission_id)
                 del self.running[transmission_id]
                 with request_context(running.job.request_id):
                     log.info("cancelled job left the batch", extra={"transmission_id": transmission_id,
@@ -96,25 +102,37 @@ class StepScheduler:
                                      running.started)
 
     def _step(self) -> None:
-        """One step of every job held; the finished ones leave for encoding."""
+        """One step of every job held, a network call per generator; the finished ones leave for encoding."""
         worker = self.worker
+        batches = [batch for batch in self.batches.values() if len(batch)]
         by_step: dict[tuple[int, int], list[Job]] = defaultdict(list)
-        for transmission_id, (step, steps) in self.batch.progress_all().items():
-            by_step[(step + 1, steps)].append(self.running[transmission_id].job)
+        for batch in batches:
+            for transmission_id, (step, steps) in batch.progress_all().items():
+                by_step[(step + 1, steps)].append(self.running[transmission_id].job)
         for (step, steps), jobs in by_step.items():
             worker.set_progress(jobs, step, steps)
         if worker.metrics is not None and worker.metrics.batch_size is not None:
             worker.metrics.batch_size.observe(len(self.running))
+        for batch in batches:
+            self._retire(self._step_batch(batch))
+
+    def _step_batch(self, batch: StepBatch) -> list[tuple[str, np.ndarray]]:
+        """One step of one generator's jobs; if it fails, each of them records the failure."""
         try:
-            finished = self.batch.step()
-        except Exception as error:  # noqa: BLE001 - every job held records the failure
+            return batch.step()
+        except Exception as error:  # noqa: BLE001 - every job of the batch records the failure
             log.exception("sampling failed")
             for transmission_id, running in list(self.running.items()):
-                self.batch.remove(transmission_id)
-                worker.complete(running.job, JobResult(timings_ms=running.timings_ms,
-                                                       error=f"sampling failed: {error}"), running.started)
-            self.running.clear()
-            return
+                if running.batch is batch:
+                    batch.remove(transmission_id)
+                    del self.running[transmission_id]
+                    self.worker.complete(running.job, JobResult(timings_ms=running.timings_ms,
+                                                                error=f"sampling failed: {error}"), running.started)
+            return []
+
+    def _retire(self, finished: list[tuple[str, np.ndarray]]) -> None:
+        """Finished jobs leave the batch for encoding."""
+        worker = self.worker
         for transmission_id, image in finished:
             running = self.running.pop(transmission_id)
             sample_ms = round((time.perf_counter() - running.sampling_from) * 1000.0, 2)

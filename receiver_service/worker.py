@@ -10,7 +10,9 @@ small thread pool while the sampling thread goes on (`encode_workers`; 0 encodes
 model is loaded in the background (`load_model`) so the process answers health checks while it
 loads. `cancel` drops a job nobody waits for any more: a queued one leaves the queue at once; a
 running one leaves a continuous batch at the next step, and a request batch whose jobs are all
-cancelled stops sampling at the next step.
+cancelled stops sampling at the next step. Maps sent downsampled are generated through the
+condition adapter for their factor when the checkpoint has one beside it
+(shared/semantic/diffusion/adapters.py); jobs of different generators never share a network call.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from receiver_service.store_factory import JobStore
 from shared.semantic import codec, link
 from shared.wire import transport
 from shared.limits import LimitError, SamplingOptions
+from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.wire.imageio import encode_png, resize_image
 from shared.wire.logging_setup import request_context
@@ -73,10 +76,12 @@ class Job:
     request_id: str
     semantic: codec.SemanticHeader
     symbols: np.ndarray
-    # Resolved (no defaults left): jobs with equal options share one generate() call.
+    # Resolved (no defaults left): jobs with equal options and generator share one generate() call.
     sampling: SamplingOptions
     seed: int
     use_fds: bool
+    # The base generator, or its condition adapter for the transmission's downsample factor.
+    generator: SemanticImageGenerator
     enqueued_at: float = field(default_factory=time.monotonic)
     # Why the job was cancelled (set once, by `GenerationWorker.cancel`); None while it is wanted.
     cancel_reason: str | None = None
@@ -163,7 +168,8 @@ def job_record(
     request_id: str,
     now: float,
 ) -> dict[str, Any]:
-    """The status.json record of a newly queued job: its progress, then the transmission's record."""
+    """The status.json record of a newly queued job: its progress, then the transmission's record
+    (its model: the generator that will sample it, with the adapter it applies)."""
     return {
         "id": header.transmission_id,
         "status": JobStatus.QUEUED.value,
@@ -187,8 +193,8 @@ def run_batch(
     on_step: Callable[[int, int], None] | None = None,
     encode: bool = True,
 ) -> list[JobResult]:
-    """Decode, sample and (when `encode`) encode a batch of jobs that share sampler, steps and
-    guidance; without `encode` each result keeps its image and views for `encode_result`.
+    """Decode, sample and (when `encode`) encode a batch of jobs that share sampler, steps,
+    guidance and `generator`; without `encode` each result keeps its image and views for `encode_result`.
 
     A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
     `should_stop` is asked before every sampling step; once it says yes, sampling stops there and
@@ -272,6 +278,8 @@ class GenerationWorker:
         self.store = store
         self.metrics = metrics
         self.generator: SemanticImageGenerator | None = None
+        # The base generator with a condition adapter, by downsample factor (loaded with it).
+        self.adapted: dict[int, SemanticImageGenerator] = {}
         self.load_error: str | None = None
         # Guards the two collections below; notified when a job arrives or the worker stops.
         self._changed = threading.Condition()
@@ -317,18 +325,12 @@ class GenerationWorker:
                                                   steps=self.settings.default_steps, guidance=0.0))
             except LimitError as error:
                 raise ValueError(f"the default {error}") from None
-            if self.settings.channels_last:
-                generator.use_channels_last()
+            adapted = adapted_generators(generator) if self.settings.adapters else {}
             buckets, cuda_graphs = [], False
             if self.settings.batch_buckets or self.settings.cuda_graphs:
                 buckets, cuda_graphs = forward_buckets(self.settings, generator.device)
-            if self.settings.torch_compile and buckets:
-                generator.compile(warm_up_batches=())  # warmed up at each bucket below instead
-            elif self.settings.torch_compile:
-                generator.compile()
-            if buckets:
-                generator.use_buckets(buckets, cuda_graphs)
-            generator.noise_on_device = self.settings.noise_on_device
+            for each in (generator, *adapted.values()):
+                self._prepare(each, buckets, cuda_graphs)
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
             self.load_error = f"{type(error).__name__}: {error}"
             log.exception("loading the model failed")
@@ -339,12 +341,31 @@ class GenerationWorker:
             log.warning("the queue is smaller than the batch: batches stay smaller than max_batch_size",
                         extra={"queue_size": self.settings.queue_size, "max_batch_size": self.settings.max_batch_size})
         log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": self.settings.batching,
+                                        "adapters": {f: g.info.adapter for f, g in adapted.items()},
                                         "buckets": list(buckets), "cuda_graphs": cuda_graphs})
         if self.settings.encode_workers:
             self._encoder = ThreadPoolExecutor(self.settings.encode_workers, thread_name_prefix="png-encoder")
+        self.adapted = adapted
         self.generator = generator
         if not self._stop.is_set():
             self._thread.start()
+
+    def _prepare(self, generator: SemanticImageGenerator, buckets: list[int], cuda_graphs: bool) -> None:
+        """Apply the settings' inference options to one generator (the base or an adapted one)."""
+        if self.settings.channels_last:
+            generator.use_channels_last()
+        if self.settings.torch_compile and buckets:
+            generator.compile(warm_up_batches=())  # warmed up at each bucket below instead
+        elif self.settings.torch_compile:
+            generator.compile()
+        if buckets:
+            generator.use_buckets(buckets, cuda_graphs)
+        generator.noise_on_device = self.settings.noise_on_device
+
+    def generator_for(self, downsample_factor: int) -> SemanticImageGenerator:
+        """The generator for maps sent at `downsample_factor`: its condition adapter, else the base."""
+        assert self.generator is not None
+        return self.adapted.get(downsample_factor, self.generator)
 
     def check_capacity(self) -> None:
         """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
@@ -372,8 +393,9 @@ class GenerationWorker:
         request = sampling_request(header, self.settings)
         sampling = resolve_sampling(request, generator, self.settings)
         size = output_size(self.settings, generator)
+        generator = self.generator_for(semantic.downsample_factor)
         job = Job(header.transmission_id, request_id, semantic, symbols, sampling,
-                  seed=request.seed, use_fds=request.use_fds)
+                  seed=request.seed, use_fds=request.use_fds, generator=generator)
         with self._changed:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
@@ -460,7 +482,8 @@ class GenerationWorker:
             self._last_evicted = time.monotonic()
 
     def next_batch(self) -> list[Job]:
-        """The oldest job and up to max_batch_size - 1 later ones with its batch key (empty when idle).
+        """The oldest job and up to max_batch_size - 1 later ones with its sampling options and
+        generator (empty when idle).
 
         As Triton's dynamic batcher: compatible jobs may join until max_queue_delay_ms after the
         oldest job arrived, so under load (jobs queued while the last batch ran) nobody waits, and
@@ -476,7 +499,8 @@ class GenerationWorker:
             batch, limit = [first], self.settings.max_batch_size
             deadline = first.enqueued_at + self.settings.max_queue_delay_ms / 1000.0
             while True:
-                for job in [job for job in self._waiting if job.sampling == first.sampling]:
+                for job in [job for job in self._waiting
+                            if job.sampling == first.sampling and job.generator is first.generator]:
                     if len(batch) == limit:
                         break
                     self._waiting.remove(job)
@@ -569,7 +593,7 @@ class GenerationWorker:
         results: list[JobResult] = []
         if wanted:
             try:
-                results = run_batch(wanted, self.generator, output_size(self.settings, self.generator),
+                results = run_batch(wanted, wanted[0].generator, output_size(self.settings, self.generator),
                                     should_stop=lambda: all(job.cancelled for job in wanted),
                                     on_step=lambda step, total: self.set_progress(wanted, step, total),
                                     encode=self._encoder is None)

@@ -45,6 +45,7 @@ from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid, colorize
 from shared.semantic.device import select_device
+from shared.semantic.diffusion.adapters import freeze_all_but_adapter, save_adapter
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig
 from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
@@ -54,6 +55,7 @@ from training.weight_parts import has_parts, load_parts, save_parts
 
 PARTS_KIND = "semantic-diffusion-training"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+TRAINABLE = ("all", "spade")
 
 
 @dataclass
@@ -94,6 +96,9 @@ class TrainConfig:
     snr_definition: str = "paper_psnr"
     downsample_factor: int = 1
     use_fds: bool = True
+    # "all" trains every weight; "spade" only the SPADE layers of an --init-from base, exported as
+    # a condition adapter for this downsample factor (shared/semantic/diffusion/adapters.py)
+    trainable: str = "all"
     batched_link: bool = True  # false: one simulate_link call per map on the CPU (the reference)
     # budget and bookkeeping
     max_steps: int = 1_000_000
@@ -117,6 +122,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.amp not in AMP_DTYPES:
         parser.error(f"--amp must be one of {sorted(AMP_DTYPES)}, not {cfg.amp!r}")
+    if cfg.trainable not in TRAINABLE:
+        parser.error(f"--trainable must be one of {TRAINABLE}, not {cfg.trainable!r}")
+    if cfg.trainable == "spade" and not cfg.init_from:
+        parser.error("--trainable spade fine-tunes a trained base: give it with --init-from")
     if not set(cfg.parts_include.split(",")) <= {"model", "ema"} or "ema" not in cfg.parts_include.split(","):
         parser.error(f"--parts-include must be 'ema' or 'model,ema', not {cfg.parts_include!r}")
     return cfg
@@ -195,7 +204,8 @@ class Trainer:
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
         self.diffusion = GaussianDiffusion.from_config(self.model_cfg.diffusion)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = freeze_all_but_adapter(self.model) if cfg.trainable == "spade" else list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.amp_dtype = AMP_DTYPES[cfg.amp] if self.device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.step = 0
@@ -219,13 +229,21 @@ class Trainer:
                 torch.from_numpy(labels.labels).to(self.device))
 
     def _fixed_val_batch(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A fixed set of val images, timesteps and noise, so val losses are comparable over time."""
+        """A fixed set of val images, timesteps and noise, so val losses are comparable over time.
+
+        Their conditions are the clean maps at factor 1, and what the link delivers at 100 dB at a
+        larger factor: the blur an adapter learns is in the condition even without noise."""
         g = torch.Generator().manual_seed(1234)
         idx = torch.randperm(len(images), generator=g)[:32]
         x0 = to_images(images[idx.to(self.device)]).cpu()
         labs = labels[idx.to(self.device)].long().cpu()
+        if self.codec.downsample_factor == 1:
+            cond = clean_conditions(labs, self.size)
+        else:
+            cond = batched_conditions(labs, self.codec, torch.full((len(idx),), 100.0), self.size,
+                                      snr_definition=self.cfg.snr_definition, use_fds=self.cfg.use_fds, generator=g)
         return {
-            "x0": x0, "labels": labs, "cond": clean_conditions(labs, self.size),
+            "x0": x0, "labels": labs, "cond": cond,
             "t": torch.randint(0, self.diffusion.num_timesteps, (len(idx),), generator=g),
             "noise": torch.randn(x0.shape, generator=g),
         }
@@ -284,7 +302,7 @@ class Trainer:
             raise ValueError(f"{path} was trained with another network configuration")
         self.model.load_state_dict(payload["state_dict"])
         self.ema.load_state_dict(payload["state_dict"])
-        self.step = int(payload["meta"].get("step", 0))
+        self.step = self.warm_from = int(payload["meta"].get("step", 0))  # a new optimiser: warm up again
         self.wall_seconds = float(payload["meta"].get("wall_seconds", 0.0))
 
     def load_state(self) -> str:
@@ -313,12 +331,17 @@ class Trainer:
         return "state"
 
     def export(self, val_loss: float) -> None:
+        """The EMA weights as a shipped checkpoint, or as a condition adapter with --trainable spade."""
         meta = {
             "name": self.cfg.model_name, "step": self.step, "val_loss": val_loss, "wall_seconds": round(self.wall_seconds),
             "noisy_training": self.cfg.noisy_training, "data": "CamVid train split (367 images)",
             "command": "python -m training.train_diffusion " + " ".join(sys.argv[1:]),
         }
-        save_checkpoint(self.cfg.export_path, CHECKPOINT_KIND, self.model_cfg, self.ema.state_dict(), meta)
+        if self.cfg.trainable == "spade":
+            save_adapter(self.cfg.export_path, self.ema, self.model_cfg,
+                         {**meta, "base": self.cfg.init_from, "downsample_factor": self.cfg.downsample_factor})
+        else:
+            save_checkpoint(self.cfg.export_path, CHECKPOINT_KIND, self.model_cfg, self.ema.state_dict(), meta)
 
     # --- steps -----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:

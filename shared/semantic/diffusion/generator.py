@@ -51,6 +51,7 @@ class GeneratorInfo:
     parameters: int
     training_steps: int | None = None
     quantization: str | None = None  # e.g. "int8-static-conv"; None: fp32 weights
+    adapter: str | None = None  # the condition adapter applied to the base weights (adapters.py)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
