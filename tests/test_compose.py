@@ -1,6 +1,7 @@
 """docker-compose.yml validates with a real Compose implementation and matches the services."""
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
 from scripts import compose_check
 from shared.limits import MAX_STATUS_WAIT_S
+from shared.semantic.diffusion.adapters import adapter_paths
 from shared.paths import REPO_ROOT
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -272,6 +274,13 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
     for checkpoint in ("models/diffusion-camvid.pt", "models/segmenter-camvid.pt"):
         assert checkpoint in compose and checkpoint in allowed
     assert "docker/wheelhouse/" in allowed
+    # every file the services load by default goes into the image
+    receiver, sender = ReceiverSettings(), SenderSettings()
+    loaded = [receiver.checkpoint, *adapter_paths(receiver.checkpoint).values(), sender.segmenter_checkpoint,
+              sender.rate_quality_table]
+    for path in loaded:
+        relative = path.relative_to(REPO_ROOT).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in allowed), f"{relative} is kept out of the image"
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:
