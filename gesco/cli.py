@@ -444,6 +444,7 @@ def transmission_fields(args: argparse.Namespace, kind: str) -> dict[str, str]:
         "guidance": args.guidance,
         "seed": args.seed,
         "downsample_factor": args.downsample_factor,
+        "budget": args.budget,
         "use_fds": None if args.fds else "false",
     }
     return {name: str(value) for name, value in fields.items() if value is not None}
@@ -539,6 +540,9 @@ def _transmission_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, help="channel noise and sampler seed (default: random)")
     parser.add_argument("--downsample-factor", type=int, help="area downsampling of the maps")
+    parser.add_argument("--budget", help="channel-use budget: complex channel uses (3072) or a bandwidth ratio "
+                                         "(1/12); the sender picks the map coding with the best expected mIoU "
+                                         "within it (docs/rate-quality.md)")
     parser.add_argument("--no-fds", dest="fds", action="store_false", help="condition on the noisy maps")
     parser.add_argument("-o", "--output", help="write the PNG here")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (600)")

@@ -95,6 +95,18 @@ def test_send_and_status_via_grpc_answer_what_rest_answers(services, tmp_path) -
     assert over_grpc == over_rest == status
 
 
+@pytest.mark.parametrize("transport", [(), ("grpc",)])
+def test_a_budget_lets_the_sender_pick_a_coding_that_fits(services, transport) -> None:
+    via = via_grpc(services) if transport else ()
+    done = gesco(services, *via, "send", str(LABELS), "--budget", "1/12", "--snr-db", "10", "--json", "--no-progress",
+                 *FAST)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert 0 < status["bits"]["bandwidth_ratio"] <= 1 / 12 and status["semantic"]["downsample_factor"] > 1
+    done = gesco(services, *via, "send", str(LABELS), "--budget", "10", *FAST)
+    assert done.returncode == cli.EXIT_REFUSED and "budget" in done.stderr and "smallest" in done.stderr
+
+
 @pytest.mark.parametrize(("args", "code", "text"), [
     (("send", str(LABELS), "--steps", "5000"), cli.EXIT_REFUSED, "gRPC INVALID_ARGUMENT: Input should be less than or "
                                                                  "equal to 1000 (field: steps)"),
