@@ -32,14 +32,6 @@ from training import train_diffusion
 SAMPLING = SamplingOptions(sampler="ddim", steps=3, guidance=1.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def shipped_base(folder: Path) -> Path:
     """A random tiny generator written as a shipped checkpoint (fp16, as every shipped model)."""
     generator = tiny_generator()
