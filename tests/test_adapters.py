@@ -91,6 +91,13 @@ def test_an_adapter_refuses_other_base_weights_or_another_network(tmp_path: Path
     base = SemanticImageGenerator.load(base_path, "cpu")
     fingerprint = base_fingerprint(base.network)
     with torch.no_grad():
+        base.network.input_conv.bias[0] = 0.0
+        zero = base_fingerprint(base.network)
+        base.network.input_conv.bias[0] = -0.0  # the same weight (the EMA update of training makes -0 +0)
+        assert base_fingerprint(base.network) == zero
+        base.network.input_conv.bias.copy_(SemanticImageGenerator.load(base_path, "cpu").network.input_conv.bias)
+    assert base_fingerprint(base.network) == fingerprint
+    with torch.no_grad():
         base.network.input_conv.weight[0, 0, 0, 0] += 1.0
     assert base_fingerprint(base.network) != fingerprint
     with pytest.raises(ValueError, match="other base weights"):

@@ -48,15 +48,17 @@ def base_fingerprint(network: nn.Module) -> str:
     """SHA-256 of the fp16 bytes of every weight an adapter leaves alone, in name order.
 
     fp16 because shipped checkpoints hold fp16: a base loaded from its file and the same weights
-    held in fp32 by the trainer give one fingerprint."""
+    held in fp32 by the trainer give one fingerprint. Zeros are hashed as +0: the trainer's EMA
+    update turns a -0 weight into +0 without changing it."""
     adapted = set(adapter_parameter_names(network))
     digest = hashlib.sha256()
     for name, tensor in sorted(network.state_dict().items()):
         if name in adapted:
             continue
+        if tensor.is_floating_point():
+            tensor = tensor.detach().to("cpu", torch.float16) + 0.0  # -0 + 0 is +0
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float16 if tensor.is_floating_point() else tensor.dtype)
-                      .contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
