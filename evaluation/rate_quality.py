@@ -11,7 +11,10 @@ excluded) against the sent label map, at the sender's map size:
 * `ours`: the present-class maps as analog symbols, area-downsampled by each of --factors, then
   the receiver's pipeline (`shared.semantic.link.simulate_link`: inverse codec, FDS) and the
   noisy-trained generator, which conditions on 48x64 whatever arrives; `ours_jpeg` the same with
-  JPEG-compressed maps. Not fine-tuned per factor: the shipped generator serves every factor.
+  JPEG-compressed maps. As the services serve them: at a factor with a condition adapter beside
+  --model (`shared.semantic.diffusion.adapters`, <stem>.f<factor>.adapter.pt) through that adapter,
+  else through the base generator. What fine-tuning bought: the adapted factors are also scored
+  with the base generator alone (`without_adapters` in the results); --no-adapters turns them off.
 * `separated`: the label map coded losslessly and sent over 5G LDPC + QAM (`evaluation.separated`),
   decoded, then the same generator; a lost transmission is a mid-grey image. The scheme is adapted
   to the SNR; `separated_fixed` keeps the scheme for --design-snr at every SNR (the cliff).
@@ -22,7 +25,8 @@ excluded) against the sent label map, at the sender's map size:
 The budget-driven representations run at each of --ratios (complex channel uses per source value);
 the fixed-scheme ones at --fixed-ratios over --snrs and --cliff-snrs. Channel and sampling seeds
 depend on --seed and the image only, as in `evaluation.evaluate`, whose data and networks this
-reuses. Finished configurations are cached (--cache-dir), so an interrupted run resumes. Writes
+reuses. Finished configurations are cached (--cache-dir) under a key that names every file they
+depend on (an adapter too), so an interrupted run resumes. Writes
 results.json and the figures under --out, the report (--report) and the sender's table (--table,
 `evaluation.rate_quality_report`).
 """
@@ -68,6 +72,8 @@ from evaluation.separated import (
 from shared.semantic import rate_quality
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map, one_hot
+from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from shared.semantic.link import received_condition, simulate_link
 from shared.semantic.map_jscc import load_map_jscc
@@ -137,6 +143,7 @@ class RateQualityConfig:
     cliff_snrs: tuple[float, ...] = (-2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
     learned: tuple[str, ...] = ("models/map-jscc-1-24.pt", "models/map-jscc-1-48.pt")
     model: str = "models/diffusion-camvid.pt"
+    adapters: bool = True  # ours through the condition adapter of its factor beside `model`, where one exists
     segmenter: str = "models/segmenter-camvid.pt"
     sampler: str = DEFAULT_SAMPLER
     steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
@@ -195,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra SNRs of the fixed-scheme links (no generation for lost images)")
     p.add_argument("--learned", type=_names, default=d.learned, help="learned map encoder checkpoints")
     p.add_argument("--model", default=d.model)
+    p.add_argument("--no-adapters", dest="adapters", action="store_false",
+                   help="ours through the base generator at every factor, ignoring the condition adapters beside "
+                        "--model")
     p.add_argument("--segmenter", default=d.segmenter)
     p.add_argument("--sampler", default=d.sampler)
     p.add_argument("--steps", type=int, default=d.steps)
@@ -224,6 +234,7 @@ class RateQualityRun:
         self.generator = self.ev.generators.get("model")
         if self.generator is None:
             raise ValueError(f"the generator is needed: {self.ev.unavailable.get('model')}")
+        self.adapted = adapted_generators(self.generator) if config.adapters else {}  # factor -> generator
         self.definition = config.definition
         self.num_classes = self.ev.info.num_classes
         self.height, self.width = self.ev.size
@@ -274,13 +285,15 @@ class RateQualityRun:
                 self.received.save(key, {"scheme": self.schemes[snr_key(snr)]}, np.zeros(1))
         return next((m for m in MCS_TABLE if m.name == self.schemes[snr_key(snr)]), None)
 
-    def generate(self, conditions: list[np.ndarray]) -> np.ndarray:
-        """Images at the evaluated size for one condition per image, sampled with each image's seed."""
+    def generate(self, conditions: list[np.ndarray], generator: SemanticImageGenerator | None = None) -> np.ndarray:
+        """Images at the evaluated size for one condition per image, sampled with each image's seed, by
+        `generator` (an adapted one) or the base generator."""
+        generator = generator or self.generator
         outputs = []
         for start in range(0, len(conditions), self.config.batch_size):
             positions = range(start, min(start + self.config.batch_size, len(conditions)))
             batch = torch.from_numpy(np.stack([conditions[i] for i in positions]))
-            generated = self.generator.generate(batch, self.ev.config.sampling, [self.ev.sampling_seed(i) for i in positions])
+            generated = generator.generate(batch, self.ev.config.sampling, [self.ev.sampling_seed(i) for i in positions])
             outputs.extend(resize_image(image, self.height, self.width) for image in generated)
         return np.stack(outputs)
 
@@ -289,9 +302,10 @@ class RateQualityRun:
         return self.generator.info.image_height, self.generator.info.image_width
 
     def configuration(self, representation: str, rate: str, snr_db: float, transmit: Callable[[], Any],
-                      stamp: Any = None) -> dict[str, Any]:
+                      stamp: Any = None, grid: bool = True) -> dict[str, Any]:
         """Scores of one (representation, rate, SNR): from the cache, or scored from the cached received
-        images, or transmitted, scored and cached. `stamp` adds what else the result depends on."""
+        images, or transmitted, scored and cached. `stamp` adds what else the result depends on; `grid`:
+        its scene is the one the grid shows (not for an ablation)."""
         key = {"method": f"{representation}_{rate.replace('/', 'over')}", "definition": self.definition.value,
                "snr": snr_key(snr_db), "stamp": stamp}
         cached = self.cache.load(key)
@@ -315,11 +329,13 @@ class RateQualityRun:
             self.cache.save(key, scores, grid_image)
             _log(f"{representation} {rate} @ {key['snr']} dB: mIoU {scores['miou']['mean']:.3f}, "
                  f"{scores['seconds_per_image']:.2f} s/image" + (" (received images from the cache)" if sent else ""))
-        self.grid.setdefault(representation, {}).setdefault(rate, {})[key["snr"]] = grid_image
+        if grid:
+            self.grid.setdefault(representation, {}).setdefault(rate, {})[key["snr"]] = grid_image
         return with_bandwidth_ratio(scores, self.ev.source_values)
 
     # --- ours ---------------------------------------------------------------------------------------
-    def ours(self, factor: int, compression: Compression, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
+    def ours(self, factor: int, compression: Compression, snr_db: float, generator: SemanticImageGenerator
+             ) -> tuple[np.ndarray, dict[str, Any]]:
         codec = CodecConfig(num_classes=self.num_classes, downsample_factor=factor, compression=compression,
                             jpeg_quality=self.config.map_jpeg_quality)
         conditions, uses, bits, measured = [], [], [], []
@@ -329,7 +345,33 @@ class RateQualityRun:
             uses.append(link.channel.channel_uses)
             bits.append(link.encoded.header.payload_bits)
             measured.append(link.channel.measured_snr_db)
-        return self.generate(conditions), {"channel_uses": uses, "payload_bits": bits, "measured_snr_db": measured}
+        return self.generate(conditions, generator), {"channel_uses": uses, "payload_bits": bits,
+                                                      "measured_snr_db": measured}
+
+    def adapter_info(self, factor: int) -> dict[str, Any] | None:
+        """The adapter ours uses at `factor` (its file and steps), or None for the base generator."""
+        adapted = self.adapted.get(factor)
+        if adapted is None:
+            return None
+        steps, base_steps = adapted.info.training_steps, self.generator.info.training_steps
+        return {"path": _relative(adapted.info.adapter), "steps": steps,
+                "fine_tuning_steps": steps - base_steps if steps is not None and base_steps is not None else None}
+
+    def without_adapters(self, info: dict[str, Any], snrs: list[float]) -> dict[str, Any]:
+        """Ours' adapted rates once more through the base generator alone, at every SNR: what the
+        adapters bought (the same cache entries as a run with --no-adapters)."""
+        out: dict[str, Any] = {}
+        for name in ("ours", "ours_jpeg"):
+            for rate, rate_info in info.get(name, {}).get("rates", {}).items():
+                if rate_info["adapter"] is None:
+                    continue
+                factor, compression = rate_info["downsample_factor"], Compression(rate_info["compression"])
+                out.setdefault(name, {})[rate] = {
+                    snr_key(snr): self.configuration(
+                        name, rate, snr, lambda s=snr, f=factor, c=compression: self.ours(f, c, s, self.generator),
+                        grid=False)
+                    for snr in snrs}
+        return out
 
     # --- separated links ----------------------------------------------------------------------------
     def label_options(self) -> list[list[SourceOption]]:
@@ -450,22 +492,26 @@ class RateQualityRun:
             self.scheme(0, config.design_snr)
         order = [name for name in REPRESENTATIONS if name in info]  # the report's order, whatever ran first
         return {"representations": {name: info[name] for name in order},
-                "results": {name: results[name] for name in order}, "link_adaptation": dict(self.schemes),
+                "results": {name: results[name] for name in order},
+                "without_adapters": self.without_adapters(info, snrs), "link_adaptation": dict(self.schemes),
                 "sizes": self.sizes(), "grid": self.grid}
 
     def _plan(self, name: str, snrs: list[float]):
         """(rate key, rate info, SNRs, transmit(snr), stamp) of each rate of a representation; a str instead
         of transmit when the representation cannot run (why); the stamp of a file the results depend on
-        (a learned encoder's checkpoint: retrained, it gives other results)."""
+        (a learned encoder's checkpoint or ours' adapter: retrained, it gives other results)."""
         config = self.config
         if name in ("ours", "ours_jpeg"):
             compression = Compression.JPEG if name == "ours_jpeg" else Compression.NONE
             for factor in config.jpeg_factors if name == "ours_jpeg" else config.factors:
                 if self.height % factor or self.width % factor:
                     continue
+                generator = self.adapted.get(factor, self.generator)
                 yield (f"f{factor}", {"downsample_factor": factor, "compression": compression.value,
-                                      "jpeg_quality": config.map_jpeg_quality, "budget_ratio": None}, snrs,
-                       lambda snr, f=factor, c=compression: self.ours(f, c, snr), None)
+                                      "jpeg_quality": config.map_jpeg_quality, "budget_ratio": None,
+                                      "adapter": self.adapter_info(factor)}, snrs,
+                       lambda snr, f=factor, c=compression, g=generator: self.ours(f, c, snr, g),
+                       file_stamp(generator.info.adapter))
         elif name in ("separated", "digital"):
             for ratio in config.ratios:
                 yield (rate_quality.ratio_text(ratio), {"budget_ratio": ratio}, snrs,
@@ -530,7 +576,8 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
         "command": command, "wall_time_s": round(time.monotonic() - started, 1),
         "configurations_from_cache": runner.cache.hits,
         "recorded_compute_s": round(sum(entry["seconds_per_image"] * len(ev.indices)
-                                        for per_rate in results["results"].values()
+                                        for part in ("results", "without_adapters")
+                                        for per_rate in results[part].values()
                                         for per_snr in per_rate.values() for entry in per_snr.values()), 1),
         "torch_threads": torch.get_num_threads(),
         "device": str(ev.device), "split": config.split, "images": len(ev.indices), "split_images": ev.split_size,
@@ -546,7 +593,10 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
                       "val_miou": ev.probe.segmenter.meta.get("val_miou_void_excluded")},
         "real_miou": ev.score_real()["miou"],
         "present_classes": summarize([len(e.header.present_class_ids) for e in ev.encoded]),
-        "fine_tuned_per_factor": False,
+        "adapters": config.adapters,
+        "fine_tuned_per_factor": {rate: rate_info["adapter"] for name in ("ours", "ours_jpeg")
+                                  for rate, rate_info in results["representations"].get(name, {"rates": {}})["rates"]
+                                  .items() if rate_info["adapter"] is not None},
     }
     results["grid_scene"] = ev.names[runner.grid_position]
     results["grid_original"] = ev.images[runner.grid_position]

@@ -3,7 +3,9 @@
 The frontier is read off the results: at a budget of R channel uses per source value, each
 representation counts with its best rate that stays within R (its budget, or for ours and the
 learned encoder its measured ratio), and the best representation at (R, SNR) wins. The targets of
-the issue are checked on it; `--notes` explain them as in `evaluation.checks`.
+the issue are checked on it; `--notes` explain them as in `evaluation.checks`. Ours counts as the
+services serve it, through the condition adapter of its factor where there is one; the report sets
+that against the base generator alone at the same factor (what fine-tuning bought).
 """
 from __future__ import annotations
 
@@ -160,6 +162,13 @@ def _who(entry: tuple[str, str, float] | None) -> str:
     return "nothing" if entry is None else f"{entry[0]} {entry[1]} {entry[2]:.3f}"
 
 
+def paired_difference(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences (same images, channels and seeds)."""
+    difference = np.asarray(values) - np.asarray(reference)
+    stderr = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else math.nan
+    return float(difference.mean()), stderr
+
+
 def default_choice(results: dict[str, Any]) -> dict[str, Any] | None:
     """The cheapest setting of ours (factor, compression) within TOLERANCE_MIOU of factor 1 at 10 dB,
     with the paired differences it rests on."""
@@ -172,21 +181,21 @@ def default_choice(results: dict[str, Any]) -> dict[str, Any] | None:
         for rate, per_snr in results["results"].get(name, {}).items():
             if snr not in per_snr:
                 continue
-            difference = np.asarray(per_snr[snr]["per_image"]["miou"]) - np.asarray(reference["per_image"]["miou"])
+            difference, stderr = paired_difference(per_snr[snr]["per_image"]["miou"], reference["per_image"]["miou"])
             rows.append({"representation": name, "rate": rate,
                          **{k: results["representations"][name]["rates"][rate][k]
                             for k in ("downsample_factor", "compression")},
                          "bandwidth_ratio": per_snr[snr]["bandwidth_ratio"]["mean"],
-                         "miou": per_snr[snr]["miou"]["mean"], "difference": float(difference.mean()),
-                         "difference_stderr": float(difference.std(ddof=1) / math.sqrt(difference.size))
-                         if difference.size > 1 else math.nan})
+                         "miou": per_snr[snr]["miou"]["mean"], "difference": difference,
+                         "difference_stderr": stderr})
     rows.sort(key=lambda r: (r["bandwidth_ratio"], r["compression"] != "none"))
     chosen = next(r for r in rows if r["difference"] > -TOLERANCE_MIOU or (r["representation"], r["rate"]) == ("ours", "f1"))
     return {"snr_db": TARGET_SNR, "tolerance_miou": TOLERANCE_MIOU, "rows": rows, "chosen": chosen}
 
 
 def sender_table(results: dict[str, Any]) -> dict[str, Any]:
-    """The rate-quality table the sender chooses from: the settings it can send, mIoU per SNR."""
+    """The rate-quality table the sender chooses from: the settings it can send, mIoU per SNR (with the
+    adapter the receiver serves each one through, as scored)."""
     snrs = _snr_keys(results)
     entries = []
     for name, info in results["representations"].items():
@@ -196,6 +205,7 @@ def sender_table(results: dict[str, Any]) -> dict[str, Any]:
             per_snr = results["results"][name][rate]
             entries.append({"representation": name, "downsample_factor": rate_info["downsample_factor"],
                             "compression": rate_info["compression"], "jpeg_quality": rate_info["jpeg_quality"],
+                            "adapter": None if rate_info["adapter"] is None else rate_info["adapter"]["path"],
                             "bandwidth_ratio": float(np.mean([per_snr[s]["bandwidth_ratio"]["mean"] for s in snrs])),
                             "miou": [round(per_snr[s]["miou"]["mean"], 4) for s in snrs]})
     s = results["settings"]
@@ -354,10 +364,13 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
     lines = ["# The rate-quality frontier: mIoU against bandwidth ratio and SNR", ""]
     if results.get("summary"):
         lines += [" ".join(results["summary"].split()), ""]
+    configurations = sum(len(per_snr) for part in ("results", "without_adapters")
+                         for per_rate in results.get(part, {}).values() for per_snr in per_rate.values())
     lines += [f"Command ({s['wall_time_s'] / 60:.1f} min wall time, {s['torch_threads']} torch threads on {s['device']}"
-              + (f"; {s['configurations_from_cache']} configurations from the cache of an earlier run with the same "
-                 f"settings, whose own compute time, as recorded, was {s['recorded_compute_s'] / 60:.1f} min"
-                 if s["configurations_from_cache"] else "") + "):", "", "```sh", s["command"], "```", ""]
+              + (f"; {s['configurations_from_cache']} of the {configurations} configurations from the cache of earlier "
+                 f"runs with the same settings; the recorded compute time of all {configurations}, cached or not, "
+                 f"{s['recorded_compute_s'] / 60:.1f} min" if s["configurations_from_cache"] else "")
+              + "):", "", "```sh", s["command"], "```", ""]
     lines += [
         "## Bandwidth ratio",
         "",
@@ -377,8 +390,7 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         f"scene against the sent label map. The segmenter on the real images: {s['real_miou']['mean']:.3f}.",
         f"- Generator `{s['model']['path']}` ({s['generator_resolution'][0]}x{s['generator_resolution'][1]}), sampler "
         f"`{s['sampler']}` with {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}: a small image "
-        "count and few steps, to fit a 2-core CPU. The generator was not fine-tuned per downsampling factor: it "
-        "conditions on 48x64 maps resized from whatever arrives.",
+        f"count and few steps, to fit a 2-core CPU. {_adapters_text(s)}",
         f"- SNR: {DEFINITION_TITLE[s['definition']]} — {DEFINITION_TEXT[s['definition']]}. "
         "`--definition paper_psnr` runs the paper's PSNR instead.",
         f"- Channel: AWGN through `shared.semantic.channels.apply_channel`, the channel simulator's code, for every "
@@ -388,7 +400,8 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         "",
     ]
     for name, info in results["representations"].items():
-        rates = ", ".join(info["rates"]) or "—"
+        rates = ", ".join(rate + (" (adapter)" if rate_info.get("adapter") else "")
+                          for rate, rate_info in info["rates"].items()) or "—"
         lines.append(f"- `{name}`: {info['label']}. Rates: {rates}."
                      + ("" if info["status"] == "ok" else f" **{info['status']}**")
                      + (" Sendable by the services (the sender's `budget` may pick it)." if info["sendable"] else ""))
@@ -408,7 +421,8 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         explanation = " ".join(check["explanation"].split()) if check.get("explanation") else None
         lines += [f"- **{check['status']}**: {check['check']}. Observed: {check['observed']}.",
                   f"  {'_' + explanation + '_' if explanation else EXPLANATION_SLOT}"]
-    lines += _frontier_section(results) + _equal_uses_section(results) + _default_section(results)
+    lines += _frontier_section(results) + _equal_uses_section(results) + _fine_tuning_section(results)
+    lines += _default_section(results)
     lines += _tables_section(results) + _sizes_section(results)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({link(p)})" for p in plots]
     lines += ["", "## One scene", "", f"![grid]({link(grid)})", "",
@@ -445,6 +459,53 @@ def _equal_uses_section(results: dict[str, Any]) -> list[str]:
                 found = best_within(results, name, ratio, snr)
                 cells.append("—" if found is None else f"{found[1]:.3f} ({found[0]})")
             lines.append(f"| {rate_quality.ratio_text(ratio)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _adapters_text(settings: dict[str, Any]) -> str:
+    """Which generator served ours at which factor."""
+    size = "x".join(str(v) for v in settings["generator_resolution"])
+    adapters = settings["fine_tuned_per_factor"]
+    if not adapters:
+        why = "" if settings["adapters"] else " (condition adapters turned off with `--no-adapters`)"
+        return (f"The generator was not fine-tuned per downsampling factor{why}: it conditions on {size} maps "
+                "resized from whatever arrives.")
+    used = ", ".join(f"{rate} `{adapter['path']}` ({_steps_text(adapter)})" for rate, adapter in adapters.items())
+    return (f"Ours is served as the services serve it: at {', '.join(adapters)} through the condition adapter of "
+            "that factor (the generator's SPADE layers fine-tuned on the factor's received conditions, "
+            f"`shared/semantic/diffusion/adapters.py`): {used}; at the other factors, and for the other "
+            f"representations, through the base generator. Both condition on {size} maps resized from whatever "
+            "arrives.")
+
+
+def _steps_text(adapter: dict[str, Any]) -> str:
+    if adapter["fine_tuning_steps"] is not None:
+        return f"{adapter['fine_tuning_steps']:,} fine-tuning steps"
+    return "steps not recorded" if adapter["steps"] is None else f"step {adapter['steps']:,}"
+
+
+def _fine_tuning_section(results: dict[str, Any]) -> list[str]:
+    """Each adapted rate of ours through the base generator alone and through its adapter."""
+    base = results.get("without_adapters") or {}
+    if not base:
+        return []
+    snrs = _snr_keys(results)
+    lines = ["", "## What fine-tuning bought: the condition adapters", "",
+             "mIoU of ours at each factor with an adapter, through the base generator alone → through the adapter "
+             "(paired difference ± its standard error: the same images, channel realisations and sampling seeds).",
+             "", "| setting | ratio | " + " | ".join(f"{snr} dB" for snr in snrs) + " |",
+             "|---" * (len(snrs) + 2) + "|"]
+    for name, per_rate in base.items():
+        for rate, per_snr in per_rate.items():
+            adapted = results["results"][name][rate]
+            cells = []
+            for snr in snrs:
+                difference, stderr = paired_difference(adapted[snr]["per_image"]["miou"],
+                                                       per_snr[snr]["per_image"]["miou"])
+                cells.append(f"{per_snr[snr]['miou']['mean']:.3f} → {adapted[snr]['miou']['mean']:.3f} "
+                             f"({difference:+.3f} ± {stderr:.3f})")
+            ratio = float(np.mean([adapted[snr]["bandwidth_ratio"]["mean"] for snr in snrs]))
+            lines.append(f"| {name} {rate} | {ratio:.4g} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -386,3 +386,68 @@ def test_rate_quality_end_to_end(fake_setup: dict[str, Path]) -> None:
     rate_quality.main(argv)
     rescored = json.loads((out / "results.json").read_text())
     assert rescored["settings"]["configurations_from_cache"] == 0 and rescored["results"] == results["results"]
+
+
+def test_rate_quality_serves_ours_through_the_adapter_of_its_factor(fake_setup: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    from evaluation import rate_quality
+    from shared.semantic.diffusion.adapters import adapter_parameter_names, adapter_path, save_adapter
+
+    root = fake_setup["root"]
+    # A base whose output depends on its condition (a fresh network's output layer is zero), and an
+    # adapter for factor 2: its SPADE weights moved, so its scenes differ from the base's.
+    generator = SemanticImageGenerator.load(root / "diffusion.pt", "cpu")
+    noise = torch.Generator().manual_seed(0)
+    parameters = dict(generator.network.named_parameters())
+    with torch.no_grad():
+        for parameter in parameters.values():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=noise))
+        model = tmp_path / "diffusion.pt"
+        save_checkpoint(model, CHECKPOINT_KIND, generator.config, generator.network.state_dict(), {"step": 1})
+        for name in adapter_parameter_names(generator.network):
+            parameters[name].add_(torch.randn(parameters[name].shape, generator=noise))
+    adapter = adapter_path(model, 2)
+    save_adapter(adapter, generator.network, generator.config, {"name": "tiny-f2", "step": 5})
+    out = tmp_path / "rq"
+    argv = ["--data-root", str(root / "camvid"), "--limit", "2", "--snrs", "1,10", "--representations",
+            "ours,ours_jpeg", "--factors", "1,2", "--jpeg-factors", "2", "--model", str(model),
+            "--segmenter", str(root / "segmenter.pt"), "--sampler", "ddim", "--steps", "2",
+            "--map-height", str(H), "--map-width", str(W), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--report", str(tmp_path / "rq.md"),
+            "--table", str(tmp_path / "table.json")]
+
+    rate_quality.main(argv + ["--no-adapters"])
+    base = json.loads((out / "results.json").read_text())
+    assert base["settings"]["fine_tuned_per_factor"] == {} and base["without_adapters"] == {}
+    assert base["representations"]["ours"]["rates"]["f2"]["adapter"] is None
+    assert "`--no-adapters`" in (tmp_path / "rq.md").read_text()
+
+    rate_quality.main(argv)
+    adapted = json.loads((out / "results.json").read_text())
+    used = {"path": evaluate._relative(adapter), "steps": 5, "fine_tuning_steps": 4}  # the base: step 1
+    assert adapted["settings"]["fine_tuned_per_factor"] == {"f2": used}
+    assert adapted["representations"]["ours_jpeg"]["rates"]["f2"]["adapter"] == used
+    # Factor 1 has no adapter: the base's scores, from the cache; so are the base's at factor 2, now the ablation.
+    assert adapted["results"]["ours"]["f1"] == base["results"]["ours"]["f1"]
+    for name in ("ours", "ours_jpeg"):
+        assert adapted["without_adapters"][name] == {"f2": base["results"][name]["f2"]}
+        for snr in ("1", "10"):
+            assert (adapted["results"][name]["f2"][snr]["per_image"]["psnr"]
+                    != base["results"][name]["f2"][snr]["per_image"]["psnr"])
+    assert adapted["settings"]["configurations_from_cache"] == 6  # ours f1 at 2 SNRs, the base's 4 at f2
+    report = (tmp_path / "rq.md").read_text()
+    assert "## What fine-tuning bought: the condition adapters" in report and "| ours_jpeg f2 |" in report
+    assert "f2 (adapter)" in report
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert {(e["downsample_factor"], e["compression"], e["adapter"]) for e in table["entries"]} == {
+        (1, "none", None), (2, "none", used["path"]), (2, "jpeg", used["path"])}
+
+    # A retrained adapter (here: the same file, touched) is never served from the base's or its own old entries.
+    os.utime(adapter, ns=(adapter.stat().st_atime_ns, adapter.stat().st_mtime_ns + 10**9))
+    rate_quality.main(argv)
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["settings"]["configurations_from_cache"] == 6
+    for name, per_rate in adapted["results"].items():  # the same weights: the same scenes, sent and generated again
+        for rate, per_snr in per_rate.items():
+            for snr, entry in per_snr.items():
+                assert rerun["results"][name][rate][snr]["per_image"] == entry["per_image"]
