@@ -125,6 +125,13 @@ def test_training_the_spade_layers_exports_an_adapter_of_its_base(tmp_path: Path
                if not torch.equal(value, base.network.state_dict()[name])}
     assert changed and changed <= names
     assert adapted.info.name == "tiny-f2" and adapted.info.training_steps == 6
+    # the fp16 parts of a (GPU) call export as an adapter of the same base too
+    parts = tmp_path / "parts"
+    assert train_diffusion.main(_args(tmp_path, "f2-parts", "--max-steps", "4", "--init-from", str(base_path),
+                                      "--trainable", "spade", "--downsample-factor", "2", "--save-parts",
+                                      str(parts))) == "max_steps"
+    train_diffusion.main(["--export-parts", str(parts), "--export-path", str(tmp_path / "from-parts.pt")])
+    assert with_adapter(base, tmp_path / "from-parts.pt").info.training_steps == 4  # the base's 2, then 2 more
     for bad in (["--trainable", "spade"], ["--trainable", "decoder", "--init-from", str(base_path)]):
         with pytest.raises(SystemExit):
             train_diffusion.parse_config(bad)

@@ -517,7 +517,8 @@ class Trainer:
 
 
 def export_parts(cfg: TrainConfig) -> Path:
-    """Write the EMA weights of a parts folder as a shipped checkpoint (`export_path`)."""
+    """Write the EMA weights of a parts folder as a shipped checkpoint (`export_path`), or as a
+    condition adapter when they were trained with --trainable spade."""
     payload = load_parts(cfg.export_parts)
     if payload.get("kind") != PARTS_KIND:
         raise ValueError(f"{cfg.export_parts} holds {payload.get('kind')!r} parts, not {PARTS_KIND!r}")
@@ -525,8 +526,14 @@ def export_parts(cfg: TrainConfig) -> Path:
     meta = {"name": train["model_name"], "step": payload["step"], "val_loss": payload["best_val"],
             "wall_seconds": round(payload["wall_seconds"]), "noisy_training": train["noisy_training"],
             "data": "CamVid train split (367 images)", "train_config": train}
-    save_checkpoint(cfg.export_path, CHECKPOINT_KIND, SemanticDiffusionConfig.from_dict(payload["model_config"]),
-                    payload["ema"], meta)
+    config = SemanticDiffusionConfig.from_dict(payload["model_config"])
+    if train.get("trainable") == "spade":
+        network = SemanticUNet(config.unet)
+        network.load_state_dict({name: t.float() for name, t in payload["ema"].items()})
+        save_adapter(cfg.export_path, network, config,
+                     {**meta, "base": train["init_from"], "downsample_factor": train["downsample_factor"]})
+    else:
+        save_checkpoint(cfg.export_path, CHECKPOINT_KIND, config, payload["ema"], meta)
     return Path(cfg.export_path)
 
 
