@@ -52,7 +52,9 @@ from evaluation.evaluate import (
     GREY,
     Evaluation,
     EvaluationConfig,
+    _floats,
     _log,
+    _names,
     _portable,
     _relative,
     snr_key,
@@ -108,20 +110,12 @@ REPRESENTATIONS: dict[str, Representation] = {
 }
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
 def _ratios(text: str) -> tuple[float, ...]:
     return tuple(rate_quality.parse_ratio(v) for v in text.split(",") if v.strip())
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 @dataclass(frozen=True)
