@@ -268,16 +268,17 @@ class RateQualityRun:
     def scheme(self, i: int, snr_db: float) -> Mcs | None:
         """The scheme link adaptation picks for image i at `snr_db` (`SchemeProbe`, cached per SNR)."""
         snr = round(self.average_power_snr(i, snr_db), 2)
-        key = {"method": "scheme_probe", "definition": "average_power", "snr": snr_key(snr)}
-        if snr_key(snr) not in self.schemes:
+        text = snr_key(snr)
+        if text not in self.schemes:
+            key = {"method": "scheme_probe", "definition": "average_power", "snr": text}
             cached = self.received.load(key)
             if cached is not None:
-                self.schemes[snr_key(snr)] = cached[0]["scheme"]
+                self.schemes[text] = cached[0]["scheme"]
             else:
                 probed = self.probe(snr)
-                self.schemes[snr_key(snr)] = None if probed is None else probed.name
-                self.received.save(key, {"scheme": self.schemes[snr_key(snr)]}, np.zeros(1))
-        return next((m for m in MCS_TABLE if m.name == self.schemes[snr_key(snr)]), None)
+                self.schemes[text] = None if probed is None else probed.name
+                self.received.save(key, {"scheme": self.schemes[text]}, np.zeros(1))
+        return next((m for m in MCS_TABLE if m.name == self.schemes[text]), None)
 
     def generate(self, conditions: list[np.ndarray], generator: SemanticImageGenerator | None = None) -> np.ndarray:
         """Images at the evaluated size for one condition per image, sampled with each image's seed, by
