@@ -20,7 +20,8 @@ from __future__ import annotations
 import io
 import os
 import time
-from concurrent import futures
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -42,7 +43,7 @@ from sender_service.settings import SenderSettings
 from shared.semantic import codec, link
 from shared.wire import imageio, transport
 from tests.service_procs import free_port
-from tests.test_sender_service import FakeChannel
+from tests.test_sender_service import serve_fake_channel
 
 EXAMPLES = int(os.environ.get("GESCO_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("GESCO_FUZZ_RANDOM") != "1",
@@ -255,24 +256,26 @@ def test_image_decoding_is_bounded_and_raises_only_decode_errors(data, num_class
 # ------------------------------------------------------------------ the sender's upload endpoint
 
 
-@pytest.fixture(scope="module")
-def sender_client():
-    channel = FakeChannel()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    gesco_pb2_grpc.add_ChannelServicer_to_server(channel, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    settings = SenderSettings(channel_address=f"127.0.0.1:{port}", device="cpu", max_upload_bytes=4096,
-                              max_pixels=5000, map_height=24, map_width=32)
-    try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+@contextmanager
+def ready_sender(grpc_port: int | None = None, **client_options) -> Iterator[TestClient]:
+    """The sender app in process before a fake channel, once its segmenter has loaded, with its
+    gRPC API on `grpc_port` when given; small upload limits, so that fuzzed uploads hit them."""
+    with serve_fake_channel() as channel:
+        settings = SenderSettings(channel_address=f"127.0.0.1:{channel.port}", device="cpu", max_upload_bytes=4096,
+                                  max_pixels=5000, map_height=24, map_width=32,
+                                  **({} if grpc_port is None else {"grpc_port": grpc_port}))
+        with TestClient(create_app(settings, grpc_api=grpc_port is not None), **client_options) as client:
             deadline = time.monotonic() + 60
             while client.get("/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "the segmenter never loaded"
                 time.sleep(0.1)
             yield client
-    finally:
-        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def sender_client():
+    with ready_sender(raise_server_exceptions=False) as client:
+        yield client
 
 
 @st.composite
@@ -357,23 +360,9 @@ VALID_PARAMETERS = {
 @pytest.fixture(scope="module")
 def grpc_sender():
     """The sender's gRPC API in process, before a fake channel."""
-    channel = FakeChannel()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    gesco_pb2_grpc.add_ChannelServicer_to_server(channel, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    settings = SenderSettings(channel_address=f"127.0.0.1:{port}", device="cpu", max_upload_bytes=4096,
-                              max_pixels=5000, map_height=24, map_width=32, grpc_port=free_port())
-    try:
-        with TestClient(create_app(settings, grpc_api=True)) as client:
-            deadline = time.monotonic() + 60
-            while client.get("/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "the segmenter never loaded"
-                time.sleep(0.1)
-            with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as grpc_channel:
-                yield grpc_channel
-    finally:
-        server.stop(0)
+    grpc_port = free_port()
+    with ready_sender(grpc_port), grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as grpc_channel:
+        yield grpc_channel
 
 
 @pytest.fixture(scope="module")
