@@ -61,13 +61,7 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
             ax.set_xticks(positions, [f"{s:g}" for s in snrs])
             ax.set_xlabel(("PSNR" if definition == "paper_psnr" else "SNR") + f" (dB), {DEFINITION_TITLE[definition]}")
             ax.set_ylabel(f"{title.split(' (')[0]} {better}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = plot_dir / f"{key}_{definition}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_line_plot(fig, ax, plot_dir / f"{key}_{definition}.png", 7))
     curves = failure_curves(results)
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -85,14 +79,18 @@ def plot_metrics(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         ax.set_ylabel("decode failure rate")
         ax.set_title("digital link (JPEG + 5G LDPC + QAM): the cliff (o: all images, x: extra SNRs on a subset)",
                      fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = plot_dir / "digital_cliff.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_line_plot(fig, ax, plot_dir / "digital_cliff.png", 8))
     return paths
+
+
+def save_line_plot(fig: plt.Figure, ax: plt.Axes, path: Path, legend_fontsize: int) -> Path:
+    """A line plot's common finish (grid, legend, tight layout), written at the reports' 110 dpi and closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _ratio_suffix(per_snr: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from evaluation.checks import apply_notes  # noqa: E402
+from evaluation.plots import save_line_plot  # noqa: E402
 from evaluation.report import jsonable  # noqa: E402
 from evaluation.schema import DEFINITION_TEXT, DEFINITION_TITLE  # noqa: E402
 from shared.paths import REPO_ROOT  # noqa: E402
@@ -273,13 +274,7 @@ def plot_all(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         ax.set_xlabel(axis)
         ax.set_ylabel("mIoU ↑")
         ax.set_title(f"bandwidth ratio at most {key}: each representation's best rate within it", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = plot_dir / f"miou_vs_snr_ratio_{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_line_plot(fig, ax, plot_dir / f"miou_vs_snr_ratio_{key.replace('/', '_')}.png", 6))
     for snr in _snr_keys(results):
         fig, ax = plt.subplots(figsize=(7.5, 4.4))
         for name in _plot_order(results):
@@ -298,13 +293,7 @@ def plot_all(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         ax.set_xlabel("bandwidth ratio (complex channel uses per source value, log scale)")
         ax.set_ylabel("mIoU ↑")
         ax.set_title(f"{snr} dB ({DEFINITION_TITLE[definition]})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = plot_dir / f"miou_vs_ratio_{snr}dB.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_line_plot(fig, ax, plot_dir / f"miou_vs_ratio_{snr}dB.png", 6))
     cliff = [(name, rate, per_snr) for name in ("separated_fixed", "digital_fixed")
              for rate, per_snr in results["results"].get(name, {}).items()]
     if cliff:
@@ -316,13 +305,7 @@ def plot_all(results: dict[str, Any], plot_dir: Path) -> list[Path]:
         ax.set_ylabel("share of images lost")
         ax.set_title(f"separated links with the scheme for {results['settings']['design_snr_db']:g} dB: the cliff",
                      fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = plot_dir / "cliff.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_line_plot(fig, ax, plot_dir / "cliff.png", 7))
     return paths
 
 
