@@ -77,7 +77,9 @@ class StepBatch:
         group_key = (sampling.sampler, sampling.steps)
         sampler = SAMPLERS[sampling.sampler]()
         # One process object per (sampler, steps): chains join only on the very same process.
-        process = self._processes.setdefault(group_key, sampler.process(generator.diffusion, sampling.steps))
+        if group_key not in self._processes:
+            self._processes[group_key] = sampler.process(generator.diffusion, sampling.steps)
+        process = self._processes[group_key]
         cfg = generator.config.unet
         chain = sampler.start(process, (1, cfg.in_channels, cfg.image_height, cfg.image_width),
                               generator.generators([seed]), generator.device)
@@ -130,8 +132,9 @@ class StepBatch:
             first += rows
             done = group.chain.finished
             if done.any():
-                images = to_uint8_images(group.chain.x[to_device(np.flatnonzero(done), group.chain.x.device)])
-                finished += zip([group.keys[r] for r in np.flatnonzero(done)], images)
+                done_rows = np.flatnonzero(done)
+                images = to_uint8_images(group.chain.x[to_device(done_rows, group.chain.x.device)])
+                finished += zip([group.keys[r] for r in done_rows], images)
                 self._keep(group_key, [int(r) for r in np.flatnonzero(~done)])
         return finished
 
