@@ -75,7 +75,7 @@ class StepScheduler:
         worker.begin(job, started)
         decoding = time.perf_counter()
         try:
-            received, condition = prepare_job(job, job.generator)
+            received, condition = prepare_job(job)
         except ValueError as error:
             worker.complete(job, JobResult(error=f"decoding the received maps failed: {error}"), started)
             return

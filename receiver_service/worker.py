@@ -104,10 +104,10 @@ class JobResult:
     received: link.ReceivedViews | None = None
 
 
-def prepare_job(job: Job, generator: SemanticImageGenerator) -> tuple[link.ReceivedViews, np.ndarray]:
-    """The job's received maps (noisy and FDS-denoised) and the condition the model gets, at its
+def prepare_job(job: Job) -> tuple[link.ReceivedViews, np.ndarray]:
+    """The job's received maps (noisy and FDS-denoised) and the condition its generator gets, at its
     resolution: FDS maps only when the job asks. ValueError when the maps do not decode."""
-    info = generator.info
+    info = job.generator.info
     received = link.received_views(job.symbols, job.semantic, use_fds=True)  # the debug views always show FDS
     maps = received.fds_maps if job.use_fds else received.noisy_maps
     return received, link.resize_maps(maps, (info.image_height, info.image_width))
@@ -187,14 +187,13 @@ def job_record(
 
 def run_batch(
     jobs: Sequence[Job],
-    generator: SemanticImageGenerator,
     size: tuple[int, int],
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     encode: bool = True,
 ) -> list[JobResult]:
     """Decode, sample and (when `encode`) encode a batch of jobs that share sampler, steps,
-    guidance and `generator`; without `encode` each result keeps its image and views for `encode_result`.
+    guidance and generator; without `encode` each result keeps its image and views for `encode_result`.
 
     A job whose maps fail to decode fails alone; a sampling error fails the whole batch.
     `should_stop` is asked before every sampling step; once it says yes, sampling stops there and
@@ -206,7 +205,7 @@ def run_batch(
     for index, job in enumerate(jobs):
         started = time.perf_counter()
         try:
-            received, condition = prepare_job(job, generator)
+            received, condition = prepare_job(job)
         except ValueError as error:
             results[index].error = f"decoding the received maps failed: {error}"
             continue
@@ -223,7 +222,7 @@ def run_batch(
 
     started = time.perf_counter()
     try:
-        images = generator.generate(
+        images = jobs[prepared[0][0]].generator.generate(
             torch.from_numpy(np.stack([condition for _, _, condition in prepared])),
             jobs[prepared[0][0]].sampling,
             seeds=[jobs[index].seed for index, _, _ in prepared],
@@ -393,15 +392,14 @@ class GenerationWorker:
         request = sampling_request(header, self.settings)
         sampling = resolve_sampling(request, generator, self.settings)
         size = output_size(self.settings, generator)
-        generator = self.generator_for(semantic.downsample_factor)
-        job = Job(header.transmission_id, request_id, semantic, symbols, sampling,
-                  seed=request.seed, use_fds=request.use_fds, generator=generator)
+        job = Job(header.transmission_id, request_id, semantic, symbols, sampling, seed=request.seed,
+                  use_fds=request.use_fds, generator=self.generator_for(semantic.downsample_factor))
         with self._changed:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
             if self.queue_depth >= self.settings.queue_size:
                 raise QueueFullError(self.retry_after_s())
-            self.store.create(job_record(header, request, sampling, generator, size, request_id, time.time()))
+            self.store.create(job_record(header, request, sampling, job.generator, size, request_id, time.time()))
             ahead = len(self._jobs)
             self._waiting.append(job)
             self._jobs[job.transmission_id] = job
@@ -593,7 +591,7 @@ class GenerationWorker:
         results: list[JobResult] = []
         if wanted:
             try:
-                results = run_batch(wanted, wanted[0].generator, output_size(self.settings, self.generator),
+                results = run_batch(wanted, output_size(self.settings, self.generator),
                                     should_stop=lambda: all(job.cancelled for job in wanted),
                                     on_step=lambda step, total: self.set_progress(wanted, step, total),
                                     encode=self._encoder is None)

@@ -635,8 +635,8 @@ def test_an_image_is_the_same_batched_or_alone(tmp_path):
         sampling = SamplingOptions(sampler="dpmpp2m", steps=4, guidance=1.5)
         jobs.append(Job(header.transmission_id, "req", semantic, symbols, sampling, seed=seed, use_fds=seed != 2,
                         generator=generator))
-    batched = run_batch(jobs, generator, (8, 16))
-    alone = [run_batch([job], generator, (8, 16))[0] for job in jobs]
+    batched = run_batch(jobs, (8, 16))
+    alone = [run_batch([job], (8, 16))[0] for job in jobs]
     for together, single in zip(batched, alone):
         assert together.error is None and single.error is None
         np.testing.assert_array_equal(decode_png(together.artifacts["image"]), decode_png(single.artifacts["image"]))
