@@ -12,16 +12,14 @@ import copy
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
+from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import SpadeGroupNorm
-
-if TYPE_CHECKING:
-    from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 
 ADAPTER_KIND = "semantic-diffusion-adapter"
 
@@ -62,20 +60,18 @@ def base_fingerprint(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(path: str | Path, network: nn.Module, config: "SemanticDiffusionConfig", meta: dict[str, Any]) -> None:
+def save_adapter(path: str | Path, network: nn.Module, config: SemanticDiffusionConfig, meta: dict[str, Any]) -> None:
     """Write the SPADE weights of `network` (fp16) with the fingerprint of the rest."""
     names = set(adapter_parameter_names(network))
     weights = {name: t for name, t in network.state_dict().items() if name in names}
     save_checkpoint(path, ADAPTER_KIND, config, weights, {**meta, "base_fingerprint": base_fingerprint(network)})
 
 
-def with_adapter(generator: "SemanticImageGenerator", path: str | Path) -> "SemanticImageGenerator":
+def with_adapter(generator: SemanticImageGenerator, path: str | Path) -> SemanticImageGenerator:
     """A new generator: `generator`'s network with the adapter's SPADE weights (the base is untouched).
 
     ValueError when the adapter was trained for another network or other base weights, or when the
     base is quantized (its SPADE layers are not plain weights any more)."""
-    from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-
     if generator.info.quantization is not None:
         raise ValueError(f"adapters need an fp32 generator; this one is {generator.info.quantization}")
     payload = load_checkpoint(path, ADAPTER_KIND)
@@ -112,7 +108,7 @@ def adapter_paths(checkpoint: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def adapted_generators(generator: "SemanticImageGenerator") -> dict[int, "SemanticImageGenerator"]:
+def adapted_generators(generator: SemanticImageGenerator) -> dict[int, SemanticImageGenerator]:
     """The generator for every downsample factor that has an adapter beside its checkpoint (none
     for an untrained generator). ValueError, naming the file, for an adapter that does not fit."""
     if generator.info.checkpoint is None:
