@@ -1,14 +1,14 @@
 """The network called at a few fixed batch sizes (buckets), optionally replayed as CUDA graphs.
 
-On a GPU one guided forward of this small U-Net is mostly kernel launches: replaying it as a CUDA
-graph cuts a batch-2 forward from 9.3 to 2.5 ms (H200, docs/benchmarks-gpu.md). A graph has fixed
-shapes, so the rows of a call are padded up to the smallest bucket that holds them (a larger call
-runs in chunks of the largest bucket), and every bucket is captured once, at start, before
-requests arrive. The padded rows are zeros or an earlier call's inputs; the network treats every
-row on its own (GroupNorm and attention are per image), so they never touch the real rows, and
-their outputs are dropped. Without CUDA graphs the buckets still bound the shapes a compiled
-network (torch.compile without dynamic shapes) sees. On a CPU neither is worth it (the buckets
-only add padded rows), so the receiver uses buckets only where its settings ask for them.
+On a GPU, replaying a forward as a CUDA graph saves its kernel launches (`python -m
+scripts.gpu_serving_check run` times a batch-2 forward both ways into docs/benchmarks-gpu.md). A
+graph has fixed shapes, so the rows of a call are padded up to the smallest bucket that holds them
+(a larger call runs in chunks of the largest bucket), and every bucket is captured once, at start,
+before requests arrive. The padded rows are zeros or an earlier call's inputs; the network treats
+every row on its own (GroupNorm and attention are per image), so they never touch the real rows,
+and their outputs are dropped. Without CUDA graphs the buckets still bound the shapes a compiled
+network (torch.compile without dynamic shapes) sees. On a CPU neither is worth it (the buckets only
+add padded rows), so the receiver uses buckets only where its settings ask for them.
 """
 from __future__ import annotations
 
