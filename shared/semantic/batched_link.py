@@ -35,7 +35,8 @@ from shared.semantic.fds import FdsVariant, fds_batched
 # The values of `shared.semantic.channels.SnrDefinition` (a str enum, so its members compare equal).
 SNR_DEFINITIONS = ("paper_psnr", "average_power")
 # On the CPU, batches go through in chunks of this many maps: a 64-map batch's (B, K, H, W)
-# tensors are 38 MB at 96x128, far beyond the caches, and pooling them whole ran 1.5x slower.
+# tensors are 38 MB at 96x128, far beyond the caches (docs/conditions-timing.md times the batched
+# path with these chunks; nothing in the repository times it whole).
 CPU_CHUNK = 8
 
 
