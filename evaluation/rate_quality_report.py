@@ -88,8 +88,7 @@ def _snr_keys(results: dict[str, Any]) -> list[str]:
 # --- checks, default and table ----------------------------------------------------------------------
 def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's two targets on this run, PASS, FAIL or NOT EVALUATED with what was observed."""
-    checks = [_keep_check(results), _equal_uses_check(results)]
-    return checks
+    return [_keep_check(results), _equal_uses_check(results)]
 
 
 def _keep_check(results: dict[str, Any]) -> dict[str, Any]:
@@ -131,19 +130,18 @@ def _equal_uses_check(results: dict[str, Any]) -> dict[str, Any]:
     snrs = [s for s in _snr_keys(results) if float(s) <= TARGET_SNR]
     if not snrs or not {"digital", "analog"} <= set(results["results"]):
         return check | {"status": "NOT EVALUATED", "observed": "needs digital and analog at SNRs <= 10 dB"}
-    lost, cells, margins = [], 0, []
-    separated_wins = []
+    ratios = _ratios(results)
+    cells = len(snrs) * len(ratios)
+    lost, margins, separated_wins = [], [], []
     for snr in snrs:
-        semantic = frontier(results, _ratios(results), snr, kind="semantic")
-        images = frontier(results, _ratios(results), snr, kind="image")
-        without_separated = frontier(results, _ratios(results), snr, kind="semantic",
-                                     exclude=("separated", "separated_fixed"))
-        for ratio in _ratios(results):
-            cells += 1
+        semantic = frontier(results, ratios, snr, kind="semantic")
+        images = frontier(results, ratios, snr, kind="image")
+        without_separated = frontier(results, ratios, snr, kind="semantic", exclude=("separated", "separated_fixed"))
+        for ratio in ratios:
             ours, theirs = semantic[ratio], images[ratio]
             if ours is None or (theirs is not None and theirs[2] >= ours[2]):
                 lost.append(f"{rate_quality.ratio_text(ratio)} at {snr} dB ({_who(theirs)} vs {_who(ours)})")
-            elif ours is not None:
+            else:
                 margins.append((ours[2] - (theirs[2] if theirs else 0.0), f"{rate_quality.ratio_text(ratio)} at {snr} dB"))
             if ours and ours[0].startswith("separated") and without_separated[ratio]:
                 separated_wins.append(f"{rate_quality.ratio_text(ratio)} at {snr} dB by "
@@ -431,7 +429,7 @@ def _frontier_section(results: dict[str, Any]) -> list[str]:
 
 
 def _equal_uses_section(results: dict[str, Any]) -> list[str]:
-    names = [n for n in _plot_order(results)]
+    names = _plot_order(results)
     lines = ["", "## Every representation at equal channel uses", "",
              "Each representation's best mIoU within the ratio (its rate in brackets); — where none of its rates fits."]
     for snr in _snr_keys(results):
