@@ -315,14 +315,20 @@ def forward_ms(generator, rows: int, repeats: int) -> float:
     t = torch.full((rows,), 500, device=device)
     condition = torch.zeros(rows, cfg.num_classes, cfg.image_height, cfg.image_width, device=device)
     condition[:, 0] = 1
+    return median_ms(lambda: generator.network(x, t, condition), device, repeats)
+
+
+def median_ms(fn, device, repeats: int) -> float:
+    """Median milliseconds of `fn()` over `repeats` calls after a warm-up call, each timed to the
+    end of its device work."""
+    fn()
     times = []
-    for repeat in range(repeats + 1):
+    for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        generator.network(x, t, condition)
+        fn()
         synchronize(device)
-        if repeat:  # the first call warms up
-            times.append(time.perf_counter() - started)
+        times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000.0
 
 
@@ -376,12 +382,8 @@ def compute_bound(args: argparse.Namespace) -> Bound:
         conditions = torch.zeros(best, cfg.num_classes, cfg.image_height, cfg.image_width)
         conditions[:, 0] = 1
         sampling = SamplingOptions(sampler=args.sampler, steps=args.steps, guidance=args.guidance)
-        generator.generate(conditions, sampling, list(range(best)))  # warm-up
-        synchronize(generator.device)
-        started = time.perf_counter()
-        generator.generate(conditions, sampling, list(range(best)))
-        synchronize(generator.device)
-        generated = best / (time.perf_counter() - started)
+        generated = best / median_ms(lambda: generator.generate(conditions, sampling, list(range(best))),
+                                     generator.device, 1) * 1000.0
     return Bound(per_image_ms, best, 1000.0 / (args.steps * per_image_ms[best]), generated)
 
 

@@ -121,22 +121,14 @@ def in_process(device: str, tiny: bool) -> dict[str, float]:
 
     from shared.limits import SamplingOptions
     from shared.semantic.diffusion.generator import SemanticImageGenerator
-    from scripts.benchmark_serving import synchronize
+    from scripts.benchmark_serving import median_ms
 
     checkpoint = REPO_ROOT / "models" / "diffusion-camvid.pt"
     sampling = SamplingOptions(sampler="ddim", steps=2 if tiny else 10, guidance=2.0)
     repeats = 2 if tiny else 20
 
     def timed_ms(fn) -> float:
-        fn()
-        synchronize(generator.device)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            synchronize(generator.device)
-            times.append(time.perf_counter() - started)
-        return sorted(times)[len(times) // 2] * 1000.0
+        return median_ms(fn, generator.device, repeats)
 
     results: dict[str, float] = {}
     generator = SemanticImageGenerator.load(checkpoint, device)
