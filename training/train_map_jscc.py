@@ -32,14 +32,14 @@ from shared.semantic.rate_quality import parse_ratio, ratio_text, source_values
 from shared.semantic.segmenter import confusion_matrix, miou
 
 
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) labels -> (B, K, H, W) one-hot maps, the encoder's input."""
+    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
 def majority_labels(labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) labels -> (B, h, w): the most frequent class of each block (ties: the lowest id)."""
-    one_hot = F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
-    return F.adaptive_avg_pool2d(one_hot, size).argmax(1)
-
-
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot(labels, num_classes), size).argmax(1)
 
 
 def noise_std(snr_db: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     started, cpu_started = time.monotonic(), time.process_time()
     step, losses = 0, []
     while (elapsed := time.process_time() - cpu_started) < budget_s:
-        for group in optimiser.param_groups:  # cosine over the wall-clock budget
+        for group in optimiser.param_groups:  # cosine over the CPU-time budget
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget_s))
         batch = torch.from_numpy(rng.choice(len(train), args.batch_size, replace=False))
         labels, target = train[batch], targets[batch]
