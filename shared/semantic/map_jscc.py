@@ -58,7 +58,8 @@ class MapJscc(nn.Module):
 
     The encoder first averages 2x2 blocks (the generator sees 48x64 anyway), then two strided
     convolutions reach the latent at 1/8 of the map size; the decoder doubles it back to the
-    generator's resolution. Small on purpose: it trains in minutes on one CPU core.
+    generator's resolution. Small on purpose: the shipped ones trained for 10 CPU minutes of one
+    thread each (models/map-jscc.md).
     """
 
     def __init__(self, config: MapJsccConfig) -> None:
