@@ -136,6 +136,10 @@ class Chain:
         column = to_device(np.asarray(values, dtype=np.float64), self.x.device).float()
         return column.view(-1, *([1] * (self.x.ndim - 1)))
 
+    def where(self, marked: np.ndarray, chosen: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`chosen`'s rows where `marked` is set, `other`'s elsewhere (both shaped like x)."""
+        return torch.where(to_device(marked, self.x.device).view(-1, *([1] * (self.x.ndim - 1))), chosen, other)
+
     def noise(self, wanted: np.ndarray) -> torch.Tensor:
         """Standard normal draws for the rows `wanted` marks, each from its own generator; zeros
         elsewhere, and the other rows' generators untouched."""
@@ -216,7 +220,7 @@ class Sampler(abc.ABC):
         if last.all():
             x = x.clamp(-1, 1)
         elif last.any():
-            x = torch.where(to_device(last, x.device).view(-1, *([1] * (x.ndim - 1))), x.clamp(-1, 1), x)
+            x = chain.where(last, x.clamp(-1, 1), x)
         chain.x = x
         chain.positions = chain.positions - 1
 
@@ -354,7 +358,7 @@ class DPMSolverPP2MSampler(Sampler, name="dpmpp2m", default_steps=20):
              + chain.rows(np.where(last, 0.0, alpha[before] * -np.expm1(-np.nan_to_num(h)))) * direction)
         chain.memory.update(previous_x_start=x_start, previous_h=h)
         if last.any():
-            x = torch.where(to_device(last, x.device).view(-1, *([1] * (x.ndim - 1))), x_start, x)
+            x = chain.where(last, x_start, x)
         return x
 
 
