@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -219,6 +219,26 @@ def _portable(argv: list[str]) -> list[str]:
             value = _relative(value) or value
         out.append(f"{flag}{eq}{value}")
     return out
+
+
+Config = TypeVar("Config")
+
+
+def recorded_command(module: str, argv: list[str] | None) -> str:
+    """The command line as the results record it, paths relative to the repository."""
+    return f"python -m {module} " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, config_class: type[Config]) -> Config:
+    """The config of the parsed flags, one flag a field (--no-cache: no cache directory); a value the
+    config refuses is a usage error."""
+    values = {f.name: getattr(args, f.name) for f in fields(config_class)}
+    if args.no_cache:
+        values["cache_dir"] = None
+    try:
+        return config_class(**values)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def _load_generator(path: str, num_classes: int, device: str) -> tuple[SemanticImageGenerator | None, str | None]:
@@ -610,15 +630,9 @@ def _settings(ev: Evaluation, config: EvaluationConfig, snrs: list[float], comma
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(EvaluationConfig)}
-    if args.no_cache:
-        values["cache_dir"] = None
-    try:
-        config = EvaluationConfig(**values)
-    except ValueError as error:
-        parser.error(str(error))
+    config = config_from_args(parser, args, EvaluationConfig)
     notes = load_notes(Path(args.notes)) if args.notes else None  # a bad file fails before hours of work
-    command = "python -m evaluation.evaluate " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
+    command = recorded_command("evaluation.evaluate", argv)
     results = run(config, command)
     paths = report.write_all(results, Path(args.out), Path(args.report) if args.report else None, notes)
     _log(f"wrote {', '.join(str(p) for p in paths)} in {results['settings']['wall_time_s']:.0f} s")

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
-import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,8 +53,9 @@ from evaluation.evaluate import (
     _floats,
     _log,
     _names,
-    _portable,
     _relative,
+    config_from_args,
+    recorded_command,
     snr_key,
     with_bandwidth_ratio,
 )
@@ -601,15 +600,9 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(RateQualityConfig)}
-    if args.no_cache:
-        values["cache_dir"] = None
-    try:
-        config = RateQualityConfig(**values)
-    except ValueError as error:
-        parser.error(str(error))
+    config = config_from_args(parser, args, RateQualityConfig)
     notes = load_notes(Path(args.notes)) if args.notes else None
-    command = "python -m evaluation.rate_quality " + shlex.join(_portable(sys.argv[1:] if argv is None else argv))
+    command = recorded_command("evaluation.rate_quality", argv)
     results = run(config, command)
     paths = rate_quality_report.write_all(results, Path(args.out), Path(args.report) if args.report else None,
                                           Path(args.table) if args.table else None, notes)
