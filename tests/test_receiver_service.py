@@ -613,19 +613,10 @@ def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
 
 def test_an_image_is_the_same_batched_or_alone(tmp_path):
     """Per-image generators: a job's image must not depend on its batch mates."""
-    from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig
-    from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
-    from shared.semantic.diffusion.unet import UNetConfig
     from receiver_service.worker import Job, run_batch
+    from tests.test_continuous_batching import tiny_generator  # it imports this module
 
-    unet = UNetConfig(num_classes=NUM_CLASSES, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
-                      attention_downsample=(2,), head_channels=32, spade_hidden=16)
-    generator = SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(
-        unet=unet, diffusion=DiffusionConfig(num_timesteps=50)))
-    torch = pytest.importorskip("torch")
-    with torch.no_grad():
-        for parameter in generator.network.parameters():
-            torch.nn.init.normal_(parameter, std=0.05)  # zero-initialised heads would hide differences
+    generator = tiny_generator()  # no zero-initialised heads, which would hide differences
     jobs = []
     for seed, label in ((1, 3), (2, 8), (3, 3)):
         label_map = street_label_map()
