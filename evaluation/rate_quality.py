@@ -540,15 +540,15 @@ class RateQualityRun:
 
     def sizes(self) -> dict[str, Any]:
         """Bits of every source option per image: the label map's lossless codes and the JPEGs."""
-        out: dict[str, Any] = {}
+        per_image: list[list[SourceOption]] = []
         if any(n in self.config.representations for n in ("separated", "separated_fixed")):
-            for options in self.label_options():
-                for option in options:
-                    out.setdefault(option.name, []).append(option.bits)
+            per_image += self.label_options()
         if any(n in self.config.representations for n in ("digital", "digital_fixed")):
-            for options in self.jpeg_options():
-                for option in options:
-                    out.setdefault(option.name, []).append(option.bits)
+            per_image += self.jpeg_options()
+        out: dict[str, list[int]] = {}
+        for options in per_image:
+            for option in options:
+                out.setdefault(option.name, []).append(option.bits)
         return {name: summarize(bits) for name, bits in out.items()}
 
 
