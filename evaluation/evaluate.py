@@ -11,8 +11,8 @@ sent and the original image are the dataset's, resized there. Ours and the ablat
 the receiver's pipeline (`shared.semantic.link.simulate_link`, then `generator.generate`), the generated
 image is resized from the model's resolution to the map size for the metrics. Channel noise and
 sampling seeds derive from --seed and the image index only, so every method sees the same channel
-realisation for an image and SNR, and a run is reproducible. Writes results.json, results.md,
-plots/*.png and grid*.png under --out (see `evaluation.report`).
+realisation for an image and SNR, and a run is reproducible. Writes results.json, plots/*.png and
+grid*.png under --out and the report there as results.md, or at --report (see `evaluation.report`).
 """
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=d.cache_dir,
                    help="finished configurations are kept here and reused by a rerun with the same settings")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--report", default=None, help="also write the Markdown report here (links relative to it)")
+    p.add_argument("--report", default=None, help="write the Markdown report here (links relative to it) instead of results.md under --out")
     p.add_argument("--notes", default=None,
                    help="TOML with a summary and the explanation of each acceptance check (evaluation.checks.load_notes)")
     return p

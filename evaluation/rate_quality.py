@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out", default="docs/rate-quality")
-    p.add_argument("--report", default=None, help="also write the Markdown report here")
+    p.add_argument("--report", default=None, help="write the Markdown report here instead of rate-quality.md under --out")
     p.add_argument("--table", default=None, help="write the sender's rate-quality table here (JSON)")
     p.add_argument("--notes", default=None, help="TOML with a summary and the explanation of each target check")
     return p

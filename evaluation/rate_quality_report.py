@@ -235,11 +235,10 @@ def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None =
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(jsonable(results), indent=1, ensure_ascii=False) + "\n")
     written += [json_path, *plots, grid_path]
-    for path in [out_dir / "rate-quality.md"] + ([report_path] if report_path else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(results, path.parent, out_dir, plots, grid_path))
-        written.append(path)
-    return written
+    report_path = report_path or out_dir / "rate-quality.md"  # one report: --report, else beside the JSON
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(render(results, report_path.parent, out_dir, plots, grid_path))
+    return written + [report_path]
 
 
 def _label(results: dict[str, Any], name: str) -> str:

@@ -1,4 +1,4 @@
-"""What an evaluation run writes: results.json, results.md, plots/*.png and grid*.png.
+"""What an evaluation run writes: results.json, the report (results.md or --report), plots/*.png and grid*.png.
 
 It puts the checks (`evaluation.checks`), the Markdown (`evaluation.markdown`) and the figures
 (`evaluation.plots`) together over one run's results.
@@ -19,7 +19,8 @@ from evaluation.plots import plot_grids, plot_metrics
 
 def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None = None,
               notes: dict[str, Any] | None = None) -> list[Path]:
-    """Write every output; returns the paths written."""
+    """Write every output; returns the paths written. The report is written once: at `report_path`
+    when given (its links relative to it), else as results.md beside the JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = results.pop("grid")
     results["grid_scene"] = grid["scene"]
@@ -29,14 +30,10 @@ def write_all(results: dict[str, Any], out_dir: Path, report_path: Path | None =
     grids = plot_grids(results, grid, out_dir)
     json_path = out_dir / "results.json"
     json_path.write_text(json.dumps(jsonable(results), indent=1, ensure_ascii=False) + "\n")
-    md_path = out_dir / "results.md"
-    md_path.write_text(markdown.render(results, out_dir, out_dir, plots, grids))
-    written = [json_path, md_path, *plots, *grids]
-    if report_path is not None:
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(markdown.render(results, report_path.parent, out_dir, plots, grids))
-        written.append(report_path)
-    return written
+    md_path = report_path or out_dir / "results.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown.render(results, md_path.parent, out_dir, plots, grids))
+    return [json_path, md_path, *plots, *grids]
 
 
 def jsonable(value: Any) -> Any:

@@ -220,7 +220,8 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     evaluate.main(argv)
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["configurations_from_cache"] == 0
-    assert "](results/grid.png)" in (root / "report.md").read_text()
+    markdown = (root / "report.md").read_text()
+    assert "](results/grid.png)" in markdown and not (out / "results.md").exists()  # one report, at --report
     # A rerun with the same settings takes every configuration from the cache, with the same numbers,
     # and puts the explanation of a notes file under the check it was written for.
     bits_observed = next(c["observed"] for c in results["acceptance"] if c["id"] == "bits")
@@ -228,7 +229,7 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     notes.write_text(f'summary = "Summary line."\n[checks.bits]\nobserved = {json.dumps(bits_observed)}\n'
                      'explanation = "The maps cost more bits than JPEG."\n')
     evaluate.main(argv[:-1] + [str(root / "cache")] + ["--out", str(root / "rerun"), "--notes", str(notes)])
-    rerun_md = (root / "rerun" / "results.md").read_text()
+    rerun_md = (root / "report.md").read_text()
     assert "Summary line." in rerun_md and "_The maps cost more bits than JPEG._" in rerun_md
     assert "compute time, as recorded:" in rerun_md
     rerun = json.loads((root / "rerun" / "results.json").read_text())
@@ -268,7 +269,6 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     assert bits["ours_bandwidth_ratio"]["mean"] == pytest.approx(5 / 6) and bits["analog_bandwidth_ratio"]["mean"] == 0.5
     assert [c["status"] for c in results["acceptance"]].count("NOT EVALUATED") >= 3  # no 30 dB, no ablation model
     assert all(c["explanation"] is None for c in results["acceptance"]) and results["summary"] is None
-    markdown = (out / "results.md").read_text()
     for heading in ("## mIoU", "## SSIM", "## LPIPS", "## FID", "Frechet segmenter distance", "layout of Table 5",
                     "## What the models are conditioned on",
                     "## Bits", "decode failures", "## Acceptance checks", "| bandwidth ratio |"):
@@ -370,6 +370,7 @@ def test_rate_quality_end_to_end(fake_setup: dict[str, Path]) -> None:
     assert {(e.downsample_factor, e.compression) for e in loaded.entries} == {(1, "none"), (2, "none"), (8, "none"),
                                                                             (2, "jpeg")}
     report = (root / "rq.md").read_text()
+    assert not (out / "rate-quality.md").exists()  # one report, at --report
     for heading in ("## Bandwidth ratio", "## Targets", "## The frontier", "## Every representation at equal channel uses",
                     "## The sender's default", "## All configurations"):
         assert heading in report, heading
