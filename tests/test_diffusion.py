@@ -19,7 +19,8 @@ TINY = UNetConfig(num_classes=4, image_height=8, image_width=16, model_channels=
 
 @pytest.fixture(scope="module")
 def diffusion() -> GaussianDiffusion:
-    return GaussianDiffusion.from_config(DiffusionConfig(schedule="linear", num_timesteps=1000))
+    """An epsilon-predicting process: the exact model below and the closed forms speak epsilon."""
+    return GaussianDiffusion.from_config(DiffusionConfig(schedule="linear", num_timesteps=1000, prediction="epsilon"))
 
 
 def test_schedules_are_valid_and_cosine_ends_near_zero_signal() -> None:
@@ -189,9 +190,14 @@ def test_samplers_register_under_the_name_their_class_declares() -> None:
     assert SAMPLERS == {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverPP2MSampler}
     assert (DDIMSampler.name, DDIMSampler.default_steps) == ("ddim", 10)
     with pytest.raises(ValueError, match="registered already"):
-        class Again(Sampler, name="ddim", default_steps=1):
+        class Again(Sampler, name="ddim"):
             def sample(self, *args, **kwargs):
                 raise NotImplementedError
+    with pytest.raises(ValueError, match="SAMPLER_DEFAULT_STEPS"):
+        class Undeclared(Sampler, name="euler"):
+            def sample(self, *args, **kwargs):
+                raise NotImplementedError
+    assert "euler" not in SAMPLERS
     assert SAMPLERS["ddim"] is DDIMSampler
     with pytest.raises(ValueError, match="eta"):
         DDIMSampler(eta=2.0)

@@ -78,7 +78,7 @@ class TrainConfig:
     spade_hidden: int = 32
     dropout: float = 0.0
     schedule: str = "linear"
-    prediction: str = "velocity"  # the mean's parametrisation: "velocity" or "epsilon"
+    prediction: str = DiffusionConfig.prediction  # the mean's parametrisation: "velocity" or "epsilon"
     # optimisation
     batch_size: int = 8
     lr: float = 2e-4

@@ -58,7 +58,8 @@ class DiffusionConfig:
     schedule: str = "linear"
     num_timesteps: int = 1000
     vlb_weight: float = 0.001  # lambda of the hybrid loss
-    prediction: str = "epsilon"  # what the network's first C outputs are: "epsilon" or "velocity"
+    # what the network's first C outputs are: "velocity" (the shipped models', the training default) or "epsilon"
+    prediction: str = "velocity"
 
 
 def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,7 +107,7 @@ class GaussianDiffusion:
     """A diffusion process over `betas`; respaced processes are GaussianDiffusion objects too."""
 
     def __init__(self, betas: np.ndarray, timestep_map: np.ndarray | None = None, vlb_weight: float = 0.001,
-                 prediction: str = "epsilon") -> None:
+                 prediction: str = DiffusionConfig.prediction) -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")

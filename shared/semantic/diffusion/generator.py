@@ -35,7 +35,8 @@ class SemanticDiffusionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SemanticDiffusionConfig":
         unet = {k: tuple(v) if isinstance(v, list) else v for k, v in data["unet"].items()}
-        return cls(unet=UNetConfig(**unet), diffusion=DiffusionConfig(**data["diffusion"]))
+        # a checkpoint written before `prediction` was recorded predicts epsilon
+        return cls(unet=UNetConfig(**unet), diffusion=DiffusionConfig(**{"prediction": "epsilon", **data["diffusion"]}))
 
 
 @dataclass(frozen=True)

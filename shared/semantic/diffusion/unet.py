@@ -3,7 +3,9 @@
 After SDM (Wang et al. 2022) as the gesco paper describes it: the timestep scales and shifts the
 normalised activations, the semantic map modulates the decoder through spatially-adaptive
 normalisation, and self-attention runs at the low resolutions. The network only maps
-(x_t, t, y) to (epsilon, variance interpolation); it knows nothing about the noise schedule.
+(x_t, t, y) to (prediction, variance interpolation), the prediction being what the diffusion
+process is configured for (`DiffusionConfig.prediction`: the velocity for the shipped models,
+or epsilon); it knows nothing about the noise schedule.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ class Level(nn.Module):
 
 
 class SemanticUNet(nn.Module):
-    """Maps a noisy image x_t, timestep t and K-channel semantic map y to (eps, variance frac)."""
+    """Maps a noisy image x_t, timestep t and K-channel semantic map y to (velocity or epsilon, variance frac)."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -211,7 +213,8 @@ class SemanticUNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
-        """Return (B, out_channels, H, W): epsilon, then the variance interpolation in [-1, 1]."""
+        """Return (B, out_channels, H, W): the prediction (velocity or epsilon), then the variance
+        interpolation in [-1, 1]."""
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
         h = self.input_conv(x)
         skips = [h]
