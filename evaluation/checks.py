@@ -1,4 +1,4 @@
-"""The issue's acceptance criteria evaluated on a run's results, and the notes that explain them.
+"""The acceptance checks (the paper's claims, restated for this link) evaluated on a run's results, and the notes that explain them.
 
 Each check is PASS, FAIL or NOT EVALUATED with the numbers it observed. Whoever ran the evaluation
 explains the outcome in a TOML notes file (`--notes`): an explanation is kept only while its check
@@ -15,7 +15,7 @@ from evaluation.schema import DEFINITION_TITLE
 
 
 def acceptance_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's criteria, evaluated on this run, each PASS, FAIL or NOT EVALUATED."""
+    """The acceptance checks, evaluated on this run, each PASS, FAIL or NOT EVALUATED."""
     checks = []
     for definition in results["settings"]["definitions"]:
         title = DEFINITION_TITLE[definition]

@@ -15,7 +15,9 @@ stubs and measures (`measure`): the generator in process (one guided DDIM image 
 graphs, one guided forward both ways, CPU against CUDA images of one seed) and the three services
 over loopback with scripts/benchmark_serving.py (request and continuous batching, both with the GPU
 preset's CUDA graphs, at concurrency 1 and 128, py-spy profiles at 128, the compute bound up to its
-plateau). It writes docs/benchmarks-gpu.md with the issue's two goals checked against the numbers.
+plateau). It writes docs/benchmarks-gpu.md (not yet run: the file does not exist yet) with its two goals
+checked against the numbers: one request end to end within 40 ms, and at concurrency 128 at least
+half of the in-process generator's best images/s.
 
     python -m scripts.gpu_serving_check run --no-install --tiny --device cpu --output run/gpu-check.md
 

@@ -1,4 +1,4 @@
-"""mIoU against sampler and steps at one SNR: picks the serving default (issue: fast serving).
+"""mIoU against sampler and steps at one SNR: picks the serving default.
 
 Runs our link (noisy-trained model + FDS) on CamVid val images through the evaluation's own
 pipeline (`evaluation.evaluate.Evaluation`), once per sampler configuration, with the same
