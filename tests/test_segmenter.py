@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.semantic.checkpoints import save_checkpoint
+from shared.semantic.checkpoints import FORMAT_VERSION, save_checkpoint
 from shared.semantic.segmenter import (
+    FastSegmenterNet,
     Segmenter,
     SegmenterConfig,
     SegmenterNet,
+    build_net,
     confusion_matrix,
     count_parameters,
     miou,
@@ -46,7 +48,63 @@ def test_default_net_size_and_shapes() -> None:
         assert small(torch.zeros(1, 3, 37, 53)).shape == (1, 5, 37, 53)  # any size, not only multiples of 8
 
 
+FAST_SMALL = SegmenterConfig(num_classes=5, base_channels=8, architecture="fast", input_height=48, input_width=64)
+
+
+def test_fast_net_size_and_shapes_at_192x256() -> None:
+    cfg = SegmenterConfig(architecture="fast", input_height=192, input_width=256)
+    net = build_net(cfg)
+    assert isinstance(net, FastSegmenterNet) and count_parameters(net) <= 5e6
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 192, 256)).shape == (1, 12, 192, 256)
+    small = build_net(FAST_SMALL).eval()
+    with torch.no_grad():
+        assert small(torch.zeros(2, 3, 37, 53)).shape == (2, 5, 37, 53)  # any size, not only multiples of 32
+    assert hasattr(small, "ppm")  # the evaluation's Frechet segmenter distance reads the pooled context there
+    assert isinstance(build_net(SMALL), SegmenterNet)
+
+
+def test_fast_segmenter_round_trip(tmp_path: Path) -> None:
+    seg = Segmenter.untrained(FAST_SMALL, device="cpu", seed=5)
+    img = np.random.default_rng(4).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    path = tmp_path / "fast.pt"
+    seg.save(path, half=False)
+    loaded = Segmenter.from_checkpoint(path, device="cpu")
+    assert isinstance(loaded.net, FastSegmenterNet) and loaded.config == FAST_SMALL
+    assert np.array_equal(loaded.segment(img), seg.segment(img))
+    x = torch.rand(2, 3, 48, 64) * 2 - 1
+    assert torch.equal(loaded.logits(x), seg.logits(x))
+
+
+def test_checkpoint_without_architecture_loads_as_the_old_network(tmp_path: Path) -> None:
+    """Checkpoints written before the `architecture` field hold the encoder-decoder."""
+    import dataclasses
+
+    seg = Segmenter.untrained(SMALL, device="cpu", seed=6)
+    old_config = {k: v for k, v in dataclasses.asdict(SMALL).items() if k != "architecture"}
+    path = tmp_path / "old.pt"
+    payload = {"format_version": FORMAT_VERSION, "kind": "segmenter", "config": old_config,
+               "state_dict": seg.net.state_dict(), "meta": {}}
+    torch.save(payload, path)
+    loaded = Segmenter.from_checkpoint(path, device="cpu")
+    assert isinstance(loaded.net, SegmenterNet) and loaded.config.architecture == "unet"
+    img = np.random.default_rng(5).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    assert np.array_equal(loaded.segment(img), seg.segment(img))
+
+
+def test_shipped_checkpoint_loads() -> None:
+    path = Path(__file__).resolve().parents[1] / "models" / "segmenter-camvid.pt"
+    if not path.is_file():
+        pytest.skip("no shipped segmenter")
+    seg = Segmenter.from_checkpoint(path, device="cpu")
+    out = seg.segment(np.zeros((192, 256, 3), np.uint8))
+    assert out.shape == (192, 256) and out.max() < seg.config.num_classes
+
+
 def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="architecture"):
+        SegmenterConfig(architecture="resnet")
     with pytest.raises(ValueError):
         SegmenterConfig(num_classes=1)
     with pytest.raises(ValueError):
@@ -245,7 +303,7 @@ def test_augment_shapes_and_ranges() -> None:
 
     torch.manual_seed(1)
     cfg = TrainConfig(input_height=12, input_width=16, scale_min=0.7, scale_max=2.0, scale_prob=1.0, jitter_prob=1.0,
-                      hue_max=0.1, downup_prob=1.0, noise_prob=1.0)
+                      hue_max=0.1, daylight_prob=1.0, blur_prob=1.0, jpeg_prob=1.0, downup_prob=1.0, noise_prob=1.0)
     images = torch.rand(4, 3, 24, 32) * 2 - 1
     labels = torch.randint(0, 12, (4, 24, 32))
     x, y = augment(images, labels, cfg, -100)
@@ -310,3 +368,32 @@ def test_training_script_warm_start_and_ema(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="another network"):
         train_segmenter.main(common[:6] + ["--base-channels", "16", "--out-dir", str(tmp_path / "third"),
                                            "--model-path", str(tmp_path / "third" / "m.pt"), "--init-from", str(first / "m.pt")])
+
+
+def test_photometric_augmentations_keep_shape_and_range() -> None:
+    from training.train_segmenter import daylight_shift, gaussian_blur, jpeg_round_trip
+
+    torch.manual_seed(3)
+    image = torch.rand(1, 3, 24, 32) * 2 - 1
+    for _ in range(6):  # every kind of colour cast
+        out = daylight_shift(image)
+        assert out.shape == image.shape and out.min() >= -1 and out.max() <= 1
+    flat = torch.full((1, 3, 24, 32), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.2), flat, atol=1e-5)  # a blur keeps a flat image
+    blurred = gaussian_blur(image, 1.2)
+    assert blurred.shape == image.shape and blurred.std() < image.std()
+    jpeg = jpeg_round_trip(image, 30)
+    assert jpeg.shape == image.shape and jpeg.dtype == image.dtype and jpeg.min() >= -1 and jpeg.max() <= 1
+    assert 0 < (jpeg - image).abs().mean() < 0.5
+
+
+def test_training_script_trains_the_old_architecture(tmp_path: Path) -> None:
+    from training import train_segmenter
+
+    data_root = _fake_camvid(tmp_path / "camvid")
+    out_dir = tmp_path / "unet"
+    train_segmenter.main(["--data-root", str(data_root), "--batch-size", "4", "--architecture", "unet",
+                          "--base-channels", "8", "--input-height", "24", "--input-width", "32", "--minutes", "5",
+                          "--out-dir", str(out_dir), "--model-path", str(out_dir / "m.pt"), "--max-steps", "2"])
+    seg = Segmenter.from_checkpoint(out_dir / "m.pt", "cpu")
+    assert isinstance(seg.net, SegmenterNet) and seg.config.architecture == "unet"

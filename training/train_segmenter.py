@@ -1,22 +1,25 @@
 """Train the CamVid segmenter (shared/semantic/segmenter.py) within a wall-clock budget.
 
-    python -m training.train_segmenter --data-root ../shared/data/camvid --minutes 45
+    python -m training.train_segmenter --data-root ../shared/data/camvid --minutes 110
 
 Read top to bottom: config -> class weights -> augmentation -> schedule -> Trainer (model, EMA,
 optimiser, resume, steps, validation, export) -> main. models/segmenter-camvid.md has the numbers.
 
 Choices:
 
-* The network reads `input_height` x `input_width` (default 96x128, the size the sender segments
-  at); crops are taken from the 192x256 source so zoomed-in crops keep detail.
+* The network (`architecture`, default "fast", the two-branch `FastSegmenterNet`) reads
+  `input_height` x `input_width` (default 192x256, the data's resolution); crops are taken from
+  the 192x256 source. The older "unet" at 96x128 is still trainable with its flags.
 * Loss: cross-entropy with class weights w_c = (median_f / f_c) ** weight_power from the train
   label frequencies of the 11 real classes (0.5: the square root of median-frequency balancing,
   which lifts pole, sign, pedestrian, bicyclist and fence without the over-prediction of full
   balancing). Void gets the small fixed `void_weight` (0 ignores it).
 * Augmentation: random scale and crop (a window of 1/s of the frame, s in [scale_min, scale_max];
   s < 1 zooms out and pads the border, whose pixels the loss ignores), horizontal flips (done
-  by the dataset), brightness/contrast/saturation/hue jitter, and a down-up resample with mild
-  noise so the segmenter copes with the soft low-resolution images the diffusion model draws.
+  by the dataset), brightness/contrast/saturation/hue jitter, time-of-day colour casts (warm
+  dusk, cool overcast, dark night with lifted blacks), Gaussian blur, JPEG artefacts, and a
+  down-up resample with mild noise, so the segmenter copes with users' photos and with the soft
+  low-resolution images the diffusion model draws.
 * AdamW, linear warm-up then cosine decay over a step budget fitted to the wall budget from the
   measured step time (re-estimated after each epoch, kept in the state for resuming).
 * An exponential moving average of the weights (`ema_decay`, 0 = off) is what is validated and
@@ -41,9 +44,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
 from shared.semantic.data import CAMVID_CLASSES, CAMVID_INFO, camvid
@@ -53,7 +58,7 @@ from shared.semantic.segmenter import (
     Segmenter,
     SegmentationScores,
     SegmenterConfig,
-    SegmenterNet,
+    build_net,
     count_parameters,
     score_segmentation,
 )
@@ -72,9 +77,10 @@ class TrainConfig:
     threads: int = 1
     seed: int = 0
     # model
+    architecture: str = "fast"
     base_channels: int = 32
-    input_height: int = 96
-    input_width: int = 128
+    input_height: int = 192
+    input_width: int = 256
     dropout: float = 0.1
     # optimisation
     minutes: float = 45.0  # wall-clock budget for the whole run (resumes included)
@@ -95,6 +101,9 @@ class TrainConfig:
     scale_prob: float = 0.8
     jitter_prob: float = 0.8
     hue_max: float = 0.0  # largest hue rotation, in turns
+    daylight_prob: float = 0.0  # a time-of-day colour cast (dusk, overcast, night)
+    blur_prob: float = 0.0  # Gaussian blur, sigma in [0.3, 1.5] pixels
+    jpeg_prob: float = 0.0  # a JPEG round trip at quality 15..75
     downup_prob: float = 0.35
     noise_prob: float = 0.2
     # bookkeeping
@@ -170,6 +179,43 @@ def colour_jitter(image: torch.Tensor, hue_max: float) -> torch.Tensor:
     return u.clamp(0, 1) * 2 - 1
 
 
+def daylight_shift(image: torch.Tensor) -> torch.Tensor:
+    """A time-of-day colour cast of a [-1, 1] image: warm dusk light, cool overcast light, or a
+    dark blue night with lifted blacks (per-channel gains, a gamma, an offset)."""
+    u = (image + 1) / 2
+    kind = int(torch.randint(0, 3, ()))
+    r = float(torch.rand(()))
+    if kind == 0:  # dusk: warm, a little darker
+        gain, gamma, lift = torch.tensor([1.0 + 0.15 * r, 0.95, 0.8 - 0.15 * r]), 1.0 + 0.3 * r, 0.0
+    elif kind == 1:  # overcast / shade: cool, flat
+        gain, gamma, lift = torch.tensor([0.9 - 0.1 * r, 0.97, 1.05 + 0.1 * r]), 0.85 + 0.15 * r, 0.05 * r
+    else:  # night: dark, blue, blacks lifted by sensor noise and street lights
+        gain, gamma, lift = torch.tensor([0.7, 0.75, 0.9]) * (0.7 + 0.3 * r), 1.2 + 0.3 * r, 0.03
+    u = u.clamp(0, 1) ** gamma * gain.view(1, 3, 1, 1) + lift
+    return u.clamp(0, 1) * 2 - 1
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a (1, 3, H, W) image, reflect-padded."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(image.device)
+    x = F.pad(image, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+
+
+def jpeg_round_trip(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode a (1, 3, H, W) [-1, 1] image as JPEG at `quality` and decode it: blocking and ringing."""
+    rgb = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        return image
+    out = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)[None].to(image).div(127.5).sub(1.0)
+
+
 def augment(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, pad_label: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H0, W0) [-1, 1] source batch (already flipped by the dataset) -> augmented batch at
     the input size; labels (B, h, w) int64. All randomness comes from torch's global RNG."""
@@ -182,12 +228,18 @@ def augment(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, pad_la
         x, y = scale_crop(images[i : i + 1], labels[i : i + 1, None].float(), out_hw, scale, pad_label)
         if torch.rand(()) < cfg.jitter_prob:
             x = colour_jitter(x, cfg.hue_max)
+        if torch.rand(()) < cfg.daylight_prob:
+            x = daylight_shift(x)
+        if torch.rand(()) < cfg.blur_prob:
+            x = gaussian_blur(x, 0.3 + 1.2 * float(torch.rand(())))
         if torch.rand(()) < cfg.downup_prob:  # the low-resolution look of generated images
             f = 2 if torch.rand(()) < 0.75 else 4
             small = F.interpolate(x, size=(out_hw[0] // f, out_hw[1] // f), mode="bilinear", antialias=True, align_corners=False)
             x = F.interpolate(small, size=out_hw, mode="bilinear", align_corners=False)
         if torch.rand(()) < cfg.noise_prob:
             x = (x + torch.randn_like(x) * 0.06 * torch.rand(())).clamp(-1, 1)
+        if torch.rand(()) < cfg.jpeg_prob:
+            x = jpeg_round_trip(x, int(torch.randint(15, 76, ())))
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)[:, 0].long()
@@ -201,7 +253,7 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def net_predictor(net: SegmenterNet, device: torch.device):
+def net_predictor(net: nn.Module, device: torch.device):
     """(B, 3, H, W) -> (B, H, W) labels through `net` at its input size, as `Segmenter.segment_batch` does."""
     size = (net.config.input_height, net.config.input_width)
 
@@ -261,10 +313,11 @@ class Trainer:
         self.weights = class_weights(self.freq, self.void_id, cfg.void_weight, cfg.weight_power).to(self.device)
         self.ignore = self.void_id if cfg.void_weight == 0 else -100  # also the label of padded borders
         self.model_cfg = SegmenterConfig(
-            num_classes=CAMVID_INFO.num_classes, base_channels=cfg.base_channels, input_height=cfg.input_height,
+            num_classes=CAMVID_INFO.num_classes, base_channels=cfg.base_channels, architecture=cfg.architecture,
+            input_height=cfg.input_height,
             input_width=cfg.input_width, dropout=cfg.dropout, ignore_index=self.void_id,
         )
-        self.model = SegmenterNet(self.model_cfg).to(self.device)
+        self.model = build_net(self.model_cfg).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
         decay = [p for p in self.model.parameters() if p.ndim > 1]
         no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
@@ -277,7 +330,7 @@ class Trainer:
         self.history: list[dict] = []
 
     @property
-    def eval_net(self) -> SegmenterNet:
+    def eval_net(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
 
     # --- state -----------------------------------------------------------------------------------

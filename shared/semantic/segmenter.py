@@ -1,7 +1,9 @@
-"""A compact CNN semantic segmenter and the segmentation metrics.
+"""Compact CNN semantic segmenters and the segmentation metrics.
 
-`SegmenterNet` is a small encoder-decoder (about 1.2 M parameters at `base_channels=32`) that
-runs at 96x128 by default:
+`SegmenterConfig.architecture` picks the network (`build_net`):
+
+"unet" (the default, and what older checkpoints without the field hold), `SegmenterNet`: a small
+encoder-decoder (about 1.3 M parameters at `base_channels=32`) that runs at 96x128 by default:
 
 * a full-resolution stem (C/2 channels), then three stride-2 stages at 1/2 (C), 1/4 (2C) and
   1/8 (4C) resolution built from residual 3x3 blocks; the 1/8 stage uses dilations 1, 2, 4 for a
@@ -10,7 +12,18 @@ runs at 96x128 by default:
 * a U-Net-style decoder that upsamples back to full resolution, fusing the skip features of
   every stage, and a 1x1 classifier giving logits (B, K, H, W).
 
-The network is fully convolutional, so it accepts any input size; `Segmenter` (the inference
+"fast", `FastSegmenterNet`: a two-branch network for 192x256 in the spirit of Fast-SCNN and
+BiSeNet, which spends its compute where the feature maps are small:
+
+* a learning-to-downsample stem: a 3x3 stride-2 conv (1/2, C), then depthwise-separable stride-2
+  convs to 1/4 (3C/2) and 1/8 (2C);
+* a context branch: inverted-residual bottlenecks (expansion 6) at 1/16 (2C), 1/32 (3C) and 1/32
+  (4C), then the pyramid pooling module `ppm` (1, 2, 4 bins);
+* a fusion at 1/8 of the upsampled context with the 1/8 detail features, and a decoder that adds
+  the 1/4 and 1/2 stem features back (depthwise-separable convs), so poles and signs a few pixels
+  wide keep their edges; the logits at 1/2 are upsampled bilinearly to the input size.
+
+Both networks are fully convolutional, so they accept any input size; `Segmenter` (the inference
 wrapper used by the sender service and the evaluation) always resizes inputs to the configured
 input size, predicts there and resizes the label map back (nearest neighbour).
 
@@ -37,12 +50,14 @@ from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
 from shared.semantic.device import select_device
 
 CHECKPOINT_KIND = "segmenter"
+ARCHITECTURES = ("unet", "fast")
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
     num_classes: int = 12
     base_channels: int = 32
+    architecture: str = "unet"  # "unet" (SegmenterNet) or "fast" (FastSegmenterNet)
     input_height: int = 96
     input_width: int = 128
     dropout: float = 0.1
@@ -51,6 +66,8 @@ class SegmenterConfig:
     def __post_init__(self) -> None:
         if self.num_classes < 2 or self.num_classes > 256:
             raise ValueError(f"num_classes must be in 2..256, not {self.num_classes}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {self.architecture!r}")
         if self.base_channels < 4 or self.base_channels % 2:
             raise ValueError(f"base_channels must be an even number >= 4, not {self.base_channels}")
         if self.input_height < 8 or self.input_width < 8:
@@ -144,6 +161,94 @@ class SegmenterNet(nn.Module):
         return self.head(self.drop(d0))
 
 
+def _dsconv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """Depthwise 3x3 (+BN, ReLU) then pointwise 1x1 (+BN, ReLU): a 3x3 conv's reach at a ninth of its cost."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        _cbr(cin, cout, k=1),
+    )
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 bottleneck: 1x1 expand, depthwise 3x3 (stride 1 or 2), linear 1x1 project;
+    a residual connection when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 6) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            _cbr(cin, hidden, k=1),
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+def _bottlenecks(cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(*(InvertedResidual(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)))
+
+
+class FastSegmenterNet(nn.Module):
+    """Two-branch CNN for 192x256 (see the module docstring): (B, 3, H, W) in [-1, 1] -> logits (B, K, H, W)."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config.base_channels
+        c2, c4, c8 = c, 3 * c // 2, 2 * c
+        self.down2 = _cbr(3, c2, stride=2)  # 1/2
+        self.down4 = _dsconv(c2, c4, stride=2)  # 1/4
+        self.down8 = _dsconv(c4, c8, stride=2)  # 1/8: the detail branch
+        self.context = nn.Sequential(  # 1/16 -> 1/32
+            _bottlenecks(c8, 2 * c, 3, 2), _bottlenecks(2 * c, 3 * c, 3, 2), _bottlenecks(3 * c, 4 * c, 3, 1)
+        )
+        self.ppm = PyramidPool(4 * c, c, 4 * c)
+        self.context_up = nn.Sequential(  # the upsampled context, refined by a depthwise conv
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c, bias=False), nn.BatchNorm2d(4 * c),
+            nn.ReLU(inplace=True), nn.Conv2d(4 * c, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c),
+        )
+        self.detail8 = nn.Sequential(nn.Conv2d(c8, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c))
+        self.fuse4 = _dsconv(4 * c + c4, 2 * c)  # up(fused 1/8) + 1/4 stem
+        self.fuse2 = _dsconv(2 * c + c2, c)  # up(1/4) + 1/2 stem
+        self.drop = nn.Dropout2d(config.dropout)
+        self.head = nn.Conv2d(c, config.num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for block in self.modules():  # start residual branches near identity
+            if isinstance(block, InvertedResidual) and block.residual:
+                nn.init.zeros_(block.block[-1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s2 = self.down2(x)
+        s4 = self.down4(s2)
+        s8 = self.down8(s4)
+        ctx = self.ppm(self.context(s8))
+        f8 = F.relu(self.detail8(s8) + self.context_up(_up(ctx, s8)))
+        f4 = self.fuse4(torch.cat([_up(f8, s4), s4], dim=1))
+        f2 = self.fuse2(torch.cat([_up(f4, s2), s2], dim=1))
+        return _up(self.head(self.drop(f2)), x)
+
+
+def build_net(config: SegmenterConfig = SegmenterConfig()) -> nn.Module:
+    """The network `config.architecture` names."""
+    return FastSegmenterNet(config) if config.architecture == "fast" else SegmenterNet(config)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -157,11 +262,11 @@ def _config_from_dict(d: dict[str, Any]) -> SegmenterConfig:
 
 
 class Segmenter:
-    """Inference wrapper around `SegmenterNet` (eval mode, float32, no gradients)."""
+    """Inference wrapper around a segmenter network (eval mode, float32, no gradients)."""
 
     def __init__(
         self,
-        net: SegmenterNet,
+        net: nn.Module,
         device: str | torch.device = "auto",
         trained: bool = True,
         meta: dict[str, Any] | None = None,
@@ -178,7 +283,7 @@ class Segmenter:
         if not path.is_file():
             raise FileNotFoundError(f"segmenter checkpoint not found: {path}")
         payload = load_checkpoint(path, CHECKPOINT_KIND)
-        net = SegmenterNet(_config_from_dict(payload["config"]))
+        net = build_net(_config_from_dict(payload["config"]))
         net.load_state_dict(payload["state_dict"])
         return cls(net, device=device, trained=True, meta=payload.get("meta", {}))
 
@@ -190,7 +295,7 @@ class Segmenter:
         cpu_state = torch.random.get_rng_state()
         try:
             torch.manual_seed(seed)
-            net = SegmenterNet(config)
+            net = build_net(config)
         finally:
             torch.random.set_rng_state(cpu_state)
         return cls(net, device=device, trained=False, meta={"untrained": True, "seed": seed})
