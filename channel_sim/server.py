@@ -14,7 +14,9 @@ import logging
 import grpc
 
 from channel_sim.settings import ChannelSettings
+from gesco.options import ChannelModel, names
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from shared.limits import InvalidRequestError
 from shared.semantic import channels
 from shared.wire import grpc_security, transport
 from shared.wire.grpc_service import CallRejected, Health, build_server, caller_gone, served_call
@@ -38,22 +40,22 @@ _PASSED_THROUGH = {
 
 
 def channel_config_from_proto(request: gesco_pb2.ChannelRequest) -> channels.ChannelConfig:
-    """The channel condition a header asks for; ValueError names the bad field."""
+    """The channel condition a header asks for; InvalidRequestError names the bad field."""
     try:
-        model = channels.ChannelModel(request.model)
+        model = ChannelModel(request.model)
     except ValueError:
-        names = [m.value for m in channels.ChannelModel]
-        raise ValueError(f"channel.model must be one of {names}, got {request.model[:40]!r}") from None
+        raise InvalidRequestError(f"channel.model must be one of {list(names(ChannelModel))}, "
+                                  f"got {request.model[:40]!r}") from None
     try:
         return channels.ChannelConfig(
             model=model,
             snr_db=request.snr_db,
-            snr_definition=channels.SnrDefinition(transport.snr_definition_from_proto(request.snr_definition)),
+            snr_definition=transport.snr_definition_from_proto(request.snr_definition),
             equalize=request.equalize,
             rician_k_db=request.rician_k_db,
         )
-    except ValueError as error:
-        raise ValueError(f"channel: {error}") from None
+    except InvalidRequestError as error:
+        raise InvalidRequestError(f"channel: {error}") from None
 
 
 class ChannelServicer(gesco_pb2_grpc.ChannelServicer):

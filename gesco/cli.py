@@ -46,6 +46,7 @@ import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from gesco.options import SAMPLER_DEFAULT_STEPS, ChannelModel, SnrDefinition, names
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -533,9 +534,10 @@ def _transmission_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a photo (PNG, JPEG, WebP, BMP) or a label-map PNG of class ids")
     parser.add_argument("--kind", choices=("photo", "label_map"),
                         help="what FILE is (default: label_map for an 8-bit greyscale/palette PNG, else photo)")
-    parser.add_argument("--snr-definition", choices=("paper_psnr", "average_power"))
-    parser.add_argument("--channel", choices=("awgn", "rayleigh", "rician", "tdl_ofdm"))
-    parser.add_argument("--sampler", help="a sampler of the receiver (ddim, ddpm, dpmpp2m); default: the receiver's")
+    parser.add_argument("--snr-definition", choices=names(SnrDefinition))
+    parser.add_argument("--channel", choices=names(ChannelModel))
+    parser.add_argument("--sampler", help=f"a sampler of the receiver ({', '.join(SAMPLER_DEFAULT_STEPS)}); "
+                                          "default: the receiver's")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, help="channel noise and sampler seed (default: random)")

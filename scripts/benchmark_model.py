@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from gesco.options import DEFAULT_GUIDANCE
 from shared.limits import SamplingOptions
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

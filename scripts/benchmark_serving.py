@@ -49,6 +49,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from gesco.options import DEFAULT_GUIDANCE
 from shared.limits import MAX_STEPS, SamplingOptions
 from tests.service_procs import REPO_ROOT, free_port, service_log, start_service, stop_service
 
@@ -545,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sampler", default="", help="empty: the receiver's default (docs/sampler-sweep.md)")
     parser.add_argument("--steps", type=int, default=0, help="0: the sampler's default")
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--snr-db", type=float, default=10.0, help="channel SNR in dB (the paper's PSNR)")
     parser.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "diffusion-camvid.pt"))
     parser.add_argument("--device", default="cpu")

@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, it imports the project's packages beside it
 
+from gesco.options import DEFAULT_SNR_DEFINITION, SnrDefinition, names  # noqa: E402 - standard library only
 from shared.paths import REPO_ROOT  # noqa: E402 - standard library only, so `down` runs without the venv
 
 RUN_DIR = REPO_ROOT / "run"
@@ -621,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kind", choices=sorted(DEFAULT_EXAMPLES), default="photo")
     demo.add_argument("--input", help="file to send instead of the bundled example")
     demo.add_argument("--snr-db", type=float, default=20.0, help="channel SNR in dB")
-    demo.add_argument("--snr-definition", choices=("paper_psnr", "average_power"), default="paper_psnr")
+    demo.add_argument("--snr-definition", choices=names(SnrDefinition), default=DEFAULT_SNR_DEFINITION.value)
     demo.add_argument("--steps", type=int, default=0, help="sampling steps (0: the receiver's default)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--sender-url", help="default: the sender started by `up`")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from evaluation.image_quality import psnr
+from gesco.options import DEFAULT_GUIDANCE
 from shared.limits import SamplingOptions
 from shared.semantic.channels import ChannelConfig
 from shared.semantic.checkpoints import save_checkpoint
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=50)
     parser.add_argument("--sampler", default="", help="sampler of the comparison ('': the model's default)")
     parser.add_argument("--steps", type=int, default=0, help="its steps (0: the sampler's default)")
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--reduce-range", action="store_true", help="7-bit activations (no checkpoint written)")

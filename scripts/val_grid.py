@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from gesco.options import DEFAULT_GUIDANCE
 from shared.limits import SamplingOptions
 from shared.semantic.channels import ChannelConfig
 from shared.semantic.codec import CodecConfig
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--psnr-db", type=float, default=100.0)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
     args = parser.parse_args()

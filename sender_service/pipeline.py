@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from gesco.options import DEFAULT_GUIDANCE
 from gesco.v1 import gesco_pb2
 from sender_service.budget import BudgetError, BudgetRequest, choose_coding
 from sender_service.settings import SenderSettings
@@ -51,7 +52,7 @@ class TransmissionRequest:
     """What a client chose for the payload and its sampling, already range-checked by the HTTP layer."""
 
     kind: str = PHOTO
-    sampling: SamplingOptions = SamplingOptions(guidance=2.0)
+    sampling: SamplingOptions = SamplingOptions(guidance=DEFAULT_GUIDANCE)
     seed: int = 0
     downsample_factor: int = 1
     compression: codec.Compression = codec.Compression.NONE

@@ -24,13 +24,33 @@ from fastapi import Form
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from gesco.options import (
+    DEFAULT_CHANNEL,
+    DEFAULT_GUIDANCE,
+    DEFAULT_RICIAN_K_DB,
+    DEFAULT_SNR_DB,
+    DEFAULT_SNR_DEFINITION,
+    ChannelModel,
+    SnrDefinition,
+)
 from gesco.v1 import gesco_pb2
 from sender_service import receiver_client
 from sender_service.budget import BudgetRequest, TableUnavailableError
 from sender_service.channel_sim_client import ChannelSimCallError, ChannelSimClient
 from sender_service.pipeline import PHOTO, FieldError, NotReadyError, SegmenterLoader, TransmissionRequest, prepare_transmission
 from sender_service.settings import SenderSettings
-from shared.limits import MAX_GUIDANCE, MAX_SNR_DB, MAX_STEPS, MIN_SNR_DB, MIN_STEPS, SAMPLER_NAME_PATTERN, SamplingOptions
+from shared.limits import (
+    MAX_DOWNSAMPLE_FACTOR,
+    MAX_GUIDANCE,
+    MAX_RICIAN_K_DB,
+    MAX_SNR_DB,
+    MAX_STEPS,
+    MIN_RICIAN_K_DB,
+    MIN_SNR_DB,
+    MIN_STEPS,
+    SAMPLER_NAME_PATTERN,
+    SamplingOptions,
+)
 from shared.semantic.codec import Compression
 from shared.wire import transport
 from shared.wire.monitoring import ServiceMetrics
@@ -39,8 +59,6 @@ from shared.wire.records import TransmissionRecord
 log = logging.getLogger("sender_service")
 
 MAX_SEED = 2**64 - 1
-# When a request gives no SNR.
-DEFAULT_SNR_DB = 100.0
 # Retry-After of an answer given while the segmenter is not ready.
 NOT_READY_RETRY_AFTER_S = 5
 
@@ -73,19 +91,20 @@ class TransmissionParameters:
     kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
     snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=[10.0], description=(
         f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
-    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form(examples=["paper_psnr"], description=(
-        "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = "paper_psnr"
-    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form(examples=["awgn"])] = "awgn"
+    snr_definition: Annotated[SnrDefinition, Form(examples=[DEFAULT_SNR_DEFINITION.value], description=(
+        "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = DEFAULT_SNR_DEFINITION
+    channel: Annotated[ChannelModel, Form(examples=[DEFAULT_CHANNEL.value])] = DEFAULT_CHANNEL
     equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
-    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB", examples=[6.0])] = 6.0
+    rician_k_db: Annotated[float, Form(ge=MIN_RICIAN_K_DB, le=MAX_RICIAN_K_DB, description="Rician K-factor in dB",
+                                       examples=[DEFAULT_RICIAN_K_DB])] = DEFAULT_RICIAN_K_DB
     sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default",
                                         examples=["ddim"])] = None
     steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default",
                                       examples=[10])] = None
     guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale",
-                                    examples=[2.0])] = 2.0
+                                    examples=[DEFAULT_GUIDANCE])] = DEFAULT_GUIDANCE
     seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=[7])] = None
-    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting",
+    downsample_factor: Annotated[int | None, Form(ge=1, le=MAX_DOWNSAMPLE_FACTOR, description="empty: the sender's setting",
                                                   examples=[1])] = None
     compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
     jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
@@ -111,7 +130,7 @@ class TransmissionParameters:
             use_fds=self.use_fds,
             budget=None if self.budget is None else BudgetRequest(
                 text=self.budget, snr_db=DEFAULT_SNR_DB if self.snr_db is None else self.snr_db,
-                snr_definition=self.snr_definition,
+                snr_definition=self.snr_definition.value,
                 codec_given=any(v is not None for v in (self.downsample_factor, self.compression, self.jpeg_quality))),
         )
 
@@ -119,7 +138,7 @@ class TransmissionParameters:
         """The channel the transmission goes through: its model, and the SNR (DEFAULT_SNR_DB when
         empty) under snr_definition."""
         return gesco_pb2.ChannelRequest(
-            model=self.channel,
+            model=self.channel.value,
             snr_db=DEFAULT_SNR_DB if self.snr_db is None else self.snr_db,
             snr_definition=transport.snr_definition_to_proto(self.snr_definition),
             equalize=self.equalize,

@@ -14,12 +14,20 @@ MAX_SNR_DB = 100.0
 MIN_STEPS = 1
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
+MIN_RICIAN_K_DB = -30.0
+MAX_RICIAN_K_DB = 40.0
+MAX_DOWNSAMPLE_FACTOR = 64
 MAX_STATUS_WAIT_S = 60.0
 # What a sampler name may look like; which names exist only the receiver's registry knows.
 SAMPLER_NAME_PATTERN = r"^[A-Za-z0-9_+\-]{1,32}$"
 
 
-class LimitError(ValueError):
+class InvalidRequestError(ValueError):
+    """A request the client got wrong: a bad field, header or stream. Servers answer it as the
+    client's fault (gRPC INVALID_ARGUMENT, HTTP 4xx); any other exception is theirs (INTERNAL)."""
+
+
+class LimitError(InvalidRequestError):
     """A request value outside its limits; `field` names it and starts the message."""
 
     def __init__(self, field: str, message: str) -> None:

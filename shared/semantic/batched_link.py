@@ -28,12 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gesco.options import DEFAULT_SNR_DEFINITION, SnrDefinition, names
 from shared.limits import MAX_SNR_DB, MIN_SNR_DB
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map
 from shared.semantic.fds import FdsVariant, fds_batched
 
-# The values of `shared.semantic.channels.SnrDefinition` (a str enum, so its members compare equal).
-SNR_DEFINITIONS = ("paper_psnr", "average_power")
+SNR_DEFINITIONS = names(SnrDefinition)
 # On the CPU, batches go through in chunks of this many maps: a 64-map batch's (B, K, H, W)
 # tensors are 38 MB at 96x128, far beyond the caches (docs/conditions-timing.md times the batched
 # path with these chunks; nothing in the repository times it whole).
@@ -80,7 +80,7 @@ def _reference_codec_maps(labels: torch.Tensor, codec: CodecConfig) -> torch.Ten
 
 def noise_std(snr_db: torch.Tensor, snr_definition: str, scale: torch.Tensor, power: torch.Tensor) -> torch.Tensor:
     """(B,) noise std per transmitted real symbol, as `channels.noise_std_per_real_symbol`."""
-    if snr_definition == "paper_psnr":
+    if snr_definition == SnrDefinition.PAPER_PSNR:
         return scale * torch.pow(10.0, -snr_db / 20.0)
     return torch.sqrt(power / torch.pow(10.0, snr_db / 10.0))
 
@@ -99,7 +99,7 @@ def batched_conditions(
     codec: CodecConfig,
     snr_db: torch.Tensor,
     out_size: tuple[int, int],
-    snr_definition: str = "paper_psnr",
+    snr_definition: str = DEFAULT_SNR_DEFINITION.value,
     use_fds: bool = True,
     fds_variant: FdsVariant = FdsVariant.PAPER,
     generator: torch.Generator | None = None,

@@ -9,7 +9,6 @@ paper's PSNR refers to the un-normalised 0/1 maps, not to the transmitted power.
 from __future__ import annotations
 
 import contextlib
-import enum
 import functools
 import math
 import operator
@@ -31,7 +30,16 @@ from sionna.phy.mimo import StreamManagement, zf_equalizer
 from sionna.phy.ofdm import ResourceGrid, ResourceGridDemapper, ResourceGridMapper, ZFEqualizer
 from sionna.phy.utils import uniform
 
-from shared.limits import MAX_SNR_DB, MIN_SNR_DB
+from gesco.options import (
+    DEFAULT_CHANNEL,
+    DEFAULT_RICIAN_K_DB,
+    DEFAULT_SNR_DB,
+    DEFAULT_SNR_DEFINITION,
+    ChannelModel,
+    SnrDefinition,
+    names,
+)
+from shared.limits import MAX_SNR_DB, MIN_SNR_DB, InvalidRequestError
 
 TDL_PROFILES = ("A", "B", "C", "D", "E")
 
@@ -46,32 +54,16 @@ _NR_CP_FRACTION = 144 / 2048
 _RNG_LOCK = threading.Lock()
 
 
-class SnrDefinition(str, enum.Enum):
-    """Which power the SNR in dB refers to."""
-
-    AVERAGE_POWER = "average_power"  # 10 log10(P / sigma^2), P measured on the transmitted symbols
-    PAPER_PSNR = "paper_psnr"  # peak 1 of the un-normalised 0/1 maps: sigma_maps = 10**(-PSNR/20)
-
-
-class ChannelModel(str, enum.Enum):
-    """Channel between sender and receiver."""
-
-    AWGN = "awgn"
-    RAYLEIGH = "rayleigh"
-    RICIAN = "rician"
-    TDL_OFDM = "tdl_ofdm"
-
-
 @dataclass(frozen=True)
 class ChannelConfig:
     """One channel condition; validated on construction so a bad request fails before any work."""
 
-    model: ChannelModel = ChannelModel.AWGN
-    snr_db: float = 100.0
-    snr_definition: SnrDefinition = SnrDefinition.PAPER_PSNR
+    model: ChannelModel = DEFAULT_CHANNEL
+    snr_db: float = DEFAULT_SNR_DB
+    snr_definition: SnrDefinition = DEFAULT_SNR_DEFINITION
     equalize: bool = True
     coherence_symbols: int = 256
-    rician_k_db: float = 6.0
+    rician_k_db: float = DEFAULT_RICIAN_K_DB
     tdl_profile: str = "A"
     delay_spread_ns: float = 100.0
     fft_size: int = 256
@@ -80,9 +72,11 @@ class ChannelConfig:
     carrier_frequency_hz: float = 3.5e9
 
     def __post_init__(self) -> None:
-        # Services build configs from request strings; the enum constructors reject unknown names.
-        object.__setattr__(self, "model", ChannelModel(self.model))
-        object.__setattr__(self, "snr_definition", SnrDefinition(self.snr_definition))
+        # Services build configs from request strings; unknown names are the request's mistake.
+        for name, choices in (("model", ChannelModel), ("snr_definition", SnrDefinition)):
+            value = getattr(self, name)
+            _require(value in names(choices), f"{name} must be one of {list(names(choices))}, got {value!r}")
+            object.__setattr__(self, name, choices(value))
         _require(
             _is_real(self.snr_db) and MIN_SNR_DB <= self.snr_db <= MAX_SNR_DB,
             f"snr_db must lie in [{MIN_SNR_DB:g}, {MAX_SNR_DB:g}], got {self.snr_db!r}",
@@ -354,4 +348,4 @@ def _require_positive(name: str, value: object) -> None:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise InvalidRequestError(message)

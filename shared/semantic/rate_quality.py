@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gesco.options import SnrDefinition
+
 SOURCE_CHANNELS = 3  # RGB
 TABLE_VERSION = 1
-TABLE_SNR_DEFINITION = "average_power"
+TABLE_SNR_DEFINITION = SnrDefinition.AVERAGE_POWER.value
 # A ratio is a fraction ("1/12") or a decimal number ("0.083"); a plain integer counts channel uses.
 _RATIO_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d+(?:\.\d*)?|\.\d+)\s*$")
 _DECIMAL_PATTERN = re.compile(r"^\s*(\d*\.\d+|\d+\.\d*)\s*$")
@@ -112,7 +114,7 @@ def average_power_snr_db(snr_db: float, snr_definition: str, map_scale: float) -
     on unit-power symbols, an average-power SNR of PSNR - 20 log10(map_scale) (docs/snr-definitions.md)."""
     if snr_definition == TABLE_SNR_DEFINITION:
         return snr_db
-    if snr_definition == "paper_psnr":
+    if snr_definition == SnrDefinition.PAPER_PSNR:
         return snr_db - 20.0 * math.log10(map_scale)
     raise ValueError(f"unknown SNR definition {snr_definition!r}")
 

@@ -14,7 +14,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from gesco.options import SnrDefinition, names
 from gesco.v1 import gesco_pb2
+from shared.limits import InvalidRequestError
 from shared.semantic import codec
 
 MAX_CHUNK_BYTES = 1 << 20
@@ -40,10 +42,9 @@ _COMPRESSION_TO_PROTO = {
     codec.Compression.JPEG: gesco_pb2.COMPRESSION_JPEG,
 }
 _COMPRESSION_FROM_PROTO = {value: key for key, value in _COMPRESSION_TO_PROTO.items()}
-# SNR definitions by the names shared.semantic.channels.SnrDefinition uses (no Sionna import needed here).
 _SNR_DEFINITION_TO_PROTO = {
-    "average_power": gesco_pb2.SNR_DEFINITION_AVERAGE_POWER,
-    "paper_psnr": gesco_pb2.SNR_DEFINITION_PAPER_PSNR,
+    SnrDefinition.AVERAGE_POWER: gesco_pb2.SNR_DEFINITION_AVERAGE_POWER,
+    SnrDefinition.PAPER_PSNR: gesco_pb2.SNR_DEFINITION_PAPER_PSNR,
 }
 _SNR_DEFINITION_FROM_PROTO = {value: key for key, value in _SNR_DEFINITION_TO_PROTO.items()}
 
@@ -54,29 +55,29 @@ def new_transmission_id() -> str:
 
 
 def validate_transmission_id(value: str) -> str:
-    """Return `value` if it is 32 lowercase hex characters; ValueError otherwise."""
+    """Return `value` if it is 32 lowercase hex characters; InvalidRequestError otherwise."""
     if not isinstance(value, str) or not TRANSMISSION_ID_PATTERN.fullmatch(value):
         shown = value[:40] if isinstance(value, str) else value
-        raise ValueError(f"transmission_id must be 32 lowercase hex characters, got {shown!r}")
+        raise InvalidRequestError(f"transmission_id must be 32 lowercase hex characters, got {shown!r}")
     return value
 
 
 def snr_definition_to_proto(name: str) -> int:
-    """The proto enum value of an SNR definition name ("average_power" or "paper_psnr")."""
-    name = getattr(name, "value", name)
-    if name not in _SNR_DEFINITION_TO_PROTO:
-        raise ValueError(f"snr_definition must be one of {sorted(_SNR_DEFINITION_TO_PROTO)}, got {name!r}")
-    return _SNR_DEFINITION_TO_PROTO[name]
+    """The proto enum value of an SNR definition name (gesco.options.SnrDefinition)."""
+    try:
+        return _SNR_DEFINITION_TO_PROTO[SnrDefinition(name)]
+    except ValueError:
+        raise InvalidRequestError(f"snr_definition must be one of {list(names(SnrDefinition))}, got {name!r}") from None
 
 
 def snr_definition_from_proto(value: int) -> str:
-    """The SNR definition name of a proto enum value; ValueError for UNSPECIFIED or unknown."""
+    """The SNR definition name of a proto enum value; InvalidRequestError for UNSPECIFIED or unknown."""
     if value not in _SNR_DEFINITION_FROM_PROTO:
-        raise ValueError(
+        raise InvalidRequestError(
             f"channel.snr_definition must be SNR_DEFINITION_AVERAGE_POWER or "
             f"SNR_DEFINITION_PAPER_PSNR, got {value}"
         )
-    return _SNR_DEFINITION_FROM_PROTO[value]
+    return _SNR_DEFINITION_FROM_PROTO[value].value
 
 
 def semantic_header_to_proto(header: codec.SemanticHeader) -> gesco_pb2.SemanticHeader:
@@ -98,45 +99,45 @@ def semantic_header_to_proto(header: codec.SemanticHeader) -> gesco_pb2.Semantic
 
 
 def semantic_header_from_proto(message: gesco_pb2.SemanticHeader) -> codec.SemanticHeader:
-    """Validate a received header and return the codec's dataclass; ValueError names the field."""
+    """Validate a received header and return the codec's dataclass; InvalidRequestError names the field."""
     num_classes = message.num_classes
     if not 1 <= num_classes <= MAX_NUM_CLASSES:
-        raise ValueError(f"semantic.num_classes must be in 1..{MAX_NUM_CLASSES}, got {num_classes}")
+        raise InvalidRequestError(f"semantic.num_classes must be in 1..{MAX_NUM_CLASSES}, got {num_classes}")
     for name in ("height", "width"):
         value = getattr(message, name)
         if not 1 <= value <= MAX_IMAGE_SIDE:
-            raise ValueError(f"semantic.{name} must be in 1..{MAX_IMAGE_SIDE}, got {value}")
+            raise InvalidRequestError(f"semantic.{name} must be in 1..{MAX_IMAGE_SIDE}, got {value}")
     factor = message.downsample_factor
     if factor < 1:
-        raise ValueError(f"semantic.downsample_factor must be >= 1, got {factor}")
+        raise InvalidRequestError(f"semantic.downsample_factor must be >= 1, got {factor}")
     for name, full in (("map_height", message.height), ("map_width", message.width)):
         value = getattr(message, name)
         if value < 1 or value * factor != full:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"semantic.{name} must be {full} / downsample_factor {factor} (a positive "
                 f"integer), got {value}"
             )
     ids = tuple(int(class_id) for class_id in message.present_class_ids)
     if not ids:
-        raise ValueError("semantic.present_class_ids must name at least one class")
+        raise InvalidRequestError("semantic.present_class_ids must name at least one class")
     if any(b <= a for a, b in zip(ids, ids[1:])):
-        raise ValueError(f"semantic.present_class_ids must be sorted and unique, got {list(ids)[:16]}")
+        raise InvalidRequestError(f"semantic.present_class_ids must be sorted and unique, got {list(ids)[:16]}")
     if ids[-1] >= num_classes:
-        raise ValueError(
+        raise InvalidRequestError(
             f"semantic.present_class_ids must be < num_classes {num_classes}, got {ids[-1]}"
         )
     if message.compression not in _COMPRESSION_FROM_PROTO:
-        raise ValueError(f"semantic.compression must be NONE or JPEG, got {message.compression}")
+        raise InvalidRequestError(f"semantic.compression must be NONE or JPEG, got {message.compression}")
     compression = _COMPRESSION_FROM_PROTO[message.compression]
     quality = message.jpeg_quality
     low = 1 if compression is codec.Compression.JPEG else 0
     if not low <= quality <= 100:
-        raise ValueError(f"semantic.jpeg_quality must be in {low}..100, got {quality}")
+        raise InvalidRequestError(f"semantic.jpeg_quality must be in {low}..100, got {quality}")
     if not math.isfinite(message.scale) or message.scale <= 0:
-        raise ValueError(f"semantic.scale must be finite and > 0, got {message.scale}")
+        raise InvalidRequestError(f"semantic.scale must be finite and > 0, got {message.scale}")
     expected = len(ids) * message.map_height * message.map_width
     if message.num_symbols != expected:
-        raise ValueError(
+        raise InvalidRequestError(
             f"semantic.num_symbols must be {len(ids)} maps x {message.map_height}x"
             f"{message.map_width} = {expected}, got {message.num_symbols}"
         )
@@ -179,7 +180,7 @@ def symbol_frames(
 def assemble_frames(
     frames: Iterable[gesco_pb2.Frame], max_symbols: int
 ) -> tuple[gesco_pb2.TransmissionHeader, np.ndarray]:
-    """Read one header-first stream into (header, float32 symbols); ValueError on any violation.
+    """Read one header-first stream into (header, float32 symbols); InvalidRequestError on any violation.
 
     The header is validated before any chunk is read, the symbol buffer is sized by the header, and
     reading stops at the first chunk that would overflow it, so a hostile stream cannot make the
@@ -190,17 +191,17 @@ def assemble_frames(
     iterator = iter(frames)
     first = next(iterator, None)
     if first is None:
-        raise ValueError("the stream is empty: expected a header frame first")
+        raise InvalidRequestError("the stream is empty: expected a header frame first")
     if first.WhichOneof("payload") != "header":
-        raise ValueError("the first frame must be a header")
+        raise InvalidRequestError("the first frame must be a header")
     header = first.header
     validate_transmission_id(header.transmission_id)
     if not header.HasField("semantic"):
-        raise ValueError("header.semantic is missing")
+        raise InvalidRequestError("header.semantic is missing")
     semantic = semantic_header_from_proto(header.semantic)
     expected = semantic.num_symbols
     if expected > max_symbols:
-        raise ValueError(
+        raise InvalidRequestError(
             f"semantic.num_symbols {expected} exceeds this service's limit of {max_symbols}"
         )
     symbols = np.empty(expected, dtype=np.float32)
@@ -208,23 +209,23 @@ def assemble_frames(
     for frame in iterator:
         kind = frame.WhichOneof("payload")
         if kind == "header":
-            raise ValueError("a second header frame arrived; a stream carries one transmission")
+            raise InvalidRequestError("a second header frame arrived; a stream carries one transmission")
         if kind != "chunk":
-            raise ValueError("a frame carries neither a header nor a chunk")
+            raise InvalidRequestError("a frame carries neither a header nor a chunk")
         data = frame.chunk.float32_le
         if len(data) > MAX_CHUNK_BYTES:
-            raise ValueError(f"a chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES} bytes")
+            raise InvalidRequestError(f"a chunk of {len(data)} bytes exceeds {MAX_CHUNK_BYTES} bytes")
         if len(data) % 4:
-            raise ValueError(f"a chunk of {len(data)} bytes is not a whole number of float32")
+            raise InvalidRequestError(f"a chunk of {len(data)} bytes is not a whole number of float32")
         count = len(data) // 4
         if received + count > expected:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"more symbols than semantic.num_symbols {expected} (at least {received + count})"
             )
         symbols[received : received + count] = np.frombuffer(data, dtype=SYMBOL_DTYPE)
         received += count
     if received != expected:
-        raise ValueError(f"the stream ended after {received} of {expected} symbols")
+        raise InvalidRequestError(f"the stream ended after {received} of {expected} symbols")
     if not np.isfinite(symbols).all():
-        raise ValueError("symbols contain NaN or inf")
+        raise InvalidRequestError("symbols contain NaN or inf")
     return header, symbols

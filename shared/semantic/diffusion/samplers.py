@@ -10,9 +10,10 @@ image is the same whether it is sampled alone or with others. The optional step 
 every step before it runs; an exception it raises stops the sampling there (a server uses that to
 drop work nobody waits for any more).
 
-Each sampler class declares its name and default steps once, in its class statement, which
-registers it in SAMPLERS; `resolve` turns a request's SamplingOptions into the sampler and steps
-that run, so every caller gets the same defaults (DEFAULT_SAMPLER, DDIM over 10 steps).
+Each sampler class declares its name in its class statement, which registers it in SAMPLERS with
+the default steps gesco/options.py gives that name (the torch-free list the sender and the command
+line offer); `resolve` turns a request's SamplingOptions into the sampler and steps that run, so
+every caller gets the same defaults (DEFAULT_SAMPLER, DDIM over 10 steps).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from gesco.options import DEFAULT_SAMPLER, SAMPLER_DEFAULT_STEPS
 from shared.limits import MIN_STEPS, LimitError, SamplingOptions
 from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn, to_device
 
@@ -177,8 +179,8 @@ class Chain:
 
 
 class Sampler(abc.ABC):
-    """A way of sampling images, registered under the name its subclass declares with its
-    default number of steps: `class DDIMSampler(Sampler, name="ddim", default_steps=10)`.
+    """A way of sampling images, registered under the name its subclass declares, with the default
+    number of steps gesco.options.SAMPLER_DEFAULT_STEPS gives it: `class DDIMSampler(Sampler, name="ddim")`.
 
     A sampler is a step function: `process` is the chain it walks for a number of steps, `start`
     puts images at its noisiest end, `step` moves every row of a `Chain` one step on from the
@@ -188,11 +190,13 @@ class Sampler(abc.ABC):
     name: ClassVar[str]
     default_steps: ClassVar[int]
 
-    def __init_subclass__(cls, *, name: str, default_steps: int, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, name: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is registered already: {SAMPLERS[name].__name__}")
-        cls.name, cls.default_steps = name, default_steps
+        if name not in SAMPLER_DEFAULT_STEPS:
+            raise ValueError(f"the sampler {name!r} has no default steps in gesco.options.SAMPLER_DEFAULT_STEPS")
+        cls.name, cls.default_steps = name, SAMPLER_DEFAULT_STEPS[name]
         SAMPLERS[name] = cls
 
     def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
@@ -244,7 +248,7 @@ class Sampler(abc.ABC):
 
 
 @dataclass(frozen=True)
-class DDPMSampler(Sampler, name="ddpm", default_steps=50):  # a respaced chain; 1000 runs the full one
+class DDPMSampler(Sampler, name="ddpm"):  # a respaced chain; 1000 runs the full one
     """Ancestral sampling with the learned variances, over the full chain or a respaced subset."""
 
     def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
@@ -259,7 +263,7 @@ class DDPMSampler(Sampler, name="ddpm", default_steps=50):  # a respaced chain; 
 
 
 @dataclass(frozen=True)
-class DDIMSampler(Sampler, name="ddim", default_steps=10):
+class DDIMSampler(Sampler, name="ddim"):
     """DDIM (Song et al. 2021) on any number of steps; eta = 0 is deterministic, 1 is DDPM-like."""
 
     eta: float = 0.0
@@ -283,11 +287,6 @@ class DDIMSampler(Sampler, name="ddim", default_steps=10):
         return x
 
 
-# With its 10 default steps: the fewest whose mIoU at 10 dB is within 0.02 of 1000-step DDPM
-# (docs/sampler-sweep.md: DDIM 10 scores 0.550 against 0.549, about 150x faster).
-DEFAULT_SAMPLER = DDIMSampler.name
-
-
 def log_snr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> np.ndarray:
     """`steps` distinct timesteps (ascending) as evenly spread in log-SNR as the chain allows.
 
@@ -309,7 +308,7 @@ def log_snr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class DPMSolverPP2MSampler(Sampler, name="dpmpp2m", default_steps=20):
+class DPMSolverPP2MSampler(Sampler, name="dpmpp2m"):
     """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the probability-flow
     ODE in data prediction, so few steps still reach the images that DDPM needs hundreds for.
 

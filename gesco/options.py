@@ -1,0 +1,63 @@
+"""The names and defaults users choose from: channel models, SNR definitions, samplers, guidance.
+
+Each one lives here once, and every front door reads it from here: the channel simulator
+(shared/semantic/channels.py), the sampler registry (shared/semantic/diffusion/samplers.py), the
+wire format, the sender's REST and gRPC parameters, its `GET /v1/options` (which the web page
+builds its lists from), the command line client and the launcher. Standard library only: the
+command line client is installed with this package alone, and the sender imports no torch.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ChannelModel(str, enum.Enum):
+    """Channel between sender and receiver."""
+
+    AWGN = "awgn"
+    RAYLEIGH = "rayleigh"
+    RICIAN = "rician"
+    TDL_OFDM = "tdl_ofdm"
+
+
+class SnrDefinition(str, enum.Enum):
+    """Which power the SNR in dB refers to (docs/snr-definitions.md)."""
+
+    AVERAGE_POWER = "average_power"  # 10 log10(P / sigma^2), P measured on the transmitted symbols
+    PAPER_PSNR = "paper_psnr"  # peak 1 of the un-normalised 0/1 maps: sigma_maps = 10**(-PSNR/20)
+
+
+CHANNEL_TITLES = {
+    ChannelModel.AWGN: "AWGN",
+    ChannelModel.RAYLEIGH: "Rayleigh block fading",
+    ChannelModel.RICIAN: "Rician block fading",
+    ChannelModel.TDL_OFDM: "TDL-OFDM (5G NR)",
+}
+SNR_DEFINITION_TITLES = {
+    SnrDefinition.PAPER_PSNR: "paper's PSNR (peak of the 0/1 maps)",
+    SnrDefinition.AVERAGE_POWER: "average power of the symbols",
+}
+DEFAULT_CHANNEL = ChannelModel.AWGN
+DEFAULT_SNR_DEFINITION = SnrDefinition.PAPER_PSNR
+DEFAULT_RICIAN_K_DB = 6.0
+# The SNR of a request that gives none: a practically noiseless channel.
+DEFAULT_SNR_DB = 100.0
+
+# The samplers of shared/semantic/diffusion/samplers.py by name, with their default steps; each
+# sampler class there takes its steps from here.
+SAMPLER_DEFAULT_STEPS = {"ddim": 10, "dpmpp2m": 20, "ddpm": 50}
+SAMPLER_TITLES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}
+# With its 10 default steps: the fewest whose mIoU at 10 dB is within 0.02 of 1000-step DDPM
+# (docs/sampler-sweep.md: DDIM 10 scores 0.550 against 0.549, about 150x faster).
+DEFAULT_SAMPLER = "ddim"
+# Classifier-free guidance scale of a request that gives none.
+DEFAULT_GUIDANCE = 2.0
+
+# The downsample factors offered in lists (any factor the limits allow is accepted); the receiver
+# has condition adapters for some of them (models/diffusion-camvid.md).
+DOWNSAMPLE_FACTORS = (1, 2, 4, 8)
+
+
+def names(choices: type[enum.Enum]) -> tuple[str, ...]:
+    """The names of an option's choices, as requests spell them."""
+    return tuple(member.value for member in choices)
