@@ -3,8 +3,9 @@
 `build_server` makes a server with the metrics interceptor, the standard health service
 (NOT_SERVING until told otherwise) and reflection, bound to its address. `served_call` opens and
 closes every call the same way: the request id from the `x-request-id` metadata tags every log
-line of the call, one line reports its outcome, and a `CallRejected` (or a ValueError, which is
-INVALID_ARGUMENT) ends it with its status and trailing metadata. `require_api_key` checks a
+line of the call, one line reports its outcome, and a `CallRejected` (or an InvalidRequestError,
+the client's mistake: INVALID_ARGUMENT) ends it with its status and trailing metadata; anything
+else is the server's fault, INTERNAL, and logged with its traceback. `require_api_key` checks a
 client's API key in the `x-api-key` metadata.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.limits import InvalidRequestError
 from shared.wire import grpc_security
 from shared.wire.logging_setup import clean_request_id, request_context
 from shared.wire.monitoring import ServiceMetrics
@@ -62,7 +64,7 @@ def served_call(context: grpc.ServicerContext, log: logging.Logger, method: str,
             yield call
         except CallRejected as rejected:
             code, details, trailing = rejected.code, rejected.details, rejected.trailing
-        except ValueError as error:
+        except InvalidRequestError as error:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except Exception:  # noqa: BLE001 - logged with its traceback, reported as INTERNAL
             log.exception(f"{method} failed")
