@@ -4,7 +4,7 @@ as processes, and the sender routes the page uses.
 The browser tests need /usr/bin/chromium (`make install` installs it with apt-get); they are
 skipped only where it is missing and apt-get is not there to install it. With
 GESCO_WEB_SCREENSHOT=docs/web-page.png the page is also photographed, after a run at the default
-sampling steps and an SNR strip, for the README.
+sampling steps and an SNR strip, for docs/web-page.md.
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def open_page(probe: PageProbe, services: LinkServices) -> None:
     probe.page.goto(services.sender_url + "/")
     probe.page.wait_for_function("document.querySelectorAll('#example option').length >= 3")
     probe.page.wait_for_function("document.querySelectorAll('#legend li').length === 12")
+    probe.page.wait_for_function("document.getElementById('channel').value !== ''")  # GET /v1/options
 
 
 def wait_for_status(probe: PageProbe, prefix: str, timeout_s: float = 240) -> None:
@@ -194,6 +195,28 @@ def test_a_busy_receiver_is_shown_with_the_apis_message_and_retry_after(services
     text = page.locator("#error").inner_text()
     assert text == "HTTP 429: the receiver's queue is full; retry after 7 s Retry after 7 s."
     assert not page.is_disabled("#send")
+
+
+@needs_browser
+def test_the_forms_lists_ranges_and_defaults_are_the_apis_options(services, probe) -> None:
+    options = httpx.get(services.sender_url + "/v1/options", timeout=10).json()
+    open_page(probe, services)
+    page = probe.page
+
+    def values(select: str) -> list[str]:
+        return page.eval_on_selector_all(f"#{select} option", "options => options.map(o => o.value)")
+
+    assert values("channel") == [c["name"] for c in options["channels"]]
+    assert values("snr_definition") == [d["name"] for d in options["snr_definitions"]]
+    assert values("sampler") == ["", *(s["name"] for s in options["samplers"])]  # "": the receiver's default
+    assert values("downsample_factor") == ["", *(str(f) for f in options["downsample_factors"])]
+    assert page.input_value("#channel") == options["defaults"]["channel"]
+    assert page.input_value("#snr_definition") == options["defaults"]["snr_definition"]
+    assert float(page.input_value("#guidance")) == options["defaults"]["guidance"]
+    for field in ("snr_db", "steps", "guidance"):
+        limits = options["limits"][field]
+        assert [float(page.get_attribute(f"#{field}", bound)) for bound in ("min", "max")] == [limits["min"], limits["max"]]
+    assert probe.errors == []
 
 
 @needs_browser
