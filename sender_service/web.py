@@ -36,8 +36,11 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from gesco import options
+from gesco.options import DEFAULT_CHANNEL, DEFAULT_RICIAN_K_DB, DEFAULT_SNR_DEFINITION, ChannelModel, SnrDefinition
 from sender_service.pipeline import (
     LABEL_MAP,
     PHOTO,
@@ -49,7 +52,18 @@ from sender_service.pipeline import (
     prepare_transmission,
 )
 from sender_service.settings import SenderSettings
-from shared.limits import MAX_SNR_DB, MAX_STATUS_WAIT_S, MIN_SNR_DB
+from shared.limits import (
+    MAX_DOWNSAMPLE_FACTOR,
+    MAX_GUIDANCE,
+    MAX_RICIAN_K_DB,
+    MAX_SNR_DB,
+    MAX_STATUS_WAIT_S,
+    MAX_STEPS,
+    MIN_RICIAN_K_DB,
+    MIN_SNR_DB,
+    MIN_STEPS,
+    InvalidRequestError,
+)
 from shared.paths import REPO_ROOT
 from shared.semantic import codec
 from shared.semantic.codec import Compression
@@ -63,6 +77,7 @@ MAX_ANALOG_SNRS = 8
 # A relayed request gets this long beyond its long poll.
 RELAY_TIMEOUT_S = 15.0
 RELAYED_MAPS = ("received.png", "fds.png", "received_labels.png", "fds_labels.png")
+_COMPRESSION_TITLES = {Compression.NONE: "none (the maps as they are)", Compression.JPEG: "JPEG"}
 
 TransmissionId = Annotated[
     str, PathParam(pattern=transport.TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
@@ -124,6 +139,72 @@ def get_example(name: str) -> Response:
     return FileResponse(example.path, media_type=media_type)
 
 
+class Choice(BaseModel):
+    """One value a field takes: `name` as requests spell it, `title` as a list shows it."""
+
+    name: str
+    title: str
+
+
+class SamplerChoice(Choice):
+    default_steps: int
+
+
+class Range(BaseModel):
+    min: float
+    max: float
+
+
+class Options(BaseModel):
+    """What the transmission fields take (POST /v1/transmissions, the gRPC Sender.Transmit):
+    the choices of each list, the ranges of numbers and the value of each field left empty."""
+
+    channels: list[Choice]
+    snr_definitions: list[Choice]
+    samplers: list[SamplerChoice]
+    compressions: list[Choice]
+    downsample_factors: list[int]
+    limits: dict[str, Range]
+    defaults: dict[str, Any]
+
+
+@router.get("/v1/options", tags=["web page"])
+def list_options(request: Request) -> Options:
+    """The choices, limits and defaults of the transmission fields, from the registries the
+    services check requests against (gesco/options.py, shared/limits.py) and this sender's
+    settings; the web page builds its form from them. `defaults.sampler` is the model's default
+    sampler: a receiver may be set to another one for requests that name none."""
+    settings = _settings(request)
+    return Options(
+        channels=[Choice(name=model.value, title=options.CHANNEL_TITLES[model]) for model in ChannelModel],
+        snr_definitions=[Choice(name=definition.value, title=options.SNR_DEFINITION_TITLES[definition])
+                         for definition in SnrDefinition],
+        samplers=[SamplerChoice(name=name, title=options.SAMPLER_TITLES[name], default_steps=steps)
+                  for name, steps in options.SAMPLER_DEFAULT_STEPS.items()],
+        compressions=[Choice(name=compression.value, title=_COMPRESSION_TITLES[compression]) for compression in Compression],
+        downsample_factors=list(options.DOWNSAMPLE_FACTORS),
+        limits={
+            "snr_db": Range(min=MIN_SNR_DB, max=MAX_SNR_DB),
+            "steps": Range(min=MIN_STEPS, max=MAX_STEPS),
+            "guidance": Range(min=0.0, max=MAX_GUIDANCE),
+            "rician_k_db": Range(min=MIN_RICIAN_K_DB, max=MAX_RICIAN_K_DB),
+            "downsample_factor": Range(min=1, max=MAX_DOWNSAMPLE_FACTOR),
+            "jpeg_quality": Range(min=1, max=100),
+        },
+        defaults={
+            "channel": DEFAULT_CHANNEL.value,
+            "snr_definition": DEFAULT_SNR_DEFINITION.value,
+            "snr_db": options.DEFAULT_SNR_DB,
+            "rician_k_db": DEFAULT_RICIAN_K_DB,
+            "sampler": options.DEFAULT_SAMPLER,
+            "guidance": options.DEFAULT_GUIDANCE,
+            "downsample_factor": settings.downsample_factor,
+            "compression": settings.compression.value,
+            "jpeg_quality": settings.jpeg_quality,
+        },
+    )
+
+
 @router.get("/v1/classes", tags=["web page"])
 async def list_classes(request: Request) -> list[dict[str, Any]]:
     """Every class id with its name and the colour the page and `?colour=true` maps draw it in."""
@@ -138,7 +219,7 @@ async def preview(
     request: Request,
     file: Upload,
     kind: Kind = PHOTO,
-    downsample_factor: Annotated[int | None, Form(ge=1, le=64, description="empty: the sender's setting",
+    downsample_factor: Annotated[int | None, Form(ge=1, le=MAX_DOWNSAMPLE_FACTOR, description="empty: the sender's setting",
                                                   examples=[1])] = None,
     compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None,
     jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None,
@@ -184,10 +265,11 @@ async def analog(
     kind: Kind = PHOTO,
     snrs_db: Annotated[str, Form(description=f"comma-separated SNRs in dB, at most {MAX_ANALOG_SNRS}",
                                  examples=["1,5,10,20,100"])] = ",".join(f"{snr:g}" for snr in STRIP_SNRS_DB),
-    snr_definition: Annotated[Literal["paper_psnr", "average_power"], Form()] = "paper_psnr",
-    channel: Annotated[Literal["awgn", "rayleigh", "rician", "tdl_ofdm"], Form()] = "awgn",
+    snr_definition: Annotated[SnrDefinition, Form()] = DEFAULT_SNR_DEFINITION,
+    channel: Annotated[ChannelModel, Form()] = DEFAULT_CHANNEL,
     equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
-    rician_k_db: Annotated[float, Form(ge=-30, le=40, description="Rician K-factor in dB")] = 6.0,
+    rician_k_db: Annotated[float, Form(ge=MIN_RICIAN_K_DB, le=MAX_RICIAN_K_DB,
+                                       description="Rician K-factor in dB")] = DEFAULT_RICIAN_K_DB,
     seed: Annotated[int, Form(ge=0, le=2**63 - 1, description="channel noise seed")] = 0,
 ) -> JSONResponse:
     """The analog baseline: the input's RGB pixels sent as unit-power symbols through the channel.
@@ -211,14 +293,14 @@ async def analog(
         results = await run_in_threadpool(
             _analog_through_channel, image, snrs, channel, snr_definition, equalize, rician_k_db, seed
         )
-    except ValueError as error:
+    except InvalidRequestError as error:
         return error_response(400, str(error), None)
     return JSONResponse({
         "method": "analog baseline: centred RGB pixels at unit power (codec.encode_image_analog) through "
                   "shared.semantic.channels.apply_channel, computed in the sender",
         "input_png": _data_url(imageio.encode_png(image)),
         "payload_bits": int(image.size * codec.PIXEL_BITS),
-        "channel": {"model": channel, "snr_definition": snr_definition, "equalize": equalize,
+        "channel": {"model": channel.value, "snr_definition": snr_definition.value, "equalize": equalize,
                     "rician_k_db": rician_k_db, "seed": seed},
         "results": results,
     })
@@ -357,7 +439,7 @@ def _analog_input(data: bytes, kind: str, settings: SenderSettings) -> np.ndarra
     return _palette(settings.num_classes)[cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)]
 
 
-def _analog_through_channel(image: np.ndarray, snrs: list[float], model: str, definition: str,
+def _analog_through_channel(image: np.ndarray, snrs: list[float], model: ChannelModel, definition: SnrDefinition,
                             equalize: bool, rician_k_db: float, seed: int) -> list[dict[str, Any]]:
     """As the evaluation's analog baseline: for the paper's PSNR the noise is referred to the peak
     1 of the [0, 1] pixels (map_scale = the encoder's scale), as eq. 1 refers it to the 0/1 maps."""

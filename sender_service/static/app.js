@@ -107,6 +107,37 @@ async function loadExamples() {
   }
 }
 
+// The form's lists, ranges and defaults from GET /v1/options (the registries the API checks
+// requests against). The SNR box keeps the page's own start, 10 dB: the API's default when a
+// request gives none is a noiseless 100 dB.
+function fillSelect(select, choices, keepFirst = false) {
+  const first = keepFirst ? [select.options[0]] : [];
+  select.replaceChildren(...first, ...choices.map((choice) => new Option(choice.title, choice.name)));
+}
+
+function setRange(id, range) {
+  $(id).min = String(range.min);
+  $(id).max = String(range.max);
+}
+
+async function loadOptions() {
+  try {
+    const options = await (await api("/v1/options")).json();
+    fillSelect($("channel"), options.channels);
+    $("channel").value = options.defaults.channel;
+    fillSelect($("snr_definition"), options.snr_definitions);
+    $("snr_definition").value = options.defaults.snr_definition;
+    fillSelect($("sampler"), options.samplers.map((s) => ({ name: s.name, title: `${s.title} (${s.default_steps} steps)` })), true);
+    fillSelect($("downsample_factor"), options.downsample_factors.map((f) => ({ name: String(f), title: f === 1 ? "1 (none)" : String(f) })), true);
+    setRange("snr_db", options.limits.snr_db);
+    setRange("steps", options.limits.steps);
+    setRange("guidance", options.limits.guidance);
+    $("guidance").value = String(options.defaults.guidance);
+  } catch (error) {
+    showError(error);
+  }
+}
+
 async function loadClasses() {
   try {
     classes = await (await api("/v1/classes")).json();
@@ -454,6 +485,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const example = examples.get($("example").value);
     if (example) $("kind").value = example.kind;
   });
+  loadOptions();
   loadExamples();
   loadClasses();
 });
