@@ -46,6 +46,7 @@ from evaluation.image_quality import (
     summarize,
 )
 from evaluation.schema import ABLATIONS, DEFINITION_TEXT, METHODS, Method
+from gesco.options import DEFAULT_GUIDANCE
 from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
@@ -88,7 +89,7 @@ class EvaluationConfig:
     inception: str | None = None
     sampler: str = DEFAULT_SAMPLER
     steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
-    guidance: float = 2.0
+    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     limit: int = 0
     map_height: int = 96

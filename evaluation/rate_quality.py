@@ -70,6 +70,7 @@ from evaluation.separated import (
     label_options,
     majority_downsample,
 )
+from gesco.options import DEFAULT_GUIDANCE
 from shared.semantic import rate_quality
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map, one_hot
@@ -140,7 +141,7 @@ class RateQualityConfig:
     segmenter: str = "models/segmenter-camvid.pt"
     sampler: str = DEFAULT_SAMPLER
     steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
-    guidance: float = 2.0
+    guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     map_height: int = 96
     map_width: int = 128

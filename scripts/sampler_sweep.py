@@ -24,6 +24,7 @@ import torch
 
 from evaluation.evaluate import Evaluation, EvaluationConfig
 from evaluation.schema import METHODS
+from gesco.options import DEFAULT_GUIDANCE
 from shared.semantic.channels import SnrDefinition
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="models/diffusion-camvid.pt")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tolerance", type=float, default=0.02)
