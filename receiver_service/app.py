@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse, Response
 
 from receiver_service.grpc_server import build_grpc_server
 from receiver_service.long_poll import FinishWaiters
-from receiver_service.redis_store import RedisTransmissionStore
 from receiver_service.settings import ReceiverSettings
 from receiver_service.status import MAP_ARTIFACTS, TransmissionStatus, public_status, status_json
 from receiver_service.store import FINISHED, JobStatus, StoreUnavailableError, UnknownTransmissionError
@@ -93,14 +92,14 @@ def readyz(state: State) -> Response:
     worker = state.worker
     if worker.load_error:
         return JSONResponse({"status": "failed", "error": worker.load_error}, status_code=503)
-    if worker.generator is None:
+    if not worker.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
     try:
         state.store.check()
     except StoreUnavailableError:
         return JSONResponse({"status": "store unavailable", "error": "the job store cannot be reached"},
                             status_code=503)
-    return JSONResponse({"status": "ready", "model": worker.generator.info.as_dict()})
+    return JSONResponse({"status": "ready", "model": worker.host.base().info.as_dict()})
 
 
 @router.get("/v1/transmissions/{transmission_id}", response_model=TransmissionStatus,
@@ -167,9 +166,8 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     metrics = ServiceMetrics(queue=True)
     worker = GenerationWorker(settings, store, metrics)
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
-    if isinstance(store, RedisTransmissionStore):  # other replicas cancel through it, and it
-        store.set_cancel_handler(worker.cancel)  # fails a job whose end it never heard of
-        store.set_job_holder(worker.held_ids)
+    store.set_cancel_handler(worker.cancel)  # a shared store relays other replicas' cancels, and
+    store.set_job_holder(worker.held_ids)  # fails a job of this one whose end it never heard of
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

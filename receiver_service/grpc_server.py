@@ -1,6 +1,8 @@
 """gRPC Receiver: Receive from the channel, GetTransmission and WatchTransmission for clients.
 
-Receive assembles the stream, queues the job and acknowledges with its queue position. Health says
+Receive assembles the stream, turns its header into a job and its status record (this frontend is
+the only part of the receiver that reads protobuf), queues the job and acknowledges with its queue
+position. Health says
 NOT_SERVING until the model is loaded, so a load balancer (or the channel's caller) never routes a
 transmission to a receiver that cannot generate it.
 
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from receiver_service.jobs import Job, NotReadyError, QueueFullError, job_record
 from receiver_service.settings import ReceiverSettings
 from receiver_service.status import public_status
 from receiver_service.store import (
@@ -32,7 +37,8 @@ from receiver_service.store import (
     StoreUnavailableError,
     UnknownTransmissionError,
 )
-from receiver_service.worker import GenerationWorker, NotReadyError, QueueFullError
+from receiver_service.worker import GenerationWorker
+from shared.limits import InvalidRequestError, LimitError, SamplingOptions
 from shared.wire import grpc_security, load_balancing, transport
 from shared.wire.grpc_service import (
     Call,
@@ -44,6 +50,7 @@ from shared.wire.grpc_service import (
     served_call,
 )
 from shared.wire.monitoring import ServiceMetrics
+from shared.wire.records import TransmissionRecord
 
 log = logging.getLogger("receiver_service.grpc")
 
@@ -152,7 +159,7 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
     def _receive(self, request_iterator, context: grpc.ServicerContext, call: Call) -> gesco_pb2.TransmissionAck:
         if not self._worker.ready:
             raise NotReadyError(self._worker.load_error or "the model is still loading")
-        self._worker.check_capacity()
+        self._worker.queue.check_capacity()
         try:
             header, symbols = transport.assemble_frames(request_iterator, self._max_symbols)
         except (grpc.RpcError, ValueError):  # the stream breaks off when the call ends
@@ -162,7 +169,7 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
         call.fields.update(transmission_id=header.transmission_id, num_symbols=int(symbols.size))
         if caller_gone(context):  # no one would learn the job's id: do not queue it
             raise _caller_gone("the caller went away before the job was queued")
-        position = self._worker.submit(header, symbols, call.request_id or header.transmission_id)
+        position = queue_transmission(self._worker, header, symbols, call.request_id or header.transmission_id)
         call.fields["queue_position"] = position
         if caller_gone(context):  # it left while the job was queued: nobody will fetch it
             self._worker.cancel(header.transmission_id, CALLER_GONE_REASON)
@@ -172,6 +179,49 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
             queue_position=position,
             channel_report=header.channel_report,
         )
+
+
+def sampling_request(header: gesco_pb2.TransmissionHeader, settings: ReceiverSettings) -> gesco_pb2.SamplingRequest:
+    """The header's SamplingRequest; for a header without one, the receiver's defaults throughout
+    (its guidance, seed 0, FDS on)."""
+    if header.HasField("sampling"):
+        return header.sampling
+    return gesco_pb2.SamplingRequest(guidance=settings.default_guidance, seed=0, use_fds=True)
+
+
+def job_from_header(
+    header: gesco_pb2.TransmissionHeader, symbols: np.ndarray, request_id: str, worker: GenerationWorker
+) -> tuple[Job, dict[str, Any]]:
+    """The job a received transmission asks for, validated against the model, and its status record.
+
+    An empty sampler or 0 steps take the receiver's settings, then the sampler registry's (capped by
+    the model's chain). Raises NotReadyError, or InvalidRequestError naming the field.
+    """
+    settings, host = worker.settings, worker.host
+    base = host.base()
+    semantic = transport.semantic_header_from_proto(header.semantic)
+    if semantic.num_classes != base.info.num_classes:
+        raise InvalidRequestError(f"semantic.num_classes {semantic.num_classes} does not match the model's "
+                         f"{base.info.num_classes} classes")
+    request = sampling_request(header, settings)
+    try:
+        sampling = base.resolve(SamplingOptions(sampler=request.sampler or settings.default_sampler,
+                                                steps=request.steps or settings.default_steps,
+                                                guidance=request.guidance))
+    except LimitError as error:
+        raise InvalidRequestError(f"sampling.{error}") from None
+    job = Job(header.transmission_id, request_id, semantic, symbols, sampling, seed=request.seed,
+              use_fds=request.use_fds, generator=host.generator_for(semantic.downsample_factor))
+    transmission = TransmissionRecord.from_header(header, request, sampling)
+    return job, job_record(job, transmission, host.output_size(), time.time())
+
+
+def queue_transmission(worker: GenerationWorker, header: gesco_pb2.TransmissionHeader, symbols: np.ndarray,
+                       request_id: str) -> int:
+    """Validate a received transmission and queue it; return the jobs ahead of it.
+    Raises NotReadyError, InvalidRequestError, DuplicateTransmissionError, QueueFullError."""
+    job, record = job_from_header(header, symbols, request_id, worker)
+    return worker.submit(job, record)
 
 
 def status_message(status: dict[str, Any]) -> gesco_pb2.TransmissionStatus:

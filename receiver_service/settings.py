@@ -41,7 +41,7 @@ class ReceiverSettings(ServiceSettings):
     max_queue_delay_ms: float = Field(10.0, ge=0.0)  # how long the oldest job waits for company
     # request: a batch samples from its first step to its last (the batch above); continuous: jobs
     # of any sampling options join and leave one running batch of up to max_batch_size jobs at
-    # every step (receiver_service/step_scheduler.py).
+    # every step (receiver_service/step_batching.py).
     batching: Literal["request", "continuous"] = "request"
     # Threads that encode a finished job's PNGs and store them while the next batch samples; 0: the
     # sampling thread does it.

@@ -1,4 +1,4 @@
-"""Continuous batching in the receiver's worker thread (GESCO_RECEIVER_BATCHING=continuous).
+"""Step batching, the "continuous" scheduler (GESCO_RECEIVER_BATCHING=continuous; schedulers.py).
 
 Request batching samples a batch from its first step to its last: a job that arrives meanwhile
 waits for the whole batch, and a job alone waits max_queue_delay_ms for company. Here the worker
@@ -21,13 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from receiver_service.worker import GenerationWorker, Job, JobResult, prepare_job
-from shared.semantic.diffusion.generator import SemanticImageGenerator
+from receiver_service.completion import Completion
+from receiver_service.jobs import Job, JobResult
+from receiver_service.model_host import ModelHost, prepare_job
+from receiver_service.queue import JobQueue
+from receiver_service.settings import ReceiverSettings
 from shared.semantic import link
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.stepper import StepBatch
 from shared.wire.logging_setup import request_context
 
-log = logging.getLogger("receiver_service.step_scheduler")
+log = logging.getLogger("receiver_service.step_batching")
 
 
 @dataclass
@@ -42,49 +46,48 @@ class _Running:
     sampling_from: float  # perf_counter: when it joined the batch
 
 
-class StepScheduler:
+class StepBatching:
     """The worker thread's loop with continuous batching: admit, drop, step, retire."""
 
-    def __init__(self, worker: GenerationWorker) -> None:
-        assert worker.generator is not None
-        self.worker = worker
+    def __init__(self, settings: ReceiverSettings, queue: JobQueue, host: ModelHost, completion: Completion) -> None:
+        self.settings, self.queue, self.host, self.completion = settings, queue, host, completion
         self.batches: dict[SemanticImageGenerator, StepBatch] = {}
         self.running: dict[str, _Running] = {}
 
     def run(self) -> None:
-        """Step until the worker stops and the jobs it holds have finished."""
-        worker = self.worker
-        while not (worker.stopping and not self.running):
-            if not worker.stopping:
-                free = worker.settings.max_batch_size - len(self.running)
-                for job in worker.take_waiting(free, block=not self.running):
+        """Step until the queue closes and the jobs it holds have finished."""
+        queue = self.queue
+        while not (queue.closed and not self.running):
+            if not queue.closed:
+                free = self.settings.max_batch_size - len(self.running)
+                for job in queue.take(free, block=not self.running):
                     self._admit(job)
             self._drop_cancelled()
             if not self.running:
-                worker.idle()
+                queue.idle()
                 continue
             self._step()
 
     def _admit(self, job: Job) -> None:
         """Decode the job's maps and put it at the start of its chain; a job that cannot start
         (cancelled meanwhile, maps that do not decode) finishes here."""
-        worker, started = self.worker, time.monotonic()
+        completion, started = self.completion, time.monotonic()
         if job.cancelled:
-            worker.complete(job, JobResult(), started)
+            completion.complete(job, JobResult(), started)
             return
-        worker.begin(job, started)
+        completion.begin(job, started)
         decoding = time.perf_counter()
         try:
             received, condition = prepare_job(job)
         except ValueError as error:
-            worker.complete(job, JobResult(error=f"decoding the received maps failed: {error}"), started)
+            completion.complete(job, JobResult(error=f"decoding the received maps failed: {error}"), started)
             return
         timings = {"decode_fds": round((time.perf_counter() - decoding) * 1000.0, 2)}
         batch = self.batches.setdefault(job.generator, StepBatch(job.generator))
         try:
             batch.add(job.transmission_id, torch.from_numpy(condition), job.sampling, job.seed)
         except ValueError as error:
-            worker.complete(job, JobResult(timings_ms=timings, error=f"sampling failed: {error}"), started)
+            completion.complete(job, JobResult(timings_ms=timings, error=f"sampling failed: {error}"), started)
             return
         self.running[job.transmission_id] = _Running(job, batch, received, started, timings, time.perf_counter())
 
@@ -97,22 +100,20 @@ class StepScheduler:
                 with request_context(running.job.request_id):
                     log.info("cancelled job left the batch", extra={"transmission_id": transmission_id,
                                                                     "step": step, "steps": steps})
-                self.worker.complete(running.job, JobResult(timings_ms=running.timings_ms,
+                self.completion.complete(running.job, JobResult(timings_ms=running.timings_ms,
                                                             error=f"cancelled before step {step + 1} of {steps}"),
                                      running.started)
 
     def _step(self) -> None:
         """One step of every job held, a network call per generator; the finished ones leave for encoding."""
-        worker = self.worker
         batches = [batch for batch in self.batches.values() if len(batch)]
         by_step: dict[tuple[int, int], list[Job]] = defaultdict(list)
         for batch in batches:
             for transmission_id, (step, steps) in batch.progress_all().items():
                 by_step[(step + 1, steps)].append(self.running[transmission_id].job)
         for (step, steps), jobs in by_step.items():
-            worker.set_progress(jobs, step, steps)
-        if worker.metrics is not None and worker.metrics.batch_size is not None:
-            worker.metrics.batch_size.observe(len(self.running))
+            self.queue.set_progress(jobs, step, steps)
+        self.completion.observe_batch(len(self.running))
         for batch in batches:
             self._retire(self._step_batch(batch))
 
@@ -126,18 +127,17 @@ class StepScheduler:
                 if running.batch is batch:
                     batch.remove(transmission_id)
                     del self.running[transmission_id]
-                    self.worker.complete(running.job, JobResult(timings_ms=running.timings_ms,
+                    self.completion.complete(running.job, JobResult(timings_ms=running.timings_ms,
                                                                 error=f"sampling failed: {error}"), running.started)
             return []
 
     def _retire(self, finished: list[tuple[str, np.ndarray]]) -> None:
         """Finished jobs leave the batch for encoding."""
-        worker = self.worker
         for transmission_id, image in finished:
             running = self.running.pop(transmission_id)
             sample_ms = round((time.perf_counter() - running.sampling_from) * 1000.0, 2)
             result = JobResult(timings_ms={**running.timings_ms, "sample": sample_ms}, image=image,
                                received=running.received)
             # The sampler's time per job: this job's time in the batch shared by those it ran with.
-            worker.job_done(sample_ms / 1000.0 / (len(self.running) + 1))
-            worker.complete(running.job, result, running.started)
+            self.queue.job_done(sample_ms / 1000.0 / (len(self.running) + 1))
+            self.completion.complete(running.job, result, running.started)

@@ -178,6 +178,12 @@ class TransmissionStore:
     def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
         """Nothing to share: the worker of this one process answers for the step it samples."""
 
+    def set_job_holder(self, held_ids: Callable[[], Collection[str]]) -> None:
+        """Nothing to watch: one process holds every job, and the next open fails what it left."""
+
+    def set_cancel_handler(self, handler: Callable[[str, str], None]) -> None:
+        """Nothing to relay: cancels reach this one process's worker directly."""
+
     def progress(self, transmission_id: str) -> tuple[int, int] | None:
         """Never known here (see set_progress); the status asks the worker."""
         return None

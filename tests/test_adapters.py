@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gesco.v1 import gesco_pb2
+from receiver_service.grpc_server import queue_transmission
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
 from shared.limits import SamplingOptions
@@ -24,8 +25,8 @@ from shared.semantic.diffusion.adapters import (
 )
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import UNetConfig
-from tests.test_continuous_batching import TINY, conditions, tiny_generator
-from tests.test_receiver_service import decode_png, make_settings, transmission, wait_for_status
+from tests.receiver_helpers import TINY, conditions, tiny_generator
+from tests.receiver_helpers import decode_png, make_settings, transmission, wait_for_status
 from tests.test_training import _args, _log
 from training import train_diffusion
 
@@ -149,7 +150,7 @@ def serve(tmp_path: Path, base: Path, jobs, **overrides) -> dict[str, tuple[dict
     assert worker.ready, worker.load_error
     try:
         for header, symbols in jobs:
-            worker.submit(header, symbols, "req")
+            queue_transmission(worker, header, symbols, "req")
         out = {}
         for header, _ in jobs:
             record = wait_for_status(store, header.transmission_id, {"done", "failed"})

@@ -119,7 +119,7 @@ def test_the_key_comes_from_the_environment(monkeypatch) -> None:
 
 # The receiver's REST API takes the same optional key (GESCO_RECEIVER_API_KEY).
 
-from tests.test_receiver_service import fake_generator, make_settings, ready_client  # noqa: E402,F401
+from tests.receiver_helpers import make_settings, ready_client
 
 
 def test_the_receiver_needs_the_key_for_status_images_maps_and_cancel(tmp_path, fake_generator) -> None:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from receiver_service.grpc_server import queue_transmission
 from receiver_service.app import CANCEL_REASON
 from receiver_service.grpc_server import CALLER_GONE_REASON, ReceiverServicer
 from shared.limits import SamplingOptions
@@ -22,17 +23,8 @@ from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, Gaussi
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
 from shared.semantic.diffusion.unet import UNetConfig
-from tests.test_receiver_service import (  # noqa: F401 - fixtures are used by name
-    app_client,
-    batching_worker,
-    ddim,
-    ddpm,
-    fake_generator,
-    receive,
-    running_worker,
-    transmission,
-    wait_for_status,
-)
+from tests.receiver_helpers import receive, transmission, wait_for_status
+from tests.test_receiver_service import batching_worker, ddim, ddpm
 
 FINISHED = {"done", "failed", "cancelled"}
 
@@ -92,9 +84,9 @@ def test_a_queued_job_leaves_the_queue_at_once_and_is_never_sampled(running_work
     store = running_worker.store
     fake_generator.gate.clear()
     first, queued = transmission(sampling=ddim(1)), transmission(sampling=ddpm(2))
-    running_worker.submit(*first, "a")
+    queue_transmission(running_worker, *first, "a")
     wait_for_status(store, first[0].transmission_id, {"running"})
-    running_worker.submit(*queued, "b")
+    queue_transmission(running_worker, *queued, "b")
     assert running_worker.queue_depth == 1
     running_worker.cancel(queued[0].transmission_id, "the client went away")
     record = store.get(queued[0].transmission_id)
@@ -111,7 +103,7 @@ def test_a_batch_whose_jobs_are_all_cancelled_stops_at_the_next_step(running_wor
     store = running_worker.store
     fake_generator.gate.clear()  # sampling runs "steps" until the gate opens, which it never does here
     header, symbols = transmission()
-    running_worker.submit(header, symbols, "a")
+    queue_transmission(running_worker, header, symbols, "a")
     wait_for_status(store, header.transmission_id, {"running"})
     started = time.monotonic()
     running_worker.cancel(header.transmission_id, "the client went away")
@@ -121,7 +113,7 @@ def test_a_batch_whose_jobs_are_all_cancelled_stops_at_the_next_step(running_wor
     assert store.artifact_path(header.transmission_id, "image") is None
     fake_generator.gate.set()  # the worker goes on with the next job
     after, symbols = transmission()
-    running_worker.submit(after, symbols, "b")
+    queue_transmission(running_worker, after, symbols, "b")
     assert wait_for_status(store, after.transmission_id, FINISHED)["status"] == "done"
 
 
@@ -130,8 +122,8 @@ def test_a_batch_goes_on_for_the_jobs_still_wanted(tmp_path, fake_generator) -> 
     try:
         fake_generator.gate.clear()
         wanted, dropped = transmission(sampling=ddim(1)), transmission(sampling=ddim(2))
-        worker.submit(*wanted, "a")
-        worker.submit(*dropped, "b")
+        queue_transmission(worker, *wanted, "a")
+        queue_transmission(worker, *dropped, "b")
         for header, _ in (wanted, dropped):
             wait_for_status(worker.store, header.transmission_id, {"running"})
         worker.cancel(dropped[0].transmission_id, "the client went away")
@@ -150,7 +142,7 @@ def test_a_job_cancelled_while_its_batch_forms_is_never_sampled(tmp_path, fake_g
     worker = batching_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=500)
     try:
         header, symbols = transmission(sampling=ddim(1))
-        worker.submit(header, symbols, "a")
+        queue_transmission(worker, header, symbols, "a")
         time.sleep(0.1)  # taken for a batch, which waits for company
         assert worker.queue_depth == 0
         worker.cancel(header.transmission_id, "the client went away")
@@ -225,7 +217,7 @@ def test_a_grpc_caller_gone_as_its_job_is_queued_leaves_nothing_to_sample(runnin
     store = running_worker.store
     fake_generator.gate.clear()
     busy = transmission()
-    running_worker.submit(*busy, "busy")
+    queue_transmission(running_worker, *busy, "busy")
     wait_for_status(store, busy[0].transmission_id, {"running"})
     context = LeavingContext()
     submit = running_worker.submit

@@ -12,36 +12,26 @@ import pytest
 import torch
 
 from gesco.v1 import gesco_pb2
-from receiver_service import worker as worker_module
+from receiver_service import model_host
+from receiver_service.grpc_server import queue_transmission
+from receiver_service.model_host import forward_buckets
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import TransmissionStore
-from receiver_service.worker import GenerationWorker, forward_buckets
+from receiver_service.worker import GenerationWorker
 from shared.limits import SamplingOptions
 from shared.semantic.diffusion.forward_buckets import BucketedForward
-from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig
-from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.stepper import StepBatch
-from shared.semantic.diffusion.unet import UNetConfig
-from tests.test_receiver_service import NUM_CLASSES, decode_png, make_settings, street_label_map, transmission, wait_for_status
-
-TINY = UNetConfig(num_classes=NUM_CLASSES, image_height=8, image_width=16, model_channels=32, channel_mult=(1, 2),
-                  attention_downsample=(2,), head_channels=32, spade_hidden=16)
-
-
-def tiny_generator() -> SemanticImageGenerator:
-    """A small random network whose outputs depend on every input (no zero-initialised heads)."""
-    generator = SemanticImageGenerator.load(None, "cpu", untrained_config=SemanticDiffusionConfig(
-        unet=TINY, diffusion=DiffusionConfig(num_timesteps=50)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in generator.network.parameters():
-            torch.nn.init.normal_(parameter, std=0.05)
-    return generator
-
-
-def conditions(count: int) -> torch.Tensor:
-    labels = torch.randint(0, NUM_CLASSES, (count, 8, 16), generator=torch.Generator().manual_seed(7))
-    return torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+from tests.receiver_helpers import (
+    NUM_CLASSES,
+    conditions,
+    decode_png,
+    make_settings,
+    street_label_map,
+    tiny_generator,
+    transmission,
+    wait_for_status,
+)
 
 
 class CountingNetwork(torch.nn.Module):
@@ -209,7 +199,7 @@ def tiny_model(monkeypatch):
         def load(checkpoint_path, device="auto"):
             return generator
 
-    monkeypatch.setattr(worker_module, "SemanticImageGenerator", Loader)
+    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
     return generator
 
 
@@ -242,7 +232,7 @@ def test_the_worker_batches_continuously_with_the_images_of_request_batching(tmp
         worker = start_worker(tmp_path / batching, batching=batching, max_batch_size=3, encode_workers=encode_workers)
         try:
             for header, symbols in jobs:
-                worker.submit(header, symbols, "req")
+                queue_transmission(worker, header, symbols, "req")
             for header, _ in jobs:
                 record = wait_for_status(worker.store, header.transmission_id, {"done", "failed"})
                 assert record["status"] == "done", record
@@ -264,8 +254,8 @@ def test_a_cancelled_job_leaves_the_continuous_batch_and_the_others_finish(tmp_p
     long_steps = gesco_pb2.SamplingRequest(sampler="ddpm", steps=50, guidance=1.0, seed=1, use_fds=True)
     doomed, survivor = transmission(sampling=long_steps), transmission(sampling=long_steps)
     try:
-        worker.submit(*doomed, "a")
-        worker.submit(*survivor, "b")
+        queue_transmission(worker, *doomed, "a")
+        queue_transmission(worker, *survivor, "b")
         wait_for_status(worker.store, doomed[0].transmission_id, {"running"})
         worker.cancel(doomed[0].transmission_id, "the client went away")
         record = wait_for_status(worker.store, doomed[0].transmission_id, {"cancelled", "done", "failed"})

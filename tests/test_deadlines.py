@@ -27,7 +27,7 @@ from shared.wire import transport
 from shared.wire.imageio import encode_png
 from shared.wire.monitoring import ServiceMetrics
 from tests.service_procs import free_port
-from tests.test_receiver_service import fake_generator, make_settings, transmission  # noqa: F401
+from tests.receiver_helpers import make_settings, transmission
 from tests.test_sender_service import blocky_label_map
 
 SLACK_S = 2.0

@@ -27,7 +27,7 @@ from receiver_service.store import RESTART_ERROR
 from shared.wire import transport
 from shared.wire.imageio import encode_png
 from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
-from tests.test_receiver_service import transmission
+from tests.receiver_helpers import transmission
 from shared.paths import REPO_ROOT
 
 OUTPUT_HEIGHT, OUTPUT_WIDTH = 72, 96  # the receiver's configured output size

@@ -26,7 +26,6 @@ from sender_service.transmissions import TransmissionAccepted, TransmissionParam
 from shared.paths import REPO_ROOT
 from tests.link_services import LinkServices
 from tests.service_procs import free_port
-from tests.test_tls import pki  # noqa: F401 - the fixture
 
 API_KEY = "grpc-test-key"
 KEY = (("x-api-key", API_KEY),)

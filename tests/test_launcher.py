@@ -23,7 +23,6 @@ from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
 from shared.wire import grpc_security, health_probe
 from tests.service_procs import REPO_ROOT, free_port
-from tests.test_tls import pki  # noqa: F401 - the fixture
 
 # server -> (the server's TLS variables' prefix, its client's TLS variables' prefix)
 PREFIXES = {

@@ -17,7 +17,7 @@ from sender_service.settings import SenderSettings
 from shared.wire import transport
 from shared.wire.imageio import encode_png
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
-from tests.test_receiver_service import fake_generator, make_settings, ready_client, receive, transmission  # noqa: F401
+from tests.receiver_helpers import make_settings, ready_client, receive, transmission
 from tests.test_sender_service import blocky_label_map, photo, serve_fake_channel
 
 

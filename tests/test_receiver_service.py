@@ -10,9 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -246,91 +244,18 @@ def test_debug_pngs():
 
 # ------------------------------------------------------------------- worker with a fake generator
 
-from receiver_service import worker as worker_module  # noqa: E402
-from receiver_service.worker import (  # noqa: E402
-    GenerationWorker,
-    NotReadyError,
-    QueueFullError,
-    resolve_sampling,
-    sampling_request,
-)
+from receiver_service.grpc_server import job_from_header, queue_transmission, sampling_request  # noqa: E402
+from receiver_service.jobs import NotReadyError, QueueFullError  # noqa: E402
+from receiver_service.worker import GenerationWorker  # noqa: E402
 from shared.limits import SamplingOptions  # noqa: E402
-from shared.semantic.diffusion import samplers  # noqa: E402
-from shared.semantic.diffusion.generator import GeneratorInfo  # noqa: E402
-
-NUM_CLASSES = 12
-
-
-class FakeGenerator:
-    """Paints each pixel with the colour of its condition's argmax; `gate` holds generation (and
-    calls the step callback while it does)."""
-
-    max_steps = 100
-
-    def __init__(self) -> None:
-        self.info = GeneratorInfo(name="fake", trained=False, image_height=24, image_width=32,
-                                  num_classes=NUM_CLASSES, checkpoint=None, parameters=0)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls: list[dict] = []
-        self.fail_with: Exception | None = None
-        self.inference_options: list[str] = []
-
-    def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
-        return samplers.resolve(sampling, self.max_steps)
-
-    def use_channels_last(self) -> None:
-        self.inference_options.append("channels_last")
-
-    def compile(self) -> None:
-        self.inference_options.append("compile")
-
-    def generate(self, conditions, sampling, seeds, step_callback=None):
-        sampler, steps, guidance = sampling.sampler, sampling.steps, sampling.guidance
-        self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,
-                               guidance=guidance, seeds=list(seeds)))
-        deadline = time.monotonic() + 30
-        while not self.gate.wait(0.01):  # one "step" per wait, so a cancelled batch can stop
-            assert time.monotonic() < deadline
-            if step_callback is not None:
-                step_callback(0, steps)
-        if self.fail_with is not None:
-            raise self.fail_with
-        labels = conditions.argmax(dim=1).numpy()
-        return class_palette(NUM_CLASSES)[labels]
-
-
-@pytest.fixture()
-def fake_generator(monkeypatch):
-    generator = FakeGenerator()
-
-    class Loader:
-        @staticmethod
-        def load(checkpoint_path, device="auto"):
-            generator.loaded_from = (checkpoint_path, device)
-            return generator
-
-    monkeypatch.setattr(worker_module, "SemanticImageGenerator", Loader)
-    return generator
-
-
-def make_settings(tmp_path: Path, **overrides) -> ReceiverSettings:
-    values = dict(store_dir=tmp_path / "store", checkpoint=tmp_path / "missing.pt", device="cpu",
-                  queue_size=2, output_height=30, output_width=40, grpc_port=free_port(), http_port=free_port())
-    values.update(overrides)
-    return ReceiverSettings(**values)
-
-
-@pytest.fixture()
-def running_worker(tmp_path, fake_generator):
-    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
-    store.open()
-    worker = GenerationWorker(make_settings(tmp_path), store)
-    worker.load_model()
-    assert worker.ready
-    yield worker
-    fake_generator.gate.set()
-    worker.stop(5)
+from tests.receiver_helpers import (  # noqa: E402
+    NUM_CLASSES,
+    decode_png,
+    make_settings,
+    street_label_map,
+    transmission,
+    wait_for_status,
+)
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [({}, ["channels_last"]),
@@ -346,48 +271,10 @@ def test_worker_applies_the_cpu_inference_settings(tmp_path, fake_generator, ove
         worker.stop(5)
 
 
-def street_label_map(height: int = 24, width: int = 32) -> np.ndarray:
-    label_map = np.full((height, width), 3, dtype=np.int64)  # road
-    label_map[: height // 3] = 0  # sky
-    label_map[height // 3 : 2 * height // 3, : width // 2] = 1  # building
-    label_map[2 * height // 3 :, width // 2 :] = 8  # car
-    return label_map
-
-
-def transmission(label_map: np.ndarray | None = None, transmission_id: str | None = None,
-                 sampling: gesco_pb2.SamplingRequest | None = None, factor: int = 1):
-    label_map = street_label_map() if label_map is None else label_map
-    encoded = codec.encode_label_map(label_map, codec.CodecConfig(NUM_CLASSES, downsample_factor=factor))
-    header = gesco_pb2.TransmissionHeader(
-        transmission_id=transmission_id or transport.new_transmission_id(),
-        semantic=transport.semantic_header_to_proto(encoded.header),
-        channel=gesco_pb2.ChannelRequest(model="awgn", snr_db=30.0,
-                                         snr_definition=gesco_pb2.SNR_DEFINITION_PAPER_PSNR, equalize=True),
-        image_bits_jpeg=12345,
-    )
-    if sampling is not None:
-        header.sampling.CopyFrom(sampling)
-    return header, encoded.symbols
-
-
-def wait_for_status(store: TransmissionStore, transmission_id: str, statuses, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        record = store.get(transmission_id)
-        if record["status"] in statuses:
-            return record
-        assert time.monotonic() < deadline, record
-        time.sleep(0.05)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-
-
 def test_worker_generates_and_stores_everything(running_worker, fake_generator):
     sampling = gesco_pb2.SamplingRequest(sampler="ddpm", steps=7, guidance=2.5, seed=99, use_fds=True)
     header, symbols = transmission(sampling=sampling)
-    assert running_worker.submit(header, symbols, "req-1") == 0
+    assert queue_transmission(running_worker, header, symbols, "req-1") == 0
     record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
     assert record["status"] == "done", record["error"]
     assert record["sampling"] == {"sampler": "ddpm", "steps": 7, "guidance": 2.5, "seed": 99, "use_fds": True}
@@ -409,7 +296,7 @@ def test_worker_generates_and_stores_everything(running_worker, fake_generator):
 def test_worker_decodes_downsampled_maps_at_the_transmitted_size(running_worker):
     label_map = street_label_map(48, 64)
     header, symbols = transmission(label_map, factor=4)
-    running_worker.submit(header, symbols, "req")
+    queue_transmission(running_worker, header, symbols, "req")
     assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
     labels = decode_png(running_worker.store.artifact_path(header.transmission_id, "fds_labels").read_bytes())
     assert labels.shape == (48, 64)
@@ -418,7 +305,7 @@ def test_worker_decodes_downsampled_maps_at_the_transmitted_size(running_worker)
 
 def test_header_without_sampling_gets_the_defaults(running_worker, fake_generator):
     header, symbols = transmission()
-    running_worker.submit(header, symbols, "req")
+    queue_transmission(running_worker, header, symbols, "req")
     record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
     assert record["sampling"] == {"sampler": "ddim", "steps": 10, "guidance": 0.0, "seed": 0, "use_fds": True}
 
@@ -426,20 +313,20 @@ def test_header_without_sampling_gets_the_defaults(running_worker, fake_generato
 def test_queue_full_duplicates_and_positions(running_worker, fake_generator):
     fake_generator.gate.clear()
     jobs = [transmission() for _ in range(4)]
-    assert running_worker.submit(*jobs[0], "a") == 0
+    assert queue_transmission(running_worker, *jobs[0], "a") == 0
     wait_for_status(running_worker.store, jobs[0][0].transmission_id, {"running"})
-    assert running_worker.submit(*jobs[1], "b") == 1
-    assert running_worker.submit(*jobs[2], "c") == 2  # queue_size 2: both slots now taken
+    assert queue_transmission(running_worker, *jobs[1], "b") == 1
+    assert queue_transmission(running_worker, *jobs[2], "c") == 2  # queue_size 2: both slots now taken
     with pytest.raises(QueueFullError) as raised:
-        running_worker.submit(*jobs[3], "d")
+        queue_transmission(running_worker, *jobs[3], "d")
     assert raised.value.retry_after_s >= 1
     assert not running_worker.store.contains(jobs[3][0].transmission_id)
     with pytest.raises(DuplicateTransmissionError):
-        running_worker.submit(*jobs[1], "b again")
+        queue_transmission(running_worker, *jobs[1], "b again")
     fake_generator.gate.set()
     for header, _ in jobs[:3]:
         assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
-    assert running_worker.submit(*jobs[3], "d") == 0
+    assert queue_transmission(running_worker, *jobs[3], "d") == 0
 
 
 @pytest.mark.parametrize(
@@ -455,7 +342,7 @@ def test_queue_full_duplicates_and_positions(running_worker, fake_generator):
 def test_bad_sampling_requests(running_worker, sampling, message):
     header, symbols = transmission(sampling=sampling)
     with pytest.raises(ValueError, match=message):
-        running_worker.submit(header, symbols, "req")
+        queue_transmission(running_worker, header, symbols, "req")
     assert not running_worker.store.contains(header.transmission_id)
 
 
@@ -465,18 +352,18 @@ def test_num_classes_must_match_the_model(running_worker):
     header, _ = transmission()
     header.semantic.CopyFrom(transport.semantic_header_to_proto(encoded.header))
     with pytest.raises(ValueError, match="num_classes"):
-        running_worker.submit(header, encoded.symbols, "req")
+        queue_transmission(running_worker, header, encoded.symbols, "req")
 
 
 def test_sampling_failure_marks_the_job_failed(running_worker, fake_generator):
     fake_generator.fail_with = RuntimeError("out of memory")
     header, symbols = transmission()
-    running_worker.submit(header, symbols, "req")
+    queue_transmission(running_worker, header, symbols, "req")
     record = wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})
     assert record["status"] == "failed" and "out of memory" in record["error"]
     fake_generator.fail_with = None
     header, symbols = transmission()
-    running_worker.submit(header, symbols, "req")
+    queue_transmission(running_worker, header, symbols, "req")
     assert wait_for_status(running_worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
 
 
@@ -486,21 +373,40 @@ def test_not_ready_before_the_model_is_loaded(tmp_path):
     worker = GenerationWorker(make_settings(tmp_path), store)
     header, symbols = transmission()
     with pytest.raises(NotReadyError, match="loading"):
-        worker.submit(header, symbols, "req")
+        queue_transmission(worker, header, symbols, "req")
 
 
-def test_resolve_sampling_uses_settings_defaults(tmp_path):
-    generator = FakeGenerator()
-    settings = make_settings(tmp_path, default_sampler="ddpm", default_steps=12, default_guidance=1.5)
-    request = sampling_request(gesco_pb2.TransmissionHeader(), settings)
-    assert (request.guidance, request.seed, request.use_fds) == (1.5, 0, True)
-    assert resolve_sampling(request, generator, settings) == SamplingOptions(sampler="ddpm", steps=12, guidance=1.5)
-    request = gesco_pb2.SamplingRequest(guidance=0.0, seed=2**64 - 1, use_fds=False)
-    assert resolve_sampling(request, generator, settings) == SamplingOptions(sampler="ddpm", steps=12, guidance=0.0)
-    defaults = make_settings(tmp_path)
-    assert resolve_sampling(request, generator, defaults) == SamplingOptions(sampler="ddim", steps=10, guidance=0.0)
-    request.sampler = "ddpm"
-    assert resolve_sampling(request, generator, defaults).steps == 50  # that sampler's default
+def loaded_worker(tmp_path: Path, **overrides) -> GenerationWorker:
+    """A worker whose (fake) model has loaded; its thread runs until `stop`."""
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, **overrides), store)
+    worker.load_model()
+    assert worker.ready, worker.load_error
+    return worker
+
+
+def test_sampling_takes_the_settings_defaults(tmp_path, fake_generator):
+    def sampling_of(worker: GenerationWorker, request: gesco_pb2.SamplingRequest | None) -> SamplingOptions:
+        header, symbols = transmission(sampling=request)
+        job, record = job_from_header(header, symbols, "req", worker)
+        assert record["sampling"]["sampler"] == job.sampling.sampler
+        return job.sampling
+
+    tuned = loaded_worker(tmp_path / "tuned", default_sampler="ddpm", default_steps=12, default_guidance=1.5)
+    defaults = loaded_worker(tmp_path / "defaults")
+    try:
+        request = sampling_request(gesco_pb2.TransmissionHeader(), tuned.settings)
+        assert (request.guidance, request.seed, request.use_fds) == (1.5, 0, True)
+        assert sampling_of(tuned, None) == SamplingOptions(sampler="ddpm", steps=12, guidance=1.5)
+        request = gesco_pb2.SamplingRequest(guidance=0.0, seed=2**64 - 1, use_fds=False)
+        assert sampling_of(tuned, request) == SamplingOptions(sampler="ddpm", steps=12, guidance=0.0)
+        assert sampling_of(defaults, request) == SamplingOptions(sampler="ddim", steps=10, guidance=0.0)
+        request.sampler = "ddpm"
+        assert sampling_of(defaults, request).steps == 50  # that sampler's default
+    finally:
+        tuned.stop(5)
+        defaults.stop(5)
 
 
 def test_an_unknown_default_sampler_fails_the_model_load(tmp_path, fake_generator):
@@ -518,11 +424,11 @@ def submit_while_busy(worker, fake_generator, samplings):
     """Hold the worker in a first job, queue one job per sampling request, then let it run."""
     fake_generator.gate.clear()
     first = transmission(sampling=gesco_pb2.SamplingRequest(sampler="ddim", steps=3, seed=100))
-    worker.submit(*first, "first")
+    queue_transmission(worker, *first, "first")
     wait_for_status(worker.store, first[0].transmission_id, {"running"})
     jobs = [transmission(sampling=sampling) for sampling in samplings]
     for header, symbols in jobs:
-        worker.submit(header, symbols, "req")
+        queue_transmission(worker, header, symbols, "req")
     fake_generator.gate.set()
     for header, _ in [first, *jobs]:
         assert wait_for_status(worker.store, header.transmission_id, {"done", "failed"})["status"] == "done"
@@ -532,7 +438,7 @@ def submit_while_busy(worker, fake_generator, samplings):
 def batching_worker(tmp_path, **overrides) -> GenerationWorker:
     store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
     store.open()
-    worker = GenerationWorker(make_settings(tmp_path, queue_size=8, **overrides), store)
+    worker = GenerationWorker(make_settings(tmp_path, **{"queue_size": 8, **overrides}), store)
     worker.load_model()
     return worker
 
@@ -572,9 +478,9 @@ def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generato
     try:
         started = time.monotonic()
         jobs = [transmission(sampling=ddim(seed)) for seed in (1, 2)]
-        worker.submit(*jobs[0], "a")
+        queue_transmission(worker, *jobs[0], "a")
         time.sleep(0.1)
-        worker.submit(*jobs[1], "b")
+        queue_transmission(worker, *jobs[1], "b")
         for header, _ in jobs:
             wait_for_status(worker.store, header.transmission_id, {"done"})
         assert time.monotonic() - started < 4.0  # the batch left when full, not at the deadline
@@ -586,7 +492,7 @@ def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generato
         fake_generator.calls.clear()
         for seed in (3, 4):
             header, symbols = transmission(sampling=ddim(seed))
-            worker.submit(header, symbols, "req")
+            queue_transmission(worker, header, symbols, "req")
             wait_for_status(worker.store, header.transmission_id, {"done"})
         assert [call["seeds"] for call in fake_generator.calls] == [[3], [4]]
     finally:
@@ -594,18 +500,17 @@ def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generato
 
 
 def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
-    worker = batching_worker(tmp_path, max_batch_size=4, max_queue_delay_ms=300)
-    worker.settings.queue_size = 2
+    worker = batching_worker(tmp_path, max_batch_size=4, max_queue_delay_ms=300, queue_size=2)
     try:
         fake_generator.gate.clear()
         first = transmission(sampling=ddim(1))
-        worker.submit(*first, "a")
-        worker.submit(*transmission(sampling=ddpm(2)), "b")  # held back while "a" waits for company
+        queue_transmission(worker, *first, "a")
+        queue_transmission(worker, *transmission(sampling=ddpm(2)), "b")  # held back while "a" waits for company
         wait_for_status(worker.store, first[0].transmission_id, {"running"})
         assert worker.queue_depth == 1
-        worker.submit(*transmission(sampling=ddim(3)), "c")
+        queue_transmission(worker, *transmission(sampling=ddim(3)), "c")
         with pytest.raises(QueueFullError):
-            worker.submit(*transmission(sampling=ddim(4)), "d")
+            queue_transmission(worker, *transmission(sampling=ddim(4)), "d")
     finally:
         fake_generator.gate.set()
         worker.stop(5)
@@ -613,8 +518,9 @@ def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
 
 def test_an_image_is_the_same_batched_or_alone(tmp_path):
     """Per-image generators: a job's image must not depend on its batch mates."""
-    from receiver_service.worker import Job, run_batch
-    from tests.test_continuous_batching import tiny_generator  # it imports this module
+    from receiver_service.jobs import Job
+    from receiver_service.schedulers import run_batch
+    from tests.receiver_helpers import tiny_generator
 
     generator = tiny_generator()  # no zero-initialised heads, which would hide differences
     jobs = []
@@ -626,45 +532,19 @@ def test_an_image_is_the_same_batched_or_alone(tmp_path):
         sampling = SamplingOptions(sampler="dpmpp2m", steps=4, guidance=1.5)
         jobs.append(Job(header.transmission_id, "req", semantic, symbols, sampling, seed=seed, use_fds=seed != 2,
                         generator=generator))
-    batched = run_batch(jobs, (8, 16))
-    alone = [run_batch([job], (8, 16))[0] for job in jobs]
+    batched = run_batch(jobs)
+    alone = [run_batch([job])[0] for job in jobs]
     for together, single in zip(batched, alone):
         assert together.error is None and single.error is None
-        np.testing.assert_array_equal(decode_png(together.artifacts["image"]), decode_png(single.artifacts["image"]))
-    assert not np.array_equal(decode_png(batched[0].artifacts["image"]), decode_png(batched[2].artifacts["image"]))
+        np.testing.assert_array_equal(together.image, single.image)
+    assert not np.array_equal(batched[0].image, batched[2].image)
 
 
 # ---------------------------------------------------------- REST + gRPC in process (fake generator)
 
-from fastapi.testclient import TestClient  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from receiver_service.app import create_app  # noqa: E402
-
-
-@contextmanager
-def ready_client(settings, fake_generator) -> Iterator[TestClient]:
-    """An in-process receiver app whose model has loaded; releases the fake generator on exit."""
-    with TestClient(create_app(settings)) as client:
-        deadline = time.monotonic() + 30
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        client.settings = settings
-        yield client
-        fake_generator.gate.set()
-
-
-@pytest.fixture()
-def app_client(tmp_path, fake_generator):
-    with ready_client(make_settings(tmp_path, public_url="http://receiver.test:8001", queue_size=1), fake_generator) as client:
-        yield client
-
-
-def receive(port: int, frames, request_id: str = "req-rest"):
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return gesco_pb2_grpc.ReceiverStub(channel).Receive(
-            iter(list(frames)), metadata=((transport.REQUEST_ID_METADATA_KEY, request_id),), timeout=20)
+from tests.receiver_helpers import receive  # noqa: E402
 
 
 def test_rest_status_image_and_maps(app_client, fake_generator):

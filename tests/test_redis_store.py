@@ -23,6 +23,7 @@ import grpc
 import pytest
 import redis
 
+from receiver_service.grpc_server import queue_transmission
 from receiver_service.long_poll import FinishWaiters
 from receiver_service.redis_store import (
     LEASE_EXPIRED_ERROR,
@@ -40,16 +41,8 @@ from receiver_service.worker import GenerationWorker
 from shared.paths import REPO_ROOT
 from shared.wire import transport
 from tests.service_procs import free_port
-from tests.test_receiver_service import (  # noqa: F401 - fake_generator is a fixture used by name
-    ddim,
-    decode_png,
-    fake_generator,
-    make_settings,
-    ready_client,
-    receive,
-    transmission,
-    wait_for_status,
-)
+from tests.receiver_helpers import decode_png, make_settings, ready_client, receive, transmission, wait_for_status
+from tests.test_receiver_service import ddim
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
@@ -386,7 +379,7 @@ def test_the_worker_generates_on_one_replica_for_another_and_a_cancel_crosses_ov
     worker.load_model()
     try:
         header, symbols = transmission(sampling=ddim(1))
-        worker.submit(header, symbols, "req-1")
+        queue_transmission(worker, header, symbols, "req-1")
         record = wait_for_status(b, header.transmission_id, {"done", "failed"})
         assert record["status"] == "done", record["error"]
         assert decode_png(b.read_artifact(header.transmission_id, "image")).shape == (30, 40, 3)
@@ -394,9 +387,9 @@ def test_the_worker_generates_on_one_replica_for_another_and_a_cancel_crosses_ov
 
         fake_generator.gate.clear()  # hold the first job in sampling
         first, queued = transmission(sampling=ddim(2)), transmission(sampling=ddim(3))
-        worker.submit(*first, "req-2")
+        queue_transmission(worker, *first, "req-2")
         wait_for_status(b, first[0].transmission_id, {"running"})
-        worker.submit(*queued, "req-3")
+        queue_transmission(worker, *queued, "req-3")
         assert b.request_cancel(queued[0].transmission_id, "nobody waits")["status"] == "cancelled"
         assert wait_until(lambda: worker.queue_depth == 0, 5.0)  # dropped from a's queue over pub/sub
         fake_generator.gate.set()

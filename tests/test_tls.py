@@ -7,7 +7,6 @@ UNAVAILABLE, never a hang.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 
 import grpc
@@ -25,32 +24,11 @@ from sender_service.settings import SenderSettings
 from shared.paths import REPO_ROOT
 from shared.wire import grpc_security
 from tests.service_procs import free_port
-from tests.test_receiver_service import fake_generator, make_settings, transmission, wait_for_status  # noqa: F401
-from tests.tls_certs import Authority
-
-
-@dataclasses.dataclass(frozen=True)
-class Pki:
-    ca: Authority
-    other_ca: Authority
-    receiver: object
-    channel: object
-    channel_client: object
-    sender_client: object
-    rogue_client: object
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca, other = Authority.create(folder / "ca"), Authority.create(folder / "other", "other CA")
-    return Pki(ca, other, ca.issue("receiver", server=True), ca.issue("channel", server=True),
-               ca.issue("channel-client", server=False), ca.issue("sender-client", server=False),
-               other.issue("rogue-client", server=False))
+from tests.receiver_helpers import make_settings, transmission, wait_for_status
 
 
 @pytest.fixture()
-def receiver(tmp_path, fake_generator, pki):  # noqa: F811 - the fixture imported above
+def receiver(tmp_path, fake_generator, pki):
     """The receiver's gRPC server over mutual TLS, with a fake generator behind it."""
     settings = make_settings(tmp_path, tls_cert_file=pki.receiver.cert, tls_key_file=pki.receiver.key,
                              tls_client_ca_file=pki.ca.ca_file)

@@ -88,3 +88,14 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower())
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Authority
+    other_ca: Authority
+    receiver: object
+    channel: object
+    channel_client: object
+    sender_client: object
+    rogue_client: object

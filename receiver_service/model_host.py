@@ -1,0 +1,163 @@
+"""The model host: the generators a receiver serves, and what turns a sampled image into PNGs.
+
+It loads the checkpoint and the condition adapters beside it (one generator per downsample
+factor, shared/semantic/diffusion/adapters.py), applies the inference settings (channels_last,
+torch.compile, batch buckets and CUDA graphs), prepares a job's condition (decoding and FDS,
+shared.semantic.link), and after sampling runs the image stages (`ImageStage`: each takes the
+sampled image and the received maps) and encodes the results. It knows no queue and no protocol:
+the schedulers call it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from receiver_service import views
+from receiver_service.jobs import Job, JobResult, NotReadyError, elapsed_ms
+from receiver_service.settings import ReceiverSettings
+from shared.limits import LimitError, SamplingOptions
+from shared.semantic import link
+from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.wire.imageio import encode_png, resize_image
+
+log = logging.getLogger("receiver_service.model_host")
+
+
+class ImageStage(Protocol):
+    """A stage after sampling (an upscaler, say): the image so far and the received maps in,
+    the next image out. `name` keys its timing in the status."""
+
+    name: str
+
+    def __call__(self, image: np.ndarray, maps: np.ndarray) -> np.ndarray: ...
+
+
+def forward_buckets(settings: ReceiverSettings, device: torch.device) -> tuple[list[int], bool]:
+    """The batch buckets and whether to capture them as CUDA graphs, for a model on `device`.
+
+    CUDA graphs are for CUDA only: elsewhere the setting is ignored (with a warning), so a GPU
+    preset still starts on a CPU. Graphs without buckets of their own get one per power of two up
+    to a full guided batch (2 x max_batch_size rows)."""
+    cuda_graphs = settings.cuda_graphs and device.type == "cuda"
+    if settings.cuda_graphs and not cuda_graphs:
+        log.warning("cuda_graphs needs a CUDA device: off", extra={"device": str(device)})
+    buckets = list(settings.batch_buckets)
+    if cuda_graphs and not buckets:
+        buckets = [2**k for k in range((2 * settings.max_batch_size - 1).bit_length() + 1)]
+    return buckets, cuda_graphs
+
+
+def prepare_job(job: Job) -> tuple[link.ReceivedViews, np.ndarray]:
+    """The job's received maps (noisy and FDS-denoised) and the condition its generator gets, at its
+    resolution: FDS maps only when the job asks. ValueError when the maps do not decode."""
+    info = job.generator.info
+    received = link.received_views(job.symbols, job.semantic, use_fds=True)  # the debug views always show FDS
+    maps = received.fds_maps if job.use_fds else received.noisy_maps
+    return received, link.resize_maps(maps, (info.image_height, info.image_width))
+
+
+def encode_result(result: JobResult, size: tuple[int, int]) -> None:
+    """Encode a sampled result's image (resized to `size`) and received views as its PNGs."""
+    assert result.image is not None and result.received is not None
+    started = time.perf_counter()
+    received = result.received
+    result.artifacts = {
+        "image": encode_png(resize_image(result.image, *size)),
+        "maps_received": views.maps_png(received.noisy_maps),
+        "maps_fds": views.maps_png(received.fds_maps),
+        "fds_labels": views.labels_png(received.fds_maps),
+        "received_labels": views.labels_png(received.noisy_maps),
+    }
+    result.timings_ms["png"] = elapsed_ms(started)
+    result.image = result.received = None
+
+
+class ModelHost:
+    """Loads the generators (in a thread: `load` blocks) and serves them to the schedulers."""
+
+    def __init__(self, settings: ReceiverSettings, stages: tuple[ImageStage, ...] = ()) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.generator: SemanticImageGenerator | None = None
+        # The base generator with a condition adapter, by downsample factor (loaded with it).
+        self.adapted: dict[int, SemanticImageGenerator] = {}
+        self.load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.generator is not None
+
+    def load(self) -> bool:
+        """Load the generator and its adapters; False (with `load_error` set) when that fails."""
+        settings = self.settings
+        try:
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            checkpoint = settings.checkpoint
+            generator = SemanticImageGenerator.load(str(checkpoint) if checkpoint.is_file() else None,
+                                                    device=settings.device)
+            try:
+                generator.resolve(SamplingOptions(sampler=settings.default_sampler,
+                                                  steps=settings.default_steps, guidance=0.0))
+            except LimitError as error:
+                raise ValueError(f"the default {error}") from None
+            adapted = adapted_generators(generator) if settings.adapters else {}
+            buckets, cuda_graphs = [], False
+            if settings.batch_buckets or settings.cuda_graphs:
+                buckets, cuda_graphs = forward_buckets(settings, generator.device)
+            for each in (generator, *adapted.values()):
+                self._prepare(each, buckets, cuda_graphs)
+        except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
+            self.load_error = f"{type(error).__name__}: {error}"
+            log.exception("loading the model failed")
+            return False
+        if not checkpoint.is_file():
+            log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
+        log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": settings.batching,
+                                        "adapters": {f: g.info.adapter for f, g in adapted.items()},
+                                        "buckets": list(buckets), "cuda_graphs": cuda_graphs})
+        self.adapted = adapted
+        self.generator = generator
+        return True
+
+    def _prepare(self, generator: SemanticImageGenerator, buckets: list[int], cuda_graphs: bool) -> None:
+        """Apply the settings' inference options to one generator (the base or an adapted one)."""
+        if self.settings.channels_last:
+            generator.use_channels_last()
+        if self.settings.torch_compile and buckets:
+            generator.compile(warm_up_batches=())  # warmed up at each bucket below instead
+        elif self.settings.torch_compile:
+            generator.compile()
+        if buckets:
+            generator.use_buckets(buckets, cuda_graphs)
+        generator.noise_on_device = self.settings.noise_on_device
+
+    def base(self) -> SemanticImageGenerator:
+        """The base generator; NotReadyError until it has loaded."""
+        if self.generator is None:
+            raise NotReadyError(self.load_error or "the model is still loading")
+        return self.generator
+
+    def generator_for(self, downsample_factor: int) -> SemanticImageGenerator:
+        """The generator for maps sent at `downsample_factor`: its condition adapter, else the base."""
+        return self.adapted.get(downsample_factor, self.base())
+
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the stored image: the settings, 0 meaning the model's resolution."""
+        info = self.base().info
+        return (self.settings.output_height or info.image_height, self.settings.output_width or info.image_width)
+
+    def finish_image(self, result: JobResult) -> None:
+        """Run the stages after sampling on a sampled result, then encode its PNGs."""
+        assert result.image is not None and result.received is not None
+        maps = result.received.fds_maps
+        for stage in self.stages:
+            started = time.perf_counter()
+            result.image = stage(result.image, maps)
+            result.timings_ms[stage.name] = elapsed_ms(started)
+        encode_result(result, self.output_size())
