@@ -397,3 +397,6 @@ def test_training_script_trains_the_old_architecture(tmp_path: Path) -> None:
                           "--out-dir", str(out_dir), "--model-path", str(out_dir / "m.pt"), "--max-steps", "2"])
     seg = Segmenter.from_checkpoint(out_dir / "m.pt", "cpu")
     assert isinstance(seg.net, SegmenterNet) and seg.config.architecture == "unet"
+    scores = train_segmenter.main(["--data-root", str(data_root), "--eval-only", "--model-path", str(out_dir / "m.pt")])
+    assert set(scores) == {"input_size", "full_192x256", "downup_48x64", "map_96x128", "map_48x64"}
+    assert all(0 <= s["pixel_acc_void_excluded"] <= 1 for s in scores.values())

@@ -273,8 +273,9 @@ def net_predictor(net: nn.Module, device: torch.device):
 def evaluate_shipped(cfg: TrainConfig) -> dict:
     """Val scores of the fp16 file at `model_path`, loaded through `Segmenter` as the services do:
     at the model input size, at the 192x256 label resolution (predict at the input size, nearest
-    upsample), and on inputs degraded by a 48x64 down-up resample (a stand-in for soft generated
-    images)."""
+    upsample), on inputs degraded by a 48x64 down-up resample (a stand-in for soft generated
+    images), and as label maps at the sender's map sizes: the 192x256 photo segmented, its label
+    map shrunk (nearest) to 96x128 and 48x64 and scored against the labels at that size."""
     seg = Segmenter.from_checkpoint(cfg.model_path, cfg.device)
     size = (seg.config.input_height, seg.config.input_width)
 
@@ -288,6 +289,17 @@ def evaluate_shipped(cfg: TrainConfig) -> dict:
                                ("downup_48x64", size, degraded)):
         val = camvid(cfg.data_root, "val", res)
         results[name] = score_segmentation(predict, val, CAMVID_CLASSES, CAMVID_INFO.ignore_index).as_dict()
+    photos = camvid(cfg.data_root, "val", SOURCE_SIZE)
+    for map_size in ((96, 128), (48, 64)):
+        maps = camvid(cfg.data_root, "val", map_size)
+        pairs = [(photos[i][0], maps[i][1]) for i in range(len(maps))]
+
+        def shrunk(images: torch.Tensor, map_size: tuple[int, int] = map_size) -> torch.Tensor:
+            labels = seg.segment_batch(images)[:, None].float()
+            return F.interpolate(labels, size=map_size, mode="nearest")[:, 0].long()
+
+        name = f"map_{map_size[0]}x{map_size[1]}"
+        results[name] = score_segmentation(shrunk, pairs, CAMVID_CLASSES, CAMVID_INFO.ignore_index).as_dict()
     print(json.dumps(results, indent=1))
     return results
 
