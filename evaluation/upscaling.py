@@ -5,11 +5,18 @@ against the real 192x256 image, the Frechet distance of the segmenter's pooled f
 the real images ("Frechet segmenter distance"), and the pooled mIoU of the segmenter's labels
 against the ground truth (CamVid convention: void excluded), beside the real images' own mIoU.
 
-    python -m evaluation.upscaling --upscaler models/upscaler-camvid.pt --out docs/upscaler-val.json
+With --base-images the cascade is scored too: the base generator's 48x64 images for the same
+maps (DDIM 10, guidance 2, seed = image index, clean maps; generated once and kept in that .npz),
+upscaled by bicubic and by the stage. They are not pixel-aligned with the real images, so these
+rows have no PSNR.
+
+    python -m evaluation.upscaling --upscaler models/upscaler-camvid.pt \
+        --base-images runs/base-val.npz --out docs/upscaler-val.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -20,10 +27,11 @@ import numpy as np
 import torch
 
 from evaluation.image_quality import SegmenterProbe, frechet_distance, pooled_miou, psnr, segmentation_scores
-from shared.semantic.batched_link import batched_conditions
+from shared.limits import SamplingOptions
+from shared.semantic.batched_link import batched_conditions, resize_batch
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid
-from shared.semantic.diffusion.generator import to_uint8_images
+from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
 from shared.semantic.segmenter import Segmenter
 from shared.semantic.upscaler import Upscaler, bicubic
 
@@ -99,6 +107,23 @@ class UpscalingScorer:
         return self.score_images(upscale_all(fn, self.data, batch_size))
 
 
+def base_images(data: UpscalingSet, path: str, checkpoint: str, batch_size: int = 16) -> torch.Tensor:
+    """The base generator's images (N, 3, 48, 64) in [-1, 1] for `data`'s maps, cached in `path`."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        generator = SemanticImageGenerator.load(checkpoint, device="cpu")
+        cfg = generator.config.unet
+        sampling = SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+        out = []
+        for start in range(0, len(data.conditions), batch_size):
+            cond = resize_batch(data.conditions[start:start + batch_size], (cfg.image_height, cfg.image_width))
+            out.append(generator.generate(cond, sampling, seeds=list(range(start, start + len(cond)))))
+        np.savez_compressed(path, images=np.concatenate(out), checkpoint=checkpoint)
+    images = np.load(path)["images"]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def bicubic_stage(images: torch.Tensor, _conditions: torch.Tensor) -> torch.Tensor:
     return bicubic(images, 4)
 
@@ -110,11 +135,18 @@ def main() -> None:
     p.add_argument("--upscaler", default="models/upscaler-camvid.pt")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base-images", default="", help="an .npz of base outputs (made here when missing)")
+    p.add_argument("--base-checkpoint", default="models/diffusion-camvid.pt")
+    p.add_argument("--base-only", action="store_true", help="generate the --base-images file and exit")
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = time.monotonic()
-    scorer = UpscalingScorer(camvid_set(args.data_root, args.split), Segmenter.from_checkpoint(args.segmenter, "cpu"))
+    data = camvid_set(args.data_root, args.split)
+    if args.base_only:
+        base_images(data, args.base_images, args.base_checkpoint)
+        return
+    scorer = UpscalingScorer(data, Segmenter.from_checkpoint(args.segmenter, "cpu"))
     upscaler = Upscaler.from_checkpoint(args.upscaler, "cpu")
     report = {
         "command": "python -m evaluation.upscaling " + " ".join(
@@ -126,6 +158,11 @@ def main() -> None:
         "upscaler": scorer.score(upscaler),
         "seconds": None,
     }
+    if args.base_images:
+        base = dataclasses.replace(data, inputs=base_images(data, args.base_images, args.base_checkpoint))
+        for name, fn in (("base_bicubic", bicubic_stage), ("base_upscaler", upscaler)):
+            scores = scorer.score_images(upscale_all(fn, base))
+            report[name] = {k: v for k, v in scores.items() if k != "psnr"}
     report["seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(report, indent=1)
     print(text)
