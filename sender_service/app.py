@@ -30,6 +30,7 @@ from sender_service.grpc_api import build_grpc_api, serve_when_ready
 from sender_service.pipeline import SegmenterLoader
 from sender_service.settings import SenderSettings
 from sender_service.transmissions import (
+    EMPTY_EXAMPLE,
     SenderState,
     TransmissionAccepted,
     TransmissionError,
@@ -70,10 +71,11 @@ class TransmissionForm(TransmissionParameters):
     empty optional fields take the defaults."""
 
     file: Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG")]
-    psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, examples=[10.0], description=(
+    psnr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, deprecated=True, examples=EMPTY_EXAMPLE,
+                                          description=(
         "deprecated alias of `snr_db` (it too follows `snr_definition`); refused when both differ"))] = None
     wait: Annotated[bool, Form(description="answer with the generated PNG once it is ready",
-                               examples=[False])] = False
+                               examples=EMPTY_EXAMPLE)] = False
 
     def __post_init__(self) -> None:
         if self.psnr_db is None:

@@ -59,6 +59,10 @@ from shared.wire.records import TransmissionRecord
 log = logging.getLogger("sender_service")
 
 MAX_SEED = 2**64 - 1
+# The example of every optional form field. Swagger UI's "Try it out" fills a field with its
+# example, else with its default or a sample of its type (its minimum, "string") and sends it, so
+# an untouched request would not take the defaults; an empty example leaves the field empty.
+EMPTY_EXAMPLE = [""]
 # Retry-After of an answer given while the segmenter is not ready.
 NOT_READY_RETRY_AFTER_S = 5
 
@@ -88,35 +92,35 @@ class TransmissionParameters:
     """How to send one image: channel, sampling and map coding; empty optional fields take the
     defaults (the sender's settings, the receiver's sampler)."""
 
-    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["photo"])] = PHOTO
-    snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=[10.0], description=(
+    kind: Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=EMPTY_EXAMPLE)] = PHOTO
+    snr_db: Annotated[float | None, Form(ge=MIN_SNR_DB, le=MAX_SNR_DB, examples=EMPTY_EXAMPLE, description=(
         f"channel SNR in dB under `snr_definition`; empty: {DEFAULT_SNR_DB:g}"))] = None
-    snr_definition: Annotated[SnrDefinition, Form(examples=[DEFAULT_SNR_DEFINITION.value], description=(
+    snr_definition: Annotated[SnrDefinition, Form(examples=EMPTY_EXAMPLE, description=(
         "what `snr_db` refers to: the paper's PSNR (eq. 1) or the average symbol power"))] = DEFAULT_SNR_DEFINITION
-    channel: Annotated[ChannelModel, Form(examples=[DEFAULT_CHANNEL.value])] = DEFAULT_CHANNEL
-    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels", examples=[True])] = True
+    channel: Annotated[ChannelModel, Form(examples=EMPTY_EXAMPLE)] = DEFAULT_CHANNEL
+    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels",
+                                   examples=EMPTY_EXAMPLE)] = True
     rician_k_db: Annotated[float, Form(ge=MIN_RICIAN_K_DB, le=MAX_RICIAN_K_DB, description="Rician K-factor in dB",
-                                       examples=[DEFAULT_RICIAN_K_DB])] = DEFAULT_RICIAN_K_DB
+                                       examples=EMPTY_EXAMPLE)] = DEFAULT_RICIAN_K_DB
     sampler: Annotated[str | None, Form(pattern=SAMPLER_NAME_PATTERN, description="empty: the receiver's default",
-                                        examples=["ddim"])] = None
+                                        examples=EMPTY_EXAMPLE)] = None
     steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="empty: the sampler's default",
-                                      examples=[10])] = None
+                                      examples=EMPTY_EXAMPLE)] = None
     guidance: Annotated[float, Form(ge=0, le=MAX_GUIDANCE, description="classifier-free guidance scale",
-                                    examples=[DEFAULT_GUIDANCE])] = DEFAULT_GUIDANCE
-    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=[7])] = None
+                                    examples=EMPTY_EXAMPLE)] = DEFAULT_GUIDANCE
+    seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="empty: random", examples=EMPTY_EXAMPLE)] = None
     downsample_factor: Annotated[int | None, Form(ge=1, le=MAX_DOWNSAMPLE_FACTOR, description="empty: the sender's setting",
-                                                  examples=[1])] = None
-    compression: Annotated[Compression | None, Form(description="empty: the sender's setting", examples=["none"])] = None
+                                                  examples=EMPTY_EXAMPLE)] = None
+    compression: Annotated[Compression | None, Form(description="empty: the sender's setting",
+                                                    examples=EMPTY_EXAMPLE)] = None
     jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
-                                             examples=[75])] = None
-    # An empty example: Swagger UI's Try it out would otherwise fill in "string" beside the coding
-    # fields' examples, a conflict; an empty field is not sent.
-    budget: Annotated[str | None, Form(max_length=40, examples=[""], description=(
+                                             examples=EMPTY_EXAMPLE)] = None
+    budget: Annotated[str | None, Form(max_length=40, examples=EMPTY_EXAMPLE, description=(
         "channel-use budget: complex channel uses (an integer: 3072) or a bandwidth ratio per value of the "
         "H x W x 3 source (a fraction or a decimal: 1/12, 0.083, 2.0); the sender picks downsample_factor, "
         "compression and jpeg_quality with the best expected mIoU at the requested SNR within it "
         "(docs/rate-quality.md), so those must stay empty"))] = None
-    use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=[True])] = True
+    use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=EMPTY_EXAMPLE)] = True
 
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
         """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
@@ -240,7 +244,8 @@ def _segmenter_summary(loader: SegmenterLoader) -> dict[str, Any]:
 
 def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmission_id: str) -> TransmissionError:
     """The channel simulator's (or, through it, the receiver's) refusal: its gRPC code, and the
-    HTTP status a REST client gets (502 for a code with no better match)."""
+    HTTP status a REST client gets (502 for a code with no better match). A refused sampling
+    option is the receiver's setting, and says so."""
     http_status = _GRPC_TO_HTTP.get(error.code, 502)
     message = {
         503: f"the channel at {settings.channel_address} is unavailable: {error.details}",
@@ -248,7 +253,10 @@ def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmi
     }.get(http_status, f"the channel refused the transmission: {error.details}")
     field = None
     if error.code is grpc.StatusCode.INVALID_ARGUMENT:
-        field = next((name for prefix, name in _PARAMETERS_OF_HEADER.items() if error.details.startswith(prefix)), None)
+        prefix, field = next(((prefix, name) for prefix, name in _PARAMETERS_OF_HEADER.items()
+                              if error.details.startswith(prefix)), (None, None))
+        if prefix is not None:
+            message = f"the receiver refused the sampling: {field}{error.details.removeprefix(prefix)}"
     retry_after_s = (error.retry_after_s or settings.retry_after_s) if http_status == 429 else None
     return TransmissionError(error.code, http_status, message, field=field, retry_after_s=retry_after_s,
                              grpc_code=error.code.name, id=transmission_id)

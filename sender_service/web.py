@@ -52,6 +52,7 @@ from sender_service.pipeline import (
     prepare_transmission,
 )
 from sender_service.settings import SenderSettings
+from sender_service.transmissions import EMPTY_EXAMPLE
 from shared.limits import (
     MAX_DOWNSAMPLE_FACTOR,
     MAX_GUIDANCE,
@@ -82,7 +83,7 @@ _COMPRESSION_TITLES = {Compression.NONE: "none (the maps as they are)", Compress
 TransmissionId = Annotated[
     str, PathParam(pattern=transport.TRANSMISSION_ID_PATTERN.pattern, description="32 lowercase hex characters")
 ]
-Kind = Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=["label_map"])]
+Kind = Annotated[Literal["photo", "label_map"], Form(description="what `file` is", examples=EMPTY_EXAMPLE)]
 Upload = Annotated[UploadFile, File(description="a photo (PNG/JPEG/WebP/BMP) or a label-map PNG of class ids")]
 
 
@@ -220,9 +221,11 @@ async def preview(
     file: Upload,
     kind: Kind = PHOTO,
     downsample_factor: Annotated[int | None, Form(ge=1, le=MAX_DOWNSAMPLE_FACTOR, description="empty: the sender's setting",
-                                                  examples=[1])] = None,
-    compression: Annotated[Compression | None, Form(description="empty: the sender's setting")] = None,
-    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting")] = None,
+                                                  examples=EMPTY_EXAMPLE)] = None,
+    compression: Annotated[Compression | None, Form(description="empty: the sender's setting",
+                                                    examples=EMPTY_EXAMPLE)] = None,
+    jpeg_quality: Annotated[int | None, Form(ge=1, le=100, description="empty: the sender's setting",
+                                             examples=EMPTY_EXAMPLE)] = None,
 ) -> JSONResponse:
     """The label map and the transmitted present-class maps of an upload, without sending it.
 
@@ -264,13 +267,14 @@ async def analog(
     file: Upload,
     kind: Kind = PHOTO,
     snrs_db: Annotated[str, Form(description=f"comma-separated SNRs in dB, at most {MAX_ANALOG_SNRS}",
-                                 examples=["1,5,10,20,100"])] = ",".join(f"{snr:g}" for snr in STRIP_SNRS_DB),
-    snr_definition: Annotated[SnrDefinition, Form()] = DEFAULT_SNR_DEFINITION,
-    channel: Annotated[ChannelModel, Form()] = DEFAULT_CHANNEL,
-    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels")] = True,
+                                 examples=EMPTY_EXAMPLE)] = ",".join(f"{snr:g}" for snr in STRIP_SNRS_DB),
+    snr_definition: Annotated[SnrDefinition, Form(examples=EMPTY_EXAMPLE)] = DEFAULT_SNR_DEFINITION,
+    channel: Annotated[ChannelModel, Form(examples=EMPTY_EXAMPLE)] = DEFAULT_CHANNEL,
+    equalize: Annotated[bool, Form(description="zero-forcing equalisation of fading channels",
+                                   examples=EMPTY_EXAMPLE)] = True,
     rician_k_db: Annotated[float, Form(ge=MIN_RICIAN_K_DB, le=MAX_RICIAN_K_DB,
-                                       description="Rician K-factor in dB")] = DEFAULT_RICIAN_K_DB,
-    seed: Annotated[int, Form(ge=0, le=2**63 - 1, description="channel noise seed")] = 0,
+                                       description="Rician K-factor in dB", examples=EMPTY_EXAMPLE)] = DEFAULT_RICIAN_K_DB,
+    seed: Annotated[int, Form(ge=0, le=2**63 - 1, description="channel noise seed", examples=EMPTY_EXAMPLE)] = 0,
 ) -> JSONResponse:
     """The analog baseline: the input's RGB pixels sent as unit-power symbols through the channel.
 
@@ -411,6 +415,9 @@ def _preview_body(prepared: PreparedTransmission, num_classes: int) -> dict[str,
             "present_class_ids": list(present),
             "downsample_factor": semantic.downsample_factor,
             "compression": semantic.compression.value,
+            # The symbols are the maps times this: the paper's PSNR becomes an average-power SNR
+            # 20 log10(map_scale) dB lower (docs/snr-definitions.md).
+            "map_scale": semantic.scale,
         },
         "bits": {
             "payload_bits": semantic.payload_bits,
