@@ -3,6 +3,7 @@
     gesco send street.jpg --snr-db 5 --channel rayleigh -o out.png
     gesco sweep street.jpg --snrs 1,5,10,20 -o strip.png
     gesco status ID [--wait 30]
+    gesco cancel ID
 
 `--via` picks the protocol (TRANSPORTS maps a name to its client). With `rest`, the default, it
 talks to the sender only (`--url`, default $GESCO_URL or http://127.0.0.1:8000): transmissions are
@@ -13,9 +14,13 @@ $GESCO_GRPC_SENDER or 127.0.0.1:50050) and the receiver's GetTransmission and Wa
 (`--grpc-receiver`, default $GESCO_GRPC_RECEIVER or 127.0.0.1:50052), the API key in the
 `x-api-key` metadata, over TLS with `--grpc-ca-file` (and a client certificate for mutual TLS;
 GRPC_ENVIRONMENT lists their variables); its output is the same JSON. sweep needs the sender's REST-only preview and analog image.
+gRPC has no cancel call: `--via grpc cancel` posts to the receiver's REST API, at the status URL
+the receiver reports.
 
-stdout carries the result a script reads (the transmission id, or JSON with --json and for
-status); progress and errors go to stderr, errors as one line `gesco: error: ...`. Exit codes:
+stdout carries the result a script reads (the transmission id, printed as soon as the sender has
+accepted it, or JSON with --json and for status); progress and errors go to stderr, errors as one
+line `gesco: error: ...`. Ctrl-C, or --timeout passing, while `send` or `sweep` follows its
+transmissions cancels them at the receiver. Exit codes:
 
     0  success                          5  busy: queue full (HTTP 429); retry later
     1  unexpected error                 6  a service is unreachable or unavailable (503)
@@ -23,7 +28,7 @@ status); progress and errors go to stderr, errors as one line `gesco: error: ...
     3  the request was refused (400,    8  timed out (504, or --timeout passed)
        413, 422: the message names      9  no such transmission (404)
        the field)                      10  another error answer of a service (5xx)
-    4  API key missing or wrong (401)
+    4  API key missing or wrong (401)   130 interrupted (Ctrl-C) with no transmission to cancel
 
 gRPC status codes map to the same: INVALID_ARGUMENT 3, UNAUTHENTICATED 4, RESOURCE_EXHAUSTED 5,
 UNAVAILABLE 6, DEADLINE_EXCEEDED 8, NOT_FOUND 9, any other 10.
@@ -31,9 +36,11 @@ UNAVAILABLE 6, DEADLINE_EXCEEDED 8, NOT_FOUND 9, any other 10.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +53,7 @@ import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from gesco.options import SAMPLER_DEFAULT_STEPS, ChannelModel, SnrDefinition, names
+from gesco.options import DEFAULT_RICIAN_K_DB, SAMPLER_DEFAULT_STEPS, ChannelModel, SnrDefinition, names
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -65,6 +72,7 @@ REQUEST_TIMEOUT_S = 60.0
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_REFUSED, EXIT_AUTH = 0, 1, 2, 3, 4
 EXIT_BUSY, EXIT_UNAVAILABLE, EXIT_FAILED, EXIT_TIMEOUT, EXIT_NOT_FOUND, EXIT_SERVER = 5, 6, 7, 8, 9, 10
+EXIT_INTERRUPTED = 130  # the shells' 128 + SIGINT
 _EXIT_BY_STATUS = {400: EXIT_REFUSED, 401: EXIT_AUTH, 404: EXIT_NOT_FOUND, 409: EXIT_FAILED, 413: EXIT_REFUSED,
                    422: EXIT_REFUSED, 429: EXIT_BUSY, 503: EXIT_UNAVAILABLE, 504: EXIT_TIMEOUT}
 _EXIT_BY_GRPC_CODE = {grpc.StatusCode.INVALID_ARGUMENT: EXIT_REFUSED, grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
@@ -85,6 +93,13 @@ class CliError(Exception):
         self.message = message
 
 
+class WaitTimeout(CliError):
+    """--timeout passed while following a transmission (which is still under way)."""
+
+    def __init__(self, transmission_id: str, timeout_s: float) -> None:
+        super().__init__(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after {timeout_s:g} s")
+
+
 @dataclass(frozen=True)
 class Upload:
     name: str
@@ -100,6 +115,7 @@ class Client(Protocol):
     def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]: ...
     def image(self, transmission_id: str) -> bytes: ...
     def label_map(self, transmission_id: str, stage: str) -> bytes: ...
+    def cancel(self, transmission_id: str) -> dict[str, Any]: ...
     def preview(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]: ...
     def analog(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -127,13 +143,13 @@ class RestClient:
 
     def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]:
         """The status after each long poll until it has finished (short polls when `often`, for a
-        progress bar; else one per 20 s); CliError after `timeout_s`."""
+        progress bar; else one per 20 s); WaitTimeout after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         wait_s = 0.5 if often else 20.0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CliError(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after {timeout_s:g} s")
+                raise WaitTimeout(transmission_id, timeout_s)
             status = self.status(transmission_id, wait_s=min(wait_s, remaining))
             yield status
             if status.get("status") in FINISHED:
@@ -146,6 +162,10 @@ class RestClient:
         """The receiver's `stage` ("received" or "fds") label map in the class palette."""
         path = f"/receiver/v1/transmissions/{transmission_id}/maps/{stage}_labels.png"
         return self._request("GET", path, params={"colour": "true"}).content
+
+    def cancel(self, transmission_id: str) -> dict[str, Any]:
+        """The receiver's cancel, through the sender's relay: the status it answers."""
+        return self._json("POST", f"/receiver/v1/transmissions/{transmission_id}/cancel")
 
     def preview(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
         return self._json("POST", "/v1/preview", files=self._files(upload), data=fields)
@@ -210,7 +230,7 @@ class GrpcClient:
     """
 
     def __init__(self, sender: str, receiver: str, api_key: str | None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, ca_file: str | None = None) -> None:
         options = (("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),)
         open_channel = (lambda target: grpc.secure_channel(target, credentials, options)) if credentials else (
             lambda target: grpc.insecure_channel(target, options))
@@ -219,11 +239,13 @@ class GrpcClient:
         self._receiver = gesco_pb2_grpc.ReceiverStub(self._channels[1])
         self._addresses = {"sender": sender, "receiver": receiver}
         self._metadata = (("x-api-key", api_key),) if api_key else ()
+        self._api_key = api_key
+        self._ca_file = ca_file
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> GrpcClient:
         return cls(args.grpc_sender, args.grpc_receiver, args.api_key,
-                   tls_credentials(args.grpc_ca_file, args.grpc_cert_file, args.grpc_key_file))
+                   tls_credentials(args.grpc_ca_file, args.grpc_cert_file, args.grpc_key_file), args.grpc_ca_file)
 
     def transmit(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
         request = gesco_pb2.TransmitRequest(image=upload.data)
@@ -237,16 +259,13 @@ class GrpcClient:
     def status(self, transmission_id: str, wait_s: float = 0.0) -> dict[str, Any]:
         """The status now, or with `wait_s` once it has finished or after `wait_s` seconds."""
         if wait_s > 0:
-            try:
+            with contextlib.suppress(WaitTimeout):
                 *_, finished = self._watch(transmission_id, wait_s)
                 return finished
-            except CliError as error:
-                if error.exit_code != EXIT_TIMEOUT:
-                    raise
         return message_json(self._get(transmission_id, include_image=False).status)  # not finished (yet)
 
     def watch(self, transmission_id: str, timeout_s: float, often: bool) -> Iterator[dict[str, Any]]:
-        """Each change of the status (every sampling step) until it has finished; CliError after
+        """Each change of the status (every sampling step) until it has finished; WaitTimeout after
         `timeout_s`."""
         return self._watch(transmission_id, timeout_s)
 
@@ -258,6 +277,23 @@ class GrpcClient:
 
     def label_map(self, transmission_id: str, stage: str) -> bytes:
         raise CliError(EXIT_USAGE, "the label maps are served over REST only: use --via rest")
+
+    def cancel(self, transmission_id: str) -> dict[str, Any]:
+        """The receiver's gRPC API has no cancel call: a POST to its REST API, at the status URL
+        it reports (with the same API key, and the CA file for https)."""
+        url = self._get(transmission_id, include_image=False).status.urls["status"] + "/cancel"
+        headers = {"X-API-Key": self._api_key} if self._api_key else None
+        try:
+            response = httpx.post(url, headers=headers, timeout=REQUEST_TIMEOUT_S, verify=self._verify())
+        except httpx.TransportError as error:
+            raise CliError(EXIT_UNAVAILABLE, f"the receiver at {url} cannot be reached: "
+                                             f"{type(error).__name__}: {error}") from None
+        if not response.is_success:
+            raise api_error(response)
+        return response.json()
+
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=self._ca_file) if self._ca_file else True
 
     def preview(self, upload: Upload, fields: dict[str, str]) -> dict[str, Any]:
         raise CliError(EXIT_USAGE, "the preview is served over REST only: use --via rest")
@@ -277,8 +313,7 @@ class GrpcClient:
                 yield message_json(message.status)
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise CliError(EXIT_TIMEOUT, f"transmission {transmission_id} had not finished after "
-                                             f"{timeout_s:g} s") from None
+                raise WaitTimeout(transmission_id, timeout_s) from None
             raise grpc_error(error, "receiver", self._addresses["receiver"]) from None
         finally:
             stream.cancel()  # a watch left early: the job goes on
@@ -400,11 +435,50 @@ class Progress:
 
 
 def follow(client: Client, transmission_id: str, timeout_s: float, progress: Progress) -> dict[str, Any]:
-    """Follow the status until the transmission has finished; CliError on timeout."""
+    """Follow the status until the transmission has finished; WaitTimeout after `timeout_s`."""
     status: dict[str, Any] = {}
     for status in client.watch(transmission_id, timeout_s, often=progress.enabled):
         progress.show(status)
     return status
+
+
+@contextlib.contextmanager
+def cancelled_if_abandoned(client: Client, pending: list[str]) -> Iterator[None]:
+    """Cancel the transmissions still in `pending` when the command gives up on them (Ctrl-C, or
+    --timeout passing): nobody would fetch their images, and the receiver's sampling time goes to
+    jobs still wanted. Ctrl-C before any was accepted leaves nothing to cancel."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not pending:
+            raise
+        raise CliError(EXIT_FAILED, f"interrupted; {cancel_all(client, pending)}") from None
+    except WaitTimeout as error:
+        raise CliError(EXIT_TIMEOUT, f"{error.message}; {cancel_all(client, pending)}") from None
+
+
+def cancel_all(client: Client, transmission_ids: list[str]) -> str:
+    """Ask the receiver to cancel each transmission; what it answered, for the error message."""
+    outcomes = []
+    for transmission_id in transmission_ids:
+        try:
+            client.cancel(transmission_id)
+            outcomes.append(f"transmission {transmission_id} cancelled")
+        except CliError as error:
+            outcomes.append(f"transmission {transmission_id} not cancelled ({error.message})")
+    return "; ".join(outcomes)
+
+
+def accepted(args: argparse.Namespace, sent: dict[str, Any]) -> str:
+    """The id of a transmission the sender accepted, told at once: on stdout (unless --json), and
+    with the progress bar on stderr too, where a person watching reads it."""
+    transmission_id = sent["id"]
+    if not args.json:
+        print(transmission_id, flush=True)
+    if args.progress:
+        print(f"transmission {transmission_id} accepted, queue position {sent.get('queue_position')}; "
+              "Ctrl-C cancels it", file=sys.stderr, flush=True)
+    return transmission_id
 
 
 def require_done(status: dict[str, Any]) -> None:
@@ -445,7 +519,11 @@ def transmission_fields(args: argparse.Namespace, kind: str) -> dict[str, str]:
         "guidance": args.guidance,
         "seed": args.seed,
         "downsample_factor": args.downsample_factor,
+        "compression": args.compression,
+        "jpeg_quality": args.jpeg_quality,
         "budget": args.budget,
+        "rician_k_db": args.rician_k_db,
+        "equalize": None if args.equalize else "false",
         "use_fds": None if args.fds else "false",
     }
     return {name: str(value) for name, value in fields.items() if value is not None}
@@ -453,17 +531,21 @@ def transmission_fields(args: argparse.Namespace, kind: str) -> dict[str, str]:
 
 def cmd_send(client: Client, args: argparse.Namespace) -> int:
     upload = read_upload(args.file, args.kind)
+    check_writable(args.output)
     sent = client.transmit(upload, transmission_fields(args, upload.kind))
-    transmission_id = sent["id"]
+    transmission_id = accepted(args, sent)
     progress = Progress(args.progress)
     try:
-        status = follow(client, transmission_id, args.timeout, progress)
+        with cancelled_if_abandoned(client, [transmission_id]):
+            status = follow(client, transmission_id, args.timeout, progress)
     finally:
         progress.end()
     require_done(status)
     if args.output:
         _write(args.output, client.image(transmission_id))
-    print(json.dumps(status, indent=2) if args.json else transmission_id)
+    if args.json:
+        # The sender's choice of coding for a budget is in its answer only, not in the status.
+        print(json.dumps({**status, "budget": sent["budget"]} if sent.get("budget") else status, indent=2))
     return EXIT_OK
 
 
@@ -472,10 +554,16 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(client.cancel(args.id), indent=2))
+    return EXIT_OK
+
+
 def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
     from gesco import grid  # numpy and OpenCV, for this command only
 
     upload = read_upload(args.file, args.kind)
+    check_writable(args.output)
     snrs = parse_snrs(args.snrs)
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "big")  # one seed for every SNR
@@ -483,12 +571,20 @@ def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
     preview = client.preview(upload, {"kind": upload.kind, **_only(fields, "downsample_factor")})
     analog = client.analog(upload, {"kind": upload.kind, "snrs_db": ",".join(f"{s:g}" for s in snrs),
                                     **_only(fields, "channel", "snr_definition", "seed")})
-    ids = [client.transmit(upload, {**fields, SNR_FIELD: f"{snr:g}"})["id"] for snr in snrs]
+    ids: list[str] = []
+    pending: list[str] = []  # accepted and not finished: what Ctrl-C cancels
     progress = Progress(args.progress)
     rows = []
     try:
-        for snr, transmission_id, analog_result in zip(snrs, ids, analog["results"]):
-            status = follow(client, transmission_id, args.timeout, progress)
+        with cancelled_if_abandoned(client, pending):
+            for snr in snrs:
+                ids.append(accepted(args, client.transmit(upload, {**fields, SNR_FIELD: f"{snr:g}"})))
+                pending.append(ids[-1])
+            statuses = []
+            for transmission_id in ids:
+                statuses.append(follow(client, transmission_id, args.timeout, progress))
+                pending.remove(transmission_id)
+        for snr, transmission_id, status, analog_result in zip(snrs, ids, statuses, analog["results"]):
             require_done(status)
             rows.append(grid.SweepRow(
                 snr_db=snr,
@@ -501,8 +597,8 @@ def cmd_sweep(client: Client, args: argparse.Namespace) -> int:
     finally:
         progress.end()
     _write(args.output, grid.sweep_grid(grid.data_url_bytes(preview["segmentation_png"]), rows))
-    print(json.dumps({"output": args.output, "seed": args.seed, "ids": {f"{snr:g}": tid for snr, tid in zip(snrs, ids)}})
-          if args.json else "\n".join(ids))
+    if args.json:
+        print(json.dumps({"output": args.output, "seed": args.seed, "ids": {f"{snr:g}": tid for snr, tid in zip(snrs, ids)}}))
     return EXIT_OK
 
 
@@ -518,6 +614,24 @@ def parse_snrs(text: str) -> list[float]:
 
 def _only(fields: dict[str, str], *names: str) -> dict[str, str]:
     return {name: fields[name] for name in names if name in fields}
+
+
+def check_writable(path: str | None) -> None:
+    """Refuse an output file that cannot be written before anything is sent, rather than after
+    a whole transmission."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        problem = "it is a directory"
+    elif not folder.is_dir():
+        problem = f"no directory {folder}"
+    elif not os.access(target if target.exists() else folder, os.W_OK):
+        problem = "permission denied"
+    else:
+        return
+    raise CliError(EXIT_USAGE, f"cannot write {path}: {problem}")
 
 
 def _write(path: str, data: bytes) -> None:
@@ -541,13 +655,21 @@ def _transmission_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, help="channel noise and sampler seed (default: random)")
-    parser.add_argument("--downsample-factor", type=int, help="area downsampling of the maps")
+    parser.add_argument("--rician-k-db", type=float, help=f"Rician K-factor in dB (default: {DEFAULT_RICIAN_K_DB:g})")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false",
+                        help="no zero-forcing equalisation of a fading channel")
+    parser.add_argument("--downsample-factor", type=int, help="area downsampling of the maps (default: the sender's)")
+    parser.add_argument("--compression", help="compression of the maps, one the sender's GET /v1/options lists "
+                                              "(default: the sender's)")
+    parser.add_argument("--jpeg-quality", type=int, help="JPEG quality of --compression jpeg, 1 to 100 "
+                                                         "(default: the sender's)")
     parser.add_argument("--budget", help="channel-use budget: complex channel uses (3072) or a bandwidth ratio "
                                          "(1/12); the sender picks the map coding with the best expected mIoU "
                                          "within it (docs/rate-quality.md)")
     parser.add_argument("--no-fds", dest="fds", action="store_false", help="condition on the noisy maps")
     parser.add_argument("-o", "--output", help="write the PNG here")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the image (600)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for the image (600); then the transmission is cancelled")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the bare id(s)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
                         help="a progress bar on stderr (default: when stderr is a terminal)")
@@ -558,13 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gesco", description="Send images through the gesco link and read the results.",
         epilog="Exit codes: 0 ok, 1 unexpected, 2 usage, 3 refused (400/413/422), 4 API key (401), "
                "5 busy (429), 6 unavailable (503, unreachable), 7 transmission failed or cancelled, "
-               "8 timed out, 9 not found (404), 10 other server error.")
+               "8 timed out, 9 not found (404), 10 other server error, 130 interrupted with nothing to cancel.")
     parser.add_argument("--url", default=os.environ.get("GESCO_URL", DEFAULT_URL),
                         help=f"the sender's base URL (default: $GESCO_URL or {DEFAULT_URL})")
     parser.add_argument("--api-key", default=os.environ.get("GESCO_API_KEY"),
                         help="sent as X-API-Key (default: $GESCO_API_KEY)")
     parser.add_argument("--via", choices=sorted(TRANSPORTS), default="rest",
-                        help="protocol (default: rest; grpc: send and status only)")
+                        help="protocol (default: rest; grpc: send, status and cancel)")
     grpc_options = parser.add_argument_group("--via grpc")
     for option, default, help_text in (
         ("grpc_sender", DEFAULT_GRPC_SENDER, "the sender's gRPC API"),
@@ -593,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wait", type=float, default=0.0, help="long poll: wait up to this many seconds "
                                                                    "for it to finish (at most 60)")
     status.set_defaults(run=cmd_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a transmission: a queued one at once, a running one at its "
+                                                "next sampling step; print its status JSON")
+    cancel.add_argument("id", help="the transmission id")
+    cancel.set_defaults(run=cmd_cancel)
     return parser
 
 
@@ -611,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gesco: error: {error.message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("gesco: interrupted", file=sys.stderr)
-        return 130
+        print("gesco: interrupted (no transmission of its own under way to cancel)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         client.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,8 @@ API_KEY = "cli-test-key"
 LABELS = REPO_ROOT / "examples" / "street_labels.png"
 PHOTO = REPO_ROOT / "examples" / "street_photo.jpg"
 FAST = ("--steps", "1", "--guidance", "0")
+# Long enough to be watched and interrupted.
+SLOW = ("--sampler", "ddim", "--steps", "400", "--guidance", "0")
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +39,28 @@ def services(tmp_path_factory) -> Iterator[LinkServices]:
     link.stop()
 
 
-def gesco(services: LinkServices | None, *args: str, api_key: str | None = API_KEY,
-          timeout: float = 300) -> subprocess.CompletedProcess:
+def gesco_command(services: LinkServices | None, *args: str, api_key: str | None = API_KEY) -> list[str]:
     command = [sys.executable, "-m", "gesco"]
     if services is not None:
         command += ["--url", services.sender_url]
     if api_key:
         command += ["--api-key", api_key]
-    # The client's own variables ($GESCO_URL, $GESCO_API_KEY) must not leak in from the caller.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GESCO_")}
-    return subprocess.run(command + list(args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return command + list(args)
+
+
+# The client's own variables ($GESCO_URL, $GESCO_API_KEY) must not leak in from the caller.
+CLIENT_ENV = {name: value for name, value in os.environ.items() if not name.startswith("GESCO_")}
+
+
+def gesco(services: LinkServices | None, *args: str, api_key: str | None = API_KEY,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(gesco_command(services, *args, api_key=api_key), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=CLIENT_ENV)
+
+
+def receiver_status(services: LinkServices, transmission_id: str, wait_s: float = 0) -> dict:
+    return httpx.get(f"{services.receiver_url}/v1/transmissions/{transmission_id}", params={"wait_s": wait_s},
+                     timeout=wait_s + 30).json()
 
 
 def via_grpc(services: LinkServices) -> tuple[str, ...]:
@@ -103,8 +118,60 @@ def test_a_budget_lets_the_sender_pick_a_coding_that_fits(services, transport) -
     assert done.returncode == 0, done.stderr
     status = json.loads(done.stdout)
     assert 0 < status["bits"]["bandwidth_ratio"] <= 1 / 12 and status["semantic"]["downsample_factor"] > 1
+    assert status["budget"]["chosen"]["downsample_factor"] == status["semantic"]["downsample_factor"]
     done = gesco(services, *via, "send", str(LABELS), "--budget", "10", *FAST)
     assert done.returncode == cli.EXIT_REFUSED and "budget" in done.stderr and "smallest" in done.stderr
+
+
+@pytest.mark.parametrize("transport", [(), ("grpc",)])
+def test_ctrl_c_cancels_the_transmission_at_the_receiver(services, transport) -> None:
+    via = via_grpc(services) if transport else ()
+    command = gesco_command(services, *via, "send", str(LABELS), "--no-progress", *SLOW)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=CLIENT_ENV)
+    try:
+        transmission_id = process.stdout.readline().strip()  # printed as soon as the sender accepted it
+        assert len(transmission_id) == 32, process.communicate(timeout=30)
+        deadline = time.monotonic() + 120
+        while receiver_status(services, transmission_id)["status"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == cli.EXIT_FAILED, stderr
+    assert stderr == f"gesco: error: interrupted; transmission {transmission_id} cancelled\n"
+    assert receiver_status(services, transmission_id, wait_s=30)["status"] == "cancelled"
+    again = gesco(services, *via, "cancel", transmission_id)  # cancelled already: its status, unchanged
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "cancelled", again.stderr
+
+
+def test_timeout_cancels_and_cancel_cancels(services) -> None:
+    done = gesco(services, "send", str(LABELS), "--timeout", "2", *SLOW)
+    transmission_id = done.stdout.strip()
+    assert done.returncode == cli.EXIT_TIMEOUT and len(transmission_id) == 32, done.stderr
+    assert done.stderr == (f"gesco: error: transmission {transmission_id} had not finished after 2 s; "
+                           f"transmission {transmission_id} cancelled\n")
+    assert receiver_status(services, transmission_id, wait_s=30)["status"] == "cancelled"
+    queued = httpx.post(f"{services.sender_url}/v1/transmissions", files={"file": ("l.png", LABELS.read_bytes())},
+                        data={"kind": "label_map", "steps": "400", "guidance": "0"}, headers={"X-API-Key": API_KEY},
+                        timeout=60).json()
+    cancelled = gesco(services, "cancel", queued["id"])
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] in ("running", "cancelled")
+    assert receiver_status(services, queued["id"], wait_s=30)["status"] == "cancelled"
+    finished = gesco(services, "send", str(LABELS), "--no-progress", *FAST)
+    refused = gesco(services, "cancel", finished.stdout.strip())
+    assert refused.returncode == cli.EXIT_FAILED and "HTTP 409: " in refused.stderr and "already done" in refused.stderr
+
+
+def test_send_takes_the_forms_coding_and_fading_options(services) -> None:
+    done = gesco(services, "send", str(LABELS), "--compression", "jpeg", "--jpeg-quality", "40", "--channel", "rician",
+                 "--rician-k-db", "3", "--no-equalize", "--json", "--no-progress", *FAST)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["semantic"]["compression"] == "jpeg" and status["semantic"]["jpeg_quality"] == 40
+    assert status["channel"]["model"] == "rician" and "budget" not in status
 
 
 @pytest.mark.parametrize(("args", "code", "text"), [
@@ -114,6 +181,8 @@ def test_a_budget_lets_the_sender_pick_a_coding_that_fits(services, transport) -
     (("status", "0" * 32), cli.EXIT_NOT_FOUND, "gRPC NOT_FOUND: no transmission"),
     (("status", "not-an-id"), cli.EXIT_REFUSED, "(field: transmission_id)"),
     (("sweep", str(LABELS), "-o", "strip.png"), cli.EXIT_USAGE, "use --via rest"),
+    (("send", str(LABELS), "--sampler", "euler", *FAST), cli.EXIT_REFUSED, "the receiver refused the sampling: "
+                                                                          "sampler must be one of"),
 ])
 def test_grpc_errors_are_one_line_with_the_apis_details_and_an_exit_code(services, args, code, text) -> None:
     done = gesco(services, *via_grpc(services), *args)
@@ -150,6 +219,11 @@ def test_sweep_writes_a_grid_of_the_stages_per_snr(services, tmp_path) -> None:
     (("status", "0" * 32), cli.EXIT_NOT_FOUND, "HTTP 404: no transmission"),
     (("status", "not-an-id"), cli.EXIT_REFUSED, "(field: transmission_id)"),
     (("send", "missing.png"), cli.EXIT_USAGE, "cannot read missing.png"),
+    (("send", str(LABELS), "--compression", "zip"), cli.EXIT_REFUSED, "(field: compression)"),
+    (("send", str(LABELS), "--sampler", "euler", *FAST), cli.EXIT_REFUSED, "the receiver refused the sampling"),
+    # The output is checked before anything is sent: no id on stdout.
+    (("send", str(LABELS), "-o", "no/such/folder/out.png"), cli.EXIT_USAGE, "cannot write no/such/folder/out.png"),
+    (("sweep", str(LABELS), "-o", "examples"), cli.EXIT_USAGE, "it is a directory"),
 ])
 def test_errors_are_one_line_with_the_apis_message_and_an_exit_code(services, args, code, text) -> None:
     done = gesco(services, *args)
