@@ -9,6 +9,8 @@ sampling steps and an SNR strip, for docs/web-page.md.
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from gesco import cli
 from shared.paths import REPO_ROOT
 from tests.link_services import LinkServices
 from tests.service_procs import free_port
@@ -28,6 +31,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = os.environ.get("GESCO_WEB_SCREENSHOT", "")
 LOOPBACK = {"127.0.0.1", "localhost"}
 STAGE_IMAGES = ("img-input", "img-segmentation", "img-received", "img-fds", "img-generated")
+# The page's images that are on screen and show no picture: the browser draws its broken-image icon.
+BROKEN_IMAGES = """() => Array.from(document.images).filter(img => img.getClientRects().length > 0
+    && (!img.getAttribute('src') || (img.complete && img.naturalWidth === 0))).map(img => img.alt)"""
 
 
 needs_browser = pytest.mark.skipif(not CHROMIUM.exists() and not shutil.which("apt-get"),
@@ -104,12 +110,21 @@ def wait_for_status(probe: PageProbe, prefix: str, timeout_s: float = 240) -> No
     assert error.is_hidden(), error.text_content()
 
 
+def assert_no_broken_images(probe: PageProbe) -> None:
+    """Every image on screen shows a picture, or the empty frame (no broken-image icon)."""
+    try:
+        probe.page.wait_for_function(f"({BROKEN_IMAGES})().length === 0", timeout=5000)
+    except Exception:
+        raise AssertionError(f"broken images: {probe.page.evaluate(BROKEN_IMAGES)}") from None
+
+
 @needs_browser
 def test_the_page_sends_the_example_and_shows_every_stage(services, probe) -> None:
     open_page(probe, services)
     page = probe.page
     assert page.input_value("#example") == "street_labels.png"  # the drawn street is the default
-    assert page.input_value("#kind") == "label_map"
+    assert page.input_value("#kind") == "" and "Detected: a label map" in page.inner_text("#kind-note")
+    assert_no_broken_images(probe)  # the empty stages before any Send
     if not SCREENSHOT:
         page.fill("#steps", "2")
     page.fill("#seed", "7")
@@ -124,6 +139,7 @@ def test_the_page_sends_the_example_and_shows_every_stage(services, probe) -> No
         assert tiles.nth(index).evaluate("img => img.naturalWidth") > 0
     numbers = page.locator("#numbers").inner_text()
     assert "measured" in numbers and "awgn" in numbers and "channel uses" in numbers
+    assert "bandwidth ratio" in numbers and "analog symbols" in numbers
     assert "Receiver timings" in numbers and "sample" in numbers and "trained" in numbers
     assert page.locator("#legend li:not(.absent)").count() == 10
     if SCREENSHOT:
@@ -139,6 +155,8 @@ def test_the_snr_strip_shows_the_semantic_and_the_analog_row(services, probe) ->
     page = probe.page
     page.fill("#steps", "2")
     page.click("#strip-button")
+    page.wait_for_selector("#strip img")
+    assert_no_broken_images(probe)  # the strip's cells before their images come
     wait_for_status(probe, "strip done", timeout_s=300)
     images = page.locator("#strip img")
     assert images.count() == 10
@@ -160,9 +178,11 @@ def test_sampling_progress_is_shown_and_cancel_stops_it(services, probe) -> None
                            timeout=120_000)
     assert page.eval_on_selector("#progress", "bar => !bar.hidden && bar.max === 400")
     page.click("#cancel")
-    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
-    assert "cancelled" in page.locator("#error").inner_text()
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('cancelled: ')",
+                           timeout=60_000)
+    assert page.locator("#error").is_hidden()  # the user's own cancel is no error
     assert not page.is_disabled("#send") and page.is_disabled("#cancel")
+    assert_no_broken_images(probe)
 
 
 @needs_browser
@@ -171,11 +191,13 @@ def test_a_bad_upload_shows_the_apis_message(services, probe) -> None:
     page = probe.page
     page.set_input_files("#upload", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
                                             "buffer": b"these are notes, not a photo"}])
-    assert page.input_value("#example") == "" and page.input_value("#kind") == "photo"
+    assert page.input_value("#example") == ""
+    page.wait_for_function("document.getElementById('kind-note').textContent.includes('a photo (not a PNG)')")
     page.click("#send")
     page.wait_for_selector("#error:not([hidden])")
     text = page.locator("#error").inner_text()
     assert text.startswith("HTTP 400: ") and "not a recognised image" in text and "(field: file)" in text
+    assert_no_broken_images(probe)
     # The browser logs the failed request itself; nothing else may go wrong.
     assert all("status of 400" in error for error in probe.errors), probe.errors
 
@@ -220,15 +242,90 @@ def test_the_forms_lists_ranges_and_defaults_are_the_apis_options(services, prob
 
 
 @needs_browser
-def test_the_page_fits_a_phone_screen(services, browser) -> None:
+def test_the_page_fits_a_phone_screen_and_moves_to_the_results(services, browser) -> None:
     probe = PageProbe(browser, width=390, height=844)
+    page = probe.page
     try:
         open_page(probe, services)
-        assert probe.page.evaluate("document.documentElement.scrollWidth") <= 390
-        assert probe.page.locator("#send").bounding_box()["width"] > 60
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert page.locator("#send").bounding_box()["width"] > 60
+        page.select_option("#example", "street_photo.jpg")  # a photo: the Numbers' longest rows
+        page.fill("#steps", "2")
+        page.click("#send")
+        # The form fills the first screen: Send brings the progress and the stages up.
+        page.wait_for_function("window.scrollY > 0")
+        assert 0 <= page.locator("#state").bounding_box()["y"] < 844 / 2
+        wait_for_status(probe, "done")
+        assert "Digital link" in page.inner_text("#numbers")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
         assert probe.errors == [] and probe.external == []
     finally:
         probe.close()
+
+
+def _png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def _palette_png() -> bytes:
+    from PIL import Image
+
+    picture = Image.fromarray(np.zeros((8, 8), dtype=np.uint8), mode="P")
+    picture.putpalette([0, 0, 0] * 256)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@needs_browser
+def test_the_kind_is_detected_from_the_file_as_the_cli_does_and_can_be_overridden(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    files = {
+        "grey.png": _png(np.zeros((8, 8), dtype=np.uint8)),
+        "palette.png": _palette_png(),
+        "rgb.png": _png(np.zeros((8, 8, 3), dtype=np.uint8)),
+        "grey16.png": _png(np.zeros((8, 8), dtype=np.uint16)),
+        "photo.jpg": (REPO_ROOT / "examples" / "street_photo.jpg").read_bytes(),
+    }
+    names = {"photo": "a photo", "label_map": "a label map"}
+    for name, data in files.items():
+        page.set_input_files("#upload", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+        expected = f"Detected: {names[cli.guess_kind(data)]} ("
+        page.wait_for_function("text => document.getElementById('kind-note').textContent.startsWith(text)",
+                               arg=expected, timeout=5000)
+        assert page.input_value("#kind") == ""
+    # The photo example, then a label map upload: sent as a label map, not segmented as a photo.
+    page.select_option("#example", "street_photo.jpg")
+    assert "Detected: a photo" in page.inner_text("#kind-note")
+    page.set_input_files("#upload", str(REPO_ROOT / "examples" / "street_labels.png"))
+    page.wait_for_function("document.getElementById('kind-note').textContent.startsWith('Detected: a label map')")
+    page.select_option("#kind", "photo")
+    assert page.inner_text("#kind-note").endswith("Sent as a photo, as chosen.")
+    page.select_option("#kind", "")
+    page.fill("#steps", "2")
+    with page.expect_request("**/v1/transmissions") as posted:
+        page.click("#send")
+    assert b'name="kind"\r\n\r\nlabel_map' in posted.value.post_data_buffer
+    wait_for_status(probe, "done")
+    assert "Label map sent (no segmentation)" in page.inner_text("#stage-segmentation")
+    assert probe.errors == [] and probe.external == []
+
+
+@needs_browser
+def test_an_empty_seed_draws_a_new_one_each_send_and_says_which(services, probe) -> None:
+    open_page(probe, services)
+    page = probe.page
+    page.fill("#steps", "1")
+    seeds = []
+    for _ in range(2):
+        with page.expect_request("**/v1/transmissions") as posted:
+            page.click("#send")
+        wait_for_status(probe, "done")
+        seeds.append(posted.value.post_data_buffer.split(b'name="seed"\r\n\r\n')[1].split(b"\r\n")[0].decode())
+        assert page.input_value("#seed") == ""  # the box stays empty: the next Send draws again
+        assert f"this one drew {seeds[-1]};" in page.inner_text("#seed-note")
+    assert seeds[0] != seeds[1]
 
 
 @needs_browser
@@ -252,14 +349,33 @@ def test_swagger_ui_try_it_out_runs_against_the_sender(services, probe) -> None:
     def field(name: str, element: str = "input"):
         return form.locator(f"tr[data-property-name='{name}'] {element}").first
 
+    # Every optional field starts empty: an untouched request is a request for the defaults.
+    filled = form.evaluate("""f => Array.from(f.querySelectorAll('tr[data-property-name]'))
+        .filter(row => row.dataset.propertyName !== 'file')
+        .map(row => [row.dataset.propertyName, row.querySelector('input[type=text], select').value])
+        .filter(([name, value]) => value !== '')""")
+    assert filled == []
+    assert json.loads(execute(form))["channel"]["requested_snr_db"] == 100  # the default
+    # One field changed alone: no pre-filled alias or coding conflicts with it.
     field("kind", "select").select_option("label_map")
-    assert field("seed").input_value() == "7" and field("sampler").input_value() == "ddim"  # the examples
+    field("snr_db").fill("5")
+    field("budget").fill("1/12")
     field("steps").fill("1")
-    form.get_by_role("button", name="Execute").click()
-    sent = form.locator(".live-responses-table tbody .response-col_status").first
-    sent.wait_for(timeout=60_000)
-    assert sent.inner_text().strip() == "202", form.locator(".live-responses-table").inner_text()
+    answer = json.loads(execute(form))
+    assert answer["channel"]["requested_snr_db"] == 5 and answer["budget"]["requested"] == "1/12"
     assert probe.errors == [] and probe.external == []
+
+
+def execute(form) -> str:
+    """Swagger UI's Execute of an operation: the body of its 202 (the previous answer cleared first)."""
+    clear = form.get_by_role("button", name="Clear")
+    if clear.count():
+        clear.click()
+    form.get_by_role("button", name="Execute").click()
+    status = form.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for(timeout=60_000)
+    assert status.inner_text().strip() == "202", form.locator(".live-responses-table").inner_text()
+    return form.locator(".live-responses-table tbody .microlight").first.inner_text()
 
 
 @needs_browser

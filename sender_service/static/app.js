@@ -8,12 +8,21 @@ const SNR_FIELD = "snr_db";
 const STRIP_SNRS = [1, 5, 10, 20, 100];
 const POLL_WAIT_S = 0.5; // each status request waits this long for the end (the receiver's long poll)
 const FINISHED = new Set(["done", "failed", "cancelled"]);
+// Shown by an image with nothing to show yet (a transparent pixel over the grey frame): an <img>
+// without a picture would draw the browser's broken-image icon.
+const EMPTY_IMAGE = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7";
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
 
 const $ = (id) => document.getElementById(id);
 const examples = new Map(); // name -> {kind, title, blob}
 let classes = [];
 let running = []; // ids of the transmissions the page waits for (cancel stops them)
+let cancelRequested = false; // the user pressed Cancel during this Send or strip
 let busy = false;
+let detected = { kind: "label_map", why: "" }; // what the chosen input is, as detectKind() read it
+
+// The user's own Cancel, said as the status, not as an error.
+class Cancelled extends Error {}
 
 class ApiError extends Error {
   constructor(status, message, field = null, retryAfter = null) {
@@ -101,7 +110,7 @@ async function loadExamples() {
       select.append(new Option(example.title, example.name));
     }
     select.append(new Option("(my upload)", ""));
-    $("kind").value = examples.get(select.value).kind;
+    await inputChanged();
   } catch (error) {
     showError(error);
   }
@@ -147,14 +156,51 @@ async function loadClasses() {
   }
 }
 
-// The chosen input: {blob, name, kind}; an upload wins over the example list.
-async function currentInput() {
+// What an input is, read from its first bytes by the command line client's rule (gesco/cli.py,
+// guess_kind): an 8-bit greyscale or palette PNG is a label map, anything else a photo.
+async function detectKind(blob) {
+  const head = new Uint8Array(await blob.slice(0, 26).arrayBuffer());
+  const png = head.length >= 26 && PNG_SIGNATURE.every((byte, i) => head[i] === byte) &&
+    String.fromCharCode(...head.slice(12, 16)) === "IHDR";
+  if (!png) return { kind: "photo", why: "not a PNG" };
+  const [depth, colour] = [head[24], head[25]];
+  if (depth === 8 && colour === 0) return { kind: "label_map", why: "an 8-bit greyscale PNG" };
+  if (depth === 8 && colour === 3) return { kind: "label_map", why: "an 8-bit palette PNG" };
+  return { kind: "photo", why: `a ${depth}-bit ${colour === 2 || colour === 6 ? "colour" : "greyscale"} PNG` };
+}
+
+const KIND_NAMES = { photo: "a photo", label_map: "a label map" };
+
+// The chosen file or example: {blob, name}; an upload wins over the example list.
+async function chosenFile() {
   const file = $("upload").files[0];
-  if (file && $("example").value === "") return { blob: file, name: file.name, kind: $("kind").value };
+  if (file && $("example").value === "") return { blob: file, name: file.name };
   const example = examples.get($("example").value);
-  if (!example) throw new ApiError(0, "choose an example or upload an image", "file");
+  if (!example) return null;
   if (!example.blob) example.blob = await (await api(example.url)).blob();
-  return { blob: example.blob, name: example.name, kind: example.kind };
+  return { blob: example.blob, name: example.name };
+}
+
+// A new example or upload: detect its kind again, and send it as detected unless overridden.
+async function inputChanged() {
+  $("kind").value = "";
+  const chosen = await chosenFile();
+  detected = chosen ? await detectKind(chosen.blob) : { kind: "photo", why: "" };
+  showKind();
+}
+
+function showKind() {
+  const override = $("kind").value;
+  let text = `Detected: ${KIND_NAMES[detected.kind]}` + (detected.why ? ` (${detected.why})` : "") + ".";
+  if (override && override !== detected.kind) text += ` Sent as ${KIND_NAMES[override]}, as chosen.`;
+  $("kind-note").textContent = text;
+}
+
+// The input to send: {blob, name, kind}, the kind as detected unless the list overrides it.
+async function currentInput() {
+  const chosen = await chosenFile();
+  if (!chosen) throw new ApiError(0, "choose an example or upload an image", "file");
+  return { ...chosen, kind: $("kind").value || detected.kind };
 }
 
 function formData(input, fields) {
@@ -166,10 +212,19 @@ function formData(input, fields) {
   return form;
 }
 
-// The transmission's form fields as the page's controls set them; a random seed is drawn and shown
-// when the seed box is empty, so a strip uses one seed throughout and a run can be repeated.
-function transmissionFields(input) {
-  if ($("seed").value === "") $("seed").value = String(Math.floor(Math.random() * 2 ** 31));
+// The seed of the next Send or strip: the box's, else a new random one (a strip uses it at every
+// SNR). The box keeps what the user typed, so an empty box draws anew each time; the note says
+// which seed was drawn, to type in and repeat the run.
+function chosenSeed() {
+  if ($("seed").value !== "") return $("seed").value;
+  const seed = String(Math.floor(Math.random() * 2 ** 31));
+  $("seed-note").textContent = `Empty: every Send draws a new seed, so a new image (this one drew ${seed}; ` +
+    "type it in to repeat the run).";
+  return seed;
+}
+
+// The transmission's form fields as the page's controls set them.
+function transmissionFields(input, seed) {
   return {
     kind: input.kind,
     [SNR_FIELD]: $("snr_db").value,
@@ -178,7 +233,7 @@ function transmissionFields(input) {
     sampler: $("sampler").value,
     steps: $("steps").value,
     guidance: $("guidance").value,
-    seed: $("seed").value,
+    seed,
     downsample_factor: $("downsample_factor").value,
   };
 }
@@ -192,17 +247,19 @@ function setImage(id, url) {
   if (objectUrls.has(id)) URL.revokeObjectURL(objectUrls.get(id));
   objectUrls.delete(id);
   if (url && url.startsWith("blob:")) objectUrls.set(id, url);
-  if (url) img.src = url;
-  else img.removeAttribute("src");
+  img.src = url || EMPTY_IMAGE;
   return loaded(img);
 }
 
+// Resolves once the image is shown; one that cannot be shown goes back to empty.
 function loaded(img) {
-  if (!img.getAttribute("src")) return Promise.resolve();
   if (img.complete && img.naturalWidth > 0) return Promise.resolve();
   return new Promise((resolve, reject) => {
     img.onload = () => resolve();
-    img.onerror = () => reject(new ApiError(0, `the image ${img.alt} could not be shown`));
+    img.onerror = () => {
+      img.src = EMPTY_IMAGE;
+      reject(new ApiError(0, `the image ${img.alt} could not be shown`));
+    };
   });
 }
 
@@ -267,16 +324,49 @@ function timings(record) {
   return Object.entries(record || {}).map(([stage, ms]) => `${stage} ${fmt(ms, 1)} ms`).join(", ") || "–";
 }
 
+// The average-power SNR (dB) of a requested SNR: the paper's PSNR refers the noise to the 0/1
+// maps, which the symbols carry scaled by map_scale (docs/snr-definitions.md).
+function averagePowerSnrDb(channel, mapScale) {
+  const snr = channel.requested_snr_db;
+  return channel.snr_definition === "paper_psnr" ? snr - 20 * Math.log10(mapScale) : snr;
+}
+
+// What the link spent, and what a digital link would need for the photo: its JPEG's bits over an
+// AWGN channel's capacity at the same SNR, log2(1 + SNR) bits per complex channel use (Shannon),
+// which no digital link can beat.
+function linkRows(preview, record) {
+  const bits = record.bits;
+  const semantic = preview.semantic;
+  const rows = [["Sent", `${fmt(bits.channel_uses)} complex channel uses (${fmt(bits.num_symbols)} real analog ` +
+    "symbols, two per use)" + (bits.bandwidth_ratio ? `: bandwidth ratio ${fmt(bits.bandwidth_ratio, 4)} channel ` +
+    `uses per value of the ${semantic.height}×${semantic.width}×3 source` : "")]];
+  const perValue = bits.payload_bits / bits.num_symbols;
+  const coded = semantic.compression === "jpeg" ? "their JPEG bytes" :
+    `${fmt(perValue)} bit${perValue === 1 ? "" : "s"} a value`;
+  rows.push(["Bits", `none on the channel: the maps go as analog symbols. A digital link would carry them as ` +
+    `${fmt(bits.payload_bits)} bits (${coded}).`]);
+  const channel = record.channel;
+  if (bits.image_bits_jpeg && channel) {
+    const snrDb = averagePowerSnrDb(channel, semantic.map_scale);
+    const capacity = Math.log2(1 + 10 ** (snrDb / 10));
+    const uses = Math.ceil(bits.image_bits_jpeg / capacity);
+    rows.push(["Digital link", `the photo as JPEG (quality ${bits.image_jpeg_quality}) is ${fmt(bits.image_bits_jpeg)} ` +
+      `bits; at ${fmt(snrDb, 1)} dB average-power SNR a channel carries at most ${fmt(capacity, 2)} bits a channel ` +
+      `use (log2(1 + SNR)), so it needs at least ${fmt(uses)} channel uses, ` +
+      `${fmt(uses / bits.channel_uses, 2)}× this link's.`]);
+  }
+  return rows;
+}
+
 function renderNumbers(preview, sent, status) {
   const rows = [];
-  const bits = preview.bits;
   rows.push(["Transmission", sent ? sent.id : "–"]);
   rows.push(["Semantic maps", `${preview.semantic.present_class_ids.length} present classes, ` +
     `${preview.semantic.map_height}×${preview.semantic.map_width} each, ` +
     `downsampling ${preview.semantic.downsample_factor}, compression ${preview.semantic.compression}`]);
-  rows.push(["Bits", `${fmt(bits.payload_bits)} bits of maps in ${fmt(bits.num_symbols)} real symbols` +
-    (bits.image_bits_jpeg ? `; the photo as JPEG: ${fmt(bits.image_bits_jpeg)} bits` : "")]);
-  const channel = (status && status.channel) || (sent && sent.channel);
+  const record = status || sent;
+  if (record) rows.push(...linkRows(preview, record));
+  const channel = record && record.channel;
   if (channel) {
     rows.push(["Channel", `${channel.model}, ${fmt(channel.channel_uses)} channel uses`]);
     rows.push(["SNR", `requested ${fmt(channel.requested_snr_db)} dB, measured ${fmt(channel.measured_snr_db)} dB ` +
@@ -336,15 +426,50 @@ function finishedError(status) {
     (status.error ? `: ${status.error}` : ""));
 }
 
+// Follow the user's eyes to the results on a narrow screen, where they start below the form.
+function revealResults() {
+  if ($("state").getBoundingClientRect().top > window.innerHeight / 2) $("state").scrollIntoView({ block: "start" });
+}
+
+// A transmission the page now waits for; one accepted after Cancel was pressed is cancelled at once.
+function track(id) {
+  running.push(id);
+  if (cancelRequested) cancelAll([id]);
+}
+
+// Ends a Send or strip whose transmission the user cancelled; any other end of one is an error.
+function requireDone(status) {
+  if (status.status === "cancelled" && cancelRequested) throw new Cancelled(`cancelled: ${status.id}`);
+  if (status.status !== "done") throw finishedError(status);
+}
+
+function startRun() {
+  clearError();
+  cancelRequested = false;
+  setBusy(true);
+  revealResults();
+}
+
+function endRun(error) {
+  if (error instanceof Cancelled) {
+    setStatus(error.message);
+  } else if (error) {
+    showError(error);
+    setStatus("stopped");
+  }
+  running = [];
+  setBusy(false);
+}
+
 async function send(event) {
   event.preventDefault();
   if (busy) return;
-  clearError();
   resetStages();
-  setBusy(true);
+  startRun();
+  let failure = null;
   try {
     const input = await currentInput();
-    const fields = transmissionFields(input);
+    const fields = transmissionFields(input, chosenSeed());
     setStatus("segmenting and encoding");
     const preview = await (await api("/v1/preview", {
       method: "POST", body: formData(input, { kind: input.kind, downsample_factor: fields.downsample_factor }),
@@ -352,13 +477,14 @@ async function send(event) {
     await setImage("img-input", input.kind === "photo" ? URL.createObjectURL(input.blob) : preview.segmentation_png);
     await renderPreview(input, preview);
     renderNumbers(preview, null, null);
+    if (cancelRequested) throw new Cancelled("cancelled before sending");
     setStatus("sending over the channel");
     const sent = await (await api("/v1/transmissions", { method: "POST", body: formData(input, fields) })).json();
-    running = [sent.id];
+    track(sent.id);
     renderNumbers(preview, sent, null);
     const status = await follow(sent.id, (s) => setStatus(...describe(s)));
     renderNumbers(preview, sent, status);
-    if (status.status !== "done") throw finishedError(status);
+    requireDone(status);
     const [received, fds, generated] = await Promise.all([
       relayedImage(relayPath(sent.id, "/maps/received_labels.png?colour=true")),
       relayedImage(relayPath(sent.id, "/maps/fds_labels.png?colour=true")),
@@ -367,11 +493,9 @@ async function send(event) {
     await Promise.all([setImage("img-received", received), setImage("img-fds", fds), setImage("img-generated", generated)]);
     setStatus(`done: ${sent.id}`);
   } catch (error) {
-    showError(error);
-    setStatus("stopped");
+    failure = error;
   } finally {
-    running = [];
-    setBusy(false);
+    endRun(failure);
   }
 }
 
@@ -382,6 +506,7 @@ function stripCell(row, text) {
   const figure = document.createElement("figure");
   const img = document.createElement("img");
   img.alt = text;
+  img.src = EMPTY_IMAGE;
   const caption = document.createElement("figcaption");
   caption.textContent = "…";
   figure.append(img, caption);
@@ -391,8 +516,7 @@ function stripCell(row, text) {
 
 async function strip() {
   if (busy) return;
-  clearError();
-  setBusy(true);
+  startRun();
   $("strip-box").hidden = false;
   const table = $("strip");
   table.tHead.replaceChildren();
@@ -413,9 +537,10 @@ async function strip() {
     row.append(th);
     rows[key] = STRIP_SNRS.map((snr) => stripCell(row, `${title} at ${snr} dB`));
   }
+  let failure = null;
   try {
     const input = await currentInput();
-    const fields = transmissionFields(input);
+    const fields = transmissionFields(input, chosenSeed());
     const analog = api("/v1/analog", {
       method: "POST",
       body: formData(input, {
@@ -429,18 +554,19 @@ async function strip() {
     })));
     const ids = [];
     for (const snr of STRIP_SNRS) {
+      if (cancelRequested) throw new Cancelled("strip cancelled");
       setStatus(`sending at ${snr} dB`);
       const sent = await (await api("/v1/transmissions", {
         method: "POST", body: formData(input, { ...fields, [SNR_FIELD]: snr }),
       })).json();
       ids.push(sent.id);
-      running = ids.slice();
+      track(sent.id);
     }
     let done = 0;
     setStatus(`strip: 0 of ${ids.length} generated`);
     const semantic = ids.map(async (id, i) => {
       const status = await follow(id, () => {});
-      if (status.status !== "done") throw finishedError(status);
+      requireDone(status);
       rows.semantic[i].caption.textContent = `measured ${fmt(status.channel.measured_snr_db)} dB`;
       rows.semantic[i].img.src = await relayedImage(relayPath(id, "/image"));
       await loaded(rows.semantic[i].img);
@@ -450,17 +576,13 @@ async function strip() {
     await Promise.all([analog, ...semantic]);
     setStatus("strip done");
   } catch (error) {
-    showError(error);
-    setStatus("stopped");
+    failure = error instanceof Cancelled ? new Cancelled("strip cancelled") : error;
   } finally {
-    running = [];
-    setBusy(false);
+    endRun(failure);
   }
 }
 
-async function cancel() {
-  const ids = running.slice();
-  setStatus("cancelling");
+async function cancelAll(ids) {
   for (const id of ids) {
     try {
       await api(relayPath(id, "/cancel"), { method: "POST" });
@@ -470,21 +592,23 @@ async function cancel() {
   }
 }
 
+function cancel() {
+  cancelRequested = true;
+  setStatus("cancelling");
+  return cancelAll(running.slice());
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("send-form").addEventListener("submit", send);
   $("strip-button").addEventListener("click", strip);
   $("cancel").addEventListener("click", cancel);
   $("upload").addEventListener("change", () => {
-    if ($("upload").files.length) {
-      $("example").value = "";
-      const name = $("upload").files[0].name.toLowerCase();
-      if (!name.endsWith(".png")) $("kind").value = "photo";
-    }
+    if ($("upload").files.length) $("example").value = "";
+    inputChanged().catch(showError);
   });
-  $("example").addEventListener("change", () => {
-    const example = examples.get($("example").value);
-    if (example) $("kind").value = example.kind;
-  });
+  $("example").addEventListener("change", () => inputChanged().catch(showError));
+  $("kind").addEventListener("change", showKind);
+  resetStages();
   loadOptions();
   loadExamples();
   loadClasses();
