@@ -476,14 +476,20 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Each service's state (exit 0 when all are ready, 3 otherwise). With none running, one line
+    says so: the port map of an earlier `up` (several receivers, Redis) is no list of what runs."""
     ports = load_ports(args)
     all_services = services(ports, args.host)
     if problem := tls_probe_error(all_services):
         print(problem)
         return 2
+    pids = {service.name: read_pid(service) for service in all_services}
+    if not any(pids.values()):
+        print("nothing is running: `make up` (python scripts/launch.py up) starts the services")
+        return 3
     all_up = True
     for service in all_services:
-        pid = read_pid(service)
+        pid = pids[service.name]
         if pid is None:
             state, all_up = "not running", False
         elif is_ready(service, args.host, probe_env(all_services)):
