@@ -28,6 +28,7 @@ from receiver_service.settings import ReceiverSettings
 from receiver_service.status import MAP_ARTIFACTS, TransmissionStatus, public_status, status_json
 from receiver_service.store import FINISHED, JobStatus, StoreUnavailableError, UnknownTransmissionError
 from receiver_service.store_factory import JobStore, create_store
+from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
 from shared.limits import MAX_STATUS_WAIT_S
 from shared.wire.api_key import API_KEY_HEADER, ApiKeyGuard
@@ -161,12 +162,19 @@ def get_map(transmission_id: TransmissionId, map_name: str, state: State) -> Res
 def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
     """Build the app; its lifespan opens the store, serves gRPC and loads the model."""
     settings = settings or ReceiverSettings()
-    waiters = FinishWaiters()
-    store = create_store(settings, on_finished=waiters.notify_finished)
+    waiters = FinishWaiters()  # the REST long polls
+    hub = WatchHub()  # the gRPC watches
+
+    def finished(transmission_id: str) -> None:
+        waiters.notify_finished(transmission_id)
+        hub.notify_finished(transmission_id)
+
+    store = create_store(settings, on_finished=finished)
     metrics = ServiceMetrics(queue=True)
     worker = GenerationWorker(settings, store, metrics)
     metrics.queue_depth.set_function(lambda: worker.queue_depth)
-    store.set_cancel_handler(worker.cancel)  # a shared store relays other replicas' cancels, and
+    store.set_cancel_handler(worker.cancel)  # a shared store relays other replicas' cancels and
+    store.set_progress_listener(hub.notify_progress)  # steps, and
     store.set_job_holder(worker.held_ids)  # fails a job of this one whose end it never heard of
 
     @contextlib.asynccontextmanager
@@ -175,7 +183,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         recovered = store.open()
         if recovered:
             log.warning("marked unfinished jobs of the previous run failed", extra={"transmission_ids": recovered})
-        grpc_server, health = build_grpc_server(settings, worker, metrics)
+        grpc_server, health = build_grpc_server(settings, worker, metrics, hub)
         grpc_server.start()
         log.info("gRPC listening", extra={"address": f"{settings.host}:{settings.grpc_port}"})
 
@@ -190,7 +198,7 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         finally:
             log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
             health.set_serving(False)
-            grpc_server.stop(settings.shutdown_grace_s).wait()
+            await asyncio.to_thread(lambda: grpc_server.stop(settings.shutdown_grace_s).wait())
             worker.stop(settings.shutdown_grace_s)
             failed = store.close()
             if failed:

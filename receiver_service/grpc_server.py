@@ -8,18 +8,24 @@ transmission to a receiver that cannot generate it.
 
 GetTransmission and WatchTransmission answer the status the REST API answers (status.py), as
 messages with the same field names, and the PNG; with GESCO_RECEIVER_API_KEY set they need it in
-the `x-api-key` metadata, as the REST API needs its header. A watch polls the store every
-WATCH_POLL_S and sends each change of status or sampling step; it ends with the finished status
-and, when done, the image. It holds a gRPC worker thread while it lasts, so watches get threads of
-their own (at most max_watches at once, RESOURCE_EXHAUSTED beyond) and never take those Receive
-needs. A client that cancels its watch stops the watch only: the job goes on.
+the `x-api-key` metadata, as the REST API needs its header. A watch sends the status at once, then
+each change of status or sampling step, and ends with the finished status and, when done, the
+image. A client that cancels its watch stops the watch only: the job goes on.
+
+The service runs on a grpc.aio server (shared/wire/aio_server.py), on an event loop of its own
+thread: a watch is a coroutine waiting for what the job pushes (watch_hub.py), not a thread
+polling the store, so a receiver serves thousands (at most max_watches, RESOURCE_EXHAUSTED
+beyond). Receive reads its stream and writes the store on a thread of the server's executor
+(max_grpc_workers of them), as GetTransmission reads the store.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -31,23 +37,23 @@ from receiver_service.jobs import Job, NotReadyError, QueueFullError, job_record
 from receiver_service.settings import ReceiverSettings
 from receiver_service.status import public_status
 from receiver_service.store import (
-    FINISHED,
     DuplicateTransmissionError,
     JobStatus,
     StoreUnavailableError,
     UnknownTransmissionError,
 )
+from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
 from shared.limits import InvalidRequestError, LimitError, SamplingOptions
 from shared.wire import grpc_security, load_balancing, transport
+from shared.wire.aio_server import AioHealth, AioServer, LoopThread
 from shared.wire.grpc_service import (
     Call,
     CallRejected,
-    Health,
-    build_server,
     caller_gone,
     require_api_key,
     served_call,
+    served_call_async,
 )
 from shared.wire.monitoring import ServiceMetrics
 from shared.wire.records import TransmissionRecord
@@ -56,18 +62,26 @@ log = logging.getLogger("receiver_service.grpc")
 
 RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 CALLER_GONE_REASON = "the caller went away before the job was acknowledged"
-# How often a watch reads the status: about every sampling step of the shipped model on a CPU.
-WATCH_POLL_S = 0.1
 # A full watch capacity asks clients to come back after this long.
 WATCH_RETRY_AFTER_S = 5
+# Threads that read the store for the watches (one read per watched transmission and change).
+WATCH_READ_THREADS = 2
+# How often a thread reading a Receive stream looks whether its caller has gone.
+STREAM_CHECK_S = 0.25
 
 
 class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
-    def __init__(self, worker: GenerationWorker, max_symbols: int) -> None:
+    """The Receiver service. `Receive` blocks (a thread of the executor runs it, see
+    `_ServedOnLoop`); GetTransmission and WatchTransmission are coroutines of the server's loop."""
+
+    def __init__(self, worker: GenerationWorker, max_symbols: int, hub: WatchHub | None = None,
+                 executor: futures.Executor | None = None) -> None:
         self._worker = worker
         self._max_symbols = max_symbols
         self._settings = worker.settings
-        self._watch_slots = threading.BoundedSemaphore(worker.settings.max_watches)
+        self._hub = hub or WatchHub()
+        self._executor = executor
+        self._open_watches = 0
 
     def Receive(self, request_iterator, context: grpc.ServicerContext) -> gesco_pb2.TransmissionAck:
         with served_call(context, log, "receive", "the receiver") as call:
@@ -83,58 +97,49 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
                 raise _store_unavailable(error) from None
         return ack
 
-    def GetTransmission(self, request: gesco_pb2.GetTransmissionRequest,
-                        context: grpc.ServicerContext) -> gesco_pb2.GetTransmissionResponse:
-        with served_call(context, log, "get_transmission", "the receiver") as call:
+    async def GetTransmission(self, request: gesco_pb2.GetTransmissionRequest,
+                              context: grpc.aio.ServicerContext) -> gesco_pb2.GetTransmissionResponse:
+        async with served_call_async(context, log, "get_transmission", "the receiver") as call:
             require_api_key(context, self._settings.api_key.get_secret_value())
             call.fields["transmission_id"] = request.transmission_id[:64]
-            status = self._status(request.transmission_id)
-            image = self._image(status) if request.include_image else b""
+            status = await self._blocking(self.status, request.transmission_id)
+            done = request.include_image and status["status"] == JobStatus.DONE.value
+            image = await self._blocking(self.image, status["id"]) if done else b""
         return gesco_pb2.GetTransmissionResponse(status=status_message(status), image_png=image)
 
-    def WatchTransmission(self, request: gesco_pb2.WatchTransmissionRequest,
-                          context: grpc.ServicerContext) -> Iterator[gesco_pb2.WatchTransmissionResponse]:
-        with served_call(context, log, "watch_transmission", "the receiver") as call:
+    async def WatchTransmission(
+        self, request: gesco_pb2.WatchTransmissionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gesco_pb2.WatchTransmissionResponse]:
+        async with served_call_async(context, log, "watch_transmission", "the receiver") as call:
             require_api_key(context, self._settings.api_key.get_secret_value())
-            call.fields["transmission_id"] = request.transmission_id[:64]
-            if not self._watch_slots.acquire(blocking=False):
+            transmission_id = request.transmission_id
+            call.fields["transmission_id"] = transmission_id[:64]
+            _validated(transmission_id)
+            if self._open_watches >= self._settings.max_watches:
                 raise CallRejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"{self._settings.max_watches} watches are open, the most this receiver serves; "
                                    f"retry after {WATCH_RETRY_AFTER_S} s", WATCH_RETRY_AFTER_S)
+            self._open_watches += 1
+            messages = 0
             try:
-                yield from self._watch(request.transmission_id, context, call)
-            finally:
-                self._watch_slots.release()
-
-    def _watch(self, transmission_id: str, context: grpc.ServicerContext,
-               call: Call) -> Iterator[gesco_pb2.WatchTransmissionResponse]:
-        """The status at once, then each change of status or sampling step, until it has finished
-        (the last message, with the image when done) or the call ends."""
-        ended = threading.Event()
-        context.add_callback(ended.set)  # cancelled by the client, past its deadline, server stopping
-        sent, messages = None, 0
-        while True:
-            status = self._status(transmission_id)
-            finished = status["status"] in FINISHED
-            seen = (status["status"], status["progress"])
-            if seen != sent or finished:
-                image = self._image(status) if finished else b""
-                yield gesco_pb2.WatchTransmissionResponse(status=status_message(status), image_png=image)
-                sent, messages = seen, messages + 1
-            if finished:
-                call.fields.update(messages=messages, status=status["status"])
-                return
-            if ended.wait(WATCH_POLL_S):
+                async for message in self._hub.watch(transmission_id):
+                    yield message
+                    messages += 1
+                    call.fields.update(messages=messages, status=message.status.status)
+            except (asyncio.CancelledError, GeneratorExit):
                 call.fields.update(messages=messages, ended="the call ended before the transmission finished")
-                return
+                raise
+            finally:
+                self._open_watches -= 1
 
-    def _status(self, transmission_id: str) -> dict[str, Any]:
-        """The public status, as GET /v1/transmissions/{id} answers it; NOT_FOUND, INVALID_ARGUMENT
-        (a malformed id) or UNAVAILABLE otherwise."""
-        try:
-            transport.validate_transmission_id(transmission_id)
-        except ValueError as error:
-            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, f"transmission_id: {error}") from None
+    @property
+    def open_watches(self) -> int:
+        return self._open_watches
+
+    def status(self, transmission_id: str) -> dict[str, Any]:
+        """The public status, as GET /v1/transmissions/{id} answers it (blocking); NOT_FOUND,
+        INVALID_ARGUMENT (a malformed id) or UNAVAILABLE otherwise."""
+        _validated(transmission_id)
         try:
             record = self._worker.store.get(transmission_id)
             return public_status(record, self._settings.public_url, self._worker, self._worker.store)
@@ -144,17 +149,18 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
         except StoreUnavailableError as error:
             raise _store_unavailable(error) from None
 
-    def _image(self, status: dict[str, Any]) -> bytes:
-        """The generated PNG of a done transmission; nothing for any other."""
-        if status["status"] != JobStatus.DONE.value:
-            return b""
+    def image(self, transmission_id: str) -> bytes:
+        """The generated PNG of a done transmission; nothing for any other (blocking)."""
         try:
-            return self._worker.store.read_artifact(status["id"], "image") or b""
+            return self._worker.store.read_artifact(transmission_id, "image") or b""
         except UnknownTransmissionError:  # evicted since its status was read
             raise CallRejected(grpc.StatusCode.NOT_FOUND,
-                               f"transmission_id: no transmission {status['id']} (evicted)") from None
+                               f"transmission_id: no transmission {transmission_id} (evicted)") from None
         except StoreUnavailableError as error:
             raise _store_unavailable(error) from None
+
+    async def _blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _receive(self, request_iterator, context: grpc.ServicerContext, call: Call) -> gesco_pb2.TransmissionAck:
         if not self._worker.ready:
@@ -179,6 +185,97 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
             queue_position=position,
             channel_report=header.channel_report,
         )
+
+
+class _ServedOnLoop:
+    """The servicer as the grpc.aio server calls it: Receive on a thread of the executor, with a
+    blocking view of its stream and context (`_ThreadContext`); the rest as they are."""
+
+    def __init__(self, servicer: ReceiverServicer, executor: futures.Executor) -> None:
+        self._servicer = servicer
+        self._executor = executor
+        self.GetTransmission = servicer.GetTransmission
+        self.WatchTransmission = servicer.WatchTransmission
+
+    async def Receive(self, request_iterator, context: grpc.aio.ServicerContext) -> gesco_pb2.TransmissionAck:
+        loop = asyncio.get_running_loop()
+        blocking = _ThreadContext(context, request_iterator, loop)
+        try:
+            return await loop.run_in_executor(self._executor, self._servicer.Receive, blocking.frames(), blocking)
+        except _Aborted as aborted:
+            if aborted.trailing:
+                context.set_trailing_metadata(aborted.trailing)
+            await context.abort(aborted.code, aborted.details)
+        except asyncio.CancelledError:  # the caller went away: the thread finds out and ends the call
+            blocking.gone.set()
+            raise
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class _StreamBroken(grpc.RpcError):
+    """The request stream ended with an error (the call was cancelled or ran out of time)."""
+
+
+class _ThreadContext:
+    """What the blocking Receive needs of a grpc.ServicerContext, for a grpc.aio call served on
+    another thread: its metadata and deadline, whether it is still on, trailers and abort (raised
+    as _Aborted, and done by `_ServedOnLoop` on the loop), and its frames read from the loop."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, request_iterator, loop: asyncio.AbstractEventLoop) -> None:
+        self._metadata = tuple(context.invocation_metadata() or ())
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self._request_iterator = request_iterator
+        self._requests = None  # its async iterator, made on the first read
+        self._loop = loop
+        self._trailing: tuple = ()
+        self.gone = threading.Event()
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return not self.gone.is_set()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailing = tuple(metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise _Aborted(code, details, self._trailing)
+
+    def frames(self) -> Iterator[gesco_pb2.Frame]:
+        """The request stream, read frame by frame on the loop; _StreamBroken once the call has ended."""
+        while True:
+            pending = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            while True:
+                try:
+                    frame = pending.result(timeout=STREAM_CHECK_S)
+                    break
+                except futures.TimeoutError:
+                    if caller_gone(self):
+                        pending.cancel()
+                        raise _StreamBroken() from None
+                except Exception as error:  # noqa: BLE001 - the stream broke off (the call ended)
+                    raise _StreamBroken() from error
+            if frame is None:
+                return
+            yield frame
+
+    async def _next(self) -> gesco_pb2.Frame | None:
+        if self._requests is None:
+            self._requests = self._request_iterator.__aiter__()
+        try:
+            return await self._requests.__anext__()
+        except StopAsyncIteration:
+            return None
 
 
 def sampling_request(header: gesco_pb2.TransmissionHeader, settings: ReceiverSettings) -> gesco_pb2.SamplingRequest:
@@ -239,21 +336,45 @@ def _store_unavailable(error: StoreUnavailableError) -> CallRejected:
 
 
 def build_grpc_server(
-    settings: ReceiverSettings, worker: GenerationWorker, metrics: ServiceMetrics | None = None
-) -> tuple[grpc.Server, Health]:
-    """The Receiver service with health (NOT_SERVING for now) and reflection, bound to its port;
-    max_grpc_workers threads for Receive and GetTransmission, max_watches more for watches."""
+    settings: ReceiverSettings, worker: GenerationWorker, metrics: ServiceMetrics | None = None,
+    hub: WatchHub | None = None,
+) -> tuple[AioServer, AioHealth]:
+    """The Receiver service with health (NOT_SERVING for now) and reflection, bound to its port, on
+    a grpc.aio server of its own loop thread; max_grpc_workers threads for Receive and
+    GetTransmission. Watches follow `hub` (a new one if none is given), which the worker's steps
+    feed; the caller feeds it the store's finishes (app.py), or a watch learns of its job's end
+    when its topic re-reads the store."""
     credentials = grpc_security.server_credentials(
         settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file, prefix="GESCO_RECEIVER_TLS_"
     )
-    servicer = ReceiverServicer(worker, settings.max_symbols)
-    return build_server(
-        RECEIVER_SERVICE_NAME,
-        lambda server: gesco_pb2_grpc.add_ReceiverServicer_to_server(servicer, server),
-        f"{settings.host}:{settings.grpc_port}",
-        credentials,
-        settings.max_grpc_workers + settings.max_watches,
+    hub = hub or WatchHub()
+    worker.queue.add_progress_listener(hub.notify_progress)
+    watch_reads = futures.ThreadPoolExecutor(WATCH_READ_THREADS, thread_name_prefix="watch-reads")
+    executor = futures.ThreadPoolExecutor(settings.max_grpc_workers, thread_name_prefix="grpc-receive")
+
+    def add_servicer(server: grpc.aio.Server, loop_thread: LoopThread) -> None:
+        servicer = ReceiverServicer(worker, settings.max_symbols, hub, executor)
+        hub.bind(loop_thread.loop, watch_reads, servicer.status, servicer.image, watch_message)
+        gesco_pb2_grpc.add_ReceiverServicer_to_server(_ServedOnLoop(servicer, executor), server)
+
+    server = AioServer(
+        RECEIVER_SERVICE_NAME, add_servicer, f"{settings.host}:{settings.grpc_port}", credentials,
         metrics or ServiceMetrics(),
         # Clients balancing over the replicas reconnect now and then, and so find new replicas.
         load_balancing.server_options(),
+        thread_name="receiver-grpc",
+        executors=(executor, watch_reads),
     )
+    return server, server.health
+
+
+def watch_message(status: dict[str, Any], image: bytes) -> gesco_pb2.WatchTransmissionResponse:
+    """What a watch sends: the status and, once done, the image."""
+    return gesco_pb2.WatchTransmissionResponse(status=status_message(status), image_png=image)
+
+
+def _validated(transmission_id: str) -> str:
+    try:
+        return transport.validate_transmission_id(transmission_id)
+    except ValueError as error:
+        raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, f"transmission_id: {error}") from None

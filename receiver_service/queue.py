@@ -4,6 +4,8 @@ The frontends admit jobs; a scheduler (schedulers.py) takes them, either as requ
 one sampling setting (`take_batch`, Triton's dynamic batcher) or one by one into a running step
 batch (`take`). Jobs stay held (`held_ids`) from admission until `release`, so a status can show
 a running job's sampling step and the shared store can tell a replica's lost jobs from its own.
+Each step is also pushed to the progress listeners (the watches' hub) and written to the store
+(which a shared store publishes to the other replicas).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from receiver_service.jobs import Job, QueueFullError
 from receiver_service.store import DuplicateTransmissionError, JobStatus
@@ -46,6 +48,7 @@ class JobQueue:
         self._job_seconds = INITIAL_JOB_SECONDS
         self._closed = threading.Event()
         self._last_evicted = time.monotonic()
+        self._progress_listeners: list[Callable[[Collection[str], int, int], None]] = []
 
     @property
     def depth(self) -> int:
@@ -156,11 +159,22 @@ class JobQueue:
             self._last_evicted = time.monotonic()
 
     # --- held jobs ------------------------------------------------------------------------------
+    def add_progress_listener(self, listener: Callable[[Collection[str], int, int], None]) -> None:
+        """`listener(transmission_ids, step, steps)` runs on the sampling thread at every step: it
+        must return at once (the watches' hub hands the step to its event loop)."""
+        self._progress_listeners.append(listener)
+
     def set_progress(self, jobs: Sequence[Job], step: int, steps: int) -> None:
         """Jobs that have started sampling step `step` (1-based) of `steps`."""
-        for job in jobs:
-            self._progress[job.transmission_id] = (step, steps)
-        self.store.set_progress([job.transmission_id for job in jobs], step, steps)  # for the other replicas
+        transmission_ids = [job.transmission_id for job in jobs]
+        for transmission_id in transmission_ids:
+            self._progress[transmission_id] = (step, steps)
+        for listener in self._progress_listeners:
+            try:
+                listener(transmission_ids, step, steps)
+            except Exception:  # noqa: BLE001 - a listener never stops the sampling
+                log.exception("a progress listener failed")
+        self.store.set_progress(transmission_ids, step, steps)  # for the other replicas
 
     def progress(self, transmission_id: str) -> tuple[int, int] | None:
         """(step, steps) of a job this process is sampling now, else None."""

@@ -2,8 +2,10 @@
 
 Receiver replicas behind one channel share one Redis, so any of them answers status, image, maps
 and cancel for any transmission, and a long poll wakes on whichever replica sees the job finish
-(finishes are published on a pub/sub channel and reach every replica's `on_finished`). Keys, all
-under one prefix:
+(finishes are published on a pub/sub channel and reach every replica's `on_finished`). So does a
+watch: the sampling steps are published too, one message per step of a batch (naming its jobs)
+sent with the step's write, and reach the other replicas' progress listener. Keys, all under one
+prefix:
 
     tx:{id}        hash: record (the status JSON), status, owner, and one field per artifact PNG
     index          sorted set of the stored ids by created_at (the count bound)
@@ -190,6 +192,8 @@ class RedisTransmissionStore:
         self._token = uuid.uuid4().hex  # marks this process's own pub/sub messages
         self._finished_channel = f"{key_prefix}finished"
         self._cancel_channel = f"{key_prefix}cancel"
+        self._progress_channel = f"{key_prefix}progress"
+        self._on_progress: Callable[[Collection[str], int, int], None] | None = None
         self._evict_script = client.register_script(_EVICT_SCRIPT)
         self._set_if_stored = client.register_script(_SET_IF_STORED_SCRIPT)
         self._unfinished_error = RESTART_ERROR
@@ -256,6 +260,11 @@ class RedisTransmissionStore:
         this replica still unfinished while the worker has held it on no two checks in a row
         (its end was not stored: Redis was down then) ends failed, not running for ever."""
         self._held_ids = held_ids
+
+    def set_progress_listener(self, listener: Callable[[Collection[str], int, int], None]) -> None:
+        """`listener(transmission_ids, step, steps)` runs on the pub/sub thread for each sampling
+        step of the other replicas' jobs (this replica's queue reports its own)."""
+        self._on_progress = listener
 
     def set_cancel_handler(self, handler: Callable[[str, str], None]) -> None:
         """`handler(transmission_id, reason)` runs on the pub/sub thread when another replica
@@ -389,14 +398,20 @@ class RedisTransmissionStore:
         return data
 
     def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
-        """Record the sampling step of running jobs, so that every replica's status shows it.
-        Best effort: with Redis down the step is skipped, never the sampling."""
-        keys = [self._record_key(transmission_id) for transmission_id in transmission_ids]
+        """Record the sampling step of running jobs, so that every replica's status shows it, and
+        publish it, one message for the jobs of the step, in the same round trip, so that the other
+        replicas' watches follow it. Best effort: with Redis down the step is skipped, never the
+        sampling."""
+        ids = list(transmission_ids)
+        keys = [self._record_key(transmission_id) for transmission_id in ids]
         try:
             with _redis_errors():
                 pipe = self._client.pipeline(transaction=False)
                 for key in keys:
                     self._set_if_stored(keys=[key], args=["progress", f"{step}/{steps}"], client=pipe)
+                if ids:
+                    pipe.publish(self._progress_channel, json.dumps({"ids": ids, "step": step, "steps": steps,
+                                                                     "from": self._token}))
                 pipe.execute()
         except StoreUnavailableError as error:
             log.debug("sampling progress not stored", extra={"error": str(error)})
@@ -575,14 +590,14 @@ class RedisTransmissionStore:
     # --------------------------------------------------------------------------- pub/sub
 
     def _listen(self) -> None:
-        """Deliver other replicas' finishes and cancel requests; resubscribe after an outage
-        (a finish published while unsubscribed wakes no one: the long poll then answers at its
-        timeout with the status then)."""
+        """Deliver other replicas' finishes, steps and cancel requests; resubscribe after an
+        outage (a finish published while unsubscribed wakes no one: the long poll then answers at
+        its timeout with the status then, a watch when it next reads the store)."""
         backoff = 0.1
         while not self._stopping.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self._finished_channel, self._cancel_channel)
+                pubsub.subscribe(self._finished_channel, self._cancel_channel, self._progress_channel)
                 backoff = 0.1
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=0.5)
@@ -600,8 +615,13 @@ class RedisTransmissionStore:
             data = json.loads(message["data"])
             if data.get("from") == self._token:
                 return  # this replica's own: already handled where it was written
-            transmission_id = validate_transmission_id(data["id"])
             channel = message["channel"].decode()
+            if channel == self._progress_channel:
+                if self._on_progress is not None:
+                    ids = [validate_transmission_id(transmission_id) for transmission_id in data["ids"]]
+                    self._on_progress(ids, int(data["step"]), int(data["steps"]))
+                return
+            transmission_id = validate_transmission_id(data["id"])
             if channel == self._finished_channel:
                 self._notify_finished(transmission_id)
             elif channel == self._cancel_channel and self._on_cancel is not None:

@@ -68,9 +68,9 @@ class ReceiverSettings(ServiceSettings):
     output_width: int = Field(0, ge=0)
     max_symbols: int = Field(8_000_000, ge=1)
     max_grpc_workers: int = Field(8, ge=1)
-    # WatchTransmission calls served at once, each on a gRPC thread of its own beside the
-    # max_grpc_workers; more are RESOURCE_EXHAUSTED.
-    max_watches: int = Field(16, ge=1)
+    # WatchTransmission calls served at once (coroutines of the gRPC server's event loop, about
+    # 25 KB of memory each, no thread); more are RESOURCE_EXHAUSTED.
+    max_watches: int = Field(10_000, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
     # Required in the X-API-Key header of the status, image, maps and cancel requests (health,
     # readiness, metrics and docs stay open); empty: off. Replicas share one key.

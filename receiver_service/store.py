@@ -181,6 +181,9 @@ class TransmissionStore:
     def set_job_holder(self, held_ids: Callable[[], Collection[str]]) -> None:
         """Nothing to watch: one process holds every job, and the next open fails what it left."""
 
+    def set_progress_listener(self, listener: Callable[[Collection[str], int, int], None]) -> None:
+        """Nothing to relay: this one process's queue reports its steps itself."""
+
     def set_cancel_handler(self, handler: Callable[[str, str], None]) -> None:
         """Nothing to relay: cancels reach this one process's worker directly."""
 

@@ -207,44 +207,6 @@ def test_the_senders_grpc_api_speaks_mutual_tls_when_configured(pki) -> None:  #
         create_app(SenderSettings(grpc_tls_cert_file=pki.channel.cert), grpc_api=True)
 
 
-@pytest.fixture
-def in_process(tmp_path):
-    """A receiver's servicer over a disk store holding one queued transmission, without a model
-    (reading a status needs none), serving one watch at a time; the receiver has an API key."""
-    from receiver_service.grpc_server import ReceiverServicer
-    from receiver_service.settings import ReceiverSettings
-    from receiver_service.store import TransmissionStore
-    from receiver_service.worker import GenerationWorker
-
-    settings = ReceiverSettings(store_dir=tmp_path, max_watches=1, api_key=API_KEY)
-    store = TransmissionStore(tmp_path, 10, 3600)
-    store.open()
-    store.create({"id": "a" * 32, "status": "queued", "created_at": time.time(), "timings_ms": {}})
-    return ReceiverServicer(GenerationWorker(settings, store), 1000)
-
-
-def test_watches_beyond_the_limit_are_resource_exhausted(in_process) -> None:
-    request = gesco_pb2.WatchTransmissionRequest(transmission_id="a" * 32)
-    first = in_process.WatchTransmission(request, FakeContext(KEY))
-    assert next(first).status.status == "queued"
-    with pytest.raises(Aborted) as raised:
-        next(in_process.WatchTransmission(request, FakeContext(KEY)))
-    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    first.close()  # the first watch ends: its slot is free again
-    assert next(in_process.WatchTransmission(request, FakeContext(KEY))).status.id == "a" * 32
-
-
-def test_the_receivers_api_key_is_required_to_read_a_transmission(in_process) -> None:
-    request = gesco_pb2.GetTransmissionRequest(transmission_id="a" * 32)
-    assert in_process.GetTransmission(request, FakeContext(KEY)).status.status == "queued"
-    for context in (FakeContext(), FakeContext((("x-api-key", "wrong"),))):
-        with pytest.raises(Aborted) as raised:
-            in_process.GetTransmission(request, context)
-        assert raised.value.code == grpc.StatusCode.UNAUTHENTICATED
-        with pytest.raises(Aborted):
-            next(in_process.WatchTransmission(gesco_pb2.WatchTransmissionRequest(transmission_id="a" * 32), context))
-
-
 def test_the_messages_carry_every_field_of_the_rest_answers() -> None:
     """A field added to the REST answers (or the form) and not to the proto would be dropped on
     the way to a gRPC client: the proto must name each one."""
@@ -261,31 +223,6 @@ def assert_covers(model, descriptor) -> None:
         nested = info.annotation
         if isinstance(nested, type) and hasattr(nested, "model_fields"):
             assert_covers(nested, fields[name].message_type)
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-
-
-class FakeContext:
-    """Enough of a grpc.ServicerContext to call a servicer method in process."""
-
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        self.metadata = metadata
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def add_callback(self, callback) -> bool:
-        return True
-
-    def set_trailing_metadata(self, metadata) -> None:
-        pass
-
-    def abort(self, code: grpc.StatusCode, details: str):
-        raise Aborted(code, details)
 
 
 def grpcurl(port: int, *call: str, options: tuple[str, ...] = ()) -> str:

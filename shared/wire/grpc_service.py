@@ -6,15 +6,17 @@ closes every call the same way: the request id from the `x-request-id` metadata 
 line of the call, one line reports its outcome, and a `CallRejected` (or an InvalidRequestError,
 the client's mistake: INVALID_ARGUMENT) ends it with its status and trailing metadata; anything
 else is the server's fault, INTERNAL, and logged with its traceback. `require_api_key` checks a
-client's API key in the `x-api-key` metadata.
+client's API key in the `x-api-key` metadata. `served_call_async` does what `served_call` does for
+a grpc.aio handler.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,22 +61,60 @@ def served_call(context: grpc.ServicerContext, log: logging.Logger, method: str,
     started = time.perf_counter()
     call = Call(clean_request_id(dict(context.invocation_metadata()).get(REQUEST_ID_METADATA_KEY)))
     with request_context(call.request_id):
-        code, details, trailing = grpc.StatusCode.OK, "", ()
+        error = None
         try:
             yield call
-        except CallRejected as rejected:
-            code, details, trailing = rejected.code, rejected.details, rejected.trailing
-        except InvalidRequestError as error:
-            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
-        except Exception:  # noqa: BLE001 - logged with its traceback, reported as INTERNAL
-            log.exception(f"{method} failed")
-            code, details = grpc.StatusCode.INTERNAL, f"internal error in {server}"
-        log.info(method, extra={**call.fields, "code": code.name, "details": details[:300],
-                                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+        except Exception as raised:  # noqa: BLE001 - turned into the call's status by _outcome
+            error = raised
+        code, details, trailing = _outcome(error, call, log, method, server, started)
         if code is not grpc.StatusCode.OK:
             if trailing:
                 context.set_trailing_metadata(trailing)
             context.abort(code, details)
+
+
+@contextlib.asynccontextmanager
+async def served_call_async(context: grpc.aio.ServicerContext, log: logging.Logger, method: str,
+                            server: str) -> AsyncIterator[Call]:
+    """`served_call` for a grpc.aio handler: the same outcome line and statuses; a call its client
+    cancelled (or let expire) is logged as CANCELLED and left to end."""
+    started = time.perf_counter()
+    call = Call(clean_request_id(dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA_KEY)))
+    with request_context(call.request_id):
+        error = None
+        try:
+            yield call
+        except asyncio.CancelledError:
+            _log_outcome(log, method, call, grpc.StatusCode.CANCELLED, "the call ended", started)
+            raise
+        except Exception as raised:  # noqa: BLE001 - turned into the call's status by _outcome
+            error = raised
+        code, details, trailing = _outcome(error, call, log, method, server, started)
+        if code is not grpc.StatusCode.OK:
+            if trailing:
+                context.set_trailing_metadata(trailing)
+            await context.abort(code, details)
+
+
+def _outcome(error: Exception | None, call: Call, log: logging.Logger, method: str, server: str,
+             started: float) -> tuple[grpc.StatusCode, str, tuple]:
+    """The status of a call that raised `error` (None: OK), after logging its outcome line."""
+    code, details, trailing = grpc.StatusCode.OK, "", ()
+    if isinstance(error, CallRejected):
+        code, details, trailing = error.code, error.details, error.trailing
+    elif isinstance(error, InvalidRequestError):
+        code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    elif error is not None:
+        log.error(f"{method} failed", exc_info=error)
+        code, details = grpc.StatusCode.INTERNAL, f"internal error in {server}"
+    _log_outcome(log, method, call, code, details, started)
+    return code, details, trailing
+
+
+def _log_outcome(log: logging.Logger, method: str, call: Call, code: grpc.StatusCode, details: str,
+                 started: float) -> None:
+    log.info(method, extra={**call.fields, "code": code.name, "details": details[:300],
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 def require_api_key(context: grpc.ServicerContext, api_key: str) -> None:

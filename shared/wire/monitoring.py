@@ -7,7 +7,9 @@ any path no route serves), gRPC calls by registered method name.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 
@@ -92,6 +94,9 @@ class ServiceMetrics:
 
     def grpc_interceptor(self) -> grpc.ServerInterceptor:
         return GrpcMetricsInterceptor(self)
+
+    def aio_grpc_interceptor(self) -> grpc.aio.ServerInterceptor:
+        return AioGrpcMetricsInterceptor(self)
 
 
 class HttpMetricsMiddleware:
@@ -194,6 +199,76 @@ class GrpcMetricsInterceptor(grpc.ServerInterceptor):
 
     def _record(self, method: str, context, failed: bool, started: float) -> None:
         code = _final_code(context, failed)
+        self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
+        self.metrics.grpc_duration.labels(method=method).observe(time.perf_counter() - started)
+
+
+class AioGrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """GrpcMetricsInterceptor for a grpc.aio server, whose handlers are coroutines and async
+    generators; a call whose client went away (its handler cancelled) counts as CANCELLED."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method),
+                handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method),
+                handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, method),
+            handler.request_deserializer, handler.response_serializer)
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        async def observed(request, context):
+            started, outcome = time.perf_counter(), "failed"
+            try:
+                response = await behavior(request, context)
+                outcome = "ok"
+                return response
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                raise
+            finally:
+                self._record(method, context, outcome, started)
+
+        return observed
+
+    def _streaming(self, behavior: Callable, method: str) -> Callable:
+        if not inspect.isasyncgenfunction(behavior):  # a handler that writes with context.write
+            return self._unary(behavior, method)
+
+        async def observed(request, context):
+            started, outcome = time.perf_counter(), "failed"
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                outcome = "ok"
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = "cancelled"
+                raise
+            finally:
+                self._record(method, context, outcome, started)
+
+        return observed
+
+    def _record(self, method: str, context, outcome: str, started: float) -> None:
+        code = context.code()
+        if not isinstance(code, grpc.StatusCode):
+            code = {"ok": grpc.StatusCode.OK, "cancelled": grpc.StatusCode.CANCELLED}.get(outcome,
+                                                                                    grpc.StatusCode.UNKNOWN)
         self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
         self.metrics.grpc_duration.labels(method=method).observe(time.perf_counter() - started)
 
