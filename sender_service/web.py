@@ -415,9 +415,13 @@ def _preview_body(prepared: PreparedTransmission, num_classes: int) -> dict[str,
             "present_class_ids": list(present),
             "downsample_factor": semantic.downsample_factor,
             "compression": semantic.compression.value,
-            # The symbols are the maps times this: the paper's PSNR becomes an average-power SNR
-            # 20 log10(map_scale) dB lower (docs/snr-definitions.md).
-            "map_scale": semantic.scale,
+            # What to add to an SNR under each definition for the average-power SNR of these
+            # symbols: the paper's PSNR refers the noise to the 0/1 maps, which the symbols carry
+            # times `scale` at unit power (docs/snr-definitions.md).
+            "average_power_snr_offset_db": {
+                definition.value: -20.0 * math.log10(semantic.scale) if definition is SnrDefinition.PAPER_PSNR else 0.0
+                for definition in SnrDefinition
+            },
         },
         "bits": {
             "payload_bits": semantic.payload_bits,

@@ -412,6 +412,9 @@ def test_examples_classes_and_preview(services) -> None:
     assert preview["semantic"]["map_height"] == 48 and preview["semantic"]["downsample_factor"] == 2
     assert len(preview["transmitted_maps"]) == len(preview["semantic"]["present_class_ids"]) == 10
     assert preview["bits"]["channel_uses"] * 2 == preview["bits"]["num_symbols"]
+    # 10 present classes at unit power: the paper's PSNR is about 10 log10(10) dB above the average-power SNR.
+    offsets = preview["semantic"]["average_power_snr_offset_db"]
+    assert offsets["average_power"] == 0 and -12 < offsets["paper_psnr"] < -9
     sent_labels = _decode(preview["labels_png"])
     drawn = cv2.imread(str(REPO_ROOT / "examples" / "street_labels.png"), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(sent_labels, drawn)

@@ -324,13 +324,6 @@ function timings(record) {
   return Object.entries(record || {}).map(([stage, ms]) => `${stage} ${fmt(ms, 1)} ms`).join(", ") || "–";
 }
 
-// The average-power SNR (dB) of a requested SNR: the paper's PSNR refers the noise to the 0/1
-// maps, which the symbols carry scaled by map_scale (docs/snr-definitions.md).
-function averagePowerSnrDb(channel, mapScale) {
-  const snr = channel.requested_snr_db;
-  return channel.snr_definition === "paper_psnr" ? snr - 20 * Math.log10(mapScale) : snr;
-}
-
 // What the link spent, and what a digital link would need for the photo: its JPEG's bits over an
 // AWGN channel's capacity at the same SNR, log2(1 + SNR) bits per complex channel use (Shannon),
 // which no digital link can beat.
@@ -347,7 +340,7 @@ function linkRows(preview, record) {
     `${fmt(bits.payload_bits)} bits (${coded}).`]);
   const channel = record.channel;
   if (bits.image_bits_jpeg && channel) {
-    const snrDb = averagePowerSnrDb(channel, semantic.map_scale);
+    const snrDb = channel.requested_snr_db + semantic.average_power_snr_offset_db[channel.snr_definition];
     const capacity = Math.log2(1 + 10 ** (snrDb / 10));
     const uses = Math.ceil(bits.image_bits_jpeg / capacity);
     rows.push(["Digital link", `the photo as JPEG (quality ${bits.image_jpeg_quality}) is ${fmt(bits.image_bits_jpeg)} ` +
