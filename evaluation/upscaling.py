@@ -151,7 +151,7 @@ def main() -> None:
     report = {
         "command": "python -m evaluation.upscaling " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != p.get_default(k)),
-        "split": args.split, "images": len(scorer.data.images), "upscaler": upscaler.model_name,
+        "split": args.split, "images": len(scorer.data.images), "model": upscaler.model_name,
         "real_192x256": {"psnr": float("inf"), "frechet_segmenter_distance": 0.0, "miou": scorer.real_miou,
                          "miou_over_real": 1.0},
         "bicubic": scorer.score(bicubic_stage),
