@@ -400,3 +400,30 @@ def test_training_script_trains_the_old_architecture(tmp_path: Path) -> None:
     scores = train_segmenter.main(["--data-root", str(data_root), "--eval-only", "--model-path", str(out_dir / "m.pt")])
     assert set(scores) == {"input_size", "full_192x256", "downup_48x64", "map_96x128", "map_48x64"}
     assert all(0 <= s["pixel_acc_void_excluded"] <= 1 for s in scores.values())
+
+
+def test_recalibrate_batchnorm_uses_the_batches_statistics() -> None:
+    from training.train_segmenter import recalibrate_batchnorm
+
+    torch.manual_seed(4)
+    net = build_net(FAST_SMALL)
+    batches = [torch.rand(2, 3, 48, 64) * 2 - 1 + 0.5 for _ in range(3)]
+    recalibrate_batchnorm(net, batches)
+    assert not net.training
+    first = net.down2[1]  # the stem's BatchNorm sees the stem conv's outputs
+    with torch.no_grad():
+        feats = torch.cat([net.down2[0](x) for x in batches])
+    assert torch.allclose(first.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert first.momentum == 0.1 and first.num_batches_tracked == 3
+
+
+def test_training_script_recalibrates_a_file(tmp_path: Path) -> None:
+    from training import train_segmenter
+
+    data_root = _fake_camvid(tmp_path / "camvid")
+    common = ["--data-root", str(data_root), "--batch-size", "4", "--base-channels", "8", "--input-height", "32",
+              "--input-width", "32", "--out-dir", str(tmp_path / "run"), "--model-path", str(tmp_path / "run" / "m.pt")]
+    train_segmenter.main(common + ["--max-steps", "1", "--minutes", "5"])
+    out = train_segmenter.main(common + ["--recalibrate-bn"])
+    seg = Segmenter.from_checkpoint(out["path"], "cpu")
+    assert seg.meta["bn_recalibrated"] and seg.meta["val_miou_void_excluded"] == out["after"]["miou_void_excluded"]

@@ -26,6 +26,10 @@ Choices:
   exported: it smooths the noisy epoch-to-epoch val curve of a small data set.
 * Validation: mIoU over the 11 real classes with void target pixels ignored (the CamVid
   convention), the selection metric, plus per-class IoU (`shared.semantic.segmenter.score_segmentation`).
+* The EMA takes its BatchNorm statistics from the live model, which lag its averaged weights
+  while the learning rate is high. `--recalibrate-bn` recomputes them for a finished file's
+  weights over the train images (no augmentation, each also mirrored) and writes
+  <out_dir>/bn-recalibrated.pt with the val scores before and after.
 * Resumable: <out_dir>/state.pt (model, EMA, optimiser, step, epoch, RNG states, elapsed time) is
   written after every epoch and on SIGTERM; rerunning the same command continues from it.
   `--init-from` warm-starts a new run from a shipped file (same network configuration).
@@ -111,6 +115,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = True
     eval_only: bool = False  # score the file at model_path on val (several input resolutions) and exit
+    recalibrate_bn: bool = False  # recompute the BatchNorm statistics of the file at model_path (see below) and exit
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -302,6 +307,53 @@ def evaluate_shipped(cfg: TrainConfig) -> dict:
         results[name] = score_segmentation(shrunk, pairs, CAMVID_CLASSES, CAMVID_INFO.ignore_index).as_dict()
     print(json.dumps(results, indent=1))
     return results
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, batches) -> None:
+    """Replace every BatchNorm's running mean and variance by their averages over `batches`
+    ((B, 3, H, W) tensors), the rest of the network in eval mode."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+        m.train()
+    for x in batches:
+        net(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    net.eval()
+
+
+def recalibrate_shipped(cfg: TrainConfig) -> dict:
+    """`recalibrate_batchnorm` for the file at `model_path` over the train images at its input size
+    (and their mirror images); writes <out_dir>/bn-recalibrated.pt and returns the val mIoU before and after."""
+    seg = Segmenter.from_checkpoint(cfg.model_path, cfg.device)
+    size = (seg.config.input_height, seg.config.input_width)
+    train = camvid(cfg.data_root, "train", size)
+    val = camvid(cfg.data_root, "val", size)
+
+    def batches():
+        for start in range(0, len(train), cfg.batch_size):
+            x = torch.stack([train[i][0] for i in range(start, min(start + cfg.batch_size, len(train)))]).to(seg.device)
+            yield x
+            yield x.flip(-1)
+
+    before = score_segmentation(seg.segment_batch, val, CAMVID_CLASSES, CAMVID_INFO.ignore_index)
+    recalibrate_batchnorm(seg.net, batches())
+    after = score_segmentation(seg.segment_batch, val, CAMVID_CLASSES, CAMVID_INFO.ignore_index)
+    meta = seg.meta | {
+        "bn_recalibrated": True, "val_miou_before_bn_recalibration": before.miou_void_excluded,
+        "val_miou_void_excluded": after.miou_void_excluded, "val_miou_with_void": after.miou_with_void,
+        "val_pixel_acc_void_excluded": after.pixel_acc_void_excluded, "val_per_class_iou": list(after.per_class_iou.values()),
+    }
+    out = Path(cfg.out_dir) / "bn-recalibrated.pt"
+    save_checkpoint(out, CHECKPOINT_KIND, seg.config, seg.net.state_dict(), meta, half=True)
+    result = {"before": before.as_dict(), "after": after.as_dict(), "path": str(out)}
+    print(json.dumps(result, indent=1))
+    return result
 
 
 # ----------------------------------------------------------------------------- training
@@ -522,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     if cfg.eval_only:
         return evaluate_shipped(cfg)
+    if cfg.recalibrate_bn:
+        return recalibrate_shipped(cfg)
     args = sys.argv[1:] if argv is None else argv
     command = "python -m training.train_segmenter " + " ".join(shlex.quote(a) for a in args)
     return Trainer(cfg, command).run()
