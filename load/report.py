@@ -133,13 +133,19 @@ def warm_up(send: Callable[[int], str | None], count: int, receiver_url: str, dr
 
 def resident_memory_bytes(metrics_url: str, timeout_s: float = 5.0) -> float | None:
     """process_resident_memory_bytes from a Prometheus /metrics page; None if unavailable."""
+    return process_metric(metrics_url, "process_resident_memory_bytes", timeout_s)
+
+
+def process_metric(metrics_url: str, name: str, timeout_s: float = 5.0) -> float | None:
+    """An unlabelled sample (process_cpu_seconds_total...) of a Prometheus /metrics page; None if
+    unavailable."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
         return None
     for line in text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -62,6 +62,10 @@ log = logging.getLogger("receiver_service.grpc")
 
 RECEIVER_SERVICE_NAME = gesco_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 CALLER_GONE_REASON = "the caller went away before the job was acknowledged"
+# The thread of the server's event loop (every watch is served there), and the worker's that
+# samples: gesco_thread_cpu_seconds tells what each costs.
+GRPC_THREAD_NAME = "receiver-grpc"
+SAMPLING_THREAD_NAME = "generation-worker"
 # A full watch capacity asks clients to come back after this long.
 WATCH_RETRY_AFTER_S = 5
 # Threads that read the store for the watches (one read per watched transmission and change).
@@ -107,9 +111,9 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
             image = await self._blocking(self.image, status["id"]) if done else b""
         return gesco_pb2.GetTransmissionResponse(status=status_message(status), image_png=image)
 
-    async def WatchTransmission(
-        self, request: gesco_pb2.WatchTransmissionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[gesco_pb2.WatchTransmissionResponse]:
+    async def WatchTransmission(self, request: gesco_pb2.WatchTransmissionRequest,
+                                context: grpc.aio.ServicerContext) -> None:
+        """Writes the hub's messages, serialized once per transmission (see `add_receiver`)."""
         async with served_call_async(context, log, "watch_transmission", "the receiver") as call:
             require_api_key(context, self._settings.api_key.get_secret_value())
             transmission_id = request.transmission_id
@@ -123,10 +127,10 @@ class ReceiverServicer(gesco_pb2_grpc.ReceiverServicer):
             messages = 0
             try:
                 async for message in self._hub.watch(transmission_id):
-                    yield message
+                    await context.write(message)
                     messages += 1
-                    call.fields.update(messages=messages, status=message.status.status)
-            except (asyncio.CancelledError, GeneratorExit):
+                call.fields["messages"] = messages
+            except asyncio.CancelledError:
                 call.fields.update(messages=messages, ended="the call ended before the transmission finished")
                 raise
             finally:
@@ -355,22 +359,43 @@ def build_grpc_server(
     def add_servicer(server: grpc.aio.Server, loop_thread: LoopThread) -> None:
         servicer = ReceiverServicer(worker, settings.max_symbols, hub, executor)
         hub.bind(loop_thread.loop, watch_reads, servicer.status, servicer.image, watch_message)
-        gesco_pb2_grpc.add_ReceiverServicer_to_server(_ServedOnLoop(servicer, executor), server)
+        add_receiver(_ServedOnLoop(servicer, executor), server)
 
+    metrics = metrics or ServiceMetrics()
     server = AioServer(
         RECEIVER_SERVICE_NAME, add_servicer, f"{settings.host}:{settings.grpc_port}", credentials,
-        metrics or ServiceMetrics(),
+        metrics,
         # Clients balancing over the replicas reconnect now and then, and so find new replicas.
         load_balancing.server_options(),
-        thread_name="receiver-grpc",
+        thread_name=GRPC_THREAD_NAME,
         executors=(executor, watch_reads),
     )
+    metrics.track_thread_cpu((GRPC_THREAD_NAME, SAMPLING_THREAD_NAME))
     return server, server.health
 
 
-def watch_message(status: dict[str, Any], image: bytes) -> gesco_pb2.WatchTransmissionResponse:
-    """What a watch sends: the status and, once done, the image."""
-    return gesco_pb2.WatchTransmissionResponse(status=status_message(status), image_png=image)
+def watch_message(status: dict[str, Any], image: bytes) -> bytes:
+    """What a watch sends: the status and, once done, the image; serialized, once for all the
+    watchers of the transmission."""
+    return gesco_pb2.WatchTransmissionResponse(status=status_message(status), image_png=image).SerializeToString()
+
+
+def add_receiver(servicer: Any, server: grpc.aio.Server) -> None:
+    """gesco_pb2_grpc.add_ReceiverServicer_to_server, except that WatchTransmission writes messages
+    already serialized (watch_message)."""
+    handlers = {
+        "Receive": grpc.stream_unary_rpc_method_handler(
+            servicer.Receive, request_deserializer=gesco_pb2.Frame.FromString,
+            response_serializer=gesco_pb2.TransmissionAck.SerializeToString),
+        "GetTransmission": grpc.unary_unary_rpc_method_handler(
+            servicer.GetTransmission, request_deserializer=gesco_pb2.GetTransmissionRequest.FromString,
+            response_serializer=gesco_pb2.GetTransmissionResponse.SerializeToString),
+        "WatchTransmission": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchTransmission, request_deserializer=gesco_pb2.WatchTransmissionRequest.FromString,
+            response_serializer=None),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RECEIVER_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(RECEIVER_SERVICE_NAME, handlers)
 
 
 def _validated(transmission_id: str) -> str:

@@ -1,5 +1,5 @@
 """WatchTransmission pushed, not polled: every step and the end reach every watcher, many watches
-cost no thread each, and the bound and the API key hold."""
+cost no thread each, the bound and the API key hold, and the load tool counts what each received."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from load import watch_load
 from receiver_service import model_host, watch_hub
 from receiver_service.grpc_server import WATCH_RETRY_AFTER_S, build_grpc_server
 from receiver_service.store import TransmissionStore
@@ -176,6 +177,19 @@ def test_the_receivers_api_key_is_required_to_read_or_watch(limited_server) -> N
                     call()
                 assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
                 assert raised.value.details().startswith("x-api-key: ")
+
+
+def test_the_load_tool_reports_what_each_watcher_received(tmp_path, stepping_generator) -> None:
+    settings = make_settings(tmp_path, queue_size=4)
+    with ready_client(settings, stepping_generator):
+        args = watch_load.parse_args(["--receiver", f"127.0.0.1:{settings.grpc_port}", "--transmissions", "2",
+                                      "--watchers", "5", "--steps", str(STEPS), "--warmup", "0", "--drain-s", "60"])
+        result = asyncio.run(watch_load.run(args))
+    assert result["watches"] == 10 and result["outcomes"] == {"complete": 10}
+    assert result["jobs"] == {"done": 4}  # a baseline round and a watched one
+    assert [len(values) for values in result["steps_per_s"].values()] == [1, 1]
+    watched = result["rounds"][1]
+    assert watched["kind"] == "watched" and watched["watcher_outcomes"] == {"complete": 10}
 
 
 class FakeStatuses:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from prometheus_client import (
@@ -71,6 +73,15 @@ class ServiceMetrics:
                 "gesco_batch_size", "jobs sampled together in one batch",
                 buckets=BATCH_SIZE_BUCKETS, registry=self.registry,
             )
+
+    def track_thread_cpu(self, names: Sequence[str]) -> None:
+        """gesco_thread_cpu_seconds{thread=name}: the CPU time of each named thread of this process
+        (Linux), read at each scrape; NaN while no such thread runs. What an event loop serving
+        many streams costs beside the thread that samples, say."""
+        gauge = Gauge("gesco_thread_cpu_seconds", "CPU time of a named thread of the process",
+                      ["thread"], registry=self.registry)
+        for name in names:
+            gauge.labels(thread=name).set_function(lambda name=name: thread_cpu_seconds(name))
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_duration.labels(stage=stage).observe(seconds)
@@ -271,6 +282,17 @@ class AioGrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                                                                                     grpc.StatusCode.UNKNOWN)
         self.metrics.grpc_requests.labels(method=method, code=code.name).inc()
         self.metrics.grpc_duration.labels(method=method).observe(time.perf_counter() - started)
+
+
+def thread_cpu_seconds(name: str) -> float:
+    """CPU seconds of the live thread called `name`; NaN if there is none (or no such clock)."""
+    for thread in threading.enumerate():
+        if thread.name == name and thread.ident is not None:
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, AttributeError):  # it ended meanwhile, or not Linux
+                return math.nan
+    return math.nan
 
 
 def _final_code(context, failed: bool) -> grpc.StatusCode:
