@@ -354,7 +354,7 @@ def message_json(message: Message) -> dict[str, Any]:
         if kind is not None and kind.GetOptions().map_entry:
             answer[field.name] = dict(value)
         elif field.is_repeated:
-            answer[field.name] = list(value)
+            answer[field.name] = [message_json(item) for item in value] if kind is not None else list(value)
         elif field.has_presence and not message.HasField(field.name):
             answer[field.name] = None
         elif kind is not None and kind.full_name == "google.protobuf.Struct":

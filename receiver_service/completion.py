@@ -106,8 +106,9 @@ class Completion:
             except (OSError, StoreUnavailableError) as store_error:
                 result.error = f"storing the results failed: {store_error}"
             status, error = (JobStatus.FAILED if result.error else JobStatus.DONE), result.error
+        stages = self.host.stage_records(job.generator, timings) if status is JobStatus.DONE else []
         self.store.update(job.transmission_id, status=status.value, error=error,
-                          finished_at=time.time(), timings_ms=timings)
+                          finished_at=time.time(), timings_ms=timings, stages=stages)
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
                                         "error": error, "timings_ms": timings})
 

@@ -3,15 +3,15 @@
 It loads the checkpoint and the condition adapters beside it (one generator per downsample
 factor, shared/semantic/diffusion/adapters.py), applies the inference settings (channels_last,
 torch.compile, batch buckets and CUDA graphs), prepares a job's condition (decoding and FDS,
-shared.semantic.link), and after sampling runs the image stages (`ImageStage`: each takes the
-sampled image and the received maps) and encodes the results. It knows no queue and no protocol:
-the schedulers call it.
+shared.semantic.link), and after sampling runs the image stages (`ImageStage`, today the
+upscaler of shared/semantic/upscaler.py: each takes the image so far and the received FDS maps)
+and encodes the results. It knows no queue and no protocol: the schedulers call it.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,19 +22,11 @@ from receiver_service.settings import ReceiverSettings
 from shared.limits import LimitError, SamplingOptions
 from shared.semantic import link
 from shared.semantic.diffusion.adapters import adapted_generators
-from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
+from shared.semantic.upscaler import ImageStage, Upscaler
 from shared.wire.imageio import encode_png, resize_image
 
 log = logging.getLogger("receiver_service.model_host")
-
-
-class ImageStage(Protocol):
-    """A stage after sampling (an upscaler, say): the image so far and the received maps in,
-    the next image out. `name` keys its timing in the status."""
-
-    name: str
-
-    def __call__(self, image: np.ndarray, maps: np.ndarray) -> np.ndarray: ...
 
 
 def forward_buckets(settings: ReceiverSettings, device: torch.device) -> tuple[list[int], bool]:
@@ -80,9 +72,12 @@ def encode_result(result: JobResult, size: tuple[int, int]) -> None:
 class ModelHost:
     """Loads the generators (in a thread: `load` blocks) and serves them to the schedulers."""
 
-    def __init__(self, settings: ReceiverSettings, stages: tuple[ImageStage, ...] = ()) -> None:
+    def __init__(self, settings: ReceiverSettings) -> None:
         self.settings = settings
-        self.stages = stages
+        # The stages after sampling, in order, and the size of the image they end with (loaded
+        # with the generator; None: the generator's).
+        self.stages: tuple[ImageStage, ...] = ()
+        self.stages_size: tuple[int, int] | None = None
         self.generator: SemanticImageGenerator | None = None
         # The base generator with a condition adapter, by downsample factor (loaded with it).
         self.adapted: dict[int, SemanticImageGenerator] = {}
@@ -112,6 +107,7 @@ class ModelHost:
                 buckets, cuda_graphs = forward_buckets(settings, generator.device)
             for each in (generator, *adapted.values()):
                 self._prepare(each, buckets, cuda_graphs)
+            upscaler = self._load_upscaler(generator)
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
             self.load_error = f"{type(error).__name__}: {error}"
             log.exception("loading the model failed")
@@ -120,10 +116,32 @@ class ModelHost:
             log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
         log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": settings.batching,
                                         "adapters": {f: g.info.adapter for f, g in adapted.items()},
-                                        "buckets": list(buckets), "cuda_graphs": cuda_graphs})
+                                        "buckets": list(buckets), "cuda_graphs": cuda_graphs,
+                                        "upscaler": upscaler.model_name if upscaler else None})
         self.adapted = adapted
+        if upscaler is not None:
+            self.stages = (upscaler,)
+            self.stages_size = (upscaler.config.out_height, upscaler.config.out_width)
         self.generator = generator
         return True
+
+    def _load_upscaler(self, generator: SemanticImageGenerator) -> Upscaler | None:
+        """The upscaler when the `upscale` setting asks for it and its checkpoint is there; a file
+        for another generator's images or classes fails the load, naming the file."""
+        path = self.settings.upscaler
+        if not self.settings.upscale:
+            return None
+        if not path.is_file():
+            log.warning("upscaler checkpoint not found: images stay at the generator's resolution",
+                        extra={"upscaler": str(path)})
+            return None
+        upscaler = Upscaler.from_checkpoint(path, generator.device)
+        info, config = generator.info, upscaler.config
+        if (config.in_height, config.in_width, config.num_classes) != (info.image_height, info.image_width,
+                                                                        info.num_classes):
+            raise ValueError(f"{path} upscales {config.in_height}x{config.in_width} images of {config.num_classes} "
+                             f"classes; the generator makes {info.image_height}x{info.image_width} of {info.num_classes}")
+        return upscaler
 
     def _prepare(self, generator: SemanticImageGenerator, buckets: list[int], cuda_graphs: bool) -> None:
         """Apply the settings' inference options to one generator (the base or an adapted one)."""
@@ -148,16 +166,30 @@ class ModelHost:
         return self.adapted.get(downsample_factor, self.base())
 
     def output_size(self) -> tuple[int, int]:
-        """(height, width) of the stored image: the settings, 0 meaning the model's resolution."""
+        """(height, width) of the stored image: the settings, 0 meaning the last stage's resolution
+        (the upscaler's, else the model's)."""
         info = self.base().info
-        return (self.settings.output_height or info.image_height, self.settings.output_width or info.image_width)
+        height, width = self.stages_size or (info.image_height, info.image_width)
+        return (self.settings.output_height or height, self.settings.output_width or width)
+
+    def stage_records(self, generator: SemanticImageGenerator, timings_ms: dict[str, float]) -> list[dict[str, Any]]:
+        """What made a finished image, in order: the sampler's generator, then each stage after it,
+        with its model and milliseconds (the status's `stages`)."""
+        records = [{"name": "sample", "model": generator.info.name, "ms": timings_ms.get("sample", 0.0)}]
+        records += [{"name": stage.name, "model": stage.model_name, "ms": timings_ms.get(stage.name, 0.0)}
+                    for stage in self.stages]
+        return records
 
     def finish_image(self, result: JobResult) -> None:
-        """Run the stages after sampling on a sampled result, then encode its PNGs."""
+        """Run the stages after sampling on a sampled result (the image with the received FDS maps),
+        then encode its PNGs."""
         assert result.image is not None and result.received is not None
-        maps = result.received.fds_maps
-        for stage in self.stages:
-            started = time.perf_counter()
-            result.image = stage(result.image, maps)
-            result.timings_ms[stage.name] = elapsed_ms(started)
+        if self.stages:
+            image = torch.from_numpy(result.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+            maps = torch.from_numpy(result.received.fds_maps)[None].float()
+            for stage in self.stages:
+                started = time.perf_counter()
+                image = stage(image, maps)
+                result.timings_ms[stage.name] = elapsed_ms(started)
+            result.image = to_uint8_images(image)[0]
         encode_result(result, self.output_size())

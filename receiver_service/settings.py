@@ -27,6 +27,10 @@ class ReceiverSettings(ServiceSettings):
     # Use the condition adapters found beside the checkpoint (<stem>.f<factor>.adapter.pt) for maps
     # sent at their downsample factor; off: the base generator serves every factor.
     adapters: bool = True
+    # The second stage: the generated image upscaled with the received map by this checkpoint
+    # (shared/semantic/upscaler.py). Off, or no such file: images stay at the generator's resolution.
+    upscale: bool = True
+    upscaler: RepoPath = Path("models/upscaler-camvid.pt")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     # CPU inference options measured in docs/benchmarks.md: channels_last is 6-9% faster for free;
@@ -46,7 +50,8 @@ class ReceiverSettings(ServiceSettings):
     # Threads that encode a finished job's PNGs and store them while the next batch samples; 0: the
     # sampling thread does it.
     encode_workers: int = Field(1, ge=0)
-    # GPU serving (docs/benchmarks-gpu.md). The network called at these batch sizes only (rows of a
+    # GPU serving (not yet measured on a GPU: scripts/gpu_serving_check.py writes docs/benchmarks-gpu.md
+    # when one is lent). The network called at these batch sizes only (rows of a
     # guided forward: conditional + unconditional), JSON, e.g. [2, 4, 8]; empty: any size.
     batch_buckets: list[int] = []
     # Each bucket captured as a CUDA graph at start and replayed (CUDA only; ignored on a CPU).
@@ -64,7 +69,7 @@ class ReceiverSettings(ServiceSettings):
     default_sampler: str = ""  # "": the model's default sampler
     default_steps: int = Field(0, ge=0, le=MAX_STEPS)  # 0: the sampler's default
     default_guidance: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE)
-    output_height: int = Field(0, ge=0)  # 0: the model's resolution
+    output_height: int = Field(0, ge=0)  # 0: the last stage's resolution (the upscaler's, else the model's)
     output_width: int = Field(0, ge=0)
     max_symbols: int = Field(8_000_000, ge=1)
     max_grpc_workers: int = Field(8, ge=1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import BaseModel
+
 from receiver_service.store import JobStatus
 from receiver_service.store_factory import JobStore
 from receiver_service.worker import GenerationWorker
@@ -14,6 +16,15 @@ from shared.wire.records import TransmissionRecord
 # URL name of each debug map -> store artifact.
 MAP_ARTIFACTS = {"received.png": "maps_received", "fds.png": "maps_fds", "fds_labels.png": "fds_labels",
                  "received_labels.png": "received_labels"}
+
+
+class StageRun(BaseModel):
+    """One stage that made a done transmission's image: "sample" (the generator), then each stage
+    after it (the upscaler), with the model it ran and its milliseconds."""
+
+    name: str
+    model: str
+    ms: float
 
 
 class TransmissionStatus(TransmissionRecord):
@@ -30,6 +41,8 @@ class TransmissionStatus(TransmissionRecord):
     output: dict[str, int]
     model: dict[str, Any]
     urls: dict[str, str]
+    # Once done, what made the image, in order.
+    stages: list[StageRun] = []
     # While running, {"step": k, "steps": n}: sampling step k of n has started (known to the
     # process sampling it; null otherwise).
     progress: dict[str, int] | None = None

@@ -11,13 +11,13 @@ record (grpc_server.py) and `submit`s it. The parts, each in its own module, as 
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
-import logging
 
 from receiver_service.completion import Completion
 from receiver_service.jobs import Job, NotReadyError
-from receiver_service.model_host import ImageStage, ModelHost
+from receiver_service.model_host import ModelHost
 from receiver_service.queue import JobQueue
 from receiver_service.schedulers import create_scheduler
 from receiver_service.settings import ReceiverSettings
@@ -30,12 +30,11 @@ log = logging.getLogger("receiver_service.worker")
 class GenerationWorker:
     """Owns the model host, the bounded queue and the worker thread; the frontends call `submit`."""
 
-    def __init__(self, settings: ReceiverSettings, store: JobStore, metrics: ServiceMetrics | None = None,
-                 stages: tuple[ImageStage, ...] = ()) -> None:
+    def __init__(self, settings: ReceiverSettings, store: JobStore, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self.host = ModelHost(settings, stages)
+        self.host = ModelHost(settings)
         assert settings.queue_size is not None  # sized by the batch when unset (settings.py)
         self.queue = JobQueue(store, settings.queue_size)
         self.completion = Completion(self.queue, self.host, settings.encode_workers, metrics)

@@ -50,8 +50,9 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from gesco.options import DEFAULT_GUIDANCE
+from gesco.stack import Ports, RunningStack, free_port, services
 from shared.limits import MAX_STEPS, SamplingOptions
-from tests.service_procs import REPO_ROOT, free_port, service_log, start_service, stop_service
+from shared.paths import REPO_ROOT
 
 EXAMPLES = {"label_map": REPO_ROOT / "examples" / "street_labels.png",
             "photo": REPO_ROOT / "examples" / "street_photo.jpg"}
@@ -70,14 +71,23 @@ class Stack:
     """The three running services of one configuration."""
 
     label: str
-    sender_url: str
-    receiver_url: str
+    running: RunningStack
     channel_metrics_url: str
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def sender_url(self) -> str:
+        return self.running.url("sender")
+
+    @property
+    def receiver_url(self) -> str:
+        return self.running.url("receiver")
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen]:
+        return self.running.procs
 
     def stop(self) -> None:
-        for proc in reversed(list(self.processes.values())):
-            stop_service(proc)
+        self.running.stop()
 
 
 @dataclass
@@ -98,53 +108,32 @@ class Level:
         return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
 
 
-def start_stack(args: argparse.Namespace, label: str, batching: str, max_batch_size: int, store_dir: Path) -> Stack:
-    """Receiver, channel and sender on fresh loopback ports, wired to each other, all ready."""
-    receiver_grpc, receiver_http, channel_port, channel_metrics, sender_port = (free_port() for _ in range(5))
-    receiver_url = f"http://127.0.0.1:{receiver_http}"
-    stack = Stack(label, f"http://127.0.0.1:{sender_port}", receiver_url, f"http://127.0.0.1:{channel_metrics}/metrics")
-    receiver_env = {
-        "GESCO_RECEIVER_GRPC_PORT": str(receiver_grpc),
-        "GESCO_RECEIVER_HTTP_PORT": str(receiver_http),
-        "GESCO_RECEIVER_PUBLIC_URL": receiver_url,
-        "GESCO_RECEIVER_STORE_DIR": str(store_dir),
-        "GESCO_RECEIVER_CHECKPOINT": args.checkpoint,
-        "GESCO_RECEIVER_DEVICE": args.device,
-        "GESCO_RECEIVER_TORCH_THREADS": str(args.threads),
-        "GESCO_RECEIVER_CHANNELS_LAST": str(args.channels_last),
-        "GESCO_RECEIVER_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency))),
-        "GESCO_RECEIVER_MAX_BATCH_SIZE": str(max_batch_size),
-        "GESCO_RECEIVER_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
-        "GESCO_RECEIVER_BATCHING": batching,
-        "GESCO_RECEIVER_LOG_LEVEL": "WARNING",
-        **dict(setting.split("=", 1) for setting in args.receiver_env),
-    }
-    channel_env = {
-        "GESCO_CHANNEL_PORT": str(channel_port),
-        "GESCO_CHANNEL_METRICS_PORT": str(channel_metrics),
-        "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{receiver_grpc}",
-        "GESCO_CHANNEL_LOG_LEVEL": "WARNING",
-    }
-    sender_env = {
-        "GESCO_SENDER_PORT": str(sender_port),
-        "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{channel_port}",
-        "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_url,
-        "GESCO_SENDER_POLL_INTERVAL_S": str(args.poll_interval_s),
-        "GESCO_SENDER_STATUS_LONG_POLL_S": str(args.long_poll_s),
-        "GESCO_SENDER_API_KEY": "",
-        "GESCO_SENDER_LOG_LEVEL": "WARNING",
-    }
-    try:
-        stack.processes["receiver"] = start_service("receiver_service", receiver_env, f"{receiver_url}/readyz",
-                                                    receiver_grpc, timeout=args.start_timeout_s)
-        stack.processes["channel"] = start_service("channel_sim", channel_env, grpc_port=channel_port,
-                                                   timeout=args.start_timeout_s)
-        stack.processes["sender"] = start_service("sender_service", sender_env, f"{stack.sender_url}/readyz",
-                                                  timeout=args.start_timeout_s)
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+def start_stack(args: argparse.Namespace, label: str, batching: str, max_batch_size: int, folder: Path) -> Stack:
+    """Receiver, channel and sender on fresh loopback ports, wired by gesco.stack, all ready."""
+    channel_metrics = free_port()
+    running = RunningStack(services(Ports.free(), settings={
+        "receiver": {
+            "GESCO_RECEIVER_STORE_DIR": str(folder / "store"),
+            "GESCO_RECEIVER_CHECKPOINT": args.checkpoint,
+            "GESCO_RECEIVER_DEVICE": args.device,
+            "GESCO_RECEIVER_TORCH_THREADS": str(args.threads),
+            "GESCO_RECEIVER_CHANNELS_LAST": str(args.channels_last),
+            "GESCO_RECEIVER_QUEUE_SIZE": str(max(64, 2 * max(args.concurrency))),
+            "GESCO_RECEIVER_MAX_BATCH_SIZE": str(max_batch_size),
+            "GESCO_RECEIVER_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
+            "GESCO_RECEIVER_BATCHING": batching,
+            "GESCO_RECEIVER_LOG_LEVEL": "WARNING",
+            **dict(setting.split("=", 1) for setting in args.receiver_env),
+        },
+        "channel": {"GESCO_CHANNEL_METRICS_PORT": str(channel_metrics), "GESCO_CHANNEL_LOG_LEVEL": "WARNING"},
+        "sender": {
+            "GESCO_SENDER_POLL_INTERVAL_S": str(args.poll_interval_s),
+            "GESCO_SENDER_STATUS_LONG_POLL_S": str(args.long_poll_s),
+            "GESCO_SENDER_API_KEY": "",
+            "GESCO_SENDER_LOG_LEVEL": "WARNING",
+        },
+    }), folder / "logs", timeout_s=args.start_timeout_s)
+    return Stack(label, running, f"http://127.0.0.1:{channel_metrics}/metrics")
 
 
 def send(client: httpx.Client, stack: Stack, args: argparse.Namespace, kind: str, seed: int) -> tuple[float, str]:
@@ -297,9 +286,9 @@ def benchmark_stack(args: argparse.Namespace, config: str) -> Run:
                 finally:
                     run.profiles.update(stop_profilers(profilers))
         except BaseException:
-            for proc in stack.processes.values():
+            for name, proc in stack.processes.items():
                 if proc.poll() is not None:
-                    print(service_log(proc)[-3000:], file=sys.stderr)
+                    print(stack.running.log(name)[-3000:], file=sys.stderr)
             raise
         finally:
             stack.stop()

@@ -22,7 +22,6 @@ configured for it, with its client's files (shared/wire/health_probe.py).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import shutil
@@ -31,144 +30,32 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, it imports the project's packages beside it
 
 from gesco.options import DEFAULT_SNR_DEFINITION, SnrDefinition, names  # noqa: E402 - standard library only
-from shared.paths import REPO_ROOT  # noqa: E402 - standard library only, so `down` runs without the venv
+from gesco.stack import (  # noqa: E402 - standard library only, so `down` runs without the venv
+    REDIS_SERVER,
+    Ports,
+    Service,
+    is_ready,
+    probe_env,
+    process_env,
+    tls_probe_error,
+    url_host,
+)
+from gesco.stack import services as stack_services  # noqa: E402
+from shared.paths import REPO_ROOT  # noqa: E402 - standard library only
 
 RUN_DIR = REPO_ROOT / "run"
 PORTS_FILE = RUN_DIR / "ports.json"
 REDIS_DIR = RUN_DIR / "redis"  # its configuration (with the password: owner-only) and append-only file
-REDIS_SERVER = "redis-server"
 MAX_RECEIVERS = 16
 DEFAULT_EXAMPLES = {
     "photo": REPO_ROOT / "examples" / "street_photo.jpg",
     "label_map": REPO_ROOT / "examples" / "street_labels.png",
 }
-
-
-@dataclass(frozen=True)
-class Ports:
-    sender: int
-    receiver_http: int  # the first receiver's; receiver i listens on this + i - 1
-    receiver_grpc: int
-    channel: int
-    receivers: int = 1
-    redis: int = 0  # the port of the redis-server the launcher runs; 0: none
-    sender_grpc: int = 50050
-
-    def in_use(self) -> dict[str, int]:
-        """Every port the services listen on, by a name for messages."""
-        ports = {"sender": self.sender, "sender gRPC": self.sender_grpc, "channel": self.channel}
-        for index in range(self.receivers):
-            suffix = f" {index + 1}" if self.receivers > 1 else ""
-            ports[f"receiver{suffix} REST"] = self.receiver_http + index
-            ports[f"receiver{suffix} gRPC"] = self.receiver_grpc + index
-        if self.redis:
-            ports["redis"] = self.redis
-        return ports
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    module: str  # `python -m module`; for a program (redis-server) its name, found in its command line
-    http_ready: str | None  # URL answering 200 once ready
-    grpc_port: int | None  # port whose gRPC health check says SERVING once ready
-    listen: dict[str, str]  # where it listens: the launcher's flags decide
-    wiring: dict[str, str]  # where it finds the others: variables set by the user win
-    probe: str = ""  # the health probe of its gRPC port (shared/wire/health_probe.HOPS); "": its name
-    command: tuple[str, ...] = ()  # a program to run instead of `python -m module`
-    redis_ready: str | None = None  # redis URL answering PING once ready
-
-    @property
-    def pid_file(self) -> Path:
-        return RUN_DIR / f"{self.name}.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return RUN_DIR / f"{self.name}.log"
-
-    def argv(self) -> list[str]:
-        return list(self.command) if self.command else [sys.executable, "-m", self.module]
-
-
-def services(ports: Ports, host: str = "127.0.0.1") -> list[Service]:
-    """The services in start order: Redis (when the launcher runs it), the receivers (they load
-    the largest model), the channel, the sender."""
-    started: list[Service] = []
-    redis_url = f"redis://{_url_host(host)}:{ports.redis}/0" if ports.redis else ""
-    if ports.redis:
-        started.append(Service("redis", REDIS_SERVER, None, None, {}, {}, command=(
-            shutil.which(REDIS_SERVER) or REDIS_SERVER, str(REDIS_DIR / "redis.conf")), redis_ready=redis_url))
-    receiver_urls, receiver_addresses = [], []
-    for index in range(ports.receivers):
-        http_port, grpc_port = ports.receiver_http + index, ports.receiver_grpc + index
-        url = f"http://{_url_host(host)}:{http_port}"
-        receiver_urls.append(url)
-        receiver_addresses.append(f"{_url_host(host)}:{grpc_port}")
-        name = f"receiver-{index + 1}" if ports.receivers > 1 else "receiver"
-        listen = {
-            "GESCO_RECEIVER_HOST": host,
-            "GESCO_RECEIVER_HTTP_PORT": str(http_port),
-            "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
-            "GESCO_RECEIVER_PUBLIC_URL": url,
-            # Unique among the replicas, and the same after a restart (which then fails what its
-            # predecessor left unfinished at once).
-            "GESCO_RECEIVER_REDIS_REPLICA_ID": name,
-        }
-        wiring = {"GESCO_RECEIVER_REDIS_URL": redis_url} if redis_url else {}
-        started.append(Service(name, "receiver_service", f"{url}/readyz", grpc_port, listen, wiring, probe="receiver"))
-    sender_wiring = {
-        "GESCO_SENDER_CHANNEL_ADDRESS": f"{_url_host(host)}:{ports.channel}",
-        "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_urls[0],
-    }
-    if receiver_key := os.environ.get("GESCO_RECEIVER_API_KEY"):
-        sender_wiring["GESCO_SENDER_RECEIVER_API_KEY"] = receiver_key
-    started += [
-        Service(
-            "channel",
-            "channel_sim",
-            None,
-            ports.channel,
-            {"GESCO_CHANNEL_HOST": host, "GESCO_CHANNEL_PORT": str(ports.channel)},
-            {"GESCO_CHANNEL_RECEIVER_ADDRESS": receivers_address(host, receiver_addresses)},
-        ),
-        Service(
-            "sender",
-            "sender_service",
-            f"http://{_url_host(host)}:{ports.sender}/readyz",
-            ports.sender_grpc,
-            {"GESCO_SENDER_HOST": host, "GESCO_SENDER_PORT": str(ports.sender),
-             "GESCO_SENDER_GRPC_PORT": str(ports.sender_grpc)},
-            sender_wiring,
-        ),
-    ]
-    return started
-
-
-def receivers_address(host: str, addresses: list[str]) -> str:
-    """The channel's receiver address: one host:port, or for several receivers the list of their
-    IP addresses the channel spreads over (a host name is resolved here, once)."""
-    if len(addresses) == 1:
-        return addresses[0]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        resolved = _url_host(socket.gethostbyname(host))
-        addresses = [f"{resolved}:{address.rpartition(':')[2]}" for address in addresses]
-    return ",".join(addresses)
-
-
-def _url_host(host: str) -> str:
-    """The host as it goes into a URL or an address: an IPv6 address in brackets."""
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
 
 
 def write_redis_config(ports: Ports, host: str) -> None:
@@ -190,29 +77,23 @@ def write_redis_config(ports: Ports, host: str) -> None:
     config.write_text("\n".join(lines) + "\n")
 
 
-def process_env(service: Service) -> dict[str, str]:
-    """This environment with the service's ports, and its wiring unless the user set it."""
-    return {**service.wiring, **os.environ, **service.listen, "PYTHONUNBUFFERED": "1"}
+def services(ports: Ports, host: str = "127.0.0.1") -> list[Service]:
+    """The services `up` starts, in order (gesco/stack.py), with the launcher's Redis configuration."""
+    return stack_services(ports, host, redis_config=REDIS_DIR / "redis.conf")
 
 
-def probe_env(all_services: list[Service]) -> dict[str, str]:
-    """What the services see together: every wiring, unless the user set it (the health probes
-    read a server's TLS switch and its client's files and address from here)."""
-    return {key: value for service in all_services for key, value in service.wiring.items()} | dict(os.environ)
+def pid_file(service: Service) -> Path:
+    return RUN_DIR / f"{service.name}.pid"
 
 
-def tls_probe_error(all_services: list[Service]) -> str | None:
-    """Why the gRPC readiness checks cannot be made (TLS on without the client's files), if so."""
-    from shared.wire import health_probe
+def log_file(service: Service) -> Path:
+    return RUN_DIR / f"{service.name}.log"
 
-    env = probe_env(all_services)
-    for service in all_services:
-        if service.grpc_port is not None:
-            try:
-                health_probe.probe_for(service.probe or service.name, env)
-            except ValueError as error:
-                return str(error)
-    return None
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 # --- process bookkeeping ------------------------------------------------------------------------
@@ -221,7 +102,7 @@ def tls_probe_error(all_services: list[Service]) -> str | None:
 def read_pid(service: Service) -> int | None:
     """The pid in the service's pid file if that process is alive and is this service."""
     try:
-        pid = int(service.pid_file.read_text().strip())
+        pid = int(pid_file(service).read_text().strip())
     except (OSError, ValueError):
         return None
     try:
@@ -235,42 +116,6 @@ def read_pid(service: Service) -> int | None:
     except OSError:
         return None
     return pid
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def is_ready(service: Service, host: str, env: dict[str, str]) -> bool:
-    """/readyz answers 200 and the gRPC health check (over TLS where configured) says SERVING.
-
-    `env` is `probe_env(...)`; ValueError if the TLS settings cannot make the check.
-    """
-    from shared.wire import health_probe
-
-    if service.redis_ready is not None:
-        return redis_answers(service.redis_ready, env.get("GESCO_RECEIVER_REDIS_PASSWORD", ""))
-    if service.http_ready is not None and not health_probe.http_ok(service.http_ready):
-        return False
-    if service.grpc_port is None:
-        return True
-    target = f"{_url_host(host)}:{service.grpc_port}"
-    return health_probe.grpc_serving(target, health_probe.probe_for(service.probe or service.name, env))
-
-
-def redis_answers(url: str, password: str) -> bool:
-    """Redis at `url` answers PING (with the password, if any)."""
-    import redis
-
-    client = redis.Redis.from_url(url, password=password or None, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
 
 
 def stop_pid(pid: int, grace_s: float) -> str:
@@ -366,7 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     started: list[tuple[Service, subprocess.Popen]] = []
     for service in all_services:
-        output = None if args.foreground else service.log_file.open("ab")
+        output = None if args.foreground else log_file(service).open("ab")
         proc = subprocess.Popen(
             service.argv(),
             cwd=REPO_ROOT,
@@ -378,14 +223,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         if output:
             output.close()
-        service.pid_file.write_text(f"{proc.pid}\n")
+        pid_file(service).write_text(f"{proc.pid}\n")
         started.append((service, proc))
-        print(f"started {service.name} (pid {proc.pid})" + ("" if args.foreground else f", log {_rel(service.log_file)}"))
+        print(f"started {service.name} (pid {proc.pid})" + ("" if args.foreground else f", log {_rel(log_file(service))}"))
 
     if not _wait_ready(started, args.host, args.timeout, probe_env(all_services)):
         for service, proc in reversed(started):
             stop_pid(proc.pid, args.grace)
-            service.pid_file.unlink(missing_ok=True)
+            pid_file(service).unlink(missing_ok=True)
         return 1
     print_urls(ports, args.host)
     if not args.foreground:
@@ -418,7 +263,7 @@ def _wait_ready(
             proc = procs[service.name]
             if proc.poll() is not None:
                 print(f"{service.name} exited ({describe_exit(proc.returncode)}); last log lines:")
-                print(tail(service.log_file))
+                print(tail(log_file(service)))
                 return False
             if is_ready(service, host, env):
                 print(f"{service.name} is ready")
@@ -427,7 +272,7 @@ def _wait_ready(
             names = ", ".join(s.name for s in pending)
             print(f"not ready after {timeout_s:.0f} s: {names}; last log lines:")
             for service in pending:
-                print(f"--- {service.name}\n{tail(service.log_file)}")
+                print(f"--- {service.name}\n{tail(log_file(service))}")
             return False
         time.sleep(0.3)
     return True
@@ -455,7 +300,7 @@ def _supervise(started: list[tuple[Service, subprocess.Popen]], grace_s: float) 
     for service, proc in reversed(started):
         if proc.poll() is None:
             print(f"{service.name}: {stop_pid(proc.pid, grace_s)}")
-        service.pid_file.unlink(missing_ok=True)
+        pid_file(service).unlink(missing_ok=True)
     return code
 
 
@@ -469,7 +314,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         else:
             print(f"{service.name} (pid {pid}): {stop_pid(pid, args.grace)}")
             stopped_any = True
-        service.pid_file.unlink(missing_ok=True)
+        pid_file(service).unlink(missing_ok=True)
     if not stopped_any:
         print("nothing was running")
     return 0
@@ -556,7 +401,7 @@ def load_ports(args: argparse.Namespace) -> Ports:
 
 
 def print_urls(ports: Ports, host: str) -> None:
-    host = _url_host(host)
+    host = url_host(host)
     print(f"sender REST      http://{host}:{ports.sender}   (API docs: http://{host}:{ports.sender}/docs)")
     print(f"sender gRPC      {host}:{ports.sender_grpc}")
     for index in range(ports.receivers):

@@ -3,8 +3,11 @@
 One torch thread, so tests and the service processes they start do not oversubscribe a small
 machine's cores (torch's spinning worker threads slow everything down). The fixtures any module
 may use by name: a fake generator loaded by the receiver's model host, a running worker on it,
-and a test PKI. Tests marked `processes` start service processes; `pytest -m "not processes"`
-runs the fast rest alone.
+and a test PKI.
+
+Tests that start a service process, a redis-server or a browser are marked `processes`, so that
+`pytest -m "not processes"` runs the fast rest alone: those using a fixture of PROCESS_FIXTURES
+are marked here, the few that start one in their body carry the mark themselves.
 """
 from __future__ import annotations
 
@@ -18,6 +21,16 @@ from tests.receiver_helpers import FakeGenerator, make_settings, ready_client
 from tests.tls_certs import Authority, Pki
 
 torch.set_num_threads(1)
+
+# Fixtures (of any test module) that start service processes, Redis or a browser.
+PROCESS_FIXTURES = frozenset({"services", "pipeline", "cluster", "lone_sender", "sender", "channel_proc",
+                              "redis_server", "browser"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
 
 
 @pytest.fixture()

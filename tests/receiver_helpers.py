@@ -72,7 +72,7 @@ class FakeGenerator:
 
 
 def make_settings(tmp_path: Path, **overrides) -> ReceiverSettings:
-    values = dict(store_dir=tmp_path / "store", checkpoint=tmp_path / "missing.pt", device="cpu",
+    values = dict(store_dir=tmp_path / "store", checkpoint=tmp_path / "missing.pt", device="cpu", upscale=False,
                   queue_size=2, output_height=30, output_width=40, grpc_port=free_port(), http_port=free_port())
     values.update(overrides)
     return ReceiverSettings(**values)
@@ -153,3 +153,23 @@ def tiny_generator() -> SemanticImageGenerator:
 def conditions(count: int) -> torch.Tensor:
     labels = torch.randint(0, NUM_CLASSES, (count, 8, 16), generator=torch.Generator().manual_seed(7))
     return torch.nn.functional.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(transmission_id: str, created_at: float, status: str = "queued") -> dict:
+    return {"id": transmission_id, "status": status, "created_at": created_at, "error": None, "timings_ms": {}}
+
+
+def ddim(seed: int) -> gesco_pb2.SamplingRequest:
+    return gesco_pb2.SamplingRequest(sampler="ddim", steps=3, seed=seed)
+
+
+def ddpm(seed: int) -> gesco_pb2.SamplingRequest:
+    return gesco_pb2.SamplingRequest(sampler="ddpm", steps=3, seed=seed)

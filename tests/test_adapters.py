@@ -27,7 +27,7 @@ from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusi
 from shared.semantic.diffusion.unet import UNetConfig
 from tests.receiver_helpers import TINY, conditions, tiny_generator
 from tests.receiver_helpers import decode_png, make_settings, transmission, wait_for_status
-from tests.test_training import _args, _log
+from tests.training_helpers import train_args, train_log
 from training import train_diffusion
 
 SAMPLING = SamplingOptions(sampler="ddim", steps=3, guidance=1.5)
@@ -111,12 +111,12 @@ def test_an_adapter_refuses_other_base_weights_or_another_network(tmp_path: Path
 
 
 def test_training_the_spade_layers_exports_an_adapter_of_its_base(tmp_path: Path) -> None:
-    assert train_diffusion.main(_args(tmp_path, "base", "--max-steps", "2")) == "max_steps"
+    assert train_diffusion.main(train_args(tmp_path, "base", "--max-steps", "2")) == "max_steps"
     base_path = tmp_path / "base" / "export.pt"
-    argv = _args(tmp_path, "f2", "--max-steps", "6", "--init-from", str(base_path), "--trainable", "spade",
+    argv = train_args(tmp_path, "f2", "--max-steps", "6", "--init-from", str(base_path), "--trainable", "spade",
                  "--downsample-factor", "2", "--lr", "1e-2", "--rewarm-steps", "2", "--model-name", "tiny-f2")
     assert train_diffusion.main(argv) == "max_steps"
-    log = _log(tmp_path, "f2")
+    log = train_log(tmp_path, "f2")
     assert log[0]["resumed"] == "init"
     assert [r["lr"] for r in log if "lr" in r][:2] == pytest.approx([5e-3, 1e-2])  # a new optimiser warms up again
     base = SemanticImageGenerator.load(base_path, "cpu")
@@ -128,7 +128,7 @@ def test_training_the_spade_layers_exports_an_adapter_of_its_base(tmp_path: Path
     assert adapted.info.name == "tiny-f2" and adapted.info.training_steps == 6
     # the fp16 parts of a (GPU) call export as an adapter of the same base too
     parts = tmp_path / "parts"
-    assert train_diffusion.main(_args(tmp_path, "f2-parts", "--max-steps", "4", "--init-from", str(base_path),
+    assert train_diffusion.main(train_args(tmp_path, "f2-parts", "--max-steps", "4", "--init-from", str(base_path),
                                       "--trainable", "spade", "--downsample-factor", "2", "--save-parts",
                                       str(parts))) == "max_steps"
     train_diffusion.main(["--export-parts", str(parts), "--export-path", str(tmp_path / "from-parts.pt")])

@@ -13,7 +13,7 @@ from sender_service.auth import ApiKeyGuard
 from sender_service.settings import SenderSettings
 from shared.wire.imageio import encode_png
 from shared.wire.logging_setup import JsonFormatter
-from tests.test_sender_service import blocky_label_map, serve_fake_channel
+from tests.sender_helpers import blocky_label_map, serve_fake_channel
 
 API_KEY = "s3cret-key-for-tests-0123456789"
 

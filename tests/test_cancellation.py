@@ -24,7 +24,8 @@ from shared.semantic.diffusion.generator import SemanticDiffusionConfig, Semanti
 from shared.semantic.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
 from shared.semantic.diffusion.unet import UNetConfig
 from tests.receiver_helpers import receive, transmission, wait_for_status
-from tests.test_receiver_service import batching_worker, ddim, ddpm
+from tests.receiver_helpers import ddim, ddpm
+from tests.test_receiver_service import batching_worker
 
 FINISHED = {"done", "failed", "cancelled"}
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from channel_sim.server import build_channel_server
 from channel_sim.settings import ChannelSettings

@@ -239,6 +239,7 @@ def test_reflection_lists_the_services(channel_port):
     assert {"gesco.v1.Channel", "grpc.health.v1.Health"} <= names
 
 
+@pytest.mark.processes
 def test_receiver_down_is_unavailable():
     port = free_port()
     env = {"GESCO_CHANNEL_PORT": str(port), "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{free_port()}",

@@ -391,7 +391,9 @@ def test_the_image_holds_every_repository_package_the_services_import() -> None:
     for folder in ("sender_service", "channel_sim", "receiver_service", "shared"):
         for path in (REPO_ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "gesco":
+                    modules = [f"gesco.{alias.name}" for alias in node.names]  # `from gesco import options`
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     modules = [node.module]
                 elif isinstance(node, ast.Import):
                     modules = [alias.name for alias in node.names]
@@ -399,8 +401,10 @@ def test_the_image_holds_every_repository_package_the_services_import() -> None:
                     continue
                 for module in modules:
                     top = module.split(".")[0]
-                    if top == "gesco":  # only the stubs the build generates are in the image
-                        assert module.startswith("gesco.v1"), f"{path.relative_to(REPO_ROOT)} imports {module}"
+                    if top == "gesco":  # the stubs the build generates and the option registry are in the image
+                        assert module.startswith(("gesco.v1", "gesco.options")), f"{path.relative_to(REPO_ROOT)} imports {module}"
+                        if module.startswith("gesco.options"):
+                            assert "gesco/options.py" in copied
                     elif top in local:
                         assert top in copied, f"{path.relative_to(REPO_ROOT)} imports {module}, not in the image"
 

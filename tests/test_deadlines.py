@@ -28,7 +28,7 @@ from shared.wire.imageio import encode_png
 from shared.wire.monitoring import ServiceMetrics
 from tests.service_procs import free_port
 from tests.receiver_helpers import make_settings, transmission
-from tests.test_sender_service import blocky_label_map
+from tests.sender_helpers import blocky_label_map
 
 SLACK_S = 2.0
 
@@ -136,7 +136,7 @@ def test_a_caller_out_of_time_mid_stream_is_cancelled_not_an_internal_error(stal
 
 
 @pytest.fixture()
-def receiver(tmp_path, fake_generator):  # noqa: F811 - the fixture imported above
+def receiver(tmp_path, fake_generator):
     settings = make_settings(tmp_path)
     store = TransmissionStore(settings.store_dir, max_items=50, max_age_s=3600)
     store.open()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,13 +23,14 @@ import httpx
 import numpy as np
 import pytest
 
+from gesco.stack import Ports, RunningStack, services
 from gesco.v1 import gesco_pb2_grpc
 from receiver_service.store import RESTART_ERROR
 from shared.wire import transport
 from shared.wire.imageio import encode_png
-from tests.service_procs import free_port, open_post, service_log, start_service, stop_service
-from tests.receiver_helpers import transmission
 from shared.paths import REPO_ROOT
+from tests.receiver_helpers import transmission
+from tests.service_procs import open_post, stop_service
 
 OUTPUT_HEIGHT, OUTPUT_WIDTH = 72, 96  # the receiver's configured output size
 FAST = {"steps": "2", "guidance": "0", "seed": "3", "wait": "true"}
@@ -48,59 +50,43 @@ class Pipeline:
     """The three processes and their addresses; the receiver and the channel can be restarted."""
 
     def __init__(self, tmp: Path) -> None:
-        self.sender_port, self.channel_port = free_port(), free_port()
-        self.receiver_http, self.receiver_grpc = free_port(), free_port()
-        self.receiver_url = f"http://127.0.0.1:{self.receiver_http}"
-        self.sender_url = f"http://127.0.0.1:{self.sender_port}"
-        self.receiver_env = {
-            "GESCO_RECEIVER_HTTP_PORT": str(self.receiver_http),
-            "GESCO_RECEIVER_GRPC_PORT": str(self.receiver_grpc),
-            "GESCO_RECEIVER_PUBLIC_URL": self.receiver_url,
-            "GESCO_RECEIVER_STORE_DIR": str(tmp / "store"),
-            "GESCO_RECEIVER_OUTPUT_HEIGHT": str(OUTPUT_HEIGHT),
-            "GESCO_RECEIVER_OUTPUT_WIDTH": str(OUTPUT_WIDTH),
-            "GESCO_RECEIVER_DEVICE": "cpu",
-            "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
-            "GESCO_RECEIVER_TORCH_THREADS": "1",
-        }
-        self.receiver = self.channel = None
-        self.start_receiver()
-        self.start_channel()
-        self.sender = start_service(
-            "sender_service",
-            {
-                "GESCO_SENDER_PORT": str(self.sender_port),
-                "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{self.channel_port}",
-                "GESCO_SENDER_RECEIVER_PUBLIC_URL": self.receiver_url,
+        ports, self.store_dir = Ports.free(), tmp / "store"
+        self.channel_port, self.receiver_grpc = ports.channel, ports.receiver_grpc
+        self.stack = RunningStack(services(ports, settings={
+            "receiver": {
+                "GESCO_RECEIVER_STORE_DIR": str(self.store_dir),
+                "GESCO_RECEIVER_OUTPUT_HEIGHT": str(OUTPUT_HEIGHT),
+                "GESCO_RECEIVER_OUTPUT_WIDTH": str(OUTPUT_WIDTH),
+                "GESCO_RECEIVER_DEVICE": "cpu",
+                "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
+                "GESCO_RECEIVER_TORCH_THREADS": "1",
+            },
+            "channel": {"GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20", "GESCO_CHANNEL_METRICS_PORT": "0"},
+            "sender": {
                 "GESCO_SENDER_POLL_INTERVAL_S": "0.2",
                 "GESCO_SENDER_WAIT_TIMEOUT_S": "240",
                 "GESCO_SENDER_DEVICE": "cpu",
             },
-            ready_url=f"{self.sender_url}/readyz",
-            timeout=120,
-        )
+        }), tmp / "logs")
+        self.receiver_url, self.sender_url = self.stack.url("receiver"), self.stack.url("sender")
+
+    @property
+    def receiver(self) -> subprocess.Popen:
+        return self.stack.procs["receiver"]
+
+    @property
+    def channel(self) -> subprocess.Popen:
+        return self.stack.procs["channel"]
+
+    @property
+    def sender(self) -> subprocess.Popen:
+        return self.stack.procs["sender"]
 
     def start_receiver(self) -> None:
-        self.receiver = start_service(
-            "receiver_service",
-            self.receiver_env,
-            ready_url=f"{self.receiver_url}/readyz",
-            grpc_port=self.receiver_grpc,
-            timeout=180,
-        )
+        self.stack.start("receiver")
 
     def start_channel(self) -> None:
-        self.channel = start_service(
-            "channel_sim",
-            {
-                "GESCO_CHANNEL_PORT": str(self.channel_port),
-                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{self.receiver_grpc}",
-                "GESCO_CHANNEL_FORWARD_TIMEOUT_S": "20",
-                "GESCO_CHANNEL_METRICS_PORT": "0",
-            },
-            grpc_port=self.channel_port,
-            timeout=120,
-        )
+        self.stack.start("channel")
 
     def post(self, path: Path | None = None, data: bytes | None = None, timeout: float = 300, **fields) -> httpx.Response:
         payload = data if data is not None else path.read_bytes()
@@ -113,9 +99,7 @@ class Pipeline:
         )
 
     def stop(self) -> None:
-        for proc in (self.sender, self.channel, self.receiver):
-            if proc is not None:
-                stop_service(proc)
+        self.stack.stop()
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +177,7 @@ def test_receiver_stopping_mid_request_gives_a_clear_error_then_recovers(pipelin
     assert response.status_code in (502, 503), response.text
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["message"]
-    assert pipeline.sender.poll() is None, service_log(pipeline.sender)
+    assert pipeline.sender.poll() is None, pipeline.stack.log("sender")
 
     # While the receiver is down the channel cannot forward: a clear 503 at once.
     down = pipeline.post(data=encode_png(blocky_label_map(2)), kind="label_map", timeout=60)
@@ -328,7 +312,7 @@ def _post_once_up(pipeline: Pipeline, labels: np.ndarray, timeout: float = 60) -
 def _store_statuses(pipeline: Pipeline) -> dict[str, str]:
     """The status of every job in the receiver's store folder, by id."""
     statuses = {}
-    for status_file in Path(pipeline.receiver_env["GESCO_RECEIVER_STORE_DIR"]).glob("*/status.json"):
+    for status_file in pipeline.store_dir.glob("*/status.json"):
         try:
             statuses[status_file.parent.name] = json.loads(status_file.read_text())["status"]
         except (OSError, ValueError, KeyError):

@@ -43,7 +43,7 @@ from sender_service.settings import SenderSettings
 from shared.semantic import codec, link
 from shared.wire import imageio, transport
 from tests.service_procs import free_port
-from tests.test_sender_service import serve_fake_channel
+from tests.sender_helpers import serve_fake_channel
 
 EXAMPLES = int(os.environ.get("GESCO_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("GESCO_FUZZ_RANDOM") != "1",

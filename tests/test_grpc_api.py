@@ -183,7 +183,7 @@ def test_the_round_trip_with_grpcurl_and_reflection_alone(services) -> None:
     assert json.loads(grpcurl(services.sender_grpc, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
 
 
-def test_the_senders_grpc_api_speaks_mutual_tls_when_configured(pki) -> None:  # noqa: F811
+def test_the_senders_grpc_api_speaks_mutual_tls_when_configured(pki) -> None:
     """In process; the channel's certificate (it names 127.0.0.1) stands in for the sender's."""
     from fastapi.testclient import TestClient
 

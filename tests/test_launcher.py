@@ -17,12 +17,13 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from channel_sim.settings import ChannelSettings
-from gesco import cli
+from gesco import cli, stack
 from scripts import launch
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
 from shared.wire import grpc_security, health_probe
-from tests.service_procs import REPO_ROOT, free_port
+from shared.paths import REPO_ROOT
+from tests.service_procs import free_port
 
 # server -> (the server's TLS variables' prefix, its client's TLS variables' prefix)
 PREFIXES = {
@@ -201,6 +202,7 @@ def test_the_redis_password_stays_in_an_owner_only_file(clean_env, tmp_path) -> 
         launch.write_redis_config(launch.Ports(8000, 8001, 50052, 50051, redis=6390), "127.0.0.1")
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(launch.shutil.which(launch.REDIS_SERVER) is None, reason="redis-server is not installed")
 def test_the_launchers_redis_answers_with_its_password_and_is_found_by_its_pid(clean_env, tmp_path) -> None:
     """The configuration `up --redis` writes starts a redis-server that answers PING only with the
@@ -213,13 +215,13 @@ def test_the_launchers_redis_answers_with_its_password_and_is_found_by_its_pid(c
     redis_service = launch.services(ports)[0]
     proc = subprocess.Popen(redis_service.argv(), stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        redis_service.pid_file.write_text(f"{proc.pid}\n")
+        launch.pid_file(redis_service).write_text(f"{proc.pid}\n")
         env = launch.probe_env([redis_service])
         deadline = time.monotonic() + 10
         while not launch.is_ready(redis_service, "127.0.0.1", env):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        assert not launch.redis_answers(redis_service.redis_ready, "wrong")
+        assert not stack.redis_answers(redis_service.redis_ready, "wrong")
         assert launch.read_pid(redis_service) == proc.pid
     finally:
         assert launch.stop_pid(proc.pid, 10).startswith("stopped")

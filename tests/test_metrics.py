@@ -18,7 +18,7 @@ from shared.wire import transport
 from shared.wire.imageio import encode_png
 from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
 from tests.receiver_helpers import make_settings, ready_client, receive, transmission
-from tests.test_sender_service import blocky_label_map, photo, serve_fake_channel
+from tests.sender_helpers import blocky_label_map, photo, serve_fake_channel
 
 
 def sample_value(text: str, name: str, **labels: str) -> float:
@@ -125,12 +125,12 @@ def test_sender_counts_a_413_refused_before_routing(sender_client) -> None:
 
 
 @pytest.fixture()
-def receiver_client(tmp_path, fake_generator):  # noqa: F811 - the fixture imported above
+def receiver_client(tmp_path, fake_generator):
     with ready_client(make_settings(tmp_path, queue_size=2), fake_generator) as client:
         yield client
 
 
-def test_receiver_metrics_grpc_codes_queue_batches_and_stages(receiver_client, fake_generator) -> None:  # noqa: F811
+def test_receiver_metrics_grpc_codes_queue_batches_and_stages(receiver_client, fake_generator) -> None:
     port = receiver_client.settings.grpc_port
     fake_generator.gate.clear()
     first, second = transmission(), transmission()

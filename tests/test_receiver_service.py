@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+from gesco.stack import Ports, RunningStack
+from gesco.stack import services as services_of
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import (
@@ -31,24 +33,13 @@ from receiver_service.views import class_palette, labels_png, maps_png
 from shared.paths import REPO_ROOT
 from shared.semantic import codec
 from shared.wire import transport
+from tests.receiver_helpers import FakeClock, ddim, ddpm, record
 from tests.service_procs import free_port, service_log, start_service, stop_service
 
 IDS = [f"{i:032x}" for i in range(1, 20)]
 
 
 # ----------------------------------------------------------------------------------------- store
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def record(transmission_id: str, created_at: float, status: str = "queued") -> dict:
-    return {"id": transmission_id, "status": status, "created_at": created_at, "error": None, "timings_ms": {}}
 
 
 def test_store_create_get_update(tmp_path):
@@ -443,14 +434,6 @@ def batching_worker(tmp_path, **overrides) -> GenerationWorker:
     return worker
 
 
-def ddim(seed: int) -> gesco_pb2.SamplingRequest:
-    return gesco_pb2.SamplingRequest(sampler="ddim", steps=3, seed=seed)
-
-
-def ddpm(seed: int) -> gesco_pb2.SamplingRequest:
-    return gesco_pb2.SamplingRequest(sampler="ddpm", steps=3, seed=seed)
-
-
 def test_batches_gather_compatible_jobs_and_keep_the_others_in_order(tmp_path, fake_generator):
     worker = batching_worker(tmp_path, max_batch_size=2)
     try:
@@ -707,12 +690,9 @@ E2E_SAMPLING = gesco_pb2.SamplingRequest(sampler="ddim", steps=2, guidance=0.0, 
 E2E_OUTPUT = (72, 96)
 
 
-def receiver_env(tmp_path: Path, store_dir: Path, **overrides) -> tuple[dict[str, str], int, int]:
-    grpc_port, http_port = free_port(), free_port()
-    env = {
-        "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
-        "GESCO_RECEIVER_HTTP_PORT": str(http_port),
-        "GESCO_RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
+def receiver_settings(tmp_path: Path, store_dir: Path, **overrides) -> dict[str, str]:
+    """An untrained receiver's variables for the end-to-end tests, ports aside."""
+    return {
         "GESCO_RECEIVER_STORE_DIR": str(store_dir),
         "GESCO_RECEIVER_CHECKPOINT": str(tmp_path / "no-such-checkpoint.pt"),
         "GESCO_RECEIVER_DEVICE": "cpu",
@@ -721,6 +701,16 @@ def receiver_env(tmp_path: Path, store_dir: Path, **overrides) -> tuple[dict[str
         "GESCO_RECEIVER_OUTPUT_HEIGHT": str(E2E_OUTPUT[0]),
         "GESCO_RECEIVER_OUTPUT_WIDTH": str(E2E_OUTPUT[1]),
         **{f"GESCO_RECEIVER_{key.upper()}": str(value) for key, value in overrides.items()},
+    }
+
+
+def receiver_env(tmp_path: Path, store_dir: Path, **overrides) -> tuple[dict[str, str], int, int]:
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
+        "GESCO_RECEIVER_HTTP_PORT": str(http_port),
+        "GESCO_RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{http_port}",
+        **receiver_settings(tmp_path, store_dir, **overrides),
     }
     return env, grpc_port, http_port
 
@@ -734,22 +724,17 @@ def start_receiver(env: dict[str, str], grpc_port: int, http_port: int):
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
+    """An untrained receiver and the channel in front of it, wired by gesco.stack (no sender)."""
     tmp_path = tmp_path_factory.mktemp("receiver-e2e")
-    env, grpc_port, http_port = receiver_env(tmp_path, tmp_path / "store")
-    receiver = start_receiver(env, grpc_port, http_port)
-    channel_port = free_port()
-    try:
-        channel = start_service("channel_sim", {"GESCO_CHANNEL_PORT": str(channel_port),
-                                                "GESCO_CHANNEL_RECEIVER_ADDRESS": f"127.0.0.1:{grpc_port}",
-                                                "GESCO_CHANNEL_METRICS_PORT": "0"},
-                                grpc_port=channel_port, timeout=180)
-    except BaseException:
-        stop_service(receiver)
-        raise
-    channel.port = channel_port
+    ports = Ports.free()
+    wired = services_of(ports, settings={"receiver": receiver_settings(tmp_path, tmp_path / "store"),
+                                         "channel": {"GESCO_CHANNEL_METRICS_PORT": "0"}})
+    stack = RunningStack([service for service in wired if service.name != "sender"], tmp_path / "logs")
+    receiver, channel = stack.procs["receiver"], stack.procs["channel"]
+    receiver.grpc_port, receiver.http_port, channel.port = ports.receiver_grpc, ports.receiver_http, ports.channel
     yield receiver, channel
-    assert stop_service(channel) == 0, service_log(channel)
-    assert stop_service(receiver) == 0, service_log(receiver)
+    assert stop_service(channel) == 0, stack.log("channel")
+    assert stop_service(receiver) == 0, stack.log("receiver")
 
 
 def e2e_transmission(snr_db: float = 40.0, sampling=E2E_SAMPLING, transmission_id: str | None = None):
@@ -835,6 +820,7 @@ def test_e2e_bad_input_is_invalid_argument_and_the_next_request_works(services):
     assert bad_id.status_code == 422 and bad_id.json()["error"]["field"] == "transmission_id"
 
 
+@pytest.mark.processes
 def test_e2e_queue_full_then_restart_fails_unfinished_jobs(tmp_path):
     store_dir = tmp_path / "store"
     slow = gesco_pb2.SamplingRequest(sampler="ddim", steps=1000, guidance=0.0, seed=1, use_fds=True)

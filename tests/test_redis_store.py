@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
 from receiver_service.grpc_server import queue_transmission
 from receiver_service.long_poll import FinishWaiters
@@ -40,61 +37,19 @@ from receiver_service.store_factory import create_store
 from receiver_service.worker import GenerationWorker
 from shared.paths import REPO_ROOT
 from shared.wire import transport
-from tests.service_procs import free_port
 from tests.receiver_helpers import decode_png, make_settings, ready_client, receive, transmission, wait_for_status
-from tests.test_receiver_service import ddim
+from tests.receiver_helpers import FakeClock, ddim, record
+from tests.redis_helpers import PASSWORD, PREFIX, REDIS_SERVER, RedisServer
 
-REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
 )
 
 IDS = [f"{i:032x}" for i in range(1, 20)]
-PASSWORD = "test-password-1"
-PREFIX = "gesco:receiver:"
 LEASE_S = 1.0
 # The lease of the tests that time replicas against each other: long enough that a replica starved
 # of CPU on a loaded two-core machine still renews in time.
 SLOW_LEASE_S = 2.0
-
-
-class RedisServer:
-    """One redis-server process on a free loopback port, its data in `directory`."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--requirepass", PASSWORD, "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--logfile", str(self.directory / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = self.client()
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                client.ping()
-                break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start: {(self.directory / 'redis.log').read_text()}")
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save, so whatever survives was persisted as it was written."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2)
 
 
 @pytest.fixture
@@ -123,18 +78,6 @@ def make_store(redis_server) -> Iterator[Callable[..., RedisTransmissionStore]]:
     yield make
     for store in stores:
         store.close()
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def record(transmission_id: str, created_at: float, status: str = "queued") -> dict:
-    return {"id": transmission_id, "status": status, "created_at": created_at, "error": None, "timings_ms": {}}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:

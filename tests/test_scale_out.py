@@ -26,16 +26,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
+from gesco.stack import Ports, RunningStack, services
 from receiver_service.redis_store import LEASE_EXPIRED_ERROR
 from shared.paths import REPO_ROOT
-from tests.service_procs import free_port, start_service, stop_service
-from tests.test_redis_store import PASSWORD, PREFIX, REDIS_SERVER, RedisServer
+from tests.redis_helpers import PASSWORD, PREFIX, REDIS_SERVER, RedisServer
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
@@ -57,7 +56,6 @@ class Cluster:
     receiver_procs: dict[str, subprocess.Popen]
     channel_port: int
     sender_url: str
-    procs: list[subprocess.Popen] = field(default_factory=list)
     done_before: list[str] = field(default_factory=list)  # transmissions done in the first test
 
     def owner(self, transmission_id: str) -> str:
@@ -75,54 +73,34 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("scale-out")
     redis_server = RedisServer(tmp)
     redis_server.start()
-    replicas, receiver_ports = {}, {}
-    for index in (1, 2, 3):
-        name, http_port, grpc_port = f"r{index}", free_port(), free_port()
-        replicas[name] = f"http://127.0.0.1:{http_port}"
-        receiver_ports[name] = (http_port, grpc_port)
-
-    def start_receiver(name: str) -> subprocess.Popen:
-        http_port, grpc_port = receiver_ports[name]
-        return start_service("receiver_service", {
-            "GESCO_RECEIVER_HTTP_PORT": str(http_port),
-            "GESCO_RECEIVER_GRPC_PORT": str(grpc_port),
-            "GESCO_RECEIVER_PUBLIC_URL": replicas[name],
-            "GESCO_RECEIVER_STORE_DIR": str(tmp / f"unused-{name}"),
-            "GESCO_RECEIVER_DEVICE": "cpu",
-            "GESCO_RECEIVER_TORCH_THREADS": "1",
-            "GESCO_RECEIVER_OUTPUT_HEIGHT": "96",
-            "GESCO_RECEIVER_OUTPUT_WIDTH": "128",
-            "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
-            "GESCO_RECEIVER_QUEUE_SIZE": "16",
-            "GESCO_RECEIVER_API_KEY": RECEIVER_KEY,
-            "GESCO_RECEIVER_REDIS_URL": redis_server.url,
-            "GESCO_RECEIVER_REDIS_PASSWORD": PASSWORD,
-            "GESCO_RECEIVER_REDIS_LEASE_S": str(LEASE_S),
-            "GESCO_RECEIVER_REDIS_REPLICA_ID": name,
-        }, ready_url=f"{replicas[name]}/readyz", grpc_port=grpc_port, timeout=240)
-
-    procs: list[subprocess.Popen] = []
+    ports = Ports.free(receivers=3)
     try:
-        with ThreadPoolExecutor(3) as pool:  # the three load their models at once
-            started = dict(zip(replicas, pool.map(start_receiver, replicas)))
-        procs += started.values()
-        channel_port, sender_port = free_port(), free_port()
-        procs.append(start_service("channel_sim", {
-            "GESCO_CHANNEL_PORT": str(channel_port),
-            "GESCO_CHANNEL_RECEIVER_ADDRESS": ",".join(f"127.0.0.1:{grpc}" for _, grpc in receiver_ports.values()),
-            "GESCO_CHANNEL_METRICS_PORT": "0",
-        }, grpc_port=channel_port, timeout=120))
-        procs.append(start_service("sender_service", {
-            "GESCO_SENDER_PORT": str(sender_port),
-            "GESCO_SENDER_CHANNEL_ADDRESS": f"127.0.0.1:{channel_port}",
-            "GESCO_SENDER_RECEIVER_PUBLIC_URL": replicas["r1"],
-            "GESCO_SENDER_RECEIVER_API_KEY": RECEIVER_KEY,
-            "GESCO_SENDER_DEVICE": "cpu",
-        }, ready_url=f"http://127.0.0.1:{sender_port}/readyz", timeout=120))
-        yield Cluster(redis_server, replicas, started, channel_port, f"http://127.0.0.1:{sender_port}", procs)
+        stack = RunningStack(services(ports, settings={
+            "receiver": {
+                "GESCO_RECEIVER_STORE_DIR": str(tmp / "unused-store"),
+                "GESCO_RECEIVER_DEVICE": "cpu",
+                "GESCO_RECEIVER_TORCH_THREADS": "1",
+                "GESCO_RECEIVER_OUTPUT_HEIGHT": "96",
+                "GESCO_RECEIVER_OUTPUT_WIDTH": "128",
+                "GESCO_RECEIVER_SHUTDOWN_GRACE_S": "1",
+                "GESCO_RECEIVER_QUEUE_SIZE": "16",
+                "GESCO_RECEIVER_API_KEY": RECEIVER_KEY,
+                "GESCO_RECEIVER_REDIS_URL": redis_server.url,
+                "GESCO_RECEIVER_REDIS_PASSWORD": PASSWORD,
+                "GESCO_RECEIVER_REDIS_LEASE_S": str(LEASE_S),
+            },
+            "channel": {"GESCO_CHANNEL_METRICS_PORT": "0"},
+            "sender": {"GESCO_SENDER_RECEIVER_API_KEY": RECEIVER_KEY, "GESCO_SENDER_DEVICE": "cpu"},
+        }), tmp / "logs", timeout_s=240)
+    except BaseException:
+        redis_server.kill()
+        raise
+    try:
+        replicas = {name: stack.url(name) for name in stack.services if name.startswith("receiver-")}
+        yield Cluster(redis_server, replicas, {name: stack.procs[name] for name in replicas}, ports.channel,
+                      stack.url("sender"))
     finally:
-        for proc in reversed(procs):
-            stop_service(proc)
+        stack.stop()
         redis_server.kill()
 
 
@@ -174,7 +152,7 @@ def test_transmissions_spread_over_the_replicas_and_any_replica_answers_for_each
         assert max(long_polls) < 15, max(long_polls)
 
         # The key is needed, and the sender passes it on (its wait=true and its relay).
-        assert http.get(f"{cluster.replicas['r2']}/v1/transmissions/{accepted[0]}").status_code == 401
+        assert http.get(f"{cluster.replicas['receiver-2']}/v1/transmissions/{accepted[0]}").status_code == 401
         waited = send(http, cluster, 1000, wait=True)
         assert waited.status_code == 200 and waited.content.startswith(PNG), waited.text
         relayed = http.get(f"{cluster.sender_url}/receiver/v1/transmissions/{accepted[1]}")
@@ -185,7 +163,7 @@ def test_transmissions_spread_over_the_replicas_and_any_replica_answers_for_each
 def test_a_redis_restart_under_light_load_is_503_then_recovery(cluster) -> None:
     with httpx.Client() as http:
         images_before = {transmission_id: http.get(
-            f"{cluster.replicas['r3']}/v1/transmissions/{transmission_id}/image", headers=HEADERS).content
+            f"{cluster.replicas['receiver-3']}/v1/transmissions/{transmission_id}/image", headers=HEADERS).content
             for transmission_id in cluster.done_before}
         assert all(image.startswith(PNG) for image in images_before.values())
         answers: list[tuple[int, str | None]] = []  # the light load: (status code, transmission id)
@@ -230,22 +208,22 @@ def test_a_redis_restart_under_light_load_is_503_then_recovery(cluster) -> None:
         assert set(codes) <= {202, 429, 503}, codes  # never a 500, never a wrong answer
 
         for transmission_id, image in images_before.items():  # done before: still done, same image
-            record = wait_finished(http, cluster.replicas["r2"], transmission_id, timeout_s=5)
+            record = wait_finished(http, cluster.replicas["receiver-2"], transmission_id, timeout_s=5)
             assert record["status"] == "done"
-            again = http.get(f"{cluster.replicas['r1']}/v1/transmissions/{transmission_id}/image", headers=HEADERS)
+            again = http.get(f"{cluster.replicas['receiver-1']}/v1/transmissions/{transmission_id}/image", headers=HEADERS)
             assert again.content == image
         for transmission_id in [tid for code, tid in answers if code == 202]:  # done or a clear failure
-            record = wait_finished(http, cluster.replicas["r1"], transmission_id, timeout_s=60)
+            record = wait_finished(http, cluster.replicas["receiver-1"], transmission_id, timeout_s=60)
             assert record["status"] == "done" or (record["status"] == "failed" and record["error"]), record
         assert send(http, cluster, 3000, wait=True).status_code == 200
 
 
 def test_a_replica_killed_with_jobs_in_flight_fails_them_within_the_lease(cluster, tmp_path) -> None:
-    victim = "r3"
+    victim = "receiver-3"
     report_path = tmp_path / "load.json"
     load = subprocess.Popen(
         [sys.executable, "-m", "load.grpc_load", "--channel", f"127.0.0.1:{cluster.channel_port}",
-         "--receiver-url", cluster.replicas["r1"], "--rate", "8", "--duration-s", "6", "--max-requests", "48",
+         "--receiver-url", cluster.replicas["receiver-1"], "--rate", "8", "--duration-s", "6", "--max-requests", "48",
          "--steps", "4", "--drain-s", "90", "--report", str(report_path)],
         cwd=REPO_ROOT, env={**os.environ, "GESCO_LOAD_RECEIVER_API_KEY": RECEIVER_KEY},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -270,7 +248,7 @@ def test_a_replica_killed_with_jobs_in_flight_fails_them_within_the_lease(cluste
     ended_after = []
     with httpx.Client() as http:
         for transmission_id in in_flight:
-            record = http.get(f"{cluster.replicas['r1']}/v1/transmissions/{transmission_id}", headers=HEADERS).json()
+            record = http.get(f"{cluster.replicas['receiver-1']}/v1/transmissions/{transmission_id}", headers=HEADERS).json()
             if record["status"] == "failed":
                 assert record["error"] == lease_reason, record
                 stored = json.loads(client.hget(f"{PREFIX}tx:{transmission_id}", "record"))

@@ -2,15 +2,14 @@
 train_diffusion.py, on tiny fake CamVid folders (no real data needed)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 from shared.semantic.checkpoints import load_checkpoint
+from tests.training_helpers import train_args, train_log
 from training import train_diffusion
 from training.weight_parts import MAX_PART_BYTES, has_parts, load_parts, save_parts
 
@@ -53,39 +52,14 @@ def test_parts_detect_damage(tmp_path: Path) -> None:
         load_parts(tmp_path / "elsewhere")
 
 
-def _fake_camvid(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for i in range(n):
-            (root / split / "images").mkdir(parents=True, exist_ok=True)
-            (root / split / "labels").mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(root / split / "images" / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-            labels = np.kron(rng.integers(0, 12, (4, 4)), np.ones((8, 8), dtype=np.int64)).astype(np.uint8)
-            cv2.imwrite(str(root / split / "labels" / f"{i}.png"), labels)
-    return root
-
-
-def _args(tmp_path: Path, out: str, *extra: str) -> list[str]:
-    return [
-        "--data-root", str(_fake_camvid(tmp_path / "camvid")), "--out-dir", str(tmp_path / out),
-        "--export-path", str(tmp_path / out / "export.pt"), "--image-height", "16", "--image-width", "16",
-        "--link-height", "32", "--link-width", "32", "--model-channels", "8", "--spade-hidden", "8",
-        "--batch-size", "4", "--log-every", "1", "--eval-every", "2", "--sample-every", "1000", "--device", "cpu", *extra,
-    ]  # fmt: skip
-
-
-def _log(tmp_path: Path, out: str) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
-
-
 def test_parts_resume_rewarms_the_learning_rate(tmp_path: Path) -> None:
     parts = tmp_path / "parts"
-    assert train_diffusion.main(_args(tmp_path, "a", "--max-steps", "3", "--save-parts", str(parts))) == "max_steps"
+    assert train_diffusion.main(train_args(tmp_path, "a", "--max-steps", "3", "--save-parts", str(parts))) == "max_steps"
     payload = load_parts(parts)
     assert payload["step"] == 3 and payload["ema"]["out.2.weight"].dtype == torch.float16
     assert "model" in payload and "optimizer" not in payload
 
-    argv = _args(tmp_path, "b", "--max-steps", "5", "--resume-parts", str(parts), "--rewarm-steps", "4", "--lr", "1e-3")
+    argv = train_args(tmp_path, "b", "--max-steps", "5", "--resume-parts", str(parts), "--rewarm-steps", "4", "--lr", "1e-3")
     trainer = train_diffusion.Trainer(train_diffusion.parse_config(argv))
     assert trainer.load_state() == "parts"
     assert trainer.step == 3
@@ -93,18 +67,18 @@ def test_parts_resume_rewarms_the_learning_rate(tmp_path: Path) -> None:
         torch.testing.assert_close(value, payload["ema"][name].float())
     assert trainer.lr_at(3) == pytest.approx(1e-3 / 4) and trainer.lr_at(6) == pytest.approx(1e-3)
     assert train_diffusion.main(argv) == "max_steps"
-    log = _log(tmp_path, "b")
+    log = train_log(tmp_path, "b")
     assert log[0]["resumed"] == "parts"
     assert [r["lr"] for r in log if "lr" in r] == pytest.approx([1e-3 / 4, 2e-3 / 4])
     # a second run in the same out_dir resumes exactly from its state.pt, not from the parts
     assert train_diffusion.main(argv + ["--max-steps", "6"]) == "max_steps"
-    starts = [r for r in _log(tmp_path, "b") if r.get("event") == "start"]
+    starts = [r for r in train_log(tmp_path, "b") if r.get("event") == "start"]
     assert [r["resumed"] for r in starts] == ["parts", "state"] and starts[1]["step"] == 5
 
 
 def test_parts_with_ema_only_and_export(tmp_path: Path) -> None:
     parts = tmp_path / "parts"
-    train_diffusion.main(_args(tmp_path, "a", "--max-steps", "2", "--save-parts", str(parts), "--parts-include", "ema"))
+    train_diffusion.main(train_args(tmp_path, "a", "--max-steps", "2", "--save-parts", str(parts), "--parts-include", "ema"))
     assert "model" not in load_parts(parts)
     out = tmp_path / "shipped.pt"
     train_diffusion.main(["--export-parts", str(parts), "--export-path", str(out)])
@@ -116,21 +90,21 @@ def test_parts_with_ema_only_and_export(tmp_path: Path) -> None:
 
 def test_time_budget_stops_in_time_and_writes_parts(tmp_path: Path) -> None:
     parts = tmp_path / "parts"
-    assert train_diffusion.main(_args(tmp_path, "a", "--time-budget-s", "8", "--save-parts", str(parts))) == "budget"
-    stop = _log(tmp_path, "a")[-1]
+    assert train_diffusion.main(train_args(tmp_path, "a", "--time-budget-s", "8", "--save-parts", str(parts))) == "budget"
+    stop = train_log(tmp_path, "a")[-1]
     assert stop["event"] == "stop" and stop["reason"] == "budget" and stop["call_seconds"] <= 8.0
     assert stop["step"] > 0 and has_parts(parts)
 
 
 @pytest.mark.parametrize("batched", ["true", "false"])
 def test_both_condition_paths_train(tmp_path: Path, batched: str) -> None:
-    assert train_diffusion.main(_args(tmp_path, "a", "--max-steps", "2", "--batched-link", batched)) == "max_steps"
-    losses = [r["loss"] for r in _log(tmp_path, "a") if "loss" in r]
+    assert train_diffusion.main(train_args(tmp_path, "a", "--max-steps", "2", "--batched-link", batched)) == "max_steps"
+    losses = [r["loss"] for r in train_log(tmp_path, "a") if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_conditions_and_batches_on_the_device(tmp_path: Path) -> None:
-    trainer = train_diffusion.Trainer(train_diffusion.parse_config(_args(tmp_path, "a", "--condition-dropout", "0")))
+    trainer = train_diffusion.Trainer(train_diffusion.parse_config(train_args(tmp_path, "a", "--condition-dropout", "0")))
     x0, labels = trainer.next_batch(list(range(8)))
     assert x0.shape == (4, 3, 16, 16) and labels.shape == (4, 32, 32) and x0.min() >= -1 and x0.max() <= 1
     cond = trainer.conditions(labels)
