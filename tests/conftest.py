@@ -14,10 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from receiver_service import model_host
-from receiver_service.store import TransmissionStore
-from receiver_service.worker import GenerationWorker
-from tests.receiver_helpers import FakeGenerator, make_settings, ready_client
+from tests.receiver_helpers import FakeGenerator, make_settings, ready_client, serve_as_the_model, start_worker, tiny_generator
 from tests.tls_certs import Authority, Pki
 
 torch.set_num_threads(1)
@@ -34,26 +31,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture()
-def fake_generator(monkeypatch):
+def fake_generator(monkeypatch) -> FakeGenerator:
     generator = FakeGenerator()
+    serve_as_the_model(monkeypatch, generator)
+    return generator
 
-    class Loader:
-        @staticmethod
-        def load(checkpoint_path, device="auto"):
-            generator.loaded_from = (checkpoint_path, device)
-            return generator
 
-    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
+@pytest.fixture()
+def tiny_model(monkeypatch):
+    """A small random real generator (tests/receiver_helpers.tiny_generator) as the receiver's model."""
+    generator = tiny_generator()
+    serve_as_the_model(monkeypatch, generator)
     return generator
 
 
 @pytest.fixture()
 def running_worker(tmp_path, fake_generator):
-    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
-    store.open()
-    worker = GenerationWorker(make_settings(tmp_path), store)
-    worker.load_model()
-    assert worker.ready
+    worker = start_worker(tmp_path, queue_size=2)
     yield worker
     fake_generator.gate.set()
     worker.stop(5)

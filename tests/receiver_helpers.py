@@ -15,10 +15,12 @@ import torch
 from fastapi.testclient import TestClient
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
+from receiver_service import model_host
 from receiver_service.app import create_app
 from receiver_service.settings import ReceiverSettings
 from receiver_service.store import TransmissionStore
 from receiver_service.views import class_palette
+from receiver_service.worker import GenerationWorker
 from shared.limits import SamplingOptions
 from shared.semantic import codec
 from shared.semantic.diffusion import samplers
@@ -76,6 +78,30 @@ def make_settings(tmp_path: Path, **overrides) -> ReceiverSettings:
                   queue_size=2, output_height=30, output_width=40, grpc_port=free_port(), http_port=free_port())
     values.update(overrides)
     return ReceiverSettings(**values)
+
+
+def start_worker(tmp_path: Path, **overrides) -> GenerationWorker:
+    """A worker on a disk store in `tmp_path` (queue of 8 unless overridden) whose model has loaded;
+    its thread runs until `stop`."""
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, **{"queue_size": 8, **overrides}), store)
+    worker.load_model()
+    assert worker.ready, worker.load_error
+    return worker
+
+
+def serve_as_the_model(monkeypatch, generator) -> None:
+    """The receiver's model host loads `generator` whatever checkpoint it is given (and notes
+    which one it was asked for)."""
+
+    class Loader:
+        @staticmethod
+        def load(checkpoint_path, device="auto"):
+            generator.loaded_from = (checkpoint_path, device)
+            return generator
+
+    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
 
 
 def street_label_map(height: int = 24, width: int = 32) -> np.ndarray:

@@ -24,8 +24,7 @@ from shared.semantic.diffusion.generator import SemanticDiffusionConfig, Semanti
 from shared.semantic.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler
 from shared.semantic.diffusion.unet import UNetConfig
 from tests.receiver_helpers import receive, transmission, wait_for_status
-from tests.receiver_helpers import ddim, ddpm
-from tests.test_receiver_service import batching_worker
+from tests.receiver_helpers import ddim, ddpm, start_worker
 
 FINISHED = {"done", "failed", "cancelled"}
 
@@ -119,7 +118,7 @@ def test_a_batch_whose_jobs_are_all_cancelled_stops_at_the_next_step(running_wor
 
 
 def test_a_batch_goes_on_for_the_jobs_still_wanted(tmp_path, fake_generator) -> None:
-    worker = batching_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=5000)
+    worker = start_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=5000)
     try:
         fake_generator.gate.clear()
         wanted, dropped = transmission(sampling=ddim(1)), transmission(sampling=ddim(2))
@@ -140,7 +139,7 @@ def test_a_batch_goes_on_for_the_jobs_still_wanted(tmp_path, fake_generator) -> 
 
 
 def test_a_job_cancelled_while_its_batch_forms_is_never_sampled(tmp_path, fake_generator) -> None:
-    worker = batching_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=500)
+    worker = start_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=500)
     try:
         header, symbols = transmission(sampling=ddim(1))
         queue_transmission(worker, header, symbols, "a")

@@ -12,12 +12,9 @@ import pytest
 import torch
 
 from gesco.v1 import gesco_pb2
-from receiver_service import model_host
 from receiver_service.grpc_server import queue_transmission
 from receiver_service.model_host import forward_buckets
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import TransmissionStore
-from receiver_service.worker import GenerationWorker
 from shared.limits import SamplingOptions
 from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.generator import SemanticImageGenerator
@@ -27,6 +24,7 @@ from tests.receiver_helpers import (
     conditions,
     decode_png,
     make_settings,
+    start_worker,
     street_label_map,
     tiny_generator,
     transmission,
@@ -188,28 +186,6 @@ def test_the_gpu_preset_fills_in_what_is_not_set(monkeypatch) -> None:
 
 
 # ------------------------------------------------------------------ the worker, continuous batching
-
-
-@pytest.fixture()
-def tiny_model(monkeypatch):
-    generator = tiny_generator()
-
-    class Loader:
-        @staticmethod
-        def load(checkpoint_path, device="auto"):
-            return generator
-
-    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
-    return generator
-
-
-def start_worker(tmp_path, **overrides) -> GenerationWorker:
-    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
-    store.open()
-    worker = GenerationWorker(make_settings(tmp_path, queue_size=8, **overrides), store)
-    worker.load_model()
-    assert worker.ready, worker.load_error
-    return worker
 
 
 def requests() -> list[tuple[gesco_pb2.TransmissionHeader, np.ndarray]]:

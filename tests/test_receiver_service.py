@@ -241,6 +241,7 @@ from receiver_service.worker import GenerationWorker  # noqa: E402
 from shared.limits import SamplingOptions  # noqa: E402
 from tests.receiver_helpers import (  # noqa: E402
     NUM_CLASSES,
+    start_worker,
     decode_png,
     make_settings,
     street_label_map,
@@ -367,16 +368,6 @@ def test_not_ready_before_the_model_is_loaded(tmp_path):
         queue_transmission(worker, header, symbols, "req")
 
 
-def loaded_worker(tmp_path: Path, **overrides) -> GenerationWorker:
-    """A worker whose (fake) model has loaded; its thread runs until `stop`."""
-    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
-    store.open()
-    worker = GenerationWorker(make_settings(tmp_path, **overrides), store)
-    worker.load_model()
-    assert worker.ready, worker.load_error
-    return worker
-
-
 def test_sampling_takes_the_settings_defaults(tmp_path, fake_generator):
     def sampling_of(worker: GenerationWorker, request: gesco_pb2.SamplingRequest | None) -> SamplingOptions:
         header, symbols = transmission(sampling=request)
@@ -384,8 +375,8 @@ def test_sampling_takes_the_settings_defaults(tmp_path, fake_generator):
         assert record["sampling"]["sampler"] == job.sampling.sampler
         return job.sampling
 
-    tuned = loaded_worker(tmp_path / "tuned", default_sampler="ddpm", default_steps=12, default_guidance=1.5)
-    defaults = loaded_worker(tmp_path / "defaults")
+    tuned = start_worker(tmp_path / "tuned", default_sampler="ddpm", default_steps=12, default_guidance=1.5)
+    defaults = start_worker(tmp_path / "defaults")
     try:
         request = sampling_request(gesco_pb2.TransmissionHeader(), tuned.settings)
         assert (request.guidance, request.seed, request.use_fds) == (1.5, 0, True)
@@ -426,16 +417,8 @@ def submit_while_busy(worker, fake_generator, samplings):
     return [(call["sampler"], call["seeds"]) for call in fake_generator.calls[1:]]
 
 
-def batching_worker(tmp_path, **overrides) -> GenerationWorker:
-    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
-    store.open()
-    worker = GenerationWorker(make_settings(tmp_path, **{"queue_size": 8, **overrides}), store)
-    worker.load_model()
-    return worker
-
-
 def test_batches_gather_compatible_jobs_and_keep_the_others_in_order(tmp_path, fake_generator):
-    worker = batching_worker(tmp_path, max_batch_size=2)
+    worker = start_worker(tmp_path, max_batch_size=2)
     try:
         calls = submit_while_busy(worker, fake_generator, [ddim(1), ddpm(2), ddim(3), ddim(4), ddpm(5)])
     finally:
@@ -446,7 +429,7 @@ def test_batches_gather_compatible_jobs_and_keep_the_others_in_order(tmp_path, f
 
 
 def test_batch_size_one_disables_batching(tmp_path, fake_generator):
-    worker = batching_worker(tmp_path, max_batch_size=1, max_queue_delay_ms=500)
+    worker = start_worker(tmp_path, max_batch_size=1, max_queue_delay_ms=500)
     try:
         started = time.monotonic()
         calls = submit_while_busy(worker, fake_generator, [ddim(1), ddim(2), ddpm(3)])
@@ -457,7 +440,7 @@ def test_batch_size_one_disables_batching(tmp_path, fake_generator):
 
 
 def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generator):
-    worker = batching_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=5000)
+    worker = start_worker(tmp_path, max_batch_size=2, max_queue_delay_ms=5000)
     try:
         started = time.monotonic()
         jobs = [transmission(sampling=ddim(seed)) for seed in (1, 2)]
@@ -470,7 +453,7 @@ def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generato
         assert [call["seeds"] for call in fake_generator.calls] == [[1, 2]]
     finally:
         worker.stop(5)
-    worker = batching_worker(tmp_path / "short", max_batch_size=2, max_queue_delay_ms=0)
+    worker = start_worker(tmp_path / "short", max_batch_size=2, max_queue_delay_ms=0)
     try:
         fake_generator.calls.clear()
         for seed in (3, 4):
@@ -483,7 +466,7 @@ def test_a_job_waits_for_company_at_most_the_queue_delay(tmp_path, fake_generato
 
 
 def test_held_jobs_count_against_the_queue_size(tmp_path, fake_generator):
-    worker = batching_worker(tmp_path, max_batch_size=4, max_queue_delay_ms=300, queue_size=2)
+    worker = start_worker(tmp_path, max_batch_size=4, max_queue_delay_ms=300, queue_size=2)
     try:
         fake_generator.gate.clear()
         first = transmission(sampling=ddim(1))

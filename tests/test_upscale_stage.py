@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
-from receiver_service import model_host
 from receiver_service.grpc_server import queue_transmission
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
@@ -18,8 +16,8 @@ from tests.receiver_helpers import (
     TINY,
     decode_png,
     make_settings,
+    start_worker,
     street_label_map,
-    tiny_generator,
     transmission,
     wait_for_status,
 )
@@ -38,27 +36,10 @@ def upscaler_file(path: Path, in_height: int = TINY.image_height, in_width: int 
     return path
 
 
-@pytest.fixture()
-def tiny_model(monkeypatch):
-    generator = tiny_generator()
-
-    class Loader:
-        @staticmethod
-        def load(checkpoint_path, device="auto"):
-            return generator
-
-    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
-    return generator
-
-
 def run_one(tmp_path: Path, **overrides) -> tuple[dict, tuple[int, ...]]:
     """One transmission through a worker on the tiny generator: its final record and image shape."""
-    store = TransmissionStore(tmp_path / "store", max_items=10, max_age_s=3600)
-    store.open()
-    settings = make_settings(tmp_path, queue_size=4, output_height=0, output_width=0, **overrides)
-    worker = GenerationWorker(settings, store)
-    worker.load_model()
-    assert worker.ready, worker.load_error
+    worker = start_worker(tmp_path, output_height=0, output_width=0, **overrides)
+    store = worker.store
     try:
         header, symbols = transmission(street_label_map(), sampling=None)
         queue_transmission(worker, header, symbols, "req")
