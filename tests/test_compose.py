@@ -271,13 +271,13 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies() -> None:
     for source in _dockerfile_copy_sources() - {"models/"}:
         assert source in allowed, f"COPY {source} but .dockerignore keeps it out"
     compose = (REPO_ROOT / "docker-compose.yml").read_text()
-    for checkpoint in ("models/diffusion-camvid.pt", "models/segmenter-camvid.pt"):
+    for checkpoint in ("models/diffusion-camvid.pt", "models/segmenter-camvid.pt", "models/upscaler-camvid.pt"):
         assert checkpoint in compose and checkpoint in allowed
     assert "docker/wheelhouse/" in allowed
     # every file the services load by default goes into the image
     receiver, sender = ReceiverSettings(), SenderSettings()
-    loaded = [receiver.checkpoint, *adapter_paths(receiver.checkpoint).values(), sender.segmenter_checkpoint,
-              sender.rate_quality_table]
+    loaded = [receiver.checkpoint, *adapter_paths(receiver.checkpoint).values(), receiver.upscaler,
+              sender.segmenter_checkpoint, sender.rate_quality_table]
     for path in loaded:
         relative = path.relative_to(REPO_ROOT).as_posix()
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in allowed), f"{relative} is kept out of the image"
