@@ -1,8 +1,10 @@
 """WatchTransmission pushed, not polled: every step and the end reach every watcher, many watches
-cost no thread each, the bound and the API key hold, and the load tool counts what each received."""
+cost no thread each, the bound and the API key hold, the steps travel between replicas, and the
+load tool counts what each watcher received."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent import futures
@@ -12,13 +14,16 @@ import pytest
 
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from load import watch_load
-from receiver_service import model_host, watch_hub
+from receiver_service import watch_hub
 from receiver_service.grpc_server import WATCH_RETRY_AFTER_S, build_grpc_server
+from receiver_service.redis_store import RedisTransmissionStore
 from receiver_service.store import TransmissionStore
 from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
 from shared.wire import transport
-from tests.receiver_helpers import FakeGenerator, make_settings, ready_client, receive, transmission
+from tests.receiver_helpers import (FakeGenerator, make_settings, ready_client, receive, serve_as_the_model,
+                                   transmission)
+from tests.redis_helpers import PASSWORD, REDIS_SERVER, RedisServer
 
 API_KEY = "watch-test-key"
 KEY = (("x-api-key", API_KEY),)
@@ -46,13 +51,7 @@ class SteppingGenerator(FakeGenerator):
 @pytest.fixture()
 def stepping_generator(monkeypatch) -> SteppingGenerator:
     generator = SteppingGenerator()
-
-    class Loader:
-        @staticmethod
-        def load(checkpoint_path, device="auto"):
-            return generator
-
-    monkeypatch.setattr(model_host, "SemanticImageGenerator", Loader)
+    serve_as_the_model(monkeypatch, generator)
     return generator
 
 
@@ -253,3 +252,63 @@ def test_an_end_nobody_reported_is_found_by_reading_again(monkeypatch) -> None:
         return [first, *rest]
 
     assert [status for status, _, _ in asyncio.run(run())] == ["running", "done"]
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_the_steps_of_one_replicas_jobs_reach_the_others_listeners(redis_url) -> None:
+    stores = [RedisTransmissionStore(redis_url.client(), 10, 3600, lease_s=5.0, replica_id=f"replica-{index}")
+              for index in range(2)]
+    heard: list[list] = [[], []]
+    for store, log in zip(stores, heard):
+        store.set_progress_listener(lambda ids, step, steps, log=log: log.append((list(ids), step, steps)))
+        store.open()
+    try:
+        ids = ["c" * 32, "d" * 32]
+        for transmission_id in ids:
+            stores[0].create({"id": transmission_id, "status": "running", "created_at": time.time(),
+                              "timings_ms": {}})
+        time.sleep(0.3)  # both listeners subscribed
+        for step in range(1, 4):
+            stores[0].set_progress(ids, step, 3)
+        deadline = time.monotonic() + 5
+        while len(heard[1]) < 3:
+            assert time.monotonic() < deadline, heard
+            time.sleep(0.02)
+        assert heard[1] == [(ids, step, 3) for step in range(1, 4)]
+        assert heard[0] == []  # a replica's own steps reach its watches from its queue
+        assert stores[1].progress("c" * 32) == (3, 3)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_watch_on_one_replica_follows_a_job_sampled_on_another(tmp_path, stepping_generator, redis_url,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", redis_url.url)
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", PASSWORD)
+    replicas = [make_settings(tmp_path / name) for name in ("sampling", "watched")]
+    with contextlib.ExitStack() as running:
+        for name, settings in zip(("sampling", "watched"), replicas):
+            monkeypatch.setenv("GESCO_RECEIVER_REDIS_REPLICA_ID", name)  # read as the app is made
+            running.enter_context(ready_client(settings, stepping_generator))
+        stepping_generator.gate.clear()
+        transmission_id = send(replicas[0].grpc_port)
+
+        async def run() -> list[list]:
+            watching = asyncio.create_task(watch_all(f"127.0.0.1:{replicas[1].grpc_port}", transmission_id, 50))
+            await asyncio.sleep(1.0)
+            stepping_generator.gate.set()
+            return await watching
+
+        everyone = asyncio.run(run())
+    for received in everyone:
+        assert_every_step_then_the_image(received)
