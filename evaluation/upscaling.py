@@ -11,7 +11,7 @@ upscaled by bicubic and by the stage. They are not pixel-aligned with the real i
 rows have no PSNR.
 
     python -m evaluation.upscaling --upscaler models/upscaler-camvid.pt \
-        --base-images runs/base-val.npz --out docs/upscaler-val.json
+        --base-images runs/upscaler-gap/base-val.npz --out docs/upscaler-val.json
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def main() -> None:
         "command": "python -m evaluation.upscaling " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != p.get_default(k)),
         "split": args.split, "images": len(scorer.data.images), "model": upscaler.model_name,
-        "real_192x256": {"psnr": float("inf"), "frechet_segmenter_distance": 0.0, "miou": scorer.real_miou,
+        "real_192x256": {"psnr": None, "frechet_segmenter_distance": 0.0, "miou": scorer.real_miou,
                          "miou_over_real": 1.0},
         "bicubic": scorer.score(bicubic_stage),
         "upscaler": scorer.score(upscaler),

@@ -3,7 +3,7 @@ label map, real 192x256, bicubic from real 48x64, the stage from real 48x64, and
 --base-images, bicubic and the stage from the base generator's 48x64 image.
 
     python -m scripts.upscaler_grid --upscaler models/upscaler-camvid.pt \\
-        --base-images runs/base-val.npz --out docs/upscaler-grid.png
+        --base-images runs/upscaler-gap/base-val.npz --out docs/upscaler-grid.jpg
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def main() -> None:
     p.add_argument("--upscaler", default="models/upscaler-camvid.pt")
     p.add_argument("--base-images", default="")
     p.add_argument("--base-checkpoint", default="models/diffusion-camvid.pt")
-    p.add_argument("--scenes", default="0,20,40,60,80")
-    p.add_argument("--out", default="docs/upscaler-grid.png")
+    p.add_argument("--scenes", default="0,40,80")
+    p.add_argument("--out", default="docs/upscaler-grid.jpg")
     args = p.parse_args()
     torch.set_num_threads(2)
     data = camvid_set(args.data_root, "val")
@@ -40,7 +40,7 @@ def main() -> None:
         base = dataclasses.replace(pick, inputs=base_images(data, args.base_images, args.base_checkpoint)[idx])
         rows += [upscale_all(bicubic_stage, base), upscale_all(upscaler, base)]
     grid = np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)
-    cv2.imwrite(args.out, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(args.out, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
     print(args.out, grid.shape)
 
 
