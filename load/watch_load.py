@@ -78,6 +78,7 @@ class RoundResult:
     sampling_steps_per_s: float | None = None
     seconds: float | None = None
     cpu_seconds: dict[str, dict[str, float | None]] = field(default_factory=dict)  # per --metrics-url
+    client_cpu_seconds: float | None = None  # this process's: on the receivers' machine, a competitor
     watchers: list[WatcherResult] = field(default_factory=list)
 
 
@@ -173,6 +174,7 @@ async def run_round(args: argparse.Namespace, kind: str, watchers: Watchers | No
                     memory: dict[str, list[float | None]]) -> RoundResult:
     result = RoundResult(kind)
     cpu_before = await asyncio.to_thread(_cpu_seconds, args.metrics_url)
+    client_before = time.process_time()
     channels = [grpc.aio.insecure_channel(receiver) for receiver in args.receiver]
     try:
         stubs = [gesco_pb2_grpc.ReceiverStub(channel) for channel in channels]
@@ -206,6 +208,7 @@ async def run_round(args: argparse.Namespace, kind: str, watchers: Watchers | No
         for channel in channels:
             await channel.close()
     cpu_after = await asyncio.to_thread(_cpu_seconds, args.metrics_url)
+    result.client_cpu_seconds = round(time.process_time() - client_before, 2)
     result.cpu_seconds = {url: {part: _difference(cpu_before[url][part], cpu_after[url][part])
                                 for part in CPU_SAMPLES} for url in args.metrics_url}
     result.statuses = {transmission_id: final["status"] for transmission_id, final in finals.items()}
@@ -282,6 +285,8 @@ def summarise(args: argparse.Namespace, rounds: list[RoundResult], memory_before
         "median_steps_per_s": medians,
         "watched_vs_baseline_percent": change,
         "receiver_cpu_seconds": cpu,
+        "client_cpu_seconds": {kind: [round_.client_cpu_seconds for round_ in rounds if round_.kind == kind]
+                               for kind in ("baseline", "watched")},
         "memory": memory,
         "rounds": [{**asdict(round_), "watchers": len(round_.watchers),
                     "watcher_outcomes": dict(Counter(watcher.outcome for watcher in round_.watchers)),
@@ -297,6 +302,7 @@ def format_summary(result: dict) -> str:
         lines.append(f"sampling steps/s, {kind}: {values} (median {result['median_steps_per_s'][kind]})")
     lines.append(f"watched vs baseline: {result['watched_vs_baseline_percent']} %")
     lines.append(f"receivers' CPU seconds per round: {result['receiver_cpu_seconds']}")
+    lines.append(f"this client's CPU seconds per round: {result['client_cpu_seconds']}")
     for url, values in result["memory"].items():
         lines.append(f"RSS {url}: {values}")
     return "\n".join(lines)
