@@ -133,6 +133,12 @@ def test_the_page_sends_the_example_and_shows_every_stage(services, probe) -> No
     wait_for_status(probe, "done")
     for image in STAGE_IMAGES:
         assert probe.natural_width(f"#{image}") > 0, image
+    # the generated image at its own size, with what made it
+    shown = page.evaluate("() => { const img = document.querySelector('#img-generated');"
+                          " return [img.clientWidth, img.naturalWidth, img.naturalHeight]; }")
+    assert shown[0] == shown[1], shown
+    caption = page.inner_text("#caption-generated")
+    assert f"{shown[1]}x{shown[2]}" in caption and "sample by gesco-camvid" in caption, caption
     tiles = page.locator("#transmitted-maps img")
     assert tiles.count() == 10  # the classes present in the drawn street
     for index in range(tiles.count()):

@@ -275,6 +275,8 @@ function relayPath(id, suffix = "") {
 
 function resetStages() {
   for (const id of ["img-input", "img-segmentation", "img-received", "img-fds", "img-generated"]) setImage(id, null);
+  $("img-generated").classList.remove("natural");
+  $("caption-generated").textContent = "Generated image";
   $("transmitted-maps").replaceChildren();
   $("numbers").tBodies[0].replaceChildren();
 }
@@ -484,12 +486,20 @@ async function send(event) {
       relayedImage(relayPath(sent.id, "/image")),
     ]);
     await Promise.all([setImage("img-received", received), setImage("img-fds", fds), setImage("img-generated", generated)]);
+    $("img-generated").classList.add("natural");
+    $("caption-generated").textContent = generatedCaption(status);
     setStatus(`done: ${sent.id}`);
   } catch (error) {
     failure = error;
   } finally {
     endRun(failure);
   }
+}
+
+// The generated image's size and what made it: each stage with its model and time.
+function generatedCaption(status) {
+  const made = (status.stages || []).map((stage) => `${stage.name} by ${stage.model} (${Math.round(stage.ms)} ms)`);
+  return `Generated image, ${status.output.width}x${status.output.height}` + (made.length ? `: ${made.join(", then ")}` : "");
 }
 
 // --- SNR strip -----------------------------------------------------------------------------------
