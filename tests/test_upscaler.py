@@ -91,3 +91,14 @@ def test_one_training_step_and_resume(tmp_path):
     assert resumed.load_state() and resumed.step == 2
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_shipped_checkpoint_loads():
+    from shared.paths import REPO_ROOT
+
+    path = REPO_ROOT / "models" / "upscaler-camvid.pt"
+    up = Upscaler.from_checkpoint(path, "cpu")
+    assert up.config.in_height == 48 and up.config.in_width == 64 and up.config.num_classes == 12
+    assert all(t.dtype == torch.float32 for t in up.net.state_dict().values())
+    out = up(torch.zeros(1, 3, 48, 64), torch.full((1, 12, 96, 128), 1 / 12))
+    assert out.shape == (1, 3, 192, 256) and torch.isfinite(out).all()
