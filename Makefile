@@ -82,6 +82,6 @@ compose-config: install
 	@echo "docker-compose.yml is valid (default and gpu profiles)"
 
 # Build the image and run the pipeline through real containers, checked from outside, then tear
-# it all down (scripts/compose_check.py). Installs Docker and starts dockerd when missing (root).
+# it all down (scripts/ci/compose_check.py). Installs Docker and starts dockerd when missing (root).
 compose-check: install
-	$(PY) scripts/compose_check.py
+	$(PY) scripts/ci/compose_check.py

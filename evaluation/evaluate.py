@@ -71,7 +71,7 @@ NA = "n/a"
 class EvaluationConfig:
     """Everything a run's numbers depend on, with the command line's defaults.
 
-    The command line builds it from its flags; scripts (scripts/sampler_sweep.py) build it
+    The command line builds it from its flags; scripts (scripts/benchmarks/sampler_sweep.py) build it
     directly. Definitions may be given by name; `ablation_snrs=None` means the same SNRs as `snrs`.
     """
 

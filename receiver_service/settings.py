@@ -50,7 +50,7 @@ class ReceiverSettings(ServiceSettings):
     # Threads that encode a finished job's PNGs and store them while the next batch samples; 0: the
     # sampling thread does it.
     encode_workers: int = Field(1, ge=0)
-    # GPU serving (not yet measured on a GPU: scripts/gpu_serving_check.py writes docs/benchmarks-gpu.md
+    # GPU serving (not yet measured on a GPU: scripts/gpu/gpu_serving_check.py writes docs/benchmarks-gpu.md
     # when one is lent). The network called at these batch sizes only (rows of a
     # guided forward: conditional + unconditional), JSON, e.g. [2, 4, 8]; empty: any size.
     batch_buckets: list[int] = []

@@ -17,7 +17,7 @@ from channel_sim.settings import ChannelSettings
 from receiver_service.redis_store import RedisStoreSettings
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
-from scripts import compose_check
+from scripts.ci import compose_check
 from shared.limits import MAX_STATUS_WAIT_S
 from shared.semantic.diffusion.adapters import adapter_paths
 from shared.paths import REPO_ROOT
@@ -300,7 +300,7 @@ def test_the_configuration_page_documents_every_setting_with_its_default() -> No
             assert (f"`{default}`" in shown) or (default == "" and "empty" in shown), (variable, shown)
 
 
-# scripts/compose_check.py (make compose-check) needs Docker; its plumbing is tested here without.
+# scripts/ci/compose_check.py (make compose-check) needs Docker; its plumbing is tested here without.
 
 def _runner(out: io.StringIO, failures: list) -> "compose_check.StepRunner":
     ticks = iter(range(0, 1000, 2))

@@ -113,7 +113,7 @@ def test_compile_warms_up_every_batch_size_and_guidance(monkeypatch, fp32: Seman
 
 
 def test_measurement_options_change_the_recipe(fp32: SemanticImageGenerator) -> None:
-    """--all-convolutions and --reduce-range of scripts.quantize_model reach the observers they name."""
+    """--all-convolutions and --reduce-range of scripts.models.quantize_model reach the observers they name."""
     every = prepare_int8(fp32.network, all_convolutions=True)
     wrapped = {name for name, module in every.named_modules() if isinstance(module, QuantizedConv)}
     assert "input_conv" in wrapped and any(keeps_fp32(name) for name in wrapped)

@@ -200,7 +200,7 @@ def test_colorize() -> None:
 
 
 def test_archive_is_read_like_the_folder(tmp_path: Path) -> None:
-    from scripts.make_data_archive import make_archive
+    from scripts.gpu.make_data_archive import make_archive
 
     root = make_camvid(tmp_path / "camvid", "train", n=3)
     make_camvid(root, "val", n=2, seed=1)

@@ -297,7 +297,7 @@ def test_code_block_layouts_are_valid_5g_codes() -> None:
 
 def test_sampler_sweep_scores_every_configuration_and_picks_the_fewest_close_steps(fake_setup: dict[str, Path],
                                                                                     tmp_path: Path) -> None:
-    from scripts import sampler_sweep
+    from scripts.benchmarks import sampler_sweep
 
     root = fake_setup["root"]
     out, report_path = tmp_path / "sweep.json", tmp_path / "sweep.md"
@@ -313,7 +313,7 @@ def test_sampler_sweep_scores_every_configuration_and_picks_the_fewest_close_ste
 
 
 def test_sampler_sweep_default_needs_the_reference_and_respects_the_tolerance() -> None:
-    from scripts.sampler_sweep import pick_default
+    from scripts.benchmarks.sampler_sweep import pick_default
 
     def row(sampler: str, steps: int, miou: float, seconds: float) -> dict:
         return {"sampler": sampler, "steps": steps, "miou": {"mean": miou}, "seconds_per_image": seconds}

@@ -13,7 +13,7 @@
   WatchTransmission with any id.
 
 The suite runs a short budget (GESCO_FUZZ_EXAMPLES, default 50 per property);
-`python scripts/fuzz.py --examples N` runs the same properties longer.
+`python scripts/ci/fuzz.py --examples N` runs the same properties longer.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ possible, and the hybrid loss trains the learned variances.
 
     python -m training.train_diffusion --data-root ../shared/data/camvid --minutes 60
 
-The data root may be a folder or an archive from scripts/make_data_archive.py. The training split
+The data root may be a folder or an archive from scripts/gpu/make_data_archive.py. The training split
 is held on the training device as uint8 tensors, so a step does no per-image work on the CPU.
 
 Resuming, three ways, tried in this order:

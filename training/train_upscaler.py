@@ -8,7 +8,7 @@ outputs differ from real images, and the noisy received map the base trains on:
 * area downsampling to 48x64, then with probability `blur_p` a Gaussian blur of sigma drawn from
   [0, blur_sigma_max], and Gaussian noise of a std drawn from [0, noise_max] 8-bit levels, which the
   stage learns to remove; `clean_p` of the examples skip both. The ranges are the measured gap
-  (scripts/measure_base_gap.py, models/upscaler-camvid.md);
+  (scripts/models/measure_base_gap.py, models/upscaler-camvid.md);
 * the condition: label map at the sender's size -> codec -> AWGN at a PSNR drawn as the base's
   training draws it -> inverse codec -> FDS (shared/semantic/batched_link.py), at the map size.
 

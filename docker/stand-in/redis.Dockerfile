@@ -1,5 +1,5 @@
 # make compose-check's stand-in for the official redis image where no registry serves it: Debian's
-# redis-server on the stand-in base (scripts/compose_check.py makes `python:3.11-slim` with
+# redis-server on the stand-in base (scripts/ci/compose_check.py makes `python:3.11-slim` with
 # debootstrap there). docker/compose.stand-in.yml puts it in place of the official image; it runs
 # the same command (docker-compose.yml), as the user redis, with its data in /data.
 FROM python:3.11-slim

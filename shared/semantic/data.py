@@ -19,7 +19,7 @@ Label conventions:
 
 The default data root is `$GESCO_DATA_ROOT` or `../shared/data/camvid`; a relative path is
 resolved against the repository root, not the current directory. A root may also be a `.tar`
-archive of such a folder (scripts/make_data_archive.py makes one for machines that get only the
+archive of such a folder (scripts/gpu/make_data_archive.py makes one for machines that get only the
 repository): it is unpacked once beside the archive and read from there.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The network called at a few fixed batch sizes (buckets), optionally replayed as CUDA graphs.
 
 On a GPU, replaying a forward as a CUDA graph saves its kernel launches (not yet measured here:
-`python -m scripts.gpu_serving_check run` times a batch-2 forward both ways and would write
+`python -m scripts.gpu.gpu_serving_check run` times a batch-2 forward both ways and would write
 docs/benchmarks-gpu.md). A
 graph has fixed shapes, so the rows of a call are padded up to the smallest bucket that holds them
 (a larger call runs in chunks of the largest bucket), and every bucket is captured once, at start,

@@ -1,6 +1,6 @@
 """Int8 post-training quantization of the semantic U-Net for CPU inference.
 
-Convolutions hold 94% of the weights (scripts.quantize_model prints the share), so they are what
+Convolutions hold 94% of the weights (scripts.models.quantize_model prints the share), so they are what
 int8 shrinks: each gets int8 weights (one
 scale per output channel) and an int8 input whose range was observed while the fp32 model sampled
 real conditions. GroupNorm, SPADE's modulation, SiLU, attention and upsampling stay fp32, so every
@@ -34,7 +34,7 @@ INT8 = "int8-static-conv"  # the `quantization` entry of an int8 checkpoint's me
 def qconfig(reduce_range: bool = False) -> tq.QConfig:
     """torch's x86 default, but by default with all 8 bits for activations: reduce_range (7 bits)
     guards against int16 saturation on CPUs without VNNI, and on the shipped model it doubles the
-    images' distance from fp32 (11.0 vs 5.6 / 255, `scripts.quantize_model --reduce-range`;
+    images' distance from fp32 (11.0 vs 5.6 / 255, `scripts.models.quantize_model --reduce-range`;
     docs/benchmarks.md)."""
     return tq.QConfig(
         activation=tq.HistogramObserver.with_args(reduce_range=reduce_range),
@@ -58,7 +58,7 @@ class QuantizedConv(nn.Module):
 def keeps_fp32(name: str) -> bool:
     """The convolutions that carry the signal itself: the image input, the output and the residual
     skips, 2.6% of the weights. In int8 they triple a forward's error (relative RMS 0.107 vs 0.034,
-    `scripts.quantize_model --all-convolutions`; docs/benchmarks.md)."""
+    `scripts.models.quantize_model --all-convolutions`; docs/benchmarks.md)."""
     return name in ("input_conv", "out.2") or name.endswith(".skip")
 
 

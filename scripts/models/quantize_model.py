@@ -9,7 +9,7 @@ mean absolute pixel difference and the PSNR between them. For scale, it prints t
 two fp32 samples of one condition with different seeds. It also prints the convolutions' share of
 the weights and the relative RMS error of one int8 forward against fp32.
 
-    python -m scripts.quantize_model --checkpoint models/diffusion-camvid.pt \
+    python -m scripts.models.quantize_model --checkpoint models/diffusion-camvid.pt \
         --out var/diffusion-camvid-int8.pt --calibration 4 --compare 8
 
 --reduce-range and --all-convolutions measure the recipe's two choices (7-bit activations; the

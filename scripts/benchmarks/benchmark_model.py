@@ -3,7 +3,7 @@
 Prints the parameter count, forward latency at batch 1 and 2 (one guided step runs the network
 on 2x the batch), and the time to sample one image with DDIM at 10, 25 and 50 steps and with the default sampler.
 
-    python -m scripts.benchmark_model [--checkpoint models/diffusion-camvid.pt] [--threads 2]
+    python -m scripts.benchmarks.benchmark_model [--checkpoint models/diffusion-camvid.pt] [--threads 2]
 """
 from __future__ import annotations
 

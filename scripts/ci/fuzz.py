@@ -3,8 +3,8 @@
 Examples are drawn at random (the suite's are derandomised so CI is repeatable); a failure is
 shrunk to a minimal example, printed, and kept in .hypothesis/ so the next run replays it first.
 
-    python scripts/fuzz.py --examples 5000
-    python scripts/fuzz.py --examples 20000 -k upload --seed 7
+    python scripts/ci/fuzz.py --examples 5000
+    python scripts/ci/fuzz.py --examples 20000 -k upload --seed 7
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, it imports the project beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script, it imports the project beside it
 
 from shared.paths import REPO_ROOT  # noqa: E402
 

@@ -6,7 +6,7 @@ channel realisations and sampling seeds for every configuration. The default is 
 configuration whose mIoU is within --tolerance of the reference (--reference, by default DDPM on
 the full chain of 1000 steps).
 
-    python -m scripts.sampler_sweep --snr-db 10 --limit 16 \
+    python -m scripts.benchmarks.sampler_sweep --snr-db 10 --limit 16 \
         --configs ddpm:1000,ddpm:250,ddpm:50,ddpm:25,ddpm:10,ddim:50,ddim:25,ddim:10,dpmpp2m:20,dpmpp2m:10 \
         --out docs/sampler-sweep.json --report docs/sampler-sweep.md
 """
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                               model=args.model, segmenter=args.segmenter, sampler=first_sampler, steps=first_steps,
                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     result = sweep(config, args.configs, SnrDefinition(args.definition), args.reference, args.tolerance)
-    command = "python -m scripts.sampler_sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m scripts.benchmarks.sampler_sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.report).write_text(markdown(result, command))
 

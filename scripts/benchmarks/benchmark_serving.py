@@ -22,9 +22,9 @@ at doubling batch sizes until the throughput plateaus (a guided step runs the ne
 cond + uncond, twice the batch), and the in-process generator's images/s at the best of them. It
 prints a Markdown report with the machine and the command, and writes it to --output when given.
 
-    python -m scripts.benchmark_serving                                       # the recorded run
-    python -m scripts.benchmark_serving --steps 2 --concurrency 1 2 --requests 4 --stage-requests 1
-    python -m scripts.benchmark_serving --device cuda --receiver-env GESCO_RECEIVER_PRESET=gpu ...
+    python -m scripts.benchmarks.benchmark_serving                                       # the recorded run
+    python -m scripts.benchmarks.benchmark_serving --steps 2 --concurrency 1 2 --requests 4 --stage-requests 1
+    python -m scripts.benchmarks.benchmark_serving --device cuda --receiver-env GESCO_RECEIVER_PRESET=gpu ...
 """
 from __future__ import annotations
 
@@ -440,7 +440,7 @@ def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound, command
         "## Serving benchmark",
         "",
         f"- machine: {machine_summary(args)}",
-        f"- command: `{command or shlex.join(['python', '-m', 'scripts.benchmark_serving', *sys.argv[1:]])}`",
+        f"- command: `{command or shlex.join(['python', '-m', 'scripts.benchmarks.benchmark_serving', *sys.argv[1:]])}`",
         f"- model: {model.get('name')} (trained: {model.get('trained')}), {model.get('image_height')}x"
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "

@@ -3,7 +3,7 @@
 The label maps go through the real link (codec, AWGN at --psnr-db, FDS) exactly as the receiver
 gets them, so the grid shows what the services produce for these scenes.
 
-    python -m scripts.val_grid --out docs/val-grid.png --scenes 6 --psnr-db 100
+    python -m scripts.models.val_grid --out docs/val-grid.png --scenes 6 --psnr-db 100
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pack the CamVid folder into one compact .tar for machines that get only the repository.
 
-    python -m scripts.make_data_archive --data-root ../shared/data/camvid --size 96x128 \\
+    python -m scripts.gpu.make_data_archive --data-root ../shared/data/camvid --size 96x128 \\
         --out data-archive/camvid-96x128.tar
 
 The archive holds `train/` and `val/` in the folder layout `shared.semantic.data.camvid` reads
@@ -59,7 +59,7 @@ def make_archive(data_root: Path, out: Path, size: tuple[int, int] | None, image
     with tarfile.open(tmp, "w") as tar:
         readme = data_root / "README.md"
         if readme.is_file():
-            note = f"\n\nPacked by scripts/make_data_archive.py: size {size or 'as in the source'}, images {image_format}.\n"
+            note = f"\n\nPacked by scripts/gpu/make_data_archive.py: size {size or 'as in the source'}, images {image_format}.\n"
             _add(tar, "README.md", readme.read_bytes() + note.encode())
         for split in splits:
             pairs = camvid_pairs(data_root, split)

@@ -1,7 +1,7 @@
 """Time the training conditions: the reference link (`simulate_link`, one map at a time) against
 the batched link (shared/semantic/batched_link.py), for one batch of CamVid train label maps.
 
-    python -m scripts.benchmark_conditions --batch 64 --threads 1 --out docs/conditions-timing.md
+    python -m scripts.benchmarks.benchmark_conditions --batch 64 --threads 1 --out docs/conditions-timing.md
 
 Both paths draw the SNR per map as training does (training/train_diffusion.py's defaults). The
 median of `--repeats` runs is reported, after one warm-up run.
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"One batch of CamVid train label maps through codec, AWGN (SNR drawn per map), inverse codec, FDS and resize. "
         f"Device {device}, {args.threads} torch thread(s), {platform.processor() or platform.machine()}; "
-        f"median of {args.repeats} runs; load average {load:.1f} on {os.cpu_count()} cores at the start. Produced by `python -m scripts.benchmark_conditions "
+        f"median of {args.repeats} runs; load average {load:.1f} on {os.cpu_count()} cores at the start. Produced by `python -m scripts.benchmarks.benchmark_conditions "
         f"--batch {args.batch} --threads {args.threads} --device {args.device}`.",
         "",
         "| maps -> condition | batch | reference `simulate_link`, s | batched, s | speed-up |",

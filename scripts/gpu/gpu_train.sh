@@ -3,7 +3,7 @@
 # whole step with the batched link), then training that stops in time and writes its fp16 weights
 # as parts of at most 16 MiB to $OUT/parts, plus the log and the last sample grid.
 #
-#   OUT=<folder that comes back> scripts/gpu_train.sh [more train_diffusion flags]
+#   OUT=<folder that comes back> scripts/gpu/gpu_train.sh [more train_diffusion flags]
 #
 # Environment (defaults in brackets):
 #   PRESET        large96 (96x128, 64 ch, mult 1,2,3,4, 2 res blocks, batch 64, ~27 M params) | tiny
@@ -15,7 +15,7 @@
 #                 the 64 MiB that one call hands back]
 #   RUN_DIR       out_dir on the machine; state.pt there resumes exactly while it lives [runs/gpu-$PRESET]
 #   PYTHON        [python3]   DEVICE [cuda]
-# Make the archive first (here): python -m scripts.make_data_archive --size 96x128
+# Make the archive first (here): python -m scripts.gpu.make_data_archive --size 96x128
 set -euo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 PRESET=${PRESET:-large96}

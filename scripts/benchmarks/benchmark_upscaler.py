@@ -5,7 +5,7 @@ size) and, for comparison, bicubic alone: the median, minimum and 10th/90th perc
 calls after `--warm-up` calls, with `--threads` torch threads, and the median CPU time a call. The untrained network (same config) is
 timed when no checkpoint is given; the weights do not change the cost.
 
-    python -m scripts.benchmark_upscaler --checkpoint models/upscaler-camvid.pt --threads 2 --runs 200
+    python -m scripts.benchmarks.benchmark_upscaler --checkpoint models/upscaler-camvid.pt --threads 2 --runs 200
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ real image area-downsampled from 192x256 to 48x64:
 * colour: per-channel mean and standard deviation of each image, and their differences
   (base - real) and ratios (base / real).
 
-    python -m scripts.measure_base_gap --count 32 --out runs/upscaler-gap.json
+    python -m scripts.models.measure_base_gap --count 32 --out runs/upscaler-gap.json
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def main() -> None:
     mean_real, mean_base = real.reshape(len(idx), -1, 3).mean(1), base.reshape(len(idx), -1, 3).mean(1)
     std_real, std_base = real.reshape(len(idx), -1, 3).std(1), base.reshape(len(idx), -1, 3).std(1)
     report = {
-        "command": "python -m scripts.measure_base_gap " + " ".join(
+        "command": "python -m scripts.models.measure_base_gap " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != p.get_default(k)),
         "count": len(idx), "sampler": "ddim", "steps": args.steps, "guidance": args.guidance,
         "gradient_energy": {"real": summary(energy_real), "base": summary(energy_base),

@@ -2,7 +2,7 @@
 label map, real 192x256, bicubic from real 48x64, the stage from real 48x64, and, with
 --base-images, bicubic and the stage from the base generator's 48x64 image.
 
-    python -m scripts.upscaler_grid --upscaler models/upscaler-camvid.pt \\
+    python -m scripts.models.upscaler_grid --upscaler models/upscaler-camvid.pt \\
         --base-images runs/upscaler-gap/base-val.npz --out docs/upscaler-grid.jpg
 """
 from __future__ import annotations

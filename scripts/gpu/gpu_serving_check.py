@@ -5,21 +5,21 @@ opencv, httpx, prometheus-client and the scientific stack (SciPy, Matplotlib, h5
 the services' web and gRPC plumbing, Sionna or py-spy, and no internet. So the check runs in two
 places:
 
-    python -m scripts.gpu_serving_check download     # here, online: wheels-py312/ (git-ignored)
-    python3 -m scripts.gpu_serving_check run         # there, from the repository root, with
+    python -m scripts.gpu.gpu_serving_check download     # here, online: wheels-py312/ (git-ignored)
+    python3 -m scripts.gpu.gpu_serving_check run         # there, from the repository root, with
                                                      # wheels-py312/ copied along
 
 `run` installs the wheels offline into .gpu-site/ (git-ignored; no dependency resolution, the
 machine's own packages serve the rest, as they are), puts it on PYTHONPATH, generates the gRPC
 stubs and measures (`measure`): the generator in process (one guided DDIM image eager and as CUDA
 graphs, one guided forward both ways, CPU against CUDA images of one seed) and the three services
-over loopback with scripts/benchmark_serving.py (request and continuous batching, both with the GPU
+over loopback with scripts/benchmarks/benchmark_serving.py (request and continuous batching, both with the GPU
 preset's CUDA graphs, at concurrency 1 and 128, py-spy profiles at 128, the compute bound up to its
 plateau). It writes docs/benchmarks-gpu.md (not yet run: the file does not exist yet) with its two goals
 checked against the numbers: one request end to end within 40 ms, and at concurrency 128 at least
 half of the in-process generator's best images/s.
 
-    python -m scripts.gpu_serving_check run --no-install --tiny --device cpu --output run/gpu-check.md
+    python -m scripts.gpu.gpu_serving_check run --no-install --tiny --device cpu --output run/gpu-check.md
 
 checks the run's path on a CPU in a few minutes (this interpreter must have the requirements).
 """
@@ -101,12 +101,12 @@ def run(args: argparse.Namespace) -> None:
         # Made by the grpcio-tools that matches the protobuf runtime in use (as `make proto` does).
         subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "protos", "--python_out=.", "--pyi_out=.",
                         "--grpc_python_out=.", "protos/gesco/v1/gesco.proto"], cwd=REPO_ROOT, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "scripts.gpu_serving_check", "measure", "--device", args.device,
+    subprocess.run([sys.executable, "-m", "scripts.gpu.gpu_serving_check", "measure", "--device", args.device,
                     "--output", str(args.output), *(["--tiny"] if args.tiny else [])], cwd=REPO_ROOT, env=env, check=True)
 
 
 def benchmark_argv(args: argparse.Namespace, profile_dir: Path) -> list[str]:
-    """scripts/benchmark_serving.py's command line for this check."""
+    """scripts/benchmarks/benchmark_serving.py's command line for this check."""
     if args.tiny:
         return ["--device", args.device, "--steps", "2", "--configs", "request", "continuous", "--concurrency", "1", "2",
                 "--requests", "4", "--stage-requests", "1", "--max-batch-size", "4", "--max-forward-batch", "4",
@@ -123,7 +123,7 @@ def in_process(device: str, tiny: bool) -> dict[str, float]:
 
     from shared.limits import SamplingOptions
     from shared.semantic.diffusion.generator import SemanticImageGenerator
-    from scripts.benchmark_serving import median_ms
+    from scripts.benchmarks.benchmark_serving import median_ms
 
     checkpoint = REPO_ROOT / "models" / "diffusion-camvid.pt"
     sampling = SamplingOptions(sampler="ddim", steps=2 if tiny else 10, guidance=2.0)
@@ -175,7 +175,7 @@ def machine(device: str) -> str:
 
 def measure(args: argparse.Namespace) -> None:
     """In process, then through the services; write the report with the goals checked."""
-    from scripts import benchmark_serving
+    from scripts.benchmarks import benchmark_serving
 
     started = time.monotonic()
     alone = in_process(args.device, args.tiny)
@@ -183,7 +183,7 @@ def measure(args: argparse.Namespace) -> None:
         argv = benchmark_argv(args, Path(profiles))
         bench_args, runs, bound = benchmark_serving.measure(argv)
         text = benchmark_serving.report(bench_args, runs, bound, command=shlex.join(
-            ["python", "-m", "scripts.benchmark_serving", *[a if a != profiles else "<profiles>" for a in argv]]))
+            ["python", "-m", "scripts.benchmarks.benchmark_serving", *[a if a != profiles else "<profiles>" for a in argv]]))
     one = {config: run.stages["label_map"].get("client end to end", float("nan")) for config, run in runs.items()}
     top = max(bench_args.concurrency)
     busy = {config: run.levels[-1] for config, run in runs.items()}
@@ -192,7 +192,7 @@ def measure(args: argparse.Namespace) -> None:
     lines = [
         "# GPU serving benchmark",
         "",
-        f"Written by `python -m scripts.gpu_serving_check run{' --tiny' if args.tiny else ''}` "
+        f"Written by `python -m scripts.gpu.gpu_serving_check run{' --tiny' if args.tiny else ''}` "
         f"({(time.monotonic() - started) / 60:.1f} min). Machine: {machine(args.device)}.",
         "",
         "## Goals",

@@ -7,7 +7,7 @@ same image with a colour shift of 12 levels (the base's colour casts, which it s
 Gaussian noise of 4 levels. A good feature-loss layer has a large blur distance against small
 colour and noise ones.
 
-    python -m scripts.measure_feature_layers --count 32
+    python -m scripts.models.measure_feature_layers --count 32
 """
 from __future__ import annotations
 

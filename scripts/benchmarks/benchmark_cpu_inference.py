@@ -10,7 +10,7 @@ alike; the table gives the median time and the median of the per-round ratios to
 Batch 2 is what one guided image costs per step (conditional and unconditional pass together).
 The first call per batch size (compilation, for compiled variants) is reported apart.
 
-    python -m scripts.benchmark_cpu_inference --rounds 20 --batches 1,2,4 --profile
+    python -m scripts.benchmarks.benchmark_cpu_inference --rounds 20 --batches 1,2,4 --profile
 
 Conditions are CamVid val maps sent through the link at 10 dB; inputs x_t are Gaussian, t = 500.
 For a cold compile time, point TORCHINDUCTOR_CACHE_DIR at an empty folder.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from scripts.quantize_model import TRAINING_SNRS_DB, link_conditions
+from scripts.models.quantize_model import TRAINING_SNRS_DB, link_conditions
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.quantization import quantize_generator
 
