@@ -260,7 +260,7 @@ def test_the_page_fits_a_phone_screen_and_moves_to_the_results(services, browser
         page.click("#send")
         # The form fills the first screen: Send brings the progress and the stages up.
         page.wait_for_function("window.scrollY > 0")
-        assert 0 <= page.locator("#state").bounding_box()["y"] < 844 / 2
+        assert -1 < page.locator("#state").bounding_box()["y"] < 844 / 2  # at the top, give or take a sub-pixel
         wait_for_status(probe, "done")
         assert "Digital link" in page.inner_text("#numbers")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390

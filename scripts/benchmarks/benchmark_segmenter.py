@@ -2,7 +2,7 @@
 192x256 photo at batch 1, through `Segmenter.segment` (what the sender calls: resize to the
 network's input size, predict, resize the label map back) and through the network alone.
 
-    python -m scripts.benchmark_segmenter --checkpoints models/segmenter-camvid.pt --threads 2,1 \
+    python -m scripts.benchmarks.benchmark_segmenter --checkpoints models/segmenter-camvid.pt --threads 2,1 \
         --out docs/benchmarks-segmenter.md
 
 Each number is the median of `--repeats` timed calls after `--warmup` untimed ones. The load
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = [Path(p) for p in args.checkpoints.split(",")]
     load = os.getloadavg()[0]
     rows = [row for path in paths for row in benchmark(path, threads, args.repeats, args.warmup)]
-    command = (f"python -m scripts.benchmark_segmenter --checkpoints {args.checkpoints} --threads {args.threads} "
+    command = (f"python -m scripts.benchmarks.benchmark_segmenter --checkpoints {args.checkpoints} --threads {args.threads} "
                f"--repeats {args.repeats} --warmup {args.warmup}")
     lines = [
         "# Segmenter size and CPU latency",
