@@ -9,7 +9,6 @@ without the virtual environment); the readiness checks import the project's heal
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import shutil
@@ -313,7 +312,3 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> int:
             proc.wait()
     return proc.returncode
 
-
-def with_settings(service: Service, **variables: str) -> Service:
-    """The service with more variables of its own (they win over the environment)."""
-    return dataclasses.replace(service, listen={**service.listen, **variables})

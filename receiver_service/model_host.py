@@ -74,10 +74,8 @@ class ModelHost:
 
     def __init__(self, settings: ReceiverSettings) -> None:
         self.settings = settings
-        # The stages after sampling, in order, and the size of the image they end with (loaded
-        # with the generator; None: the generator's).
-        self.stages: tuple[ImageStage, ...] = ()
-        self.stages_size: tuple[int, int] | None = None
+        # The stage after sampling, loaded with the generator when the settings ask for it.
+        self.upscaler: Upscaler | None = None
         self.generator: SemanticImageGenerator | None = None
         # The base generator with a condition adapter, by downsample factor (loaded with it).
         self.adapted: dict[int, SemanticImageGenerator] = {}
@@ -119,9 +117,7 @@ class ModelHost:
                                         "buckets": list(buckets), "cuda_graphs": cuda_graphs,
                                         "upscaler": upscaler.model_name if upscaler else None})
         self.adapted = adapted
-        if upscaler is not None:
-            self.stages = (upscaler,)
-            self.stages_size = (upscaler.config.out_height, upscaler.config.out_width)
+        self.upscaler = upscaler
         self.generator = generator
         return True
 
@@ -169,8 +165,15 @@ class ModelHost:
         """(height, width) of the stored image: the settings, 0 meaning the last stage's resolution
         (the upscaler's, else the model's)."""
         info = self.base().info
-        height, width = self.stages_size or (info.image_height, info.image_width)
+        height, width = info.image_height, info.image_width
+        if self.upscaler is not None:
+            height, width = self.upscaler.config.out_height, self.upscaler.config.out_width
         return (self.settings.output_height or height, self.settings.output_width or width)
+
+    @property
+    def stages(self) -> tuple[ImageStage, ...]:
+        """The stages after sampling, in order."""
+        return (self.upscaler,) if self.upscaler is not None else ()
 
     def stage_records(self, generator: SemanticImageGenerator, timings_ms: dict[str, float]) -> list[dict[str, Any]]:
         """What made a finished image, in order: the sampler's generator, then each stage after it,

@@ -156,6 +156,22 @@ def route_template(routes: list[BaseRoute], scope) -> str:
     return partial or UNMATCHED_ROUTE
 
 
+def observed_handler(handler: grpc.RpcMethodHandler, method: str, unary: Callable, streaming: Callable):
+    """`handler` with its behaviour wrapped by `unary(behavior, method)` or `streaming(behavior,
+    method)`, whichever its kind of call takes (the metrics interceptors, sync and aio, share it)."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+
+
 class GrpcMetricsInterceptor(grpc.ServerInterceptor):
     """Counts every call of a registered method by its final status code, and times it."""
 
@@ -166,22 +182,7 @@ class GrpcMetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method),
-                handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method),
-            handler.request_deserializer, handler.response_serializer)
+        return observed_handler(handler, handler_call_details.method, self._unary, self._streaming)
 
     def _unary(self, behavior: Callable, method: str) -> Callable:
         def observed(request, context):
@@ -225,22 +226,7 @@ class AioGrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method),
-                handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method),
-                handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method),
-            handler.request_deserializer, handler.response_serializer)
+        return observed_handler(handler, handler_call_details.method, self._unary, self._streaming)
 
     def _unary(self, behavior: Callable, method: str) -> Callable:
         async def observed(request, context):
