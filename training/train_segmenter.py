@@ -412,10 +412,17 @@ class Trainer:
         tmp.replace(self.state_path)
 
     def warm_start(self, path: Path) -> None:
-        """Start from a shipped segmenter's weights (no optimiser state ships); the network must match."""
+        """Start from a shipped segmenter's weights (no optimiser state ships).
+
+        The layers must match; the input size and dropout may differ, since a convolutional
+        network trained at one size is the natural start for fine-tuning at another.
+        """
         payload = load_checkpoint(path, CHECKPOINT_KIND)
         shipped = SegmenterConfig(**payload["config"])
-        if dataclasses.replace(shipped, dropout=self.model_cfg.dropout) != self.model_cfg:
+        comparable = dataclasses.replace(shipped, dropout=self.model_cfg.dropout,
+                                         input_height=self.model_cfg.input_height,
+                                         input_width=self.model_cfg.input_width)
+        if comparable != self.model_cfg:
             raise ValueError(f"{path} was trained with another network configuration: {shipped}")
         self.model.load_state_dict(payload["state_dict"])
         if self.ema is not None:
