@@ -365,6 +365,11 @@ def test_training_script_warm_start_and_ema(tmp_path: Path) -> None:
     assert "warm start from" in log
     state = torch.load(second / "state.pt", weights_only=False)
     assert state["ema"] is not None
+    larger = [a if a not in ("24", "32") else str(int(a) * 2) for a in common]  # the same layers read at 48x64
+    fine_tuned = tmp_path / "larger"
+    out = train_segmenter.main(larger + ["--out-dir", str(fine_tuned), "--model-path", str(fine_tuned / "m.pt"),
+                                         "--max-steps", "1", "--init-from", str(first / "m.pt")])
+    assert out["step"] == 1 and "warm start from" in (fine_tuned / "log.txt").read_text()
     with pytest.raises(ValueError, match="another network"):
         train_segmenter.main(common[:6] + ["--base-channels", "16", "--out-dir", str(tmp_path / "third"),
                                            "--model-path", str(tmp_path / "third" / "m.pt"), "--init-from", str(first / "m.pt")])
