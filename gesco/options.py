@@ -45,8 +45,14 @@ DEFAULT_SNR_DB = 100.0
 
 # The samplers of shared/semantic/diffusion/samplers.py by name, with their default steps; each
 # sampler class there takes its steps from here.
-SAMPLER_DEFAULT_STEPS = {"ddim": 10, "dpmpp2m": 20, "ddpm": 50}
-SAMPLER_TITLES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}
+SAMPLER_DEFAULT_STEPS = {"ddim": 10, "dpmpp2m": 20, "ddpm": 50, "distilled": 2}
+SAMPLER_TITLES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "ddpm": "DDPM",
+                  "distilled": "Distilled student (1-2 steps)"}
+# Samplers that cannot run more steps than this, whatever the model's chain.
+SAMPLER_STEP_LIMITS = {"distilled": 2}
+# What a distilled student learns (shared/semantic/diffusion/distilled.py): the trajectory of this
+# sampler over this many steps, guided at DEFAULT_GUIDANCE.
+DISTILLATION_TEACHER = ("ddim", 10)
 # With its 10 default steps: the fewest whose mIoU at 10 dB is within 0.02 of 1000-step DDPM
 # (docs/sampler-sweep.md: DDIM 10 scores 0.550 against 0.549, about 150x faster).
 DEFAULT_SAMPLER = "ddim"

@@ -8,7 +8,8 @@ import torch
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, cosine_betas, linear_betas, make_betas
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 from shared.limits import LimitError, SamplingOptions
-from shared.semantic.diffusion.samplers import (DEFAULT_SAMPLER, SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverPP2MSampler,
+from shared.semantic.diffusion.samplers import (DEFAULT_SAMPLER, SAMPLERS, DDIMSampler, DDPMSampler, DistilledSampler,
+                                                DPMSolverPP2MSampler,
                                                 GuidedModel, Sampler, log_snr_timesteps, per_image_noise, resolve,
                                                 spaced_timesteps)
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
@@ -187,8 +188,10 @@ def test_samplers_return_shape_and_range(sampler, steps: int) -> None:
 
 
 def test_samplers_register_under_the_name_their_class_declares() -> None:
-    assert SAMPLERS == {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverPP2MSampler}
-    assert (DDIMSampler.name, DDIMSampler.default_steps) == ("ddim", 10)
+    assert SAMPLERS == {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverPP2MSampler,
+                        "distilled": DistilledSampler}
+    assert (DDIMSampler.name, DDIMSampler.default_steps, DDIMSampler.step_limit) == ("ddim", 10, None)
+    assert (DistilledSampler.name, DistilledSampler.default_steps, DistilledSampler.step_limit) == ("distilled", 2, 2)
     with pytest.raises(ValueError, match="registered already"):
         class Again(Sampler, name="ddim"):
             def sample(self, *args, **kwargs):
@@ -212,7 +215,7 @@ def test_resolve_fills_the_defaults_and_names_the_bad_field() -> None:
     with pytest.raises(LimitError, match="^sampler must be one of") as raised:
         resolve(SamplingOptions(sampler="euler", guidance=0.0), 1000)
     assert raised.value.field == "sampler"
-    with pytest.raises(LimitError, match="^steps must be in 1..20 for this model"):
+    with pytest.raises(LimitError, match="^steps must be in 1..20 for the ddim sampler on this model"):
         resolve(SamplingOptions(steps=21, guidance=0.0), 20)
 
 

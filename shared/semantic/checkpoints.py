@@ -6,6 +6,7 @@ and load on any device.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,21 @@ def load_checkpoint(path: str | Path, expected_kind: str) -> dict[str, Any]:
         name: (t.float() if t.is_floating_point() else t) for name, t in payload["state_dict"].items()
     }
     return payload
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], exclude: frozenset[str] = frozenset()) -> str:
+    """SHA-256 of the fp16 bytes of every weight but those in `exclude`, in name order: what ties
+    a model derived from another (an adapter, a distilled student) to the weights it was made from.
+
+    fp16 because shipped checkpoints hold fp16: a model loaded from its file and the same weights
+    held in fp32 by a trainer give one fingerprint. Zeros are hashed as +0: an EMA update turns a
+    -0 weight into +0 without changing it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        if name in exclude:
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.detach().to("cpu", torch.float16) + 0.0  # -0 + 0 is +0
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

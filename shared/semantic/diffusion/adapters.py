@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.semantic.checkpoints import load_checkpoint, save_checkpoint
+from shared.semantic.checkpoints import load_checkpoint, save_checkpoint, weights_fingerprint
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import SpadeGroupNorm
 
@@ -43,21 +42,8 @@ def freeze_all_but_adapter(network: nn.Module) -> list[nn.Parameter]:
 
 
 def base_fingerprint(network: nn.Module) -> str:
-    """SHA-256 of the fp16 bytes of every weight an adapter leaves alone, in name order.
-
-    fp16 because shipped checkpoints hold fp16: a base loaded from its file and the same weights
-    held in fp32 by the trainer give one fingerprint. Zeros are hashed as +0: the trainer's EMA
-    update turns a -0 weight into +0 without changing it."""
-    adapted = set(adapter_parameter_names(network))
-    digest = hashlib.sha256()
-    for name, tensor in sorted(network.state_dict().items()):
-        if name in adapted:
-            continue
-        if tensor.is_floating_point():
-            tensor = tensor.detach().to("cpu", torch.float16) + 0.0  # -0 + 0 is +0
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """The fingerprint (`weights_fingerprint`) of every weight an adapter leaves alone."""
+    return weights_fingerprint(network.state_dict(), exclude=frozenset(adapter_parameter_names(network)))
 
 
 def save_adapter(path: str | Path, network: nn.Module, config: SemanticDiffusionConfig, meta: dict[str, Any]) -> None:

@@ -13,13 +13,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared.limits import SamplingOptions
+from shared.limits import LimitError, SamplingOptions
 from shared.semantic.checkpoints import load_checkpoint
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, to_device
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
-from shared.semantic.diffusion.samplers import SAMPLERS, GuidedModel, StepCallback, resolve
+from shared.semantic.diffusion.samplers import SAMPLERS, DistilledSampler, GuidedModel, StepCallback, resolve
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -53,6 +53,8 @@ class GeneratorInfo:
     training_steps: int | None = None
     quantization: str | None = None  # e.g. "int8-static-conv"; None: fp32 weights
     adapter: str | None = None  # the condition adapter applied to the base weights (adapters.py)
+    # A distilled student (distilled.py): the guidance scale its teacher's trajectories had, built in.
+    distilled_guidance: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,7 +86,8 @@ class SemanticImageGenerator:
             meta = payload["meta"]
             info = _info(network, config, name=meta.get("name", Path(checkpoint_path).stem), trained=True,
                          checkpoint=str(checkpoint_path), training_steps=meta.get("step"),
-                         quantization=meta.get("quantization"))
+                         quantization=meta.get("quantization"),
+                         distilled_guidance=meta.get("distillation", {}).get("guidance"))
             network = _quantized_skeleton(network, info.quantization, torch_device)
             network.load_state_dict(payload["state_dict"])
         else:
@@ -145,10 +148,33 @@ class SemanticImageGenerator:
         if not torch.isfinite(conditions).all():
             raise ValueError("conditions contain NaN or infinite values")
 
+    @property
+    def is_student(self) -> bool:
+        """A distilled student: it runs the distilled sampler only, its guidance built in."""
+        return self.info.distilled_guidance is not None
+
     def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
         """The sampler and steps `generate` runs for `sampling` (its defaults filled in); LimitError
-        (a ValueError naming the field) for a sampler or steps this model cannot run."""
+        (a ValueError naming the field) for a sampler, steps or guidance this model cannot run.
+
+        The distilled sampler runs on a student and a student runs nothing else; a student's
+        guidance is the one it learned (the request must ask for that scale)."""
+        if self.is_student:
+            sampling = dataclasses.replace(sampling, sampler=sampling.sampler or DistilledSampler.name)
+            if sampling.sampler != DistilledSampler.name:
+                raise LimitError("sampler", f"{self.info.name} is a distilled student: it runs the "
+                                            f"{DistilledSampler.name!r} sampler only, not {sampling.sampler!r}")
+            if sampling.guidance != self.info.distilled_guidance:
+                raise LimitError("guidance", f"the {DistilledSampler.name} sampler has guidance "
+                                             f"{self.info.distilled_guidance:g} built in, got {sampling.guidance:g}")
+        elif sampling.sampler == DistilledSampler.name:
+            raise LimitError("sampler", f"{DistilledSampler.name!r} runs on a distilled student of "
+                                        f"{self.info.name}, and none is loaded")
         return resolve(sampling, self.diffusion.num_timesteps)
+
+    def network_guidance(self, sampling: SamplingOptions) -> float:
+        """The guidance scale of the network calls: 0 for a student (its guidance is in its weights)."""
+        return 0.0 if self.is_student else sampling.guidance
 
     @torch.inference_mode()
     def generate(self, conditions: torch.Tensor, sampling: SamplingOptions, seeds: Sequence[int],
@@ -161,7 +187,7 @@ class SemanticImageGenerator:
         if len(seeds) != conditions.shape[0]:
             raise ValueError(f"need one seed per image: {conditions.shape[0]} images, {len(seeds)} seeds")
         sampling = self.resolve(sampling)
-        model_fn = GuidedModel(self.forward, self.device_condition(conditions), sampling.guidance)
+        model_fn = GuidedModel(self.forward, self.device_condition(conditions), self.network_guidance(sampling))
         cfg = self.config.unet
         shape = (conditions.shape[0], cfg.in_channels, cfg.image_height, cfg.image_width)
         sampler = SAMPLERS[sampling.sampler]()
@@ -184,12 +210,13 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
 
 
 def _info(network: SemanticUNet, config: SemanticDiffusionConfig, name: str, trained: bool,
-          checkpoint: str | None, training_steps: int | None, quantization: str | None = None) -> GeneratorInfo:
+          checkpoint: str | None, training_steps: int | None, quantization: str | None = None,
+          distilled_guidance: float | None = None) -> GeneratorInfo:
     return GeneratorInfo(
         name=name, trained=trained, image_height=config.unet.image_height, image_width=config.unet.image_width,
         num_classes=config.unet.num_classes, checkpoint=checkpoint,
         parameters=sum(p.numel() for p in network.parameters()), training_steps=training_steps,
-        quantization=quantization,
+        quantization=quantization, distilled_guidance=distilled_guidance,
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from gesco.options import DEFAULT_SAMPLER, SAMPLER_DEFAULT_STEPS
+from gesco.options import DEFAULT_SAMPLER, DISTILLATION_TEACHER, SAMPLER_DEFAULT_STEPS, SAMPLER_STEP_LIMITS
 from shared.limits import MIN_STEPS, LimitError, SamplingOptions
 from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion, ModelFn, to_device
 
@@ -189,6 +189,7 @@ class Sampler(abc.ABC):
 
     name: ClassVar[str]
     default_steps: ClassVar[int]
+    step_limit: ClassVar[int | None]  # the most steps it runs (gesco.options.SAMPLER_STEP_LIMITS), None: the chain's
 
     def __init_subclass__(cls, *, name: str, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -197,6 +198,7 @@ class Sampler(abc.ABC):
         if name not in SAMPLER_DEFAULT_STEPS:
             raise ValueError(f"the sampler {name!r} has no default steps in gesco.options.SAMPLER_DEFAULT_STEPS")
         cls.name, cls.default_steps = name, SAMPLER_DEFAULT_STEPS[name]
+        cls.step_limit = SAMPLER_STEP_LIMITS.get(name)
         SAMPLERS[name] = cls
 
     def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
@@ -285,6 +287,26 @@ class DDIMSampler(Sampler, name="ddim"):
         if noisy.any():
             x = x + chain.rows(sigma) * chain.noise(noisy)
         return x
+
+
+def student_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """The timesteps (ascending) a distilled student samples in `steps` steps: every
+    (teacher steps / steps)-th of its teacher's, from the noisiest on, so each is a point of the
+    teacher's trajectory the student was trained at (1 step: T-1; 2: T-1 and the middle one)."""
+    teacher_steps = DISTILLATION_TEACHER[1]
+    if steps < 1 or teacher_steps % steps:
+        raise ValueError(f"a student of a {teacher_steps}-step teacher runs a divisor of {teacher_steps} steps, not {steps}")
+    noisiest_first = spaced_timesteps(num_timesteps, teacher_steps)[::-1]
+    return np.sort(noisiest_first[:: teacher_steps // steps])
+
+
+@dataclass(frozen=True)
+class DistilledSampler(DDIMSampler, name="distilled"):
+    """DDIM on a distilled student (shared/semantic/diffusion/distilled.py) over a subset of its
+    teacher's timesteps (`student_timesteps`); only a student generator runs it."""
+
+    def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
+        return diffusion.respaced(student_timesteps(diffusion.num_timesteps, steps))
 
 
 def log_snr_timesteps(alphas_cumprod: np.ndarray, steps: int) -> np.ndarray:
@@ -379,7 +401,8 @@ def resolve(options: SamplingOptions, max_steps: int) -> SamplingOptions:
     name = options.sampler or DEFAULT_SAMPLER
     if name not in SAMPLERS:
         raise LimitError("sampler", f"must be one of {sorted(SAMPLERS)}, got {name!r}")
-    steps = options.steps or min(SAMPLERS[name].default_steps, max_steps)
-    if steps > max_steps:
-        raise LimitError("steps", f"must be in {MIN_STEPS}..{max_steps} for this model, got {steps}")
+    limit = min(max_steps, SAMPLERS[name].step_limit or max_steps)
+    steps = options.steps or min(SAMPLERS[name].default_steps, limit)
+    if steps > limit:
+        raise LimitError("steps", f"must be in {MIN_STEPS}..{limit} for the {name} sampler on this model, got {steps}")
     return dataclasses.replace(options, sampler=name, steps=steps)

@@ -84,7 +84,7 @@ class StepBatch:
         chain = sampler.start(process, (1, cfg.in_channels, cfg.image_height, cfg.image_width),
                               generator.generators([seed]), generator.device)
         newcomer = _Group(sampler, chain, [key], generator.device_condition(condition[None]),
-                          np.array([sampling.guidance]))
+                          np.array([generator.network_guidance(sampling)]))
         if group_key in self._groups:
             self._groups[group_key].join(newcomer)
         else:
