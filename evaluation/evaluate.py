@@ -55,7 +55,8 @@ from shared.semantic.codec import CodecConfig, encode_label_map
 from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
-from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
+from shared.semantic.diffusion.distilled import load_student
+from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, DistilledSampler
 from shared.semantic import rate_quality
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
@@ -285,20 +286,34 @@ class Evaluation:
                 self.unavailable[key] = reason or "unavailable"
             else:
                 self.generators[key] = generator
-        self._check_sampling(config.sampling)
+        self.students: dict[str, SemanticImageGenerator] = {}  # the distilled sampler's, by model key
+        self._check_sampling(config)
         self.real_labels, self.real_features = self.probe(self.images)
         self.real_inception = self.inception(self.images) if self.inception else None
         self.plans: list[DigitalPlan] | None = None
 
-    def _check_sampling(self, sampling: SamplingOptions) -> None:
+    def generator(self, key: str, sampler: str | None = None) -> SemanticImageGenerator:
+        """The model a method samples with: the loaded one, or for the distilled sampler the
+        student beside it (shared/semantic/diffusion/distilled.py); ValueError when there is none."""
+        generator = self.generators[key]
+        if (sampler or self.config.sampler) != DistilledSampler.name:
+            return generator
+        if key not in self.students:
+            student = load_student(generator)
+            if student is None:
+                raise ValueError(f"the {DistilledSampler.name} sampler needs a student beside {generator.info.checkpoint}")
+            self.students[key] = student
+        return self.students[key]
+
+    def _check_sampling(self, config: EvaluationConfig) -> None:
         """Every loaded model can run this sampler and steps (an unknown sampler fails here, not mid-run)."""
-        for generator in self.generators.values():
-            generator.resolve(sampling)
+        for key in self.generators:
+            self.generator(key, config.sampler).resolve(config.sampling)
 
     def use_sampling(self, sampler: str, steps: int) -> None:
         """Generate with another sampler from now on (the sampler sweep), checked as at the start."""
         config = replace(self.config, sampler=sampler, steps=steps)
-        self._check_sampling(config.sampling)
+        self._check_sampling(config)
         self.config = config
 
     # --- channel uses ----------------------------------------------------------------------------
@@ -327,7 +342,7 @@ class Evaluation:
 
     # --- transmissions -----------------------------------------------------------------------------
     def semantic(self, method: Method, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
-        generator = self.generators[method.model]
+        generator = self.generator(method.model)
         height, width = generator.info.image_height, generator.info.image_width
         channel = self.channel(definition, snr_db)
         sampling = self.config.sampling
@@ -596,7 +611,7 @@ def _settings(ev: Evaluation, config: EvaluationConfig, snrs: list[float], comma
               timings: dict[str, float]) -> dict[str, Any]:
     models = {}
     for key in ("model", "ablation_model"):
-        generator = ev.generators.get(key)
+        generator = ev.generator(key) if key in ev.generators else None
         models[key] = {"path": _relative(config.model_path(key)), "info": None, "noisy_training": None,
                        "unavailable": ev.unavailable.get(key)}
         if generator is not None:

@@ -306,13 +306,13 @@ def job_from_header(
                          f"{base.info.num_classes} classes")
     request = sampling_request(header, settings)
     try:
-        sampling = base.resolve(SamplingOptions(sampler=request.sampler or settings.default_sampler,
-                                                steps=request.steps or settings.default_steps,
-                                                guidance=request.guidance))
+        generator, sampling = host.plan(SamplingOptions(sampler=request.sampler or settings.default_sampler,
+                                                        steps=request.steps or settings.default_steps,
+                                                        guidance=request.guidance), semantic.downsample_factor)
     except LimitError as error:
         raise InvalidRequestError(f"sampling.{error}") from None
     job = Job(header.transmission_id, request_id, semantic, symbols, sampling, seed=request.seed,
-              use_fds=request.use_fds, generator=host.generator_for(semantic.downsample_factor))
+              use_fds=request.use_fds, generator=generator)
     transmission = TransmissionRecord.from_header(header, request, sampling)
     return job, job_record(job, transmission, host.output_size(), time.time())
 

@@ -9,6 +9,7 @@ and encodes the results. It knows no queue and no protocol: the schedulers call 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,10 +20,13 @@ import torch
 from receiver_service import views
 from receiver_service.jobs import Job, JobResult, NotReadyError, elapsed_ms
 from receiver_service.settings import ReceiverSettings
+from gesco.options import DISTILLATION_TEACHER
 from shared.limits import LimitError, SamplingOptions
 from shared.semantic import link
 from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
+from shared.semantic.diffusion.samplers import DistilledSampler, resolve
 from shared.semantic.upscaler import ImageStage, Upscaler
 from shared.wire.imageio import encode_png, resize_image
 
@@ -79,6 +83,8 @@ class ModelHost:
         self.generator: SemanticImageGenerator | None = None
         # The base generator with a condition adapter, by downsample factor (loaded with it).
         self.adapted: dict[int, SemanticImageGenerator] = {}
+        # The distilled student of the base (loaded with it), which the distilled sampler runs on.
+        self.student: SemanticImageGenerator | None = None
         self.load_error: str | None = None
 
     @property
@@ -95,15 +101,16 @@ class ModelHost:
             generator = SemanticImageGenerator.load(str(checkpoint) if checkpoint.is_file() else None,
                                                     device=settings.device)
             try:
-                generator.resolve(SamplingOptions(sampler=settings.default_sampler,
-                                                  steps=settings.default_steps, guidance=0.0))
+                resolve(SamplingOptions(sampler=settings.default_sampler, steps=settings.default_steps, guidance=0.0),
+                        generator.diffusion.num_timesteps)
             except LimitError as error:
                 raise ValueError(f"the default {error}") from None
             adapted = adapted_generators(generator) if settings.adapters else {}
+            student = load_student(generator) if settings.distilled else None
             buckets, cuda_graphs = [], False
             if settings.batch_buckets or settings.cuda_graphs:
                 buckets, cuda_graphs = forward_buckets(settings, generator.device)
-            for each in (generator, *adapted.values()):
+            for each in (generator, *adapted.values(), *([student] if student else [])):
                 self._prepare(each, buckets, cuda_graphs)
             upscaler = self._load_upscaler(generator)
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
@@ -114,9 +121,11 @@ class ModelHost:
             log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
         log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": settings.batching,
                                         "adapters": {f: g.info.adapter for f, g in adapted.items()},
+                                        "student": student.info.checkpoint if student else None,
                                         "buckets": list(buckets), "cuda_graphs": cuda_graphs,
                                         "upscaler": upscaler.model_name if upscaler else None})
         self.adapted = adapted
+        self.student = student
         self.upscaler = upscaler
         self.generator = generator
         return True
@@ -160,6 +169,24 @@ class ModelHost:
     def generator_for(self, downsample_factor: int) -> SemanticImageGenerator:
         """The generator for maps sent at `downsample_factor`: its condition adapter, else the base."""
         return self.adapted.get(downsample_factor, self.base())
+
+    def plan(self, options: SamplingOptions, downsample_factor: int) -> tuple[SemanticImageGenerator, SamplingOptions]:
+        """The generator a job runs on and its sampling, resolved; LimitError naming the field.
+
+        The distilled sampler runs on the student when it can serve the job: maps sent at full
+        resolution, at the guidance it learned. Otherwise (no student, another downsample factor,
+        another guidance) the job runs the trajectory the student imitates, DDIM over 10 steps on
+        the base or its adapter, and its status says so: its sampler, steps and model are those that ran."""
+        base = self.base()
+        options = resolve(options, base.diffusion.num_timesteps)  # the sampler's own limits, for every route
+        if options.sampler == DistilledSampler.name:
+            student = self.student
+            if student is not None and downsample_factor == 1 and options.guidance == student.info.distilled_guidance:
+                return student, student.resolve(options)
+            teacher_sampler, teacher_steps = DISTILLATION_TEACHER
+            options = dataclasses.replace(options, sampler=teacher_sampler, steps=teacher_steps)
+        generator = self.generator_for(downsample_factor)
+        return generator, generator.resolve(options)
 
     def output_size(self) -> tuple[int, int]:
         """(height, width) of the stored image: the settings, 0 meaning the last stage's resolution

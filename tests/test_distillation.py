@@ -2,6 +2,7 @@
 the teacher, its guards, and the whole recipe run small."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,10 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from gesco.options import DISTILLATION_TEACHER
+from gesco.v1 import gesco_pb2
+from receiver_service.grpc_server import queue_transmission
+from receiver_service.model_host import ModelHost
+from receiver_service.store import TransmissionStore
+from receiver_service.worker import GenerationWorker
 from shared.limits import LimitError, SamplingOptions
 from shared.semantic.diffusion.distilled import load_student, student_path
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.samplers import spaced_timesteps, student_timesteps
+from tests.receiver_helpers import make_settings, transmission, wait_for_status
 from tests.training_helpers import train_args
 from training import distill_generator, train_diffusion
 
@@ -84,3 +92,55 @@ def test_a_student_of_other_weights_is_refused(distilled, tmp_path: Path) -> Non
     student_path(other).write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="other weights"):
         load_student(SemanticImageGenerator.load(other, "cpu"))
+
+
+# ------------------------------------------------------------------ the receiver serves it
+
+
+def test_the_host_plans_the_student_where_it_serves_and_falls_back_elsewhere(distilled, tmp_path: Path) -> None:
+    teacher_path, _, _ = distilled
+    host = ModelHost(make_settings(tmp_path, checkpoint=teacher_path))
+    assert host.load(), host.load_error
+    student = SamplingOptions(sampler="distilled", guidance=2.0)
+    generator, sampling = host.plan(student, 1)
+    assert generator is host.student and (sampling.sampler, sampling.steps) == ("distilled", 2)
+    generator, sampling = host.plan(dataclasses.replace(student, steps=1), 1)
+    assert generator is host.student and sampling.steps == 1
+    for options, factor in ((student, 2), (dataclasses.replace(student, guidance=1.0), 1)):
+        generator, sampling = host.plan(options, factor)  # the trajectory the student imitates
+        assert generator is host.base() and (sampling.sampler, sampling.steps) == DISTILLATION_TEACHER
+        assert sampling.guidance == options.guidance
+    with pytest.raises(LimitError) as raised:
+        host.plan(dataclasses.replace(student, steps=3), 1)
+    assert raised.value.field == "steps"
+    assert host.plan(SamplingOptions(sampler="ddim", steps=4, guidance=2.0), 1)[0] is host.base()
+    without = ModelHost(make_settings(tmp_path, checkpoint=teacher_path, distilled=False))
+    assert without.load() and without.student is None
+    assert without.plan(student, 1)[1].sampler == DISTILLATION_TEACHER[0]
+
+
+@pytest.mark.parametrize("batching", ["request", "continuous"])
+def test_the_receiver_samples_with_the_student_and_says_so(distilled, tmp_path: Path, batching: str) -> None:
+    teacher_path, _, _ = distilled
+    store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)
+    store.open()
+    worker = GenerationWorker(make_settings(tmp_path, queue_size=8, checkpoint=teacher_path, batching=batching,
+                                            max_batch_size=3), store)
+    worker.load_model()
+    assert worker.ready, worker.load_error
+    request = gesco_pb2.SamplingRequest(sampler="distilled", guidance=2.0, seed=3, use_fds=True)
+    jobs = [transmission(sampling=request, factor=factor) for factor in (1, 2, 1)]
+    try:
+        for header, symbols in jobs:
+            queue_transmission(worker, header, symbols, "req")
+        records = [wait_for_status(store, header.transmission_id, {"done", "failed"}) for header, _ in jobs]
+    finally:
+        worker.stop(5)
+    for record, factor in zip(records, (1, 2, 1)):
+        assert record["status"] == "done", record
+        sampling = record["sampling"]
+        if factor == 1:
+            assert record["model"]["name"].endswith("-distilled") and (sampling["sampler"], sampling["steps"]) == ("distilled", 2)
+        else:
+            assert not record["model"]["name"].endswith("-distilled")
+            assert (sampling["sampler"], sampling["steps"]) == DISTILLATION_TEACHER
