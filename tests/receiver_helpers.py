@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,7 @@ class FakeGenerator:
         self.calls: list[dict] = []
         self.fail_with: Exception | None = None
         self.inference_options: list[str] = []
+        self.diffusion = types.SimpleNamespace(num_timesteps=self.max_steps)  # the chain's length, as the real one has
 
     def resolve(self, sampling: SamplingOptions) -> SamplingOptions:
         return samplers.resolve(sampling, self.max_steps)
