@@ -175,10 +175,10 @@ def test_several_receivers_share_redis_and_the_channel_spreads_over_them(clean_e
 def test_the_channel_metrics_port_follows_the_channel_port_so_two_stacks_do_not_collide(clean_env) -> None:
     defaults = ChannelSettings()
     assert launch.Ports(8000, 8001, 50052, defaults.port).channel_metrics_port == defaults.metrics_port
-    first, second = launch.Ports(8000, 8001, 50052, 50051), launch.Ports(18000, 18001, 18052, 18051, sender_grpc=18050)
+    first, second = launch.Ports(8000, 8001, 50052, 50051), launch.Ports(18000, 18001, 18052, 50061, sender_grpc=18050)
     assert not set(first.in_use().values()) & set(second.in_use().values())
     channel = {service.name: service for service in launch.services(second)}["channel"]
-    assert launch.process_env(channel)["GESCO_CHANNEL_METRICS_PORT"] == str(18051 + stack.CHANNEL_METRICS_OFFSET)
+    assert launch.process_env(channel)["GESCO_CHANNEL_METRICS_PORT"] == "9061"
     assert launch.Ports(8000, 8001, 50052, 2000).channel_metrics_port == 0  # no follower: any free port
     assert launch.Ports(8000, 8001, 50052, 50051, channel_metrics=9999).in_use()["channel metrics"] == 9999
 
