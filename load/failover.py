@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         disruptor.join(timeout=60)
         print(output, flush=True)
         load_report = json.loads(report_path.read_text())
+        load_report["config"].pop("report", None)  # a temporary file, gone with the run
         done_counts = finishes(stack, replicas)
         handed_over = sum(1 for member in client.zrange(f"{PREFIX}index", 0, -1)
                           if json.loads(client.hget(f"{PREFIX}tx:{member.decode()}", "record") or "{}").get("handovers"))
