@@ -18,10 +18,8 @@ def main() -> None:
     configure_logging("channel_sim", settings.log_level)
     metrics = ServiceMetrics()
     server, receiver_channel, health = build_channel_server(settings, metrics)
-    stop_metrics = None
-    if settings.metrics_port:
-        stop_metrics = start_metrics_server(metrics, settings.host, settings.metrics_port)
-        log.info("metrics listening", extra={"address": f"{settings.host}:{settings.metrics_port}"})
+    metrics_port, stop_metrics = start_metrics_server(metrics, settings.host, settings.metrics_port)
+    log.info("metrics listening", extra={"address": f"{settings.host}:{metrics_port}"})
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -34,8 +32,7 @@ def main() -> None:
     health.set_serving(False)
     server.stop(settings.shutdown_grace_s).wait()
     receiver_channel.close()
-    if stop_metrics is not None:
-        stop_metrics()
+    stop_metrics()
 
 
 if __name__ == "__main__":

@@ -140,11 +140,12 @@ def receiver_error(error: grpc.RpcError) -> CallRejected:
     """The status to give the sender for a failed call to the receiver."""
     code = error.code()
     details = error.details() or ""
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return CallRejected(code, f"receiver unavailable: {details}" if details else "receiver unavailable")
+    retry_after = next((value for key, value in (error.trailing_metadata() or ())
+                        if key == transport.RETRY_AFTER_METADATA_KEY), None)
+    if code is grpc.StatusCode.UNAVAILABLE:  # e.g. its job store is down: with when to come back
+        return CallRejected(code, f"receiver unavailable: {details}" if details else "receiver unavailable",
+                            retry_after)
     if code in _PASSED_THROUGH:
-        retry_after = next((value for key, value in (error.trailing_metadata() or ())
-                            if key == transport.RETRY_AFTER_METADATA_KEY), None)
         return CallRejected(code, details or f"receiver: {code.name}", retry_after)
     return CallRejected(grpc.StatusCode.INTERNAL, f"receiver failed with {code.name}: {details}")
 

@@ -26,7 +26,7 @@ class ChannelSettings(ServiceSettings):
     # Deadline of the call to the receiver: the caller's remaining time, at most this.
     forward_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: float = Field(5.0, ge=0)
-    # Prometheus /metrics over HTTP on host:metrics_port; 0 turns it off.
+    # Prometheus /metrics over HTTP on host:metrics_port; 0: any free port (logged at start).
     metrics_port: int = Field(9051, ge=0, le=65535)
     # TLS of this server (PEM paths; empty: plaintext). A client CA makes it mutual TLS.
     tls_cert_file: str = ""

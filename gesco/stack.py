@@ -23,6 +23,9 @@ from pathlib import Path
 from shared.paths import REPO_ROOT
 
 REDIS_SERVER = "redis-server"
+# The channel's metrics port follows its port: 9051 beside 50051 (the channel's defaults), and as
+# far from any other port, so that stacks on other ports do not collide on it.
+CHANNEL_METRICS_OFFSET = 9051 - 50051
 # Roles a caller can give settings for (`services(settings=...)`), by the module each runs.
 ROLES = {"receiver": "receiver_service", "channel": "channel_sim", "sender": "sender_service"}
 
@@ -36,16 +39,31 @@ class Ports:
     receivers: int = 1
     redis: int = 0  # the port of a redis-server run beside the services; 0: none
     sender_grpc: int = 50050
+    # The channel's Prometheus port. None: it follows the channel port (CHANNEL_METRICS_OFFSET);
+    # 0: any free port, which the channel picks and logs (the launcher picks one and reports it).
+    channel_metrics: int | None = None
 
     @classmethod
     def free(cls, receivers: int = 1, redis: bool = False) -> Ports:
         """Ports nothing listens on now, on 127.0.0.1 (the receivers' in consecutive blocks)."""
         return cls(free_port(), free_ports(receivers), free_ports(receivers), free_port(), receivers=receivers,
-                   redis=free_port() if redis else 0, sender_grpc=free_port())
+                   redis=free_port() if redis else 0, sender_grpc=free_port(), channel_metrics=free_port())
+
+    @property
+    def channel_metrics_port(self) -> int:
+        """The channel's metrics port: as set, else the channel port's follower (0 if that is no
+        port: any free one)."""
+        if self.channel_metrics is not None:
+            return self.channel_metrics
+        following = self.channel + CHANNEL_METRICS_OFFSET
+        return following if 1 <= following <= 65535 else 0
 
     def in_use(self) -> dict[str, int]:
-        """Every port the services listen on, by a name for messages."""
+        """Every port the services listen on, by a name for messages (a metrics port of 0 is
+        picked when the channel starts, so it is not listed)."""
         ports = {"sender": self.sender, "sender gRPC": self.sender_grpc, "channel": self.channel}
+        if self.channel_metrics_port:
+            ports["channel metrics"] = self.channel_metrics_port
         for index in range(self.receivers):
             suffix = f" {index + 1}" if self.receivers > 1 else ""
             ports[f"receiver{suffix} REST"] = self.receiver_http + index
@@ -124,7 +142,8 @@ def services(ports: Ports, host: str = "127.0.0.1", redis_config: Path | None = 
             ROLES["channel"],
             None,
             ports.channel,
-            {"GESCO_CHANNEL_HOST": host, "GESCO_CHANNEL_PORT": str(ports.channel), **settings.get("channel", {})},
+            {"GESCO_CHANNEL_HOST": host, "GESCO_CHANNEL_PORT": str(ports.channel),
+             "GESCO_CHANNEL_METRICS_PORT": str(ports.channel_metrics_port), **settings.get("channel", {})},
             {"GESCO_CHANNEL_RECEIVER_ADDRESS": receivers_address(host, receiver_addresses)},
         ),
         Service(

@@ -21,8 +21,8 @@ def main() -> None:
     serve(app, settings.host, settings.http_port, settings.shutdown_grace_s)  # returns on SIGTERM/SIGINT
     if app.state.receiver.worker.busy:
         # A batch is still sampling, and torch aborts the process when the interpreter finalises
-        # under a thread still computing. Leave now: the job stays "running" on disk and the
-        # next start marks it failed.
+        # under a thread still computing. Leave now: on disk the job stays "running" and the
+        # next start marks it failed; a shared store has already handed it to another replica.
         logging.shutdown()
         os._exit(0)
 

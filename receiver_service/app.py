@@ -26,7 +26,13 @@ from receiver_service.grpc_server import build_grpc_server
 from receiver_service.long_poll import FinishWaiters
 from receiver_service.settings import ReceiverSettings
 from receiver_service.status import MAP_ARTIFACTS, TransmissionStatus, public_status, status_json
-from receiver_service.store import FINISHED, JobStatus, StoreUnavailableError, UnknownTransmissionError
+from receiver_service.store import (
+    FINISHED,
+    STORE_RETRY_AFTER_S,
+    JobStatus,
+    StoreUnavailableError,
+    UnknownTransmissionError,
+)
 from receiver_service.store_factory import JobStore, create_store
 from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
@@ -49,8 +55,6 @@ CANCEL_REASON = "cancelled at a client's request"
 # Open without the API key: probes, scrapers and the docs pages (the schema reveals no secret).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/docs/",)
-# Retry-After of a 503 while the store is unreachable (the Redis client retries for about a second).
-STORE_RETRY_AFTER_S = 2
 
 
 router = APIRouter()

@@ -4,6 +4,10 @@ The schedulers hand every job they take to `begin` and, once it has an outcome, 
 A sampled image is finished (stages after sampling, PNGs) and stored by a small thread pool while
 the sampling thread goes on (`encode_workers`; 0 does it in line). A job leaves the queue's held
 jobs only once its final status is stored.
+
+Every write names the epoch at which this replica holds the job, so a shared store drops it once
+the job has been handed to another replica. While the store is unreachable a job's end is retried
+for a while, so a short Redis outage costs no job its result.
 """
 from __future__ import annotations
 
@@ -16,11 +20,16 @@ from dataclasses import asdict
 from receiver_service.jobs import Job, JobResult
 from receiver_service.model_host import ModelHost
 from receiver_service.queue import JobQueue
-from receiver_service.store import JobStatus, StoreUnavailableError
+from receiver_service.store import HandedOverError, JobStatus, StoreUnavailableError
 from shared.wire.logging_setup import request_context
 from shared.wire.monitoring import ServiceMetrics
 
 log = logging.getLogger("receiver_service.completion")
+
+# How long a job's end is retried while the store is unreachable, and how often; beyond that the
+# shared store hands the job back once it answers (it is redone), the disk store keeps it running.
+STORE_RETRY_S = 60.0
+STORE_RETRY_INTERVAL_S = 0.5
 
 
 class Completion:
@@ -44,8 +53,12 @@ class Completion:
     def begin(self, job: Job, started: float) -> None:
         """Mark a job running: its queue wait ends at `started` (monotonic)."""
         with request_context(job.request_id):
-            self.store.update(job.transmission_id, status=JobStatus.RUNNING.value, started_at=time.time(),
-                              timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
+            try:
+                self.store.update(job.transmission_id, epoch=job.epoch, status=JobStatus.RUNNING.value,
+                                  started_at=time.time(),
+                                  timings_ms={"queue_wait": round((started - job.enqueued_at) * 1000.0, 2)})
+            except (StoreUnavailableError, HandedOverError) as error:  # the status only: its end is fenced too
+                log.warning("the job's start was not stored", extra={"error": str(error)})
             log.info("job started", extra={"transmission_id": job.transmission_id, **asdict(job.sampling),
                                            "seed": job.seed, "use_fds": job.use_fds})
 
@@ -87,12 +100,30 @@ class Completion:
                     except Exception as error:  # noqa: BLE001 - the job records the failure
                         log.exception("finishing the image failed")
                         result.error = f"encoding the images failed: {error}"
-                self._store(job, result, started)
+                try:
+                    self._store_retrying(job, result, started)
+                except HandedOverError as error:
+                    log.warning("result dropped: the job was handed to another replica",
+                                extra={"transmission_id": job.transmission_id, "error": str(error)})
+                    return
                 self._observe(job, result, started)
         except Exception:  # noqa: BLE001 - e.g. a full disk; keep serving the next jobs
             log.exception("finishing a job failed")
         finally:
             self.queue.release(job)
+
+    def _store_retrying(self, job: Job, result: JobResult, started: float) -> None:
+        """`_store`, retried while the store is unreachable, for at most STORE_RETRY_S."""
+        deadline = time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                self._store(job, result, started)
+                return
+            except StoreUnavailableError as error:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("the job's end not stored yet; retrying", extra={"error": str(error)})
+                time.sleep(STORE_RETRY_INTERVAL_S)
 
     def _store(self, job: Job, result: JobResult, started: float) -> None:
         """Store the job's images and final status; a cancelled job keeps no images."""
@@ -102,12 +133,12 @@ class Completion:
         else:
             try:
                 for name, data in result.artifacts.items():
-                    self.store.write_artifact(job.transmission_id, name, data)
-            except (OSError, StoreUnavailableError) as store_error:
+                    self.store.write_artifact(job.transmission_id, name, data, epoch=job.epoch)
+            except OSError as store_error:
                 result.error = f"storing the results failed: {store_error}"
             status, error = (JobStatus.FAILED if result.error else JobStatus.DONE), result.error
         stages = self.host.stage_records(job.generator, timings) if status is JobStatus.DONE else []
-        self.store.update(job.transmission_id, status=status.value, error=error,
+        self.store.update(job.transmission_id, epoch=job.epoch, status=status.value, error=error,
                           finished_at=time.time(), timings_ms=timings, stages=stages)
         log.info("job finished", extra={"transmission_id": job.transmission_id, "status": status.value,
                                         "error": error, "timings_ms": timings})

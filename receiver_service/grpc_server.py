@@ -37,6 +37,7 @@ from receiver_service.jobs import Job, NotReadyError, QueueFullError, job_record
 from receiver_service.settings import ReceiverSettings
 from receiver_service.status import public_status
 from receiver_service.store import (
+    STORE_RETRY_AFTER_S,
     DuplicateTransmissionError,
     JobStatus,
     StoreUnavailableError,
@@ -336,7 +337,8 @@ def _caller_gone(details: str) -> CallRejected:
 
 def _store_unavailable(error: StoreUnavailableError) -> CallRejected:
     log.warning("job store unavailable", extra={"error": str(error)})  # it names Redis's address: logged only
-    return CallRejected(grpc.StatusCode.UNAVAILABLE, "the receiver's job store is unavailable")
+    return CallRejected(grpc.StatusCode.UNAVAILABLE, "the receiver's job store is unavailable",
+                        STORE_RETRY_AFTER_S)
 
 
 def build_grpc_server(

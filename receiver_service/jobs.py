@@ -2,10 +2,17 @@
 
 The frontends (grpc_server.py) build a `Job` and its status record from the wire message, so
 nothing past them reads protobuf; the queue, the schedulers and the model host pass jobs on.
+A shared store keeps each job's inputs (`encode_job_input`, compressed; not protobuf) so that any
+replica can redo the job from the start (`decode_job_input`) when the one that took it dies.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import struct
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +54,9 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     # Why the job was cancelled (set once, by the queue's `cancel`); None while it is wanted.
     cancel_reason: str | None = None
+    # The shared store's fencing token of this replica's hold on the job (0 in the disk store):
+    # raised each time the job is handed to another replica, so a late result is dropped.
+    epoch: int = 0
 
     @property
     def cancelled(self) -> bool:
@@ -82,6 +92,46 @@ def job_record(job: Job, transmission: TransmissionRecord, size: tuple[int, int]
         "output": {"height": size[0], "width": size[1]},
         "model": job.generator.info.as_dict(),
     }
+
+
+INPUT_VERSION = 1
+_INPUT_PREFIX = struct.Struct(">BI")  # version, length of the JSON part
+
+
+def encode_job_input(job: Job) -> bytes:
+    """What a replica needs to redo `job` from the start: its header, sampling, seed and the
+    received symbols (float32, zlib-compressed); the generator is found again by the factor."""
+    meta = json.dumps({
+        "request_id": job.request_id,
+        "semantic": dataclasses.asdict(job.semantic),
+        "sampling": dataclasses.asdict(job.sampling),
+        "seed": job.seed,
+        "use_fds": job.use_fds,
+        "shape": list(job.symbols.shape),
+    }).encode()
+    symbols = np.ascontiguousarray(job.symbols, dtype="<f4").tobytes()
+    return _INPUT_PREFIX.pack(INPUT_VERSION, len(meta)) + meta + zlib.compress(symbols, 1)
+
+
+def decode_job_input(transmission_id: str, data: bytes, epoch: int,
+                     generator_for: Callable[[int], SemanticImageGenerator]) -> Job:
+    """The job `encode_job_input` stored, held at `epoch`; ValueError if the data is not one."""
+    try:
+        version, length = _INPUT_PREFIX.unpack_from(data)
+        if version != INPUT_VERSION:
+            raise ValueError(f"job input version {version}, expected {INPUT_VERSION}")
+        start = _INPUT_PREFIX.size
+        meta = json.loads(data[start:start + length])
+        semantic_fields = meta["semantic"]
+        semantic = codec.SemanticHeader(**{**semantic_fields,
+                                          "present_class_ids": tuple(semantic_fields["present_class_ids"]),
+                                          "compression": codec.Compression(semantic_fields["compression"])})
+        symbols = np.frombuffer(zlib.decompress(data[start + length:]), dtype="<f4").reshape(meta["shape"])
+    except (struct.error, KeyError, TypeError, zlib.error, json.JSONDecodeError) as error:
+        raise ValueError(f"unreadable job input: {type(error).__name__}: {error}") from None
+    return Job(transmission_id, str(meta["request_id"]), semantic, symbols.astype(np.float32),
+               SamplingOptions(**meta["sampling"]), seed=int(meta["seed"]), use_fds=bool(meta["use_fds"]),
+               generator=generator_for(semantic.downsample_factor), epoch=epoch)
 
 
 def elapsed_ms(started: float) -> float:

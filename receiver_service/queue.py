@@ -6,6 +6,10 @@ batch (`take`). Jobs stay held (`held_ids`) from admission until `release`, so a
 a running job's sampling step and the shared store can tell a replica's lost jobs from its own.
 Each step is also pushed to the progress listeners (the watches' hub) and written to the store
 (which a shared store publishes to the other replicas).
+
+With a shared store the queue also takes part in the replicas' common queue: it stores each job's
+inputs at admission, takes jobs that other replicas handed back (or left behind dying) whenever a
+place is free, ahead of its own (they are older), and hands its waiting jobs back when it closes.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
-from receiver_service.jobs import Job, QueueFullError
-from receiver_service.store import DuplicateTransmissionError, JobStatus
+from receiver_service.jobs import Job, QueueFullError, decode_job_input, encode_job_input
+from receiver_service.store import DuplicateTransmissionError, HandedOverError, JobStatus, StoreUnavailableError
 from receiver_service.store_factory import JobStore
+from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.wire.logging_setup import request_context
 
 log = logging.getLogger("receiver_service.queue")
@@ -34,9 +39,12 @@ IDLE_WAIT_S = 0.2
 class JobQueue:
     """Queued jobs, oldest first, bounded by `capacity`, and the jobs held until released."""
 
-    def __init__(self, store: JobStore, capacity: int) -> None:
+    def __init__(self, store: JobStore, capacity: int,
+                 generator_for: Callable[[int], SemanticImageGenerator] | None = None) -> None:
+        """`generator_for(downsample_factor)` rebuilds the jobs taken from a shared store."""
         self.store = store
         self.capacity = capacity
+        self._generator_for = generator_for
         # Guards the collections below; notified when a job arrives or the queue closes.
         self._changed = threading.Condition()
         # A batch takes the oldest and later compatible ones; the others stay in order, so the
@@ -59,11 +67,17 @@ class JobQueue:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def close(self) -> None:
-        """Admit no more jobs and wake the scheduler so that it can finish."""
+    def close(self) -> list[Job]:
+        """Admit no more jobs, take the waiting ones out (no longer held: a shared store hands
+        them to the other replicas) and wake the scheduler so that it can finish."""
         self._closed.set()
         with self._changed:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            for job in waiting:
+                self._held.pop(job.transmission_id, None)
             self._changed.notify_all()
+        return waiting
 
     # --- admission ------------------------------------------------------------------------------
     def check_capacity(self) -> None:
@@ -81,12 +95,14 @@ class JobQueue:
 
     def admit(self, job: Job, record: dict) -> int:
         """Store the job's record and queue it; return the jobs ahead of it.
-        Raises DuplicateTransmissionError or QueueFullError."""
+        Raises DuplicateTransmissionError or QueueFullError. A shared store keeps the job's
+        inputs with its record, before the caller acknowledges the transmission."""
+        job_input = encode_job_input(job) if self.store.shares_jobs else b""
         with self._changed:
             if self.store.contains(job.transmission_id):
                 raise DuplicateTransmissionError(job.transmission_id)
             self.check_capacity()
-            self.store.create(record)
+            self.store.create(record, job_input)
             ahead = len(self._held)
             self._waiting.append(job)
             self._held[job.transmission_id] = job
@@ -108,8 +124,11 @@ class JobQueue:
             if queued:
                 self._waiting.remove(job)
                 del self._held[transmission_id]
-                self.store.update(transmission_id, status=JobStatus.CANCELLED.value, error=reason,
-                                  finished_at=time.time())
+                try:
+                    self.store.update(transmission_id, epoch=job.epoch, status=JobStatus.CANCELLED.value,
+                                      error=reason, finished_at=time.time())
+                except HandedOverError:  # another replica holds it now: the store's cancel reaches it
+                    pass
         with request_context(job.request_id):
             log.info("job cancelled" if queued else "job cancellation requested",
                      extra={"transmission_id": transmission_id, "reason": reason})
@@ -119,6 +138,7 @@ class JobQueue:
         """Up to `limit` queued jobs, oldest first, whatever their sampling options (step
         batching); when `block` and none is queued, wait a moment for one."""
         with self._changed:
+            self._adopt()
             if block and not self._waiting and not self.closed:
                 self._changed.wait(timeout=IDLE_WAIT_S)
             return [self._waiting.popleft() for _ in range(min(limit, len(self._waiting)))]
@@ -133,6 +153,8 @@ class JobQueue:
         back, in order, to open the next batches.
         """
         with self._changed:
+            if not self._waiting:
+                self._adopt()
             if not self._waiting:
                 self._changed.wait(timeout=IDLE_WAIT_S)
                 if not self._waiting:
@@ -149,8 +171,38 @@ class JobQueue:
                     batch.append(job)
                 remaining = deadline - time.monotonic()
                 if len(batch) == limit or remaining <= 0 or self.closed:
+                    self._adopt()  # the places this batch freed go to handed-back jobs first
                     return batch
                 self._changed.wait(remaining)
+
+    def _adopt(self) -> None:
+        """Take handed-back jobs from a shared store into the free places, ahead of the waiting
+        ones (called with the lock held). Best effort: with the store unreachable, later."""
+        room = self.capacity - len(self._waiting)
+        if not self.store.shares_jobs or self._generator_for is None or self.closed or room < 1:
+            return
+        try:
+            claimed = self.store.claim(room)
+        except StoreUnavailableError as error:
+            log.debug("handed-back jobs not taken", extra={"error": str(error)})
+            return
+        adopted = []
+        for transmission_id, data, epoch in claimed:
+            try:
+                job = decode_job_input(transmission_id, data, epoch, self._generator_for)
+            except ValueError as error:
+                log.error("a handed-back job cannot be rebuilt", extra={"transmission_id": transmission_id,
+                                                                         "error": str(error)})
+                try:
+                    self.store.update(transmission_id, epoch=epoch, status=JobStatus.FAILED.value,
+                                      error=f"the job's stored inputs are unreadable: {error}",
+                                      finished_at=time.time())
+                except (StoreUnavailableError, HandedOverError):  # still owned here, or taken on: not ours
+                    pass
+                continue
+            adopted.append(job)
+            self._held[transmission_id] = job
+        self._waiting.extendleft(reversed(adopted))
 
     def idle(self) -> None:
         """Nothing to sample: apply the store's age limit now and then."""

@@ -7,19 +7,33 @@ watch: the sampling steps are published too, one message per step of a batch (na
 sent with the step's write, and reach the other replicas' progress listener. Keys, all under one
 prefix:
 
-    tx:{id}        hash: record (the status JSON), status, owner, and one field per artifact PNG
+    tx:{id}        hash: record (the status JSON), status, owner ("" while in `pending`), epoch,
+                   input (what redoing the job needs, until it finishes), one field per artifact PNG
     index          sorted set of the stored ids by created_at (the count bound)
     finished       sorted set of the finished ids by created_at (the eviction order)
     lease:{owner}  the owner's lease: expires lease_s after its last renewal
-    owned:{owner}  the owner's queued and running ids
+    owned:{owner}  the owner's queued and running ids (its processing set)
     owners         the owners that may hold jobs
+    pending        list of the ids handed back, oldest first, for any replica to take
 
-Ownership: the replica that creates a job owns it, since its symbols live in that process's memory
-only. A thread renews the replica's lease every lease_s / 3 and sweeps the owners whose lease has
-expired: their queued and running jobs end failed. A replica that dies (SIGKILL, lost node) thus
-has its jobs failed within 4/3 lease_s, never left queued or running. A failed or cancelled record
-is final: a replica that lost its lease and comes back cannot overwrite the failure another replica
-recorded, nor attach an image to it.
+Ownership and hand-over, a reliable queue: the replica that creates a job owns it and stores its
+inputs (the received symbols, compressed) with the record before the channel is acknowledged. A
+thread renews the replica's lease every lease_s / 3 and sweeps the owners whose lease has expired:
+their queued and running jobs go back to `queued`, unowned, at the end of `pending`, in the
+transaction that takes them out of the owner's `owned` set. Live replicas `claim` from the head of
+`pending` when their queue has room, in one script that pops an id and adds it to their own `owned`
+set, so an id is always in `pending` or in exactly one processing set, never in neither; the
+claimer rebuilds the job from its inputs and samples it from the start. A replica stopped with
+SIGTERM hands its unfinished jobs back the same way, and so does a restart under the same replica
+id with what its predecessor left. A job without stored inputs (none was given) ends failed
+instead.
+
+Fencing: every hand-over raises the record's `epoch`, and the claimer holds the job at that epoch.
+Every write of a job's progress, images and end names the epoch it holds, and is dropped unless it
+is still the record's (checked under WATCH, in the same transaction as the write). A replica
+presumed dead that finishes anyway (it was starved, or lost Redis for longer than its lease) thus
+cannot record a result: each transmission finishes exactly once, by its last holder. A failed or
+cancelled record is final.
 
 Bounds as on disk: finished jobs older than max_age_s go first, then the oldest finished beyond
 max_items, never an unfinished one; Redis also expires each finished record at the end of its age
@@ -53,6 +67,7 @@ from receiver_service.store import (
     FINISHED,
     RESTART_ERROR,
     DuplicateTransmissionError,
+    HandedOverError,
     JobStatus,
     StoreUnavailableError,
     UnknownTransmissionError,
@@ -98,6 +113,33 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 """
 
+# Takes up to ARGV[3] ids from the head of `pending` into this replica's processing set: each one
+# still unfinished and unowned is owned by ARGV[2] at a raised epoch; the others (cancelled or
+# evicted while they waited) are dropped from the list. The lease is renewed with the first claim.
+# KEYS: pending, owned:{replica}, lease:{replica}, owners. ARGV: record key prefix, replica id,
+# limit, lease token, lease ms. Returns [id, input, epoch] for each job taken.
+_CLAIM_SCRIPT = """
+local claimed = {}
+local limit = tonumber(ARGV[3])
+while #claimed < limit do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  local key = ARGV[1] .. id
+  local fields = redis.call('HMGET', key, 'status', 'owner', 'input')
+  if (fields[1] == 'queued' or fields[1] == 'running') and fields[2] == '' and fields[3] then
+    local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+    redis.call('HSET', key, 'owner', ARGV[2])
+    redis.call('SADD', KEYS[2], id)
+    table.insert(claimed, {id, fields[3], epoch})
+  end
+end
+if #claimed > 0 then
+  redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+  redis.call('SADD', KEYS[4], ARGV[2])
+end
+return claimed
+"""
+
 T = TypeVar("T")
 
 
@@ -110,11 +152,12 @@ class RedisStoreSettings(BaseSettings):
     # Kept out of the URL, so that logs and manifests never show it (a Secret in Kubernetes).
     password: SecretStr = SecretStr("")
     key_prefix: str = Field("gesco:receiver:", min_length=1, max_length=100)
-    # A dead replica's jobs end failed within 4/3 of this; a Redis outage longer than this fails
-    # the jobs of the replicas that could not renew in time.
+    # A dead replica's jobs are handed to the others within 4/3 of this; a Redis outage longer
+    # than this hands over the jobs of the replicas that could not renew in time (their late
+    # results are then dropped: the jobs run again elsewhere).
     lease_s: float = Field(10.0, ge=0.5, le=600.0)
     socket_timeout_s: float = Field(2.0, gt=0, le=60.0)
-    # Unique among live replicas; a restart under the same id fails its predecessor's jobs at
+    # Unique among live replicas; a restart under the same id hands its predecessor's jobs back at
     # once. Empty: hostname-pid (a pod's name and PID 1 in Kubernetes).
     replica_id: str = ""
 
@@ -159,8 +202,11 @@ class RedisTransmissionStore:
 
     Differences to the disk store: artifacts are read with `read_artifact` (there is no file
     path); `open` starts the lease and pub/sub threads and `close` stops them; `check` tells
-    whether Redis answers; `request_cancel` reaches the replica that runs a job.
+    whether Redis answers; `request_cancel` reaches the replica that runs a job; jobs move between
+    replicas (`claim`, `hand_back`) and their writes are fenced by epoch.
     """
+
+    shares_jobs = True  # jobs are stored with their inputs and may move to another replica
 
     def __init__(
         self,
@@ -196,6 +242,7 @@ class RedisTransmissionStore:
         self._on_progress: Callable[[Collection[str], int, int], None] | None = None
         self._evict_script = client.register_script(_EVICT_SCRIPT)
         self._set_if_stored = client.register_script(_SET_IF_STORED_SCRIPT)
+        self._claim_script = client.register_script(_CLAIM_SCRIPT)
         self._unfinished_error = RESTART_ERROR
         self._registered = False
         self._register_lock = threading.Lock()
@@ -217,9 +264,10 @@ class RedisTransmissionStore:
     # ------------------------------------------------------------------------------- lifecycle
 
     def open(self, unfinished_error: str = RESTART_ERROR) -> list[str]:
-        """Fail what an earlier process with this replica id left unfinished, take the lease and
-        start the lease and pub/sub threads; return the failed ids. With Redis down this returns
-        [] and the lease thread does the same once Redis answers (the process still starts)."""
+        """Hand back what an earlier process with this replica id left unfinished (failing what
+        has no stored inputs), take the lease and start the lease and pub/sub threads; return the
+        failed ids. With Redis down this returns [] and the lease thread does the same once Redis
+        answers (the process still starts)."""
         self._unfinished_error = unfinished_error
         recovered: list[str] = []
         try:
@@ -233,17 +281,17 @@ class RedisTransmissionStore:
         return recovered
 
     def close(self) -> list[str]:
-        """Stop the threads, fail this replica's unfinished jobs (their symbols go with the
-        process) and drop its lease; return the failed ids ([] with Redis down: the lease then
-        expires and another replica fails them)."""
+        """Stop the threads, hand this replica's unfinished jobs to the others (failing those
+        without stored inputs) and drop its lease; return the failed ids ([] with Redis down: the
+        lease then expires and another replica hands them over)."""
         self._stopping.set()
         for thread in self._threads:
             thread.join(timeout=5.0)
         failed: list[str] = []
         try:
             with _redis_errors():
-                failed = self._fail_owner_jobs(self.replica_id, STOPPED_ERROR.format(owner=self.replica_id),
-                                               only_if_expired=False)
+                failed = self._release_owner_jobs(self.replica_id, STOPPED_ERROR.format(owner=self.replica_id),
+                                                  only_if_expired=False)
                 self._client.delete(self._key("lease", self.replica_id))
         except StoreUnavailableError as error:
             log.warning("Redis unavailable at shutdown; the lease will expire", extra={"error": str(error)})
@@ -273,9 +321,9 @@ class RedisTransmissionStore:
 
     # ----------------------------------------------------------------------------- records
 
-    def create(self, record: dict[str, Any]) -> None:
-        """Store a new job's record, owned by this replica; DuplicateTransmissionError if its id
-        is taken."""
+    def create(self, record: dict[str, Any], job_input: bytes = b"") -> None:
+        """Store a new job's record, owned by this replica at epoch 0, with `job_input` (what
+        another replica needs to redo it); DuplicateTransmissionError if its id is taken."""
         transmission_id = validate_transmission_id(record["id"])
         created_at, status = float(record["created_at"]), str(record["status"])
         self._register()
@@ -285,7 +333,8 @@ class RedisTransmissionStore:
             if pipe.exists(key):
                 raise DuplicateTransmissionError(transmission_id)
             pipe.multi()
-            pipe.hset(key, "owner", self.replica_id)
+            pipe.hset(key, mapping={"owner": self.replica_id, "epoch": 0,
+                                    **({"input": job_input} if job_input else {})})
             pipe.zadd(self._key("index"), {transmission_id: created_at})
             if status not in FINISHED:  # a live lease and a listed owner, or a sweep would miss it
                 pipe.set(self._key("lease", self.replica_id), self._token, px=self._lease_ms)
@@ -311,15 +360,17 @@ class RedisTransmissionStore:
             raise UnknownTransmissionError(transmission_id)
         return json.loads(raw)
 
-    def update(self, transmission_id: str, **changes: Any) -> dict[str, Any]:
+    def update(self, transmission_id: str, epoch: int | None = None, **changes: Any) -> dict[str, Any]:
         """Merge `changes` into the record (dicts one level deep) and return the new record; a
-        failed or cancelled record stays as it is (and is returned)."""
+        failed or cancelled record stays as it is (and is returned). With `epoch`, the write of a
+        replica that holds the job at that epoch: HandedOverError once another one holds it."""
         key = self._record_key(transmission_id)
 
         def change(pipe: Pipeline) -> tuple[dict[str, Any], bool]:
-            raw, owner = pipe.hmget(key, "record", "owner")
+            raw, owner, stored_epoch = pipe.hmget(key, "record", "owner", "epoch")
             if raw is None:
                 raise UnknownTransmissionError(transmission_id)
+            self._check_holds(transmission_id, stored_epoch, epoch)
             record = json.loads(raw)
             if record["status"] in FINAL:
                 return record, False
@@ -369,14 +420,16 @@ class RedisTransmissionStore:
             self._notify_finished(transmission_id)
         return record
 
-    def write_artifact(self, transmission_id: str, name: str, data: bytes) -> None:
-        """Store one of the ARTIFACTS of a stored job (dropped if the job failed or was cancelled)."""
+    def write_artifact(self, transmission_id: str, name: str, data: bytes, epoch: int | None = None) -> None:
+        """Store one of the ARTIFACTS of a stored job (dropped if the job failed or was cancelled;
+        `epoch` as in `update`)."""
         key, field = self._record_key(transmission_id), self._artifact_field(name)
 
         def put(pipe: Pipeline) -> bool:
-            status = pipe.hget(key, "status")
+            status, stored_epoch = pipe.hmget(key, "status", "epoch")
             if status is None:
                 raise UnknownTransmissionError(transmission_id)
+            self._check_holds(transmission_id, stored_epoch, epoch)
             if status.decode() in FINAL:
                 return False
             pipe.multi()
@@ -462,27 +515,51 @@ class RedisTransmissionStore:
     # ---------------------------------------------------------------------------- leases
 
     def sweep(self) -> list[str]:
-        """Fail the queued and running jobs of every other replica whose lease has expired;
-        return their ids."""
+        """Hand the queued and running jobs of every other replica whose lease has expired to the
+        shared queue (failing those without stored inputs); return the failed ids."""
         failed: list[str] = []
         with _redis_errors():
             for member in self._client.smembers(self._key("owners")):
                 owner = member.decode()
                 if owner != self.replica_id:
-                    failed += self._fail_owner_jobs(owner, LEASE_EXPIRED_ERROR.format(owner=owner),
-                                                    only_if_expired=True)
-        if failed:
-            log.warning("failed the jobs of replicas whose lease expired", extra={"transmission_ids": failed})
+                    failed += self._release_owner_jobs(owner, LEASE_EXPIRED_ERROR.format(owner=owner),
+                                                       only_if_expired=True)
         return failed
 
+    def claim(self, limit: int) -> list[tuple[str, bytes, int]]:
+        """Take up to `limit` handed-back jobs, oldest first: (id, inputs, epoch) of each, now
+        owned by this replica at that epoch."""
+        if limit < 1:
+            return []
+        self._register()
+        with _redis_errors():
+            claimed = self._claim_script(
+                keys=[self._key("pending"), self._key("owned", self.replica_id), self._key("lease", self.replica_id),
+                      self._key("owners")],
+                args=[self._key("tx", ""), self.replica_id, limit, self._token, self._lease_ms])
+        jobs = [(member.decode(), bytes(data), int(epoch)) for member, data, epoch in claimed]
+        if jobs:
+            log.info("took over handed-back jobs", extra={"transmission_ids": [job[0] for job in jobs]})
+        return jobs
+
+    def hand_back(self, transmission_ids: Collection[str]) -> list[str]:
+        """Give this replica's jobs back to the shared queue (it stops; they have not started);
+        one without stored inputs ends failed. Return the ids handed back."""
+        reason = STOPPED_ERROR.format(owner=self.replica_id)
+        handed = [transmission_id for transmission_id in transmission_ids
+                  if self._release_own(transmission_id, reason) == JobStatus.QUEUED.value]
+        if handed:
+            log.info("handed jobs back", extra={"transmission_ids": handed})
+        return handed
+
     def _register(self) -> list[str]:
-        """Once per process, before its first job: fail the jobs a predecessor with this replica
-        id left, then take the lease."""
+        """Once per process, before its first job: hand back the jobs a predecessor with this
+        replica id left, then take the lease."""
         with self._register_lock:
             if self._registered:
                 return []
             with _redis_errors():
-                recovered = self._fail_owner_jobs(self.replica_id, self._unfinished_error, only_if_expired=False)
+                recovered = self._release_owner_jobs(self.replica_id, self._unfinished_error, only_if_expired=False)
                 self._renew()
             self._registered = True
         if recovered:
@@ -496,69 +573,105 @@ class RedisTransmissionStore:
         pipe.sadd(self._key("owners"), self.replica_id)
         pipe.execute()
 
-    def _fail_owner_jobs(self, owner: str, reason: str, only_if_expired: bool) -> list[str]:
-        """Mark the owner's unfinished jobs failed and forget the owner, in one transaction that
-        is retried if the owner renews its lease or takes a job meanwhile."""
+    def _release_owner_jobs(self, owner: str, reason: str, only_if_expired: bool) -> list[str]:
+        """Hand the owner's unfinished jobs back (failing those without inputs) and forget the
+        owner, in one transaction that is retried if the owner renews its lease or takes a job
+        meanwhile; return the failed ids."""
         lease_key, owned_key = self._key("lease", owner), self._key("owned", owner)
 
-        def fail(pipe: Pipeline) -> list[str]:
+        def release(pipe: Pipeline) -> dict[str, str]:
             if only_if_expired and pipe.exists(lease_key):
-                return []
+                return {}
             ids = sorted(member.decode() for member in pipe.smembers(owned_key))
             keys = [self._record_key(transmission_id) for transmission_id in ids]
             if keys:
                 pipe.watch(*keys)
-            raws = [pipe.hget(key, "record") for key in keys]
+            reads = [(pipe.hget(key, "record"), pipe.hexists(key, "input")) for key in keys]
             pipe.multi()
-            failed = []
-            for transmission_id, raw in zip(ids, raws):
+            ends = {}
+            for transmission_id, (raw, has_input) in zip(ids, reads):
                 record = json.loads(raw) if raw is not None else None
                 if record is None or record["status"] in FINISHED:
                     continue
-                record.update(status=JobStatus.FAILED.value, error=reason, finished_at=self._clock())
-                self._queue_write(pipe, transmission_id, record, owner)
-                failed.append(transmission_id)
+                ends[transmission_id] = self._queue_release(pipe, transmission_id, record, owner, has_input, reason)
             pipe.delete(owned_key)
             pipe.srem(self._key("owners"), owner)
-            return failed
+            return ends
 
-        failed = self._transact(fail, lease_key, owned_key)
+        return self._report_releases(self._transact(release, lease_key, owned_key), owner)
+
+    def _release_own(self, transmission_id: str, reason: str) -> str | None:
+        """Hand back (or fail) one unfinished job this replica owns; its new status, else None."""
+        key = self._record_key(transmission_id)
+
+        def release(pipe: Pipeline) -> dict[str, str]:
+            raw, owner = pipe.hmget(key, "record", "owner")
+            record = json.loads(raw) if raw is not None else None
+            if record is None or record["status"] in FINISHED or owner != self.replica_id.encode():
+                return {}
+            has_input = pipe.hexists(key, "input")
+            pipe.multi()
+            return {transmission_id: self._queue_release(pipe, transmission_id, record, self.replica_id,
+                                                         has_input, reason)}
+
+        with _redis_errors():
+            ends = self._transact(release, key)
+        self._report_releases(ends, self.replica_id)
+        return ends.get(transmission_id)
+
+    def _queue_release(self, pipe: Pipeline, transmission_id: str, record: dict[str, Any], owner: str,
+                       has_input: bool, reason: str) -> str:
+        """Queue (inside MULTI) the hand-back of an unfinished job: queued again, unowned, at a
+        raised epoch (fencing its last holder off), at the end of `pending`; without inputs to
+        redo it from, it fails with `reason`. Return the new status."""
+        key = self._key("tx", transmission_id)
+        if not has_input:
+            record.update(status=JobStatus.FAILED.value, error=reason, finished_at=self._clock())
+            self._queue_write(pipe, transmission_id, record, owner)
+            return JobStatus.FAILED.value
+        record.update(status=JobStatus.QUEUED.value, started_at=None, timings_ms={},
+                      handovers=int(record.get("handovers", 0)) + 1)
+        self._queue_write(pipe, transmission_id, record, owner)
+        pipe.hset(key, "owner", "")
+        pipe.hincrby(key, "epoch", 1)
+        pipe.hdel(key, "progress")
+        pipe.srem(self._key("owned", owner), transmission_id)
+        pipe.rpush(self._key("pending"), transmission_id)
+        return JobStatus.QUEUED.value
+
+    def _report_releases(self, ends: dict[str, str], owner: str) -> list[str]:
+        """Log the jobs handed back and wake the waiters of those that failed; return the failed."""
+        handed = [transmission_id for transmission_id, status in ends.items() if status == JobStatus.QUEUED.value]
+        failed = [transmission_id for transmission_id, status in ends.items() if status == JobStatus.FAILED.value]
+        if handed:
+            log.warning("handed the unfinished jobs of a replica to the shared queue",
+                        extra={"owner": owner, "transmission_ids": handed})
+        if failed:
+            log.warning("failed unfinished jobs that had no stored inputs",
+                        extra={"owner": owner, "transmission_ids": failed})
         for transmission_id in failed:
             self._notify_finished(transmission_id)
         return failed
 
-    def _fail_lost_jobs(self) -> list[str]:
-        """Fail this replica's unfinished jobs that the worker no longer holds (see set_job_holder)."""
+    def _release_lost_jobs(self) -> list[str]:
+        """Hand back this replica's unfinished jobs that the worker no longer holds (their end
+        could not be stored: see set_job_holder), to be redone; return the ids."""
         if self._held_ids is None:
             return []
         with _redis_errors():
             owned = {member.decode() for member in self._client.smembers(self._key("owned", self.replica_id))}
         lost = owned - set(self._held_ids())  # read after `owned`: a job created since is in neither
         confirmed, self._suspects = lost & self._suspects, lost - self._suspects
-        failed = [transmission_id for transmission_id in sorted(confirmed)
-                  if self._fail_if_unfinished(transmission_id, LOST_ERROR)]
-        if failed:
-            log.warning("failed jobs whose end was never stored", extra={"transmission_ids": failed})
-        return failed
+        return [transmission_id for transmission_id in sorted(confirmed)
+                if self._release_own(transmission_id, LOST_ERROR) is not None]
 
-    def _fail_if_unfinished(self, transmission_id: str, reason: str) -> bool:
-        key = self._key("tx", transmission_id)
-
-        def fail(pipe: Pipeline) -> bool:
-            raw, owner = pipe.hmget(key, "record", "owner")
-            record = json.loads(raw) if raw is not None else None
-            if record is None or record["status"] in FINISHED:
-                return False
-            record.update(status=JobStatus.FAILED.value, error=reason, finished_at=self._clock())
-            pipe.multi()
-            self._queue_write(pipe, transmission_id, record, owner.decode() if owner else "")
-            return True
-
-        with _redis_errors():
-            failed = self._transact(fail, key)
-        if failed:
-            self._notify_finished(transmission_id)
-        return failed
+    @staticmethod
+    def _check_holds(transmission_id: str, stored_epoch: bytes | None, epoch: int | None) -> None:
+        """HandedOverError unless a write made holding the job at `epoch` (None: not fenced) may go
+        to a record at `stored_epoch` (every hand-over raises it)."""
+        if epoch is not None and (stored_epoch is None or int(stored_epoch) != epoch):
+            raise HandedOverError(f"transmission {transmission_id} is held at epoch "
+                                  f"{stored_epoch.decode() if stored_epoch else 'none'}, not {epoch}")
 
     def _maintain(self) -> None:
         """Renew the lease every lease_s / 3 and sweep expired ones. After an outage a replica
@@ -578,7 +691,7 @@ class RedisTransmissionStore:
                     outage = False
                 if now - self._connected_since >= self.lease_s:
                     self.sweep()
-                self._fail_lost_jobs()
+                self._release_lost_jobs()
             except StoreUnavailableError as error:
                 self._connected_since = None
                 if not outage:
@@ -657,6 +770,7 @@ class RedisTransmissionStore:
         status = str(record["status"])
         pipe.hset(key, mapping={"record": json.dumps(record), "status": status})
         if status in FINISHED:
+            pipe.hdel(key, "input")
             created_at = float(record["created_at"])
             pipe.zadd(self._key("finished"), {transmission_id: created_at})
             if owner:

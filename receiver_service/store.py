@@ -32,6 +32,9 @@ ARTIFACTS = {
     "received_labels": "received_labels.png",
 }
 RESTART_ERROR = "receiver restarted before the job finished"
+# Retry-After of a 503 (REST) or UNAVAILABLE (gRPC) while the store is unreachable (the Redis
+# client retries for about a second before it gives up).
+STORE_RETRY_AFTER_S = 2
 
 
 class JobStatus(str, enum.Enum):
@@ -53,6 +56,11 @@ class UnknownTransmissionError(KeyError):
     """No job with this transmission id is stored (never was, or was evicted)."""
 
 
+class HandedOverError(Exception):
+    """The job was handed to another replica since this one took it (its epoch was raised): this
+    replica's write about it was dropped."""
+
+
 class StoreUnavailableError(Exception):
     """The store cannot be reached: Redis is down, too slow, or refuses the password (or the
     disk store's folder is gone); answered with 503."""
@@ -60,6 +68,8 @@ class StoreUnavailableError(Exception):
 
 class TransmissionStore:
     """Thread-safe store of job records (dicts with at least id, status, created_at) and PNGs."""
+
+    shares_jobs = False  # one process holds every job: no inputs kept, nothing moves elsewhere
 
     def __init__(
         self,
@@ -105,8 +115,9 @@ class TransmissionStore:
             self.evict()
             return recovered
 
-    def create(self, record: dict[str, Any]) -> None:
-        """Store a new job's record; DuplicateTransmissionError if its id is taken."""
+    def create(self, record: dict[str, Any], job_input: bytes = b"") -> None:
+        """Store a new job's record; DuplicateTransmissionError if its id is taken. No other
+        process could redo the job, so `job_input` is not kept (the Redis store keeps it)."""
         transmission_id = validate_transmission_id(record["id"])
         with self._lock:
             if transmission_id in self._index:
@@ -130,8 +141,9 @@ class TransmissionStore:
                 raise UnknownTransmissionError(transmission_id)
             return json.loads((self._folder(transmission_id) / STATUS_FILE).read_text())
 
-    def update(self, transmission_id: str, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into the record (dicts one level deep) and return the new record."""
+    def update(self, transmission_id: str, epoch: int | None = None, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into the record (dicts one level deep) and return the new record. No
+        job moves to another process, so `epoch` fences nothing here (see the Redis store)."""
         with self._lock:
             record = self.get(transmission_id)
             for key, value in changes.items():
@@ -144,8 +156,8 @@ class TransmissionStore:
             self._on_finished(transmission_id)
         return record
 
-    def write_artifact(self, transmission_id: str, name: str, data: bytes) -> None:
-        """Atomically write one of the ARTIFACTS of a stored job."""
+    def write_artifact(self, transmission_id: str, name: str, data: bytes, epoch: int | None = None) -> None:
+        """Atomically write one of the ARTIFACTS of a stored job (`epoch`: as in `update`)."""
         path = self._artifact(transmission_id, name)
         with self._lock:
             if transmission_id not in self._index:
@@ -174,6 +186,14 @@ class TransmissionStore:
         """The record after a cancel: one process holds every job, so the worker's `cancel` has
         already done what the Redis store asks of the replica that holds the job."""
         return self.get(transmission_id)
+
+    def claim(self, limit: int) -> list[tuple[str, bytes, int]]:
+        """Nothing to take over: no other process hands jobs back here."""
+        return []
+
+    def hand_back(self, transmission_ids: Collection[str]) -> list[str]:
+        """Nobody to hand jobs to: they stay queued, and the next open fails them."""
+        return []
 
     def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
         """Nothing to share: the worker of this one process answers for the step it samples."""

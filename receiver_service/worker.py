@@ -21,6 +21,7 @@ from receiver_service.model_host import ModelHost
 from receiver_service.queue import JobQueue
 from receiver_service.schedulers import create_scheduler
 from receiver_service.settings import ReceiverSettings
+from receiver_service.store import StoreUnavailableError
 from receiver_service.store_factory import JobStore
 from shared.wire.monitoring import ServiceMetrics
 
@@ -36,7 +37,7 @@ class GenerationWorker:
         self.metrics = metrics
         self.host = ModelHost(settings)
         assert settings.queue_size is not None  # sized by the batch when unset (settings.py)
-        self.queue = JobQueue(store, settings.queue_size)
+        self.queue = JobQueue(store, settings.queue_size, self.host.generator_for)
         self.completion = Completion(self.queue, self.host, settings.encode_workers, metrics)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
 
@@ -84,12 +85,18 @@ class GenerationWorker:
         return self.queue.held_ids()
 
     def stop(self, timeout: float) -> None:
-        """Take no more jobs and wait up to `timeout` s for the ones in progress (and their PNGs).
+        """Take no more jobs, hand the waiting ones back (a shared store gives them to the other
+        replicas at once) and wait up to `timeout` s for the ones in progress (and their PNGs).
 
-        Jobs still queued or running stay so in the store; the next start marks them failed.
+        With the disk store, jobs still queued or running stay so; the next start marks them
+        failed. A shared store hands back what is left when it closes.
         """
         deadline = time.monotonic() + timeout
-        self.queue.close()
+        waiting = self.queue.close()
+        try:
+            self.store.hand_back([job.transmission_id for job in waiting])
+        except StoreUnavailableError as error:  # their owner's lease expires; another replica takes them
+            log.warning("waiting jobs not handed back", extra={"error": str(error)})
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.completion.stop(max(0.0, deadline - time.monotonic()))

@@ -9,7 +9,9 @@
 
 Ports come from the flags, else from the services' own variables (GESCO_SENDER_PORT,
 GESCO_SENDER_GRPC_PORT, GESCO_RECEIVER_HTTP_PORT, GESCO_RECEIVER_GRPC_PORT, GESCO_CHANNEL_PORT),
-else 8000, 50050, 8001, 50052, 50051; receiver i of N listens on those receiver ports + i - 1, Redis on --redis-port (6380). The
+else 8000, 50050, 8001, 50052, 50051; receiver i of N listens on those receiver ports + i - 1, Redis on --redis-port (6380).
+The channel's metrics port (--channel-metrics-port, else GESCO_CHANNEL_METRICS_PORT) follows the
+channel port unless set (9051 beside 50051); 0 picks a free one. The port map says which. The
 launcher wires the addresses between the services unless those are set explicitly: the channel
 spreads over every receiver (a list of their gRPC addresses), the receivers share the Redis job
 store (its password, if any, from GESCO_RECEIVER_REDIS_PASSWORD; persistence on, under run/redis),
@@ -22,6 +24,7 @@ configured for it, with its client's files (shared/wire/health_probe.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -36,9 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from gesco.options import DEFAULT_SNR_DEFINITION, SnrDefinition, names  # noqa: E402 - standard library only
 from gesco.stack import (  # noqa: E402 - standard library only, so `down` runs without the venv
+    CHANNEL_METRICS_OFFSET,
     REDIS_SERVER,
     Ports,
     Service,
+    free_port,
     is_ready,
     probe_env,
     process_env,
@@ -184,7 +189,9 @@ def tail(path: Path, lines: int = 25) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port,
                   receivers=args.receivers, redis=args.redis_port if args.redis else 0,
-                  sender_grpc=args.sender_grpc_port)
+                  sender_grpc=args.sender_grpc_port, channel_metrics=args.channel_metrics_port)
+    if ports.channel_metrics_port == 0:  # any free port: picked here, so the port map can tell it
+        ports = dataclasses.replace(ports, channel_metrics=free_port())
     if problem := up_problem(ports):
         print(problem)
         return 1
@@ -395,9 +402,11 @@ def load_ports(args: argparse.Namespace) -> Ports:
     except (OSError, ValueError):
         saved = {}
     explicit = {name: getattr(args, f"{name}_port") for name in _PORT_DEFAULTS}
+    metrics = saved.get("channel_metrics")
     return Ports(**{name: value if value is not None else int(saved.get(name, _default_port(name)))
                     for name, value in explicit.items()},
-                 receivers=int(saved.get("receivers", 1)), redis=int(saved.get("redis", 0)))
+                 receivers=int(saved.get("receivers", 1)), redis=int(saved.get("redis", 0)),
+                 channel_metrics=None if metrics is None else int(metrics))
 
 
 def print_urls(ports: Ports, host: str) -> None:
@@ -408,6 +417,7 @@ def print_urls(ports: Ports, host: str) -> None:
         http_port = ports.receiver_http + index
         print(f"receiver REST    http://{host}:{http_port}   (API docs: http://{host}:{http_port}/docs)")
     print(f"channel gRPC     {host}:{ports.channel}")
+    print(f"channel metrics  http://{host}:{ports.channel_metrics_port}/metrics")
     for index in range(ports.receivers):
         print(f"receiver gRPC    {host}:{ports.receiver_grpc + index}")
     if ports.redis:
@@ -457,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "password from GESCO_RECEIVER_REDIS_PASSWORD if set)")
     up.add_argument("--redis-port", type=int, default=6380,
                     help="port of that redis-server (default 6380, beside a system Redis on 6379)")
+    metrics_port = os.environ.get("GESCO_CHANNEL_METRICS_PORT")
+    up.add_argument("--channel-metrics-port", type=int, default=None if metrics_port is None else int(metrics_port),
+                    help="the channel's Prometheus port (default $GESCO_CHANNEL_METRICS_PORT, else the channel "
+                         f"port {CHANNEL_METRICS_OFFSET:+d}: 9051 beside 50051); 0: any free port")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     up.set_defaults(handler=cmd_up)
 

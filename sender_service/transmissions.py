@@ -257,6 +257,8 @@ def _channel_error(error: ChannelSimCallError, settings: SenderSettings, transmi
                               if error.details.startswith(prefix)), (None, None))
         if prefix is not None:
             message = f"the receiver refused the sampling: {field}{error.details.removeprefix(prefix)}"
-    retry_after_s = (error.retry_after_s or settings.retry_after_s) if http_status == 429 else None
+    # Busy: when the receiver said, else the sender's default; unavailable (its job store down):
+    # when the receiver said, if it did.
+    retry_after_s = {429: error.retry_after_s or settings.retry_after_s, 503: error.retry_after_s}.get(http_status)
     return TransmissionError(error.code, http_status, message, field=field, retry_after_s=retry_after_s,
                              grpc_code=error.code.name, id=transmission_id)

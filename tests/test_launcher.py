@@ -169,7 +169,18 @@ def test_several_receivers_share_redis_and_the_channel_spreads_over_them(clean_e
     sender_env = launch.process_env(by_name["sender"])
     assert sender_env["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:8001"
     assert sender_env["GESCO_SENDER_RECEIVER_API_KEY"] == "receiver-key"
-    assert set(ports.in_use().values()) == {8000, 50050, 50051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
+    assert set(ports.in_use().values()) == {8000, 50050, 50051, 9051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
+
+
+def test_the_channel_metrics_port_follows_the_channel_port_so_two_stacks_do_not_collide(clean_env) -> None:
+    defaults = ChannelSettings()
+    assert launch.Ports(8000, 8001, 50052, defaults.port).channel_metrics_port == defaults.metrics_port
+    first, second = launch.Ports(8000, 8001, 50052, 50051), launch.Ports(18000, 18001, 18052, 50061, sender_grpc=18050)
+    assert not set(first.in_use().values()) & set(second.in_use().values())
+    channel = {service.name: service for service in launch.services(second)}["channel"]
+    assert launch.process_env(channel)["GESCO_CHANNEL_METRICS_PORT"] == "9061"
+    assert launch.Ports(8000, 8001, 50052, 2000).channel_metrics_port == 0  # no follower: any free port
+    assert launch.Ports(8000, 8001, 50052, 50051, channel_metrics=9999).in_use()["channel metrics"] == 9999
 
 
 def test_one_receiver_keeps_the_plain_wiring(clean_env) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
@@ -16,7 +17,7 @@ from sender_service.app import create_app as create_sender_app
 from sender_service.settings import SenderSettings
 from shared.wire import transport
 from shared.wire.imageio import encode_png
-from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics
+from shared.wire.monitoring import HttpMetricsMiddleware, ServiceMetrics, start_metrics_server
 from tests.receiver_helpers import make_settings, ready_client, receive, transmission
 from tests.sender_helpers import blocky_label_map, photo, serve_fake_channel
 
@@ -186,3 +187,12 @@ def test_receiver_health_checks_are_counted_as_grpc_calls(receiver_client) -> No
     assert sample_value(text, "gesco_grpc_requests_total", method=method, code="OK") >= 1
     assert sample_value(text, "gesco_grpc_requests_total", method=method, code="NOT_FOUND") == 1
     assert np.isfinite(sample_value(text, "process_resident_memory_bytes"))
+
+
+def test_a_metrics_server_on_port_0_takes_any_free_port_and_says_which() -> None:
+    port, stop = start_metrics_server(ServiceMetrics(), "127.0.0.1", 0)
+    try:
+        assert port > 0
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+    finally:
+        stop()

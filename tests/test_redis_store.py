@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 import pytest
 
-from receiver_service.grpc_server import queue_transmission
+from receiver_service.grpc_server import job_from_header, queue_transmission
+from receiver_service.jobs import decode_job_input, encode_job_input
 from receiver_service.long_poll import FinishWaiters
 from receiver_service.redis_store import (
     LEASE_EXPIRED_ERROR,
@@ -32,7 +34,13 @@ from receiver_service.redis_store import (
     connect,
 )
 from receiver_service.settings import ReceiverSettings
-from receiver_service.store import RESTART_ERROR, DuplicateTransmissionError, TransmissionStore, UnknownTransmissionError
+from receiver_service.store import (
+    RESTART_ERROR,
+    DuplicateTransmissionError,
+    HandedOverError,
+    TransmissionStore,
+    UnknownTransmissionError,
+)
 from receiver_service.store_factory import create_store
 from receiver_service.worker import GenerationWorker
 from shared.paths import REPO_ROOT
@@ -396,6 +404,109 @@ def test_jobs_the_worker_no_longer_holds_end_failed(make_store):
     store.update(IDS[0], status="done")
     time.sleep(LEASE_S)
     assert store.get(IDS[0])["status"] == "done"
+
+
+# ------------------------------------------------------------------ hand-over between replicas
+
+
+def test_a_jobs_stored_inputs_rebuild_it(fake_generator, tmp_path):
+    worker = GenerationWorker(make_settings(tmp_path), create_store(make_settings(tmp_path)))
+    worker.load_model()
+    header, symbols = transmission(sampling=ddim(5), factor=2)
+    job, _ = job_from_header(header, symbols, "req-1", worker)
+    rebuilt = decode_job_input(job.transmission_id, encode_job_input(job), 3, worker.host.generator_for)
+    assert (rebuilt.semantic, rebuilt.sampling, rebuilt.seed, rebuilt.use_fds, rebuilt.request_id, rebuilt.epoch) == (
+        job.semantic, job.sampling, 5, job.use_fds, "req-1", 3)
+    assert rebuilt.generator is job.generator
+    assert rebuilt.symbols.dtype == np.float32 and np.array_equal(rebuilt.symbols, job.symbols)
+    with pytest.raises(ValueError, match="unreadable job input"):
+        decode_job_input(job.transmission_id, encode_job_input(job)[:-9], 1, worker.host.generator_for)
+    worker.stop(1)
+
+
+def test_an_expired_replicas_jobs_go_to_the_shared_queue_and_its_late_result_is_dropped(make_store, redis_server):
+    survivor = make_store("survivor", lease_s=SLOW_LEASE_S)
+    time.sleep(SLOW_LEASE_S)  # past the survivor's own start-up grace
+    doomed = make_store("doomed", lease_s=SLOW_LEASE_S)
+    doomed.create(record(IDS[0], 1.0), b"inputs-0")
+    doomed.create(record(IDS[1], 2.0), b"inputs-1")
+    doomed.update(IDS[1], epoch=0, status="running", started_at=5.0)
+    doomed.create(record(IDS[2], 3.0))  # no inputs: it cannot be redone
+    doomed._stopping.set()  # it stops renewing its lease, as a starved or cut-off replica does
+    for thread in doomed._threads:
+        thread.join()
+    assert wait_until(lambda: survivor.get(IDS[2])["status"] == "failed", 4 / 3 * SLOW_LEASE_S + 1.0)
+    assert survivor.get(IDS[2])["error"] == LEASE_EXPIRED_ERROR.format(owner="doomed")
+    client = redis_server.client()
+    assert client.lrange(f"{PREFIX}pending", 0, -1) == [IDS[0].encode(), IDS[1].encode()]  # oldest first
+    handed = survivor.get(IDS[1])
+    assert (handed["status"], handed["started_at"], handed["handovers"]) == ("queued", None, 1)
+
+    assert survivor.claim(1) == [(IDS[0], b"inputs-0", 2)]  # raised at the hand-over, then at the claim
+    assert survivor.claim(5) == [(IDS[1], b"inputs-1", 2)]
+    assert survivor.claim(5) == [] and client.smembers(f"{PREFIX}owned:survivor") == {IDS[0].encode(), IDS[1].encode()}
+
+    # The replica presumed dead finishes anyway: its image and end are fenced off and dropped.
+    with pytest.raises(HandedOverError):
+        doomed.write_artifact(IDS[1], "image", b"late", epoch=0)
+    with pytest.raises(HandedOverError):
+        doomed.update(IDS[1], epoch=0, status="done", finished_at=9.0)
+    survivor.write_artifact(IDS[1], "image", b"mine", epoch=2)
+    assert survivor.update(IDS[1], epoch=2, status="done")["status"] == "done"
+    assert survivor.read_artifact(IDS[1], "image") == b"mine"
+    assert client.hget(f"{PREFIX}tx:{IDS[1]}", "input") is None  # a finished job's inputs are dropped
+    with pytest.raises(HandedOverError):  # also after the new holder's end
+        doomed.update(IDS[1], epoch=0, status="failed", error="late")
+    assert survivor.get(IDS[1])["status"] == "done"
+
+
+def test_a_cancelled_job_waiting_in_the_shared_queue_is_not_taken(make_store):
+    a, b = make_store("a"), make_store("b")
+    a.create(record(IDS[0], 1.0), b"inputs-0")
+    a.create(record(IDS[1], 2.0), b"inputs-1")
+    assert a.hand_back([IDS[0], IDS[1]]) == [IDS[0], IDS[1]]
+    assert b.request_cancel(IDS[0], "nobody waits")["status"] == "cancelled"
+    assert b.claim(5) == [(IDS[1], b"inputs-1", 2)]
+
+
+def test_close_hands_own_unfinished_jobs_back_at_once(make_store):
+    a, b = make_store("a"), make_store("b")
+    a.create(record(IDS[0], 1.0), b"inputs-0")
+    a.create(record(IDS[1], 2.0, "done"))
+    a.create(record(IDS[3], 3.0))  # no inputs
+    assert a.close() == [IDS[3]]
+    assert b.get(IDS[0])["status"] == "queued" and b.get(IDS[1])["status"] == "done"
+    assert b.get(IDS[3])["error"] == STOPPED_ERROR.format(owner="a")
+    assert [job[0] for job in b.claim(5)] == [IDS[0]]
+
+
+def test_a_stopped_workers_jobs_finish_on_another_and_its_late_result_is_dropped(make_store, redis_server,
+                                                                                 fake_generator, tmp_path, caplog):
+    a, b = make_store("a"), make_store("b")
+    first = GenerationWorker(make_settings(tmp_path, queue_size=4, max_batch_size=1), a)
+    first.load_model()
+    fake_generator.gate.clear()  # the first worker's first job stays in sampling
+    headers = [transmission(sampling=ddim(seed))[0] for seed in range(3)]
+    for header in headers:
+        queue_transmission(first, header, transmission(sampling=ddim(0))[1], "req")
+    ids = [header.transmission_id for header in headers]
+    wait_for_status(b, ids[0], {"running"})
+    first.stop(0.5)  # SIGTERM: the waiting jobs go back at once, the running one when the store closes
+    assert {b.get(transmission_id)["status"] for transmission_id in ids[1:]} == {"queued"}
+    a.close()
+    second = GenerationWorker(make_settings(tmp_path, queue_size=4), b)
+    second.load_model()
+    try:
+        fake_generator.gate.set()  # both go on: the first worker's late result must be dropped
+        for transmission_id in ids:
+            assert wait_for_status(b, transmission_id, {"done", "failed"})["status"] == "done"
+            assert redis_server.client().hget(f"{PREFIX}tx:{transmission_id}", "owner") == b"b"
+            assert b.read_artifact(transmission_id, "image") is not None
+        assert wait_until(lambda: "result dropped: the job was handed to another replica" in caplog.text, 10)
+        assert b.get(ids[0])["handovers"] == 1
+    finally:
+        fake_generator.gate.set()
+        second.stop(5)
 
 
 # -------------------------------------------------------------------------- Redis restarts, outages

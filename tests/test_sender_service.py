@@ -324,7 +324,7 @@ def test_photo_is_segmented_and_sized_as_jpeg(sender, channel) -> None:
     [
         (grpc.StatusCode.INVALID_ARGUMENT, 400, None),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "7"),
-        (grpc.StatusCode.UNAVAILABLE, 503, None),
+        (grpc.StatusCode.UNAVAILABLE, 503, "7"),  # e.g. the receivers' job store is down
         (grpc.StatusCode.INTERNAL, 502, None),
     ],
 )

@@ -293,8 +293,9 @@ def _final_code(context, failed: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if context.is_active() else grpc.StatusCode.CANCELLED
 
 
-def start_metrics_server(metrics: ServiceMetrics, host: str, port: int) -> Callable[[], None]:
-    """Serve GET /metrics on host:port in a daemon thread (for a gRPC-only service); return stop."""
+def start_metrics_server(metrics: ServiceMetrics, host: str, port: int) -> tuple[int, Callable[[], None]]:
+    """Serve GET /metrics on host:port (0: any free port) in a daemon thread (for a gRPC-only
+    service); return the port it listens on, and stop."""
     server, thread = start_http_server(port, addr=host, registry=metrics.registry)
 
     def stop() -> None:
@@ -302,5 +303,5 @@ def start_metrics_server(metrics: ServiceMetrics, host: str, port: int) -> Calla
         server.server_close()
         thread.join(timeout=5)
 
-    return stop
+    return server.server_port, stop
 
