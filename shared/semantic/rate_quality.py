@@ -7,8 +7,9 @@ value, two a channel use: ratio 1/2. Ours sends C present-class maps of (H/f) x 
 ratio C / (6 f^2), 2.0 for CamVid's 12 classes at factor 1 (docs/rate-quality.md).
 
 The table (`models/rate-quality-table.json`, written by `python -m evaluation.rate_quality`) holds
-the measured mIoU of every setting the sender can send (downsampling factor, map compression) at
-a few average-power SNRs. With a budget, the sender encodes the label map at each setting, keeps
+the measured mIoU of every setting the sender can send at a few average-power SNRs (the maps link
+at each downsampling factor and map compression, the digital link's label map at each factor,
+each learned map encoder) and the link adaptation measured (the digital scheme per SNR). With a budget, the sender encodes the label map at each setting, keeps
 those within the budget and takes the cheapest whose expected mIoU at the requested SNR is within
 the table's tolerance of the best (`choose`). Numpy-free: the torch-free sender imports it.
 """
