@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from evaluation import rate_quality_report
-from evaluation.baselines import MCS_TABLE, Mcs, analog_transmit_at_ratio, transmit_bytes
+from evaluation.baselines import analog_transmit_at_ratio
 from evaluation.cache import ConfigCache, file_stamp
 from evaluation.checks import load_notes
 from evaluation.evaluate import (
@@ -60,21 +60,22 @@ from evaluation.evaluate import (
     with_bandwidth_ratio,
 )
 from evaluation.image_quality import summarize
-from evaluation.separated import (
-    SchemeProbe,
-    SourceOption,
-    decode_jpeg_option,
-    decode_labels,
-    fit,
-    jpeg_options,
-    label_options,
-    majority_downsample,
-)
+from evaluation.separated import SchemeProbe, decode_jpeg_option, jpeg_options
 from gesco.options import DEFAULT_GUIDANCE
 from shared.semantic import rate_quality
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map, one_hot
 from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.digital_link import (
+    MCS_TABLE,
+    Mcs,
+    SourceOption,
+    decode_labels,
+    fit,
+    label_options,
+    majority_downsample,
+)
+from shared.semantic.ldpc import transmit_bytes
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from shared.semantic.link import received_condition, simulate_link
@@ -100,9 +101,9 @@ REPRESENTATIONS: dict[str, Representation] = {
         Representation("ours", "ours: present-class maps as analog symbols, area-downsampled", "semantic", True),
         Representation("ours_jpeg", "ours with JPEG-compressed maps", "semantic", True),
         Representation("separated", "separated semantic: label map (LZMA) + 5G LDPC + QAM, scheme for the SNR",
-                       "semantic"),
+                       "semantic", True),
         Representation("separated_fixed", "separated semantic, scheme fixed for the design SNR", "semantic"),
-        Representation("learned", "learned map encoder (deep JSCC over the one-hot maps)", "semantic"),
+        Representation("learned", "learned map encoder (deep JSCC over the one-hot maps)", "semantic", True),
         Representation("digital", "JPEG image + 5G LDPC + QAM, scheme for the SNR", "image"),
         Representation("digital_fixed", "JPEG image + 5G LDPC + QAM, scheme fixed for the design SNR", "image"),
         Representation("analog", "analog image: pixels as symbols, resized or repeated to fit", "image"),

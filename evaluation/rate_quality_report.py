@@ -27,6 +27,7 @@ from evaluation.report import jsonable  # noqa: E402
 from evaluation.schema import DEFINITION_TEXT, DEFINITION_TITLE  # noqa: E402
 from shared.paths import REPO_ROOT  # noqa: E402
 from shared.semantic import rate_quality  # noqa: E402
+from shared.semantic.digital_link import MCS_TABLE  # noqa: E402
 
 TOLERANCE_MIOU = 0.01  # a cheaper setting within this of the best becomes the default
 TARGET_RATIO = 1 / 12
@@ -196,26 +197,61 @@ def default_choice(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def sender_table(results: dict[str, Any]) -> dict[str, Any]:
     """The rate-quality table the sender chooses from: the settings it can send, mIoU per SNR (with the
-    adapter the receiver serves each one through, as scored)."""
+    adapter the receiver serves each one through, as scored), and the link adaptation measured."""
     snrs = _snr_keys(results)
     entries = []
     for name, info in results["representations"].items():
         if not info["sendable"]:
             continue
+        if name == "separated":
+            entries += _separated_entries(results, snrs)
+            continue
         for rate, rate_info in info["rates"].items():
             per_snr = results["results"][name][rate]
-            entries.append({"representation": name, "downsample_factor": rate_info["downsample_factor"],
-                            "compression": rate_info["compression"], "jpeg_quality": rate_info["jpeg_quality"],
-                            "adapter": None if rate_info["adapter"] is None else rate_info["adapter"]["path"],
-                            "bandwidth_ratio": float(np.mean([per_snr[s]["bandwidth_ratio"]["mean"] for s in snrs])),
-                            "miou": [round(per_snr[s]["miou"]["mean"], 4) for s in snrs]})
+            entry = {"representation": name, "downsample_factor": rate_info.get("downsample_factor", 1),
+                     "compression": rate_info.get("compression", "none"),
+                     "jpeg_quality": rate_info.get("jpeg_quality", 75),
+                     "adapter": None if rate_info.get("adapter") is None else rate_info["adapter"]["path"],
+                     "bandwidth_ratio": float(np.mean([per_snr[s]["bandwidth_ratio"]["mean"] for s in snrs])),
+                     "miou": [round(per_snr[s]["miou"]["mean"], 4) for s in snrs]}
+            if name == "learned":
+                entry["model"] = Path(rate_info["checkpoint"]).stem
+            entries.append(entry)
     s = results["settings"]
     table = {"version": rate_quality.TABLE_VERSION, "snr_definition": s["definition"],
              "snrs_db": [float(x) for x in snrs], "tolerance_miou": TOLERANCE_MIOU, "made_by": s["command"],
              "images": s["images"], "split": s["split"], "sampler": s["sampler"], "steps": s["steps"],
-             "channel": "awgn", "entries": entries}
+             "channel": "awgn", "link_adaptation": dict(results.get("link_adaptation", {})), "entries": entries}
     rate_quality.RateQualityTable.from_dict(table, "the table being written")  # what the sender will accept
     return table
+
+
+def _separated_entries(results: dict[str, Any], snrs: list[str]) -> list[dict[str, Any]]:
+    """The digital link's label map at each factor: the mIoU of a configuration that sent every image at
+    that factor and lost none (a decoded label map gives the same scene at any SNR), with its ratio at
+    the scheme of each SNR left to the sender, which codes the map itself."""
+    height, width = results["settings"]["evaluated_resolution"]
+    images = results["settings"]["images"]
+    found: dict[int, float] = {}
+    for per_snr in results["results"]["separated"].values():
+        for entry in per_snr.values():
+            sources = entry.get("sources", {})
+            if len(sources) == 1 and entry.get("lost") == 0:
+                (source, count), = sources.items()
+                size = source.removeprefix("labels ").split("x")
+                if count == images and len(size) == 2:
+                    found.setdefault(height // int(size[0]), round(entry["miou"]["mean"], 4))
+    return [{"representation": "separated", "downsample_factor": factor, "compression": "none", "jpeg_quality": 75,
+             "adapter": None, "bandwidth_ratio": _mean_separated_ratio(results, factor, height, width),
+             "miou": [miou] * len(snrs)} for factor, miou in sorted(found.items())]
+
+
+def _mean_separated_ratio(results: dict[str, Any], factor: int, height: int, width: int) -> float:
+    """The label map's mean size at `factor` over the most efficient scheme's bits per channel use, as a
+    ratio: the least it takes (the sender codes each map at the scheme for the SNR and counts it)."""
+    bits = results["sizes"].get(f"labels {height // factor}x{width // factor}", {}).get("mean", 1.0)
+    efficiency = max(mcs.spectral_efficiency for mcs in MCS_TABLE)
+    return float(bits / efficiency / results["settings"]["source_values"])
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -375,7 +411,7 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         f"count and few steps, to fit a 2-core CPU. {_adapters_text(s)}",
         f"- SNR: {DEFINITION_TITLE[s['definition']]} — {DEFINITION_TEXT[s['definition']]}. "
         "`--definition paper_psnr` runs the paper's PSNR instead.",
-        f"- Channel: AWGN through `shared.semantic.channels.apply_channel`, the channel simulator's code, for every "
+        "- Channel: AWGN through `shared.semantic.channels.apply_channel`, the channel simulator's code, for every "
         "representation. Channel and sampling seeds depend on the image only.",
         "",
         "## Representations",

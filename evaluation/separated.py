@@ -2,11 +2,12 @@
 
 * The semantic one codes the label map losslessly (LZMA2, an LZ77 coder followed by a range coder,
   i.e. an arithmetic coder; raw stream, no container: the receiver knows the size) at the sender's
-  map size or downsampled by majority vote, so that fewer bits fit smaller budgets. Decoded, it is
-  the exact label map, and the receiver conditions the same generator on it.
+  map size or downsampled by majority vote, so that fewer bits fit smaller budgets
+  (`shared.semantic.digital_link`, the code the services' digital link sends). Decoded, it is the
+  exact label map, and the receiver conditions the same generator on it.
 * The image one is the JPEG image at a quality and a size (full, half, quarter) that fit.
 
-Both go over `baselines.transmit_bytes` (CRCs, 5G LDPC, QAM, the project's channel). For a budget
+Both go over `shared.semantic.ldpc.transmit_bytes` (CRCs, 5G LDPC, QAM, the project's channel). For a budget
 of channel uses and a scheme, the sender sends the largest source option that fits; a failed CRC
 loses the transmission. The scheme is either adapted to the SNR (the sender knows it: the highest
 spectral efficiency that decoded every trial payload 1 dB below it, `SchemeProbe`) or fixed for a
@@ -14,71 +15,16 @@ design SNR, which shows the cliff below it.
 """
 from __future__ import annotations
 
-import lzma
-from dataclasses import dataclass
-
 import numpy as np
 
-from evaluation.baselines import MCS_TABLE, CodeLayout, Mcs, code_layout, jpeg_decode, jpeg_encode, transmit_bytes
+from evaluation.baselines import jpeg_decode, jpeg_encode
 from shared.semantic.channels import ChannelConfig, SnrDefinition
+from shared.semantic.digital_link import MCS_TABLE, Mcs, SourceOption, code_layout
+from shared.semantic.ldpc import transmit_bytes
 from shared.wire.imageio import resize_image
 
-LABEL_FACTORS = (1, 2, 4, 8)
 JPEG_SCALES = (1, 2, 4)
 JPEG_QUALITIES = (75, 50, 30, 15, 5)
-_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-
-
-def majority_downsample(labels: np.ndarray, factor: int, num_classes: int) -> np.ndarray:
-    """The most frequent class of every factor x factor block (ties: the lowest id), uint8."""
-    if factor == 1:
-        return labels.astype(np.uint8)
-    height, width = labels.shape
-    if height % factor or width % factor:
-        raise ValueError(f"factor {factor} must divide the label map size {height}x{width}")
-    counts = (np.arange(num_classes)[:, None, None] == labels[None]).reshape(
-        num_classes, height // factor, factor, width // factor, factor).sum(axis=(2, 4))
-    return counts.argmax(axis=0).astype(np.uint8)
-
-
-def encode_labels(labels: np.ndarray) -> bytes:
-    """Lossless code of a uint8 label map: raw LZMA2 of its bytes."""
-    return lzma.compress(np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), format=lzma.FORMAT_RAW,
-                         filters=_LZMA_FILTERS)
-
-
-def decode_labels(data: bytes, shape: tuple[int, int]) -> np.ndarray | None:
-    """The label map of `encode_labels`' bytes, or None when they do not decode to one of `shape`."""
-    try:
-        raw = lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    except lzma.LZMAError:
-        return None
-    if len(raw) != shape[0] * shape[1]:
-        return None
-    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-
-
-@dataclass(frozen=True)
-class SourceOption:
-    """One way to code an image's content: its name, its factor (or JPEG scale) and its bytes."""
-
-    name: str
-    factor: int
-    data: bytes
-    quality: int = 0  # JPEG quality; 0 for the label map
-
-    @property
-    def bits(self) -> int:
-        return len(self.data) * 8
-
-
-def label_options(labels: np.ndarray, num_classes: int, factors: tuple[int, ...] = LABEL_FACTORS) -> list[SourceOption]:
-    """The label map at each factor, losslessly coded, largest first."""
-    options = []
-    for factor in factors:
-        small = majority_downsample(labels, factor, num_classes)
-        options.append(SourceOption(f"labels {small.shape[0]}x{small.shape[1]}", factor, encode_labels(small)))
-    return sorted(options, key=lambda o: -o.bits)
 
 
 def jpeg_options(image: np.ndarray) -> list[SourceOption]:
@@ -97,15 +43,6 @@ def decode_jpeg_option(data: bytes, option: SourceOption, height: int, width: in
     """The received JPEG enlarged to the source size, or None when it does not decode."""
     small = jpeg_decode(data, (height // option.factor, width // option.factor, 3))
     return None if small is None else resize_image(small, height, width)
-
-
-def fit(options: list[SourceOption], mcs: Mcs, budget_uses: int) -> tuple[SourceOption, CodeLayout] | None:
-    """The largest option whose coded size under `mcs` fits `budget_uses` complex channel uses."""
-    for option in options:
-        layout = code_layout(option.bits, mcs)
-        if layout.channel_uses <= budget_uses:
-            return option, layout
-    return None
 
 
 class SchemeProbe:

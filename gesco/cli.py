@@ -53,7 +53,16 @@ import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from gesco.options import DEFAULT_RICIAN_K_DB, SAMPLER_DEFAULT_STEPS, ChannelModel, SnrDefinition, names
+from gesco.options import (
+    DEFAULT_LINK,
+    DEFAULT_RICIAN_K_DB,
+    LINK_TITLES,
+    SAMPLER_DEFAULT_STEPS,
+    ChannelModel,
+    Link,
+    SnrDefinition,
+    names,
+)
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -522,6 +531,8 @@ def transmission_fields(args: argparse.Namespace, kind: str) -> dict[str, str]:
         "compression": args.compression,
         "jpeg_quality": args.jpeg_quality,
         "budget": args.budget,
+        "link": args.link,
+        "scheme": args.scheme,
         "rician_k_db": args.rician_k_db,
         "equalize": None if args.equalize else "false",
         "use_fds": None if args.fds else "false",
@@ -666,6 +677,11 @@ def _transmission_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", help="channel-use budget: complex channel uses (3072) or a bandwidth ratio "
                                          "(1/12); the sender picks the map coding with the best expected mIoU "
                                          "within it (docs/rate-quality.md)")
+    parser.add_argument("--link", choices=names(Link), help="how the scene travels: " + "; ".join(
+        f"{link.value}: {title}" for link, title in LINK_TITLES.items()) + f" (default: {DEFAULT_LINK.value}; auto "
+        "needs --budget)")
+    parser.add_argument("--scheme", help="the digital link's modulation and code rate, one the sender's GET "
+                                         "/v1/options lists, e.g. '16-QAM r=1/2' (default: the scheme for the SNR)")
     parser.add_argument("--no-fds", dest="fds", action="store_false", help="condition on the noisy maps")
     parser.add_argument("-o", "--output", help="write the PNG here")
     parser.add_argument("--timeout", type=float, default=600.0,

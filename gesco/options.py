@@ -1,4 +1,4 @@
-"""The names and defaults users choose from: channel models, SNR definitions, samplers, guidance.
+"""The names and defaults users choose from: links, channel models, SNR definitions, samplers, guidance.
 
 Each one lives here once, and every front door reads it from here: the channel simulator
 (shared/semantic/channels.py), the sampler registry (shared/semantic/diffusion/samplers.py), the
@@ -26,6 +26,23 @@ class SnrDefinition(str, enum.Enum):
     AVERAGE_POWER = "average_power"  # 10 log10(P / sigma^2), P measured on the transmitted symbols
     PAPER_PSNR = "paper_psnr"  # peak 1 of the un-normalised 0/1 maps: sigma_maps = 10**(-PSNR/20)
 
+
+class Link(str, enum.Enum):
+    """How a scene travels (docs/rate-quality.md compares them at equal channel uses)."""
+
+    MAPS = "maps"  # the paper's present-class maps, sent value by value as analog symbols
+    DIGITAL = "digital"  # the label map coded losslessly (LZMA), 5G LDPC + QAM
+    LEARNED = "learned"  # the learned map encoder (deep JSCC over the one-hot maps)
+    AUTO = "auto"  # with a budget: the representation the rate-quality table expects to do best
+
+
+LINK_TITLES = {
+    Link.MAPS: "present-class maps, analog (the paper)",
+    Link.DIGITAL: "label map, LZMA + 5G LDPC + QAM",
+    Link.LEARNED: "learned map encoder (deep JSCC)",
+    Link.AUTO: "best for the budget and SNR",
+}
+DEFAULT_LINK = Link.MAPS
 
 CHANNEL_TITLES = {
     ChannelModel.AWGN: "AWGN",

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from gesco.options import Link
 from gesco.v1 import gesco_pb2, gesco_pb2_grpc
 from receiver_service.jobs import Job, NotReadyError, QueueFullError, job_record
 from receiver_service.settings import ReceiverSettings
@@ -46,6 +47,8 @@ from receiver_service.store import (
 from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
 from shared.limits import InvalidRequestError, LimitError, SamplingOptions
+from shared.semantic import channels, codec
+from shared.semantic.links import LinkFraming
 from shared.wire import grpc_security, load_balancing, transport
 from shared.wire.aio_server import AioHealth, AioServer, LoopThread
 from shared.wire.grpc_service import (
@@ -306,16 +309,46 @@ def job_from_header(
         raise InvalidRequestError(f"semantic.num_classes {semantic.num_classes} does not match the model's "
                          f"{base.info.num_classes} classes")
     request = sampling_request(header, settings)
+    framing = transport.link_framing_from_proto(header.semantic)
+    # Condition adapters were fine-tuned on the maps link's conditions: the other links use the base
+    # (or its student), as for maps sent at full resolution.
+    adapter_factor = semantic.downsample_factor if framing.link is Link.MAPS else 1
     try:
         generator, sampling = host.plan(SamplingOptions(sampler=request.sampler or settings.default_sampler,
                                                         steps=request.steps or settings.default_steps,
-                                                        guidance=request.guidance), semantic.downsample_factor)
+                                                        guidance=request.guidance), adapter_factor)
     except LimitError as error:
         raise InvalidRequestError(f"sampling.{error}") from None
+    noise_std, map_decoder = None, None
+    if framing.link is Link.DIGITAL:
+        noise_std = _demapper_noise_std(header, framing, semantic)
+    elif framing.link is Link.LEARNED:
+        try:
+            map_decoder = host.map_decoder(framing.learned_model or "")
+        except KeyError:
+            raise InvalidRequestError(f"semantic.learned.model: this receiver has no map decoder "
+                                      f"{framing.learned_model!r}; it has {sorted(host.map_decoders)}") from None
+        if semantic.num_symbols != map_decoder.config.num_symbols:
+            raise InvalidRequestError(f"semantic.num_symbols must be the {map_decoder.config.num_symbols} real symbols "
+                                      f"of {framing.learned_model}, got {semantic.num_symbols}")
     job = Job(header.transmission_id, request_id, semantic, symbols, sampling, seed=request.seed,
-              use_fds=request.use_fds, generator=generator)
+              use_fds=request.use_fds, generator=generator, framing=framing, noise_std=noise_std,
+              map_decoder=map_decoder)
     transmission = TransmissionRecord.from_header(header, request, sampling)
     return job, job_record(job, transmission, host.output_size(), time.time())
+
+
+def _demapper_noise_std(header: gesco_pb2.TransmissionHeader, framing: LinkFraming,
+                        semantic: codec.SemanticHeader) -> float:
+    """The noise std per real symbol the channel added, from its report: what the digital link's
+    demapper weighs the received symbols by. InvalidRequestError when the header has no report."""
+    if not header.HasField("channel_report"):
+        raise InvalidRequestError("channel_report: the digital link needs the channel's report to demap")
+    report = header.channel_report
+    config = channels.ChannelConfig(snr_db=report.requested_snr_db,
+                                    snr_definition=transport.snr_definition_from_proto(report.snr_definition))
+    assert framing.digital is not None
+    return channels.noise_std_per_real_symbol(config, framing.digital.symbol_power, semantic.scale)
 
 
 def queue_transmission(worker: GenerationWorker, header: gesco_pb2.TransmissionHeader, symbols: np.ndarray,

@@ -22,11 +22,22 @@ from receiver_service.store import JobStatus
 from shared.limits import SamplingOptions
 from shared.semantic import codec, link
 from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.semantic.links import LinkFraming
 from shared.wire.records import TransmissionRecord
 
 
 class NotReadyError(Exception):
     """The model is not loaded (yet, or it failed to load)."""
+
+
+class LinkDecodeError(ValueError):
+    """The link's code says the scene did not arrive (the digital link's CRC failed): the job ends
+    with this as its outcome, and no image is made from a wrong map."""
+
+
+def decode_failure(error: ValueError) -> str:
+    """The status error of a job whose received symbols did not decode."""
+    return str(error) if isinstance(error, LinkDecodeError) else f"decoding the received maps failed: {error}"
 
 
 class QueueFullError(Exception):
@@ -51,6 +62,11 @@ class Job:
     use_fds: bool
     # The base generator, or its condition adapter for the transmission's downsample factor.
     generator: SemanticImageGenerator
+    # The link and its framing; the digital link's noise std per real symbol (the demapper's, from
+    # the channel's report); the learned link's decoder (a MapJscc).
+    framing: LinkFraming = field(default_factory=LinkFraming)
+    noise_std: float | None = None
+    map_decoder: Any = None
     enqueued_at: float = field(default_factory=time.monotonic)
     # Why the job was cancelled (set once, by the queue's `cancel`); None while it is wanted.
     cancel_reason: str | None = None

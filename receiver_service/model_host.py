@@ -17,16 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from gesco.options import DISTILLATION_TEACHER, Link
 from receiver_service import views
-from receiver_service.jobs import Job, JobResult, NotReadyError, elapsed_ms
+from receiver_service.jobs import Job, JobResult, LinkDecodeError, NotReadyError, elapsed_ms
 from receiver_service.settings import ReceiverSettings
-from gesco.options import DISTILLATION_TEACHER
 from shared.limits import LimitError, SamplingOptions
-from shared.semantic import link
+from shared.semantic import codec, ldpc, link
 from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
 from shared.semantic.diffusion.samplers import DistilledSampler, resolve
+from shared.semantic.digital_link import decode_labels
+from shared.semantic.links import MAP_ENCODER_PATTERN
+from shared.semantic.map_jscc import MapJscc, load_map_jscc
 from shared.semantic.upscaler import ImageStage, Upscaler
 from shared.wire.imageio import encode_png, resize_image
 
@@ -50,11 +53,39 @@ def forward_buckets(settings: ReceiverSettings, device: torch.device) -> tuple[l
 
 def prepare_job(job: Job) -> tuple[link.ReceivedViews, np.ndarray]:
     """The job's received maps (noisy and FDS-denoised) and the condition its generator gets, at its
-    resolution: FDS maps only when the job asks. ValueError when the maps do not decode."""
+    resolution: FDS maps only when the job asks. ValueError when the maps do not decode
+    (LinkDecodeError when the digital link's CRC says the label map was lost)."""
     info = job.generator.info
-    received = link.received_views(job.symbols, job.semantic, use_fds=True)  # the debug views always show FDS
+    if job.framing.link is Link.LEARNED:
+        # The decoder's class probabilities are the condition: soft maps FDS was not made for.
+        device = next(job.map_decoder.parameters()).device
+        probabilities = job.map_decoder.condition(torch.from_numpy(job.symbols)[None].to(device))[0].cpu().numpy()
+        received = link.ReceivedViews(noisy_maps=probabilities, fds_maps=probabilities)
+        return received, link.resize_maps(probabilities, (info.image_height, info.image_width))
+    symbols, semantic = job.symbols, job.semantic
+    if job.framing.link is Link.DIGITAL:
+        symbols, semantic = _decode_digital(job)
+    received = link.received_views(symbols, semantic, use_fds=True)  # the debug views always show FDS
     maps = received.fds_maps if job.use_fds else received.noisy_maps
     return received, link.resize_maps(maps, (info.image_height, info.image_width))
+
+
+def _decode_digital(job: Job) -> tuple[np.ndarray, codec.SemanticHeader]:
+    """Demap, LDPC-decode and CRC-check the digital link's symbols, decode the label map and code it as
+    the maps link's one-hot maps (what the generator is conditioned on, as the evaluation scores it)."""
+    framing, semantic = job.framing.digital, job.semantic
+    assert framing is not None and job.noise_std is not None
+    decoded = ldpc.decode_symbols(job.symbols, framing.layout, framing.payload_bytes, job.noise_std)
+    if decoded.data is None:
+        raise LinkDecodeError(
+            f"crc_failed: the digital link's CRC failed ({decoded.failed_blocks} of {decoded.num_blocks} LDPC code "
+            f"blocks, {framing.scheme}): the label map was lost and no image was generated")
+    labels = decode_labels(decoded.data, (semantic.map_height, semantic.map_width))
+    if labels is None or labels.max(initial=0) >= semantic.num_classes:
+        raise LinkDecodeError("label_map_undecodable: the digital link's payload passed its CRC but is not a "
+                              f"{semantic.map_height}x{semantic.map_width} label map; no image was generated")
+    encoded = codec.encode_label_map(labels, codec.CodecConfig(num_classes=semantic.num_classes))
+    return encoded.symbols, encoded.header
 
 
 def encode_result(result: JobResult, size: tuple[int, int]) -> None:
@@ -85,6 +116,8 @@ class ModelHost:
         self.adapted: dict[int, SemanticImageGenerator] = {}
         # The distilled student of the base (loaded with it), which the distilled sampler runs on.
         self.student: SemanticImageGenerator | None = None
+        # The learned link's map decoders by name, for the generator's classes and resolution.
+        self.map_decoders: dict[str, MapJscc] = {}
         self.load_error: str | None = None
 
     @property
@@ -113,6 +146,7 @@ class ModelHost:
             for each in (generator, *adapted.values(), *([student] if student else [])):
                 self._prepare(each, buckets, cuda_graphs)
             upscaler = self._load_upscaler(generator)
+            map_decoders = self._load_map_decoders(generator)
         except Exception as error:  # noqa: BLE001 - reported by /readyz, logged here
             self.load_error = f"{type(error).__name__}: {error}"
             log.exception("loading the model failed")
@@ -127,8 +161,28 @@ class ModelHost:
         self.adapted = adapted
         self.student = student
         self.upscaler = upscaler
+        self.map_decoders = map_decoders
         self.generator = generator
         return True
+
+    def _load_map_decoders(self, generator: SemanticImageGenerator) -> dict[str, MapJscc]:
+        """The map encoders' decoders in map_encoders_dir that feed this generator (others are skipped,
+        with a warning): the learned link can only name one of these."""
+        decoders = {}
+        info = generator.info
+        for path in sorted(self.settings.map_encoders_dir.glob(MAP_ENCODER_PATTERN)):
+            model, _ = load_map_jscc(path)
+            config = model.config
+            if (config.num_classes, config.out_height, config.out_width) != (info.num_classes, info.image_height,
+                                                                              info.image_width):
+                log.warning("map encoder skipped: it decodes for another generator", extra={"map_encoder": str(path)})
+                continue
+            decoders[path.stem] = model.to(generator.device)
+        return decoders
+
+    def map_decoder(self, name: str) -> MapJscc:
+        """The learned link's decoder called `name`; KeyError when this receiver has none of that name."""
+        return self.map_decoders[name]
 
     def _load_upscaler(self, generator: SemanticImageGenerator) -> Upscaler | None:
         """The upscaler when the `upscale` setting asks for it and its checkpoint is there; a file

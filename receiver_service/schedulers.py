@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from receiver_service.completion import Completion
-from receiver_service.jobs import Job, JobResult, elapsed_ms
+from receiver_service.jobs import Job, JobResult, decode_failure, elapsed_ms
 from receiver_service.model_host import ModelHost, prepare_job
 from receiver_service.queue import JobQueue
 from receiver_service.settings import ReceiverSettings
@@ -61,7 +61,7 @@ def run_batch(
         try:
             received, condition = prepare_job(job)
         except ValueError as error:
-            results[index].error = f"decoding the received maps failed: {error}"
+            results[index].error = decode_failure(error)
             continue
         results[index].timings_ms["decode_fds"] = elapsed_ms(started)
         prepared.append((index, received, condition))

@@ -35,6 +35,9 @@ class ReceiverSettings(ServiceSettings):
     # (shared/semantic/upscaler.py). Off, or no such file: images stay at the generator's resolution.
     upscale: bool = True
     upscaler: RepoPath = Path("models/upscaler-camvid.pt")
+    # The learned link's map encoders (map-jscc-*.pt, named by their stems): their decoders turn
+    # its symbols into soft maps. None there: the learned link is refused.
+    map_encoders_dir: RepoPath = Path("models")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     # CPU inference options measured in docs/benchmarks.md: channels_last is 6-9% faster for free;

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from receiver_service.completion import Completion
-from receiver_service.jobs import Job, JobResult
+from receiver_service.jobs import Job, JobResult, decode_failure
 from receiver_service.model_host import ModelHost, prepare_job
 from receiver_service.queue import JobQueue
 from receiver_service.settings import ReceiverSettings
@@ -80,7 +80,7 @@ class StepBatching:
         try:
             received, condition = prepare_job(job)
         except ValueError as error:
-            completion.complete(job, JobResult(error=f"decoding the received maps failed: {error}"), started)
+            completion.complete(job, JobResult(error=decode_failure(error)), started)
             return
         timings = {"decode_fds": round((time.perf_counter() - decoding) * 1000.0, 2)}
         batch = self.batches.setdefault(job.generator, StepBatch(job.generator))

@@ -18,13 +18,24 @@ from typing import Any
 import cv2
 import numpy as np
 
-from gesco.options import DEFAULT_GUIDANCE
+from gesco.options import DEFAULT_GUIDANCE, DEFAULT_LINK, DEFAULT_SNR_DB, DEFAULT_SNR_DEFINITION, Link
 from gesco.v1 import gesco_pb2
-from sender_service.budget import BudgetError, BudgetRequest, choose_coding
+from sender_service.budget import BudgetError, BudgetRequest, TableUnavailableError, choose_coding, load_table
+from sender_service.link_coding import (
+    LinkEncoding,
+    average_power_snr,
+    choose_scheme,
+    encode_digital,
+    encode_learned,
+    encode_maps,
+    map_encoder_symbols,
+    map_encoders,
+)
 from sender_service.settings import SenderSettings
 from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
 from shared.semantic import codec
+from shared.semantic.digital_link import code_layout, label_option
 from shared.wire import imageio, transport
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,12 @@ class TransmissionRequest:
     use_fds: bool = True
     # A channel-use budget: the map coding is then chosen from the rate-quality table.
     budget: BudgetRequest | None = None
+    link: Link = DEFAULT_LINK
+    scheme: str | None = None  # the digital link's scheme; None: the scheme for the SNR
+    # The client chose downsample_factor (the digital link then sends the label map at it, else whole).
+    factor_given: bool = False
+    snr_db: float = DEFAULT_SNR_DB
+    snr_definition: str = DEFAULT_SNR_DEFINITION.value
 
 
 @dataclass(frozen=True)
@@ -195,19 +212,13 @@ def prepare_transmission(
             choice = choose_coding(labels, request.budget, settings)
         except BudgetError as error:
             raise FieldError("budget", error.message, status_code=error.status_code) from None
-        encoded, budget_record = choice.encoded, choice.record
+        encoded, budget_record = choice.encoding, choice.record
     else:
-        config = codec.CodecConfig(
-            num_classes=settings.num_classes,
-            downsample_factor=factor,
-            compression=request.compression,
-            jpeg_quality=request.jpeg_quality,
-        )
-        encoded = codec.encode_label_map(labels, config)
+        encoded = _encode_link(labels, request, settings)
     timings["encode"] = time.perf_counter() - started
     header = gesco_pb2.TransmissionHeader(
         transmission_id=transmission_id,
-        semantic=transport.semantic_header_to_proto(encoded.header),
+        semantic=transport.semantic_header_to_proto(encoded.semantic, encoded.framing),
         sampling=gesco_pb2.SamplingRequest(
             sampler=request.sampling.sampler,
             steps=request.sampling.steps,
@@ -221,12 +232,45 @@ def prepare_transmission(
     return PreparedTransmission(
         header=header,
         symbols=encoded.symbols,
-        semantic=encoded.header,
+        semantic=encoded.semantic,
         segmenter_used=request.kind == PHOTO,
         timings_s=timings,
         labels=labels,
         budget=budget_record,
     )
+
+
+def _encode_link(labels: np.ndarray, request: TransmissionRequest, settings: SenderSettings) -> LinkEncoding:
+    """The request's link without a budget: the maps at the request's coding, the whole label map (or
+    at the request's downsample_factor) over the digital link, or the learned link's widest encoder."""
+    num_classes = settings.num_classes
+    if request.link is Link.AUTO:
+        raise FieldError("link", "link auto picks the representation for a budget: give budget too", status_code=422)
+    if request.link is Link.MAPS:
+        return encode_maps(labels, codec.CodecConfig(num_classes=num_classes, downsample_factor=request.downsample_factor,
+                                                     compression=request.compression,
+                                                     jpeg_quality=request.jpeg_quality))
+    if request.link is Link.DIGITAL:
+        try:
+            table = None if request.scheme else load_table(settings.rate_quality_table)
+        except TableUnavailableError:
+            table = None  # no link adaptation measured: the most robust scheme, and the record says so
+        try:
+            scheme = choose_scheme(table, average_power_snr(labels, num_classes, request.snr_db,
+                                                            request.snr_definition), request.scheme)
+        except ValueError as error:
+            raise FieldError("scheme", str(error), status_code=422) from None
+        option = label_option(labels, request.downsample_factor if request.factor_given else 1, num_classes)
+        return encode_digital(labels, option, code_layout(option.bits, scheme.mcs), num_classes)
+    encoders = map_encoders(settings.map_encoders_dir)
+    if not encoders:
+        raise FieldError("link", f"no map encoder ({settings.map_encoders_dir.name}/map-jscc-*.pt) is installed: "
+                                 "the learned link is unavailable", status_code=503)
+    widest = max(encoders.values(), key=map_encoder_symbols)
+    try:
+        return encode_learned(labels, widest, num_classes)
+    except ValueError as error:
+        raise FieldError("link", str(error)) from None
 
 
 def _resize(array: np.ndarray, height: int, width: int, shrink_interpolation: int) -> np.ndarray:

@@ -43,6 +43,8 @@ class SenderSettings(ServiceSettings):
     jpeg_quality: int = Field(75, ge=1, le=100)
     # The measured mIoU of each map coding the `budget` form field chooses from (docs/rate-quality.md).
     rate_quality_table: RepoPath = Path("models/rate-quality-table.json")
+    # Where the learned link's map encoders are (map-jscc-*.pt: the names the link and the table use).
+    map_encoders_dir: RepoPath = Path("models")
     # Quality of the JPEG that sizes the full-image comparison (image_bits_jpeg).
     image_jpeg_quality: int = Field(75, ge=1, le=100)
     rpc_timeout_s: float = Field(30.0, gt=0)

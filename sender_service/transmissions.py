@@ -27,10 +27,12 @@ from starlette.concurrency import run_in_threadpool
 from gesco.options import (
     DEFAULT_CHANNEL,
     DEFAULT_GUIDANCE,
+    DEFAULT_LINK,
     DEFAULT_RICIAN_K_DB,
     DEFAULT_SNR_DB,
     DEFAULT_SNR_DEFINITION,
     ChannelModel,
+    Link,
     SnrDefinition,
 )
 from gesco.v1 import gesco_pb2
@@ -52,6 +54,7 @@ from shared.limits import (
     SamplingOptions,
 )
 from shared.semantic.codec import Compression
+from shared.semantic.digital_link import MCS_BY_NAME
 from shared.wire import transport
 from shared.wire.monitoring import ServiceMetrics
 from shared.wire.records import TransmissionRecord
@@ -121,9 +124,22 @@ class TransmissionParameters:
         "compression and jpeg_quality with the best expected mIoU at the requested SNR within it "
         "(docs/rate-quality.md), so those must stay empty"))] = None
     use_fds: Annotated[bool, Form(description="fast denoising of the received maps", examples=EMPTY_EXAMPLE)] = True
+    link: Annotated[Link, Form(examples=EMPTY_EXAMPLE, description=(
+        "how the scene travels: maps (the paper's present-class maps as analog symbols), digital (the label map "
+        "coded losslessly, 5G LDPC + QAM), learned (the learned map encoder) or auto (with budget: the one the "
+        "rate-quality table expects to do best at the SNR, docs/rate-quality.md)"))] = DEFAULT_LINK
+    scheme: Annotated[str | None, Form(max_length=40, examples=EMPTY_EXAMPLE, description=(
+        f"the digital link's modulation and code rate, one of {', '.join(MCS_BY_NAME)}; empty: the scheme "
+        "measured to decode at the SNR (link adaptation)"))] = None
 
     def transmission_request(self, settings: SenderSettings) -> TransmissionRequest:
-        """What the pipeline sends, the sender's settings filling the empty fields (a random seed)."""
+        """What the pipeline sends, the sender's settings filling the empty fields (a random seed).
+        A scheme is the digital link's: with another link it is refused (422, naming `scheme`)."""
+        if self.scheme is not None and self.link not in (Link.DIGITAL, Link.AUTO):
+            raise TransmissionError(grpc.StatusCode.INVALID_ARGUMENT, 422,
+                                    f"scheme sets the digital link's modulation and code rate; link is {self.link.value}",
+                                    field="scheme")
+        snr_db = DEFAULT_SNR_DB if self.snr_db is None else self.snr_db
         return TransmissionRequest(
             kind=self.kind,
             sampling=SamplingOptions(sampler=self.sampler or "", steps=self.steps or 0, guidance=self.guidance),
@@ -133,9 +149,14 @@ class TransmissionParameters:
             jpeg_quality=self.jpeg_quality or settings.jpeg_quality,
             use_fds=self.use_fds,
             budget=None if self.budget is None else BudgetRequest(
-                text=self.budget, snr_db=DEFAULT_SNR_DB if self.snr_db is None else self.snr_db,
-                snr_definition=self.snr_definition.value,
-                codec_given=any(v is not None for v in (self.downsample_factor, self.compression, self.jpeg_quality))),
+                text=self.budget, snr_db=snr_db, snr_definition=self.snr_definition.value, link=self.link,
+                codec_given=any(v is not None for v in (self.downsample_factor, self.compression, self.jpeg_quality)),
+                scheme=self.scheme),
+            link=self.link,
+            scheme=self.scheme,
+            factor_given=self.downsample_factor is not None,
+            snr_db=snr_db,
+            snr_definition=self.snr_definition.value,
         )
 
     def channel_request(self, seed: int) -> gesco_pb2.ChannelRequest:

@@ -68,6 +68,7 @@ from shared.limits import (
 from shared.paths import REPO_ROOT
 from shared.semantic import codec
 from shared.semantic.codec import Compression
+from shared.semantic.digital_link import MCS_TABLE
 from shared.wire import imageio, transport
 from shared.wire.rest_errors import error_response
 
@@ -165,6 +166,8 @@ class Options(BaseModel):
     samplers: list[SamplerChoice]
     compressions: list[Choice]
     downsample_factors: list[int]
+    links: list[Choice]
+    schemes: list[str]  # the digital link's modulation and coding schemes, most robust first
     limits: dict[str, Range]
     defaults: dict[str, Any]
 
@@ -184,6 +187,8 @@ def list_options(request: Request) -> Options:
                   for name, steps in options.SAMPLER_DEFAULT_STEPS.items()],
         compressions=[Choice(name=compression.value, title=_COMPRESSION_TITLES[compression]) for compression in Compression],
         downsample_factors=list(options.DOWNSAMPLE_FACTORS),
+        links=[Choice(name=link.value, title=options.LINK_TITLES[link]) for link in options.Link],
+        schemes=[mcs.name for mcs in MCS_TABLE],
         limits={
             "snr_db": Range(min=MIN_SNR_DB, max=MAX_SNR_DB),
             "steps": Range(min=MIN_STEPS, max=MAX_STEPS),
@@ -202,6 +207,7 @@ def list_options(request: Request) -> Options:
             "downsample_factor": settings.downsample_factor,
             "compression": settings.compression.value,
             "jpeg_quality": settings.jpeg_quality,
+            "link": options.DEFAULT_LINK.value,
         },
     )
 

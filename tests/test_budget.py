@@ -44,17 +44,17 @@ def test_the_cheapest_coding_within_the_tolerance_of_the_best_that_fits(settings
     labels = labels_with(12)  # 12 maps: factor f takes 12 (96/f)(128/f) / 2 uses, a ratio of 2 / f^2
     choice = choose_coding(labels, request("2.0"), settings)
     # At 10 dB factor 2 is 0.004 below factor 1, within the tolerance, for a quarter of the uses.
-    assert choice.config.downsample_factor == 2 and choice.encoded.header.map_height == 48
+    assert choice.encoding.semantic.downsample_factor == 2 and choice.encoding.semantic.map_height == 48
     record = choice.record
     assert record["chosen"]["channel_uses"] == 12 * 48 * 64 // 2 and record["chosen"]["bandwidth_ratio"] == 0.5
     assert record["channel_uses"] == 73_728 and record["requested"] == "2.0"
     assert record["table"].endswith("table.json") and record["table_made_by"].startswith("python -m evaluation")
     assert [c["fits"] for c in record["candidates"]] == [True] * 5
     # Within 1/12 (3,072 uses) only factor 8 fits (1/32); within 3072 uses as a number, the same.
-    assert choose_coding(labels, request("1/12"), settings).config.downsample_factor == 8
-    assert choose_coding(labels, request("3072"), settings).config.downsample_factor == 8
+    assert choose_coding(labels, request("1/12"), settings).encoding.semantic.downsample_factor == 8
+    assert choose_coding(labels, request("3072"), settings).encoding.semantic.downsample_factor == 8
     # At 1 dB factor 2 loses 0.02 to factor 1: beyond the tolerance, so factor 1 is worth its uses.
-    assert choose_coding(labels, request("2.0", snr_db=1.0), settings).config.downsample_factor == 1
+    assert choose_coding(labels, request("2.0", snr_db=1.0), settings).encoding.semantic.downsample_factor == 1
 
 
 def test_the_paper_psnr_is_converted_with_each_codings_own_scale(settings: SenderSettings) -> None:
@@ -63,7 +63,7 @@ def test_the_paper_psnr_is_converted_with_each_codings_own_scale(settings: Sende
     factor_1 = next(c for c in choice.record["candidates"] if (c["downsample_factor"], c["compression"]) == (1, "none"))
     # 12 binary maps are scaled by sqrt(12): a PSNR of 11.8 dB is an average-power SNR of 1.0 dB.
     assert factor_1["snr_db_average_power"] == pytest.approx(11.8 - 10 * math.log10(12), abs=1e-3)
-    assert choice.config.downsample_factor == 1
+    assert choice.encoding.semantic.downsample_factor == 1
 
 
 def test_too_small_a_budget_names_the_smallest_that_works(settings: SenderSettings) -> None:
@@ -97,7 +97,7 @@ def test_a_missing_or_broken_table_says_so(tmp_path: Path) -> None:
 
 def test_the_table_is_read_again_when_it_changes(settings: SenderSettings) -> None:
     labels = labels_with(12)
-    assert choose_coding(labels, request("2.0"), settings).config.downsample_factor == 2
+    assert choose_coding(labels, request("2.0"), settings).encoding.semantic.downsample_factor == 2
     settings.rate_quality_table.write_text(json.dumps(table({(1, "none"): [0.6, 0.6, 0.6],
                                                              (2, "none"): [0.3, 0.3, 0.3]})))
-    assert choose_coding(labels, request("2.0"), settings).config.downsample_factor == 1
+    assert choose_coding(labels, request("2.0"), settings).encoding.semantic.downsample_factor == 1

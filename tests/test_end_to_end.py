@@ -330,3 +330,69 @@ def _wait_for_jobs(pipeline: Pipeline, statuses: set[str], count: int = 1, timeo
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {count} jobs reached {sorted(statuses)}")
         time.sleep(0.1)
+
+
+def _status(pipeline, transmission_id: str, wait_s: int = 60) -> dict:
+    return httpx.get(f"{pipeline.receiver_url}/v1/transmissions/{transmission_id}?wait_s={wait_s}",
+                     timeout=wait_s + 10).json()
+
+
+def test_the_digital_link_delivers_the_exact_label_map_above_its_snr(pipeline) -> None:
+    labels = blocky_label_map(seed=1)
+    response = pipeline.post(data=encode_png(labels), kind="label_map", link="digital", snr_db=20,
+                             snr_definition="average_power", **FAST)
+    assert response.status_code == 200, response.text
+    status = _status(pipeline, response.headers["x-transmission-id"])
+    assert status["status"] == "done"
+    link = status["link"]
+    assert link["name"] == "digital" and link["scheme"] == "64-QAM r=5/6, labels 96x128"  # the table's 20 dB scheme
+    assert link["channel_uses"] == status["bits"]["channel_uses"] and link["code_blocks"] >= 1
+    assert link["bandwidth_ratio"] == pytest.approx(link["channel_uses"] / (96 * 128 * 3))
+    fds = httpx.get(status["urls"]["maps_fds_labels"], timeout=10)
+    received = cv2.imdecode(np.frombuffer(fds.content, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(received, labels)
+
+
+def test_a_digital_transmission_below_its_snr_fails_its_crc_and_says_so(pipeline) -> None:
+    response = pipeline.post(data=encode_png(blocky_label_map(seed=2)), kind="label_map", link="digital",
+                             scheme="64-QAM r=5/6", snr_db=0, snr_definition="average_power",
+                             **(FAST | {"wait": "false"}))
+    assert response.status_code == 202, response.text
+    assert response.json()["link"]["scheme"].startswith("64-QAM r=5/6")
+    status = _status(pipeline, response.json()["id"])
+    assert status["status"] == "failed"
+    assert status["error"].startswith("crc_failed: the digital link's CRC failed"), status["error"]
+    assert httpx.get(status["urls"]["image"], timeout=10).status_code != 200  # no image, never a wrong one
+
+
+def test_the_learned_link_sends_the_map_encoders_symbols(pipeline) -> None:
+    response = pipeline.post(data=encode_png(blocky_label_map(seed=3)), kind="label_map", link="learned",
+                             snr_db=10, snr_definition="average_power", **FAST)
+    assert response.status_code == 200, response.text
+    link = _status(pipeline, response.headers["x-transmission-id"])["link"]
+    assert link["name"] == "learned" and link["model"] == "map-jscc-1-24"
+    assert link["bandwidth_ratio"] == pytest.approx(1 / 24)
+
+
+def test_auto_picks_the_reports_frontier_for_a_budget_and_says_why(pipeline) -> None:
+    response = pipeline.post(data=encode_png(blocky_label_map(seed=4)), kind="label_map", link="auto",
+                             budget="1/12", snr_db=10, snr_definition="average_power",
+                             **(FAST | {"wait": "false"}))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["budget"]["chosen"]["link"] == "digital" and body["link"]["name"] == "digital"
+    assert "16-QAM r=1/2" in body["link"]["scheme"] and body["link"]["bandwidth_ratio"] <= 1 / 12
+    assert "expected mIoU" in body["budget"]["why"]
+    assert _status(pipeline, body["id"])["status"] == "done"
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"link": "auto"}, "link"),  # auto picks for a budget
+    ({"link": "maps", "scheme": "QPSK r=1/2"}, "scheme"),
+    ({"link": "digital", "scheme": "QPSK r=9/10"}, "scheme"),
+    ({"link": "carrier-pigeon"}, "link"),
+])
+def test_a_bad_link_request_names_its_field(pipeline, fields: dict, field: str) -> None:
+    response = pipeline.post(data=encode_png(blocky_label_map()), kind="label_map", **(FAST | fields))
+    assert 400 <= response.status_code < 500, response.text
+    assert field in json.dumps(response.json()), response.text

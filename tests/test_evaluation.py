@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from evaluation import checks, evaluate
-from evaluation.baselines import MCS_TABLE, analog_transmit, digital_transmit, jpeg_decode, plan_digital
+from evaluation.baselines import analog_transmit, digital_transmit, jpeg_decode, plan_digital
 from evaluation.image_quality import frechet_distance, gaussian_window, psnr, segmentation_scores, ssim, summarize
 from shared.semantic.channels import ChannelConfig, SnrDefinition
+from shared.semantic.digital_link import MCS_TABLE, layout_blocks
 from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import UNetConfig
@@ -283,12 +284,11 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
 
 
 def test_code_block_layouts_are_valid_5g_codes() -> None:
-    from evaluation.baselines import _layout
     from sionna.phy.fec.ldpc import LDPC5GEncoder
 
     for mcs in MCS_TABLE:
         for payload in (100, 3_000, 3_801, 3_816, 8_401, 25_000, 200_000):
-            blocks, k, n = _layout(payload, mcs)
+            blocks, k, n = layout_blocks(payload, mcs)
             assert blocks * (k - 24) >= payload + 24 and n % mcs.bits_per_symbol == 0
             assert mcs.code_rate <= k / n <= 0.95 and k <= (3840 if mcs.code_rate <= 0.25 else 8448)
             if payload in (100, 3_816, 25_000):  # Sionna checks the 38.212 limits on construction

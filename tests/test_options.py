@@ -84,6 +84,8 @@ def test_get_options_answers_the_registries_limits_and_defaults() -> None:
     assert {s["name"]: s["default_steps"] for s in answer["samplers"]} == options.SAMPLER_DEFAULT_STEPS
     assert [c["name"] for c in answer["compressions"]] == [c.value for c in Compression]
     assert answer["downsample_factors"] == list(options.DOWNSAMPLE_FACTORS)
+    assert [c["name"] for c in answer["links"]] == ["maps", "digital", "learned", "auto"]
+    assert answer["schemes"][0] == "QPSK r=1/5" and answer["schemes"][-1] == "64-QAM r=5/6"
     assert answer["limits"]["snr_db"] == {"min": limits.MIN_SNR_DB, "max": limits.MAX_SNR_DB}
     assert answer["limits"]["steps"] == {"min": limits.MIN_STEPS, "max": limits.MAX_STEPS}
     assert answer["limits"]["guidance"] == {"min": 0, "max": limits.MAX_GUIDANCE}
@@ -92,7 +94,7 @@ def test_get_options_answers_the_registries_limits_and_defaults() -> None:
         "snr_db": options.DEFAULT_SNR_DB, "rician_k_db": options.DEFAULT_RICIAN_K_DB,
         "sampler": options.DEFAULT_SAMPLER, "guidance": options.DEFAULT_GUIDANCE,
         "downsample_factor": settings.downsample_factor, "compression": settings.compression.value,
-        "jpeg_quality": settings.jpeg_quality,
+        "jpeg_quality": settings.jpeg_quality, "link": options.DEFAULT_LINK.value,
     }
 
 

@@ -278,7 +278,8 @@ def test_a_budget_picks_the_map_coding_and_the_answer_says_which(sender, channel
     budget = body["budget"]
     assert budget["requested"] == "1/12" and budget["channel_uses"] == 3072
     assert budget["table"].endswith("rate-quality-table.json") and budget["table_made_by"] == "a test"
-    assert budget["chosen"] == {"representation": "ours", "downsample_factor": 4, "compression": "none",
+    assert budget["chosen"] == {"representation": "ours", "link": "maps", "model": None, "downsample_factor": 4,
+                                "compression": "none",
                                 "jpeg_quality": 75, "channel_uses": 4 * 24 * 32 // 2, "bandwidth_ratio": 1 / 24,
                                 "snr_db_average_power": 10.0, "expected_miou": 0.53}
     assert [c["fits"] for c in budget["candidates"]] == [False, False, True, True, True]

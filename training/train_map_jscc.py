@@ -19,7 +19,6 @@ import math
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ channel realisations and sampling seeds in every row, so the student's and the t
 are paired image by image: the report gives each paired mIoU difference with its standard error.
 
     python -m scripts.models.distillation_report --snrs 1,10,100 --limit 0 \\
-        --configs ddim:10,distilled:2,distilled:1 --out docs/distillation.json --report docs/distillation.md
+        --configs ddim:10,distilled:2,distilled:1 --out docs/distillation-val.json --report docs/distillation-val.md
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="docs/distillation.json")
-    p.add_argument("--report", default="docs/distillation.md")
+    p.add_argument("--out", default="docs/distillation-val.json")
+    p.add_argument("--report", default="docs/distillation-val.md")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,6 +17,7 @@ const $ = (id) => document.getElementById(id);
 const examples = new Map(); // name -> {kind, title, blob}
 let classes = [];
 let running = []; // ids of the transmissions the page waits for (cancel stops them)
+let stripLinks = []; // the links the page sends (GET /v1/options), for its list and the strip
 let cancelRequested = false; // the user pressed Cancel during this Send or strip
 let busy = false;
 let detected = { kind: "label_map", why: "" }; // what the chosen input is, as detectKind() read it
@@ -138,6 +139,10 @@ async function loadOptions() {
     $("snr_definition").value = options.defaults.snr_definition;
     fillSelect($("sampler"), options.samplers.map((s) => ({ name: s.name, title: `${s.title} (${s.default_steps} steps)` })), true);
     fillSelect($("downsample_factor"), options.downsample_factors.map((f) => ({ name: String(f), title: f === 1 ? "1 (none)" : String(f) })), true);
+    // auto picks a link for a budget, which the page does not set
+    stripLinks = options.links.filter((l) => l.name !== "auto");
+    fillSelect($("link"), stripLinks);
+    $("link").value = options.defaults.link;
     setRange("snr_db", options.limits.snr_db);
     setRange("steps", options.limits.steps);
     setRange("guidance", options.limits.guidance);
@@ -235,6 +240,7 @@ function transmissionFields(input, seed) {
     guidance: $("guidance").value,
     seed,
     downsample_factor: $("downsample_factor").value,
+    link: $("link").value,
   };
 }
 
@@ -532,7 +538,10 @@ async function strip() {
     head.append(th);
   }
   const rows = {};
-  for (const [key, title] of [["semantic", "generated (semantic)"], ["analog", "analog (pixels)"]]) {
+  // One generated row per link when the box is ticked (each at its own default coding), else the form's link.
+  const links = $("strip_links").checked ? stripLinks : stripLinks.filter((l) => l.name === $("link").value);
+  const generatedRows = links.map((l) => [`link:${l.name}`, `generated: ${l.title}`]);
+  for (const [key, title] of [...generatedRows, ["analog", "analog (pixels)"]]) {
     const row = table.tBodies[0].insertRow();
     const th = document.createElement("th");
     th.scope = "row";
@@ -555,26 +564,35 @@ async function strip() {
       rows.analog[i].img.src = result.png;
       return loaded(rows.analog[i].img);
     })));
-    const ids = [];
-    for (const snr of STRIP_SNRS) {
-      if (cancelRequested) throw new Cancelled("strip cancelled");
-      setStatus(`sending at ${snr} dB`);
-      const sent = await (await api("/v1/transmissions", {
-        method: "POST", body: formData(input, { ...fields, [SNR_FIELD]: snr }),
-      })).json();
-      ids.push(sent.id);
-      track(sent.id);
+    const sends = [];
+    for (const link of links) {
+      // The maps link keeps the form's downsampling; the others send their whole map.
+      const linkFields = { ...fields, link: link.name, downsample_factor: link.name === "maps" ? fields.downsample_factor : "" };
+      for (const [i, snr] of STRIP_SNRS.entries()) {
+        if (cancelRequested) throw new Cancelled("strip cancelled");
+        setStatus(`sending ${link.name} at ${snr} dB`);
+        const sent = await (await api("/v1/transmissions", {
+          method: "POST", body: formData(input, { ...linkFields, [SNR_FIELD]: snr }),
+        })).json();
+        sends.push({ id: sent.id, cell: rows[`link:${link.name}`][i] });
+        track(sent.id);
+      }
     }
     let done = 0;
-    setStatus(`strip: 0 of ${ids.length} generated`);
-    const semantic = ids.map(async (id, i) => {
+    setStatus(`strip: 0 of ${sends.length} generated`);
+    const semantic = sends.map(async ({ id, cell }) => {
       const status = await follow(id, () => {});
-      requireDone(status);
-      rows.semantic[i].caption.textContent = `measured ${fmt(status.channel.measured_snr_db)} dB`;
-      rows.semantic[i].img.src = await relayedImage(relayPath(id, "/image"));
-      await loaded(rows.semantic[i].img);
+      if (status.status === "failed" && status.link && status.link.name === "digital") {
+        // The digital link's cliff: the CRC says the map was lost, and the cell says so.
+        cell.caption.textContent = `${status.link.scheme}: ${status.error.split(":")[0]}`;
+      } else {
+        requireDone(status);
+        cell.caption.textContent = `measured ${fmt(status.channel.measured_snr_db)} dB, ${status.link ? status.link.scheme : ""}`;
+        cell.img.src = await relayedImage(relayPath(id, "/image"));
+        await loaded(cell.img);
+      }
       done += 1;
-      setStatus(`strip: ${done} of ${ids.length} generated`);
+      setStatus(`strip: ${done} of ${sends.length} generated`);
     });
     await Promise.all([analog, ...semantic]);
     setStatus("strip done");

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared.paths import REPO_ROOT, resolve_repo_path
+from shared.paths import resolve_repo_path
 
 
 CAMVID_CLASSES: tuple[str, ...] = (

@@ -7,13 +7,15 @@ value, two a channel use: ratio 1/2. Ours sends C present-class maps of (H/f) x 
 ratio C / (6 f^2), 2.0 for CamVid's 12 classes at factor 1 (docs/rate-quality.md).
 
 The table (`models/rate-quality-table.json`, written by `python -m evaluation.rate_quality`) holds
-the measured mIoU of every setting the sender can send (downsampling factor, map compression) at
-a few average-power SNRs. With a budget, the sender encodes the label map at each setting, keeps
+the measured mIoU of every setting the sender can send at a few average-power SNRs (the maps link
+at each downsampling factor and map compression, the digital link's label map at each factor,
+each learned map encoder) and the link adaptation measured (the digital scheme per SNR). With a budget, the sender encodes the label map at each setting, keeps
 those within the budget and takes the cheapest whose expected mIoU at the requested SNR is within
 the table's tolerance of the best (`choose`). Numpy-free: the torch-free sender imports it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gesco.options import SnrDefinition
+from gesco.options import Link, SnrDefinition
 
 SOURCE_CHANNELS = 3  # RGB
 TABLE_VERSION = 1
@@ -30,6 +32,8 @@ TABLE_SNR_DEFINITION = SnrDefinition.AVERAGE_POWER.value
 _RATIO_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*(\d+(?:\.\d*)?|\.\d+)\s*$")
 _DECIMAL_PATTERN = re.compile(r"^\s*(\d*\.\d+|\d+\.\d*)\s*$")
 _INTEGER_PATTERN = re.compile(r"^\s*\d+\s*$")
+# The link each representation of the table is sent by.
+REPRESENTATION_LINKS = {"ours": Link.MAPS, "ours_jpeg": Link.MAPS, "separated": Link.DIGITAL, "learned": Link.LEARNED}
 MAX_BUDGET_RATIO = 100.0
 MAX_BUDGET_CHANNEL_USES = 10**12
 
@@ -129,9 +133,18 @@ class TableEntry:
     jpeg_quality: int
     bandwidth_ratio: float  # measured mean over the evaluated images
     miou: tuple[float, ...]  # one a table SNR
+    model: str | None = None  # the learned link's map encoder
+
+    @property
+    def link(self) -> Link:
+        return REPRESENTATION_LINKS[self.representation]
 
     @property
     def name(self) -> str:
+        if self.model is not None:
+            return f"{self.representation}, {self.model}"
+        if self.link is Link.DIGITAL:
+            return f"{self.representation}, label map at factor {self.downsample_factor}"
         suffix = f", JPEG q{self.jpeg_quality} maps" if self.compression == "jpeg" else ""
         return f"{self.representation}, factor {self.downsample_factor}{suffix}"
 
@@ -147,6 +160,8 @@ class RateQualityTable:
     made_by: str
     images: int
     split: str
+    # Link adaptation as measured: average-power SNR -> the scheme the digital link used there.
+    link_adaptation: dict[float, str | None] = dataclasses.field(default_factory=dict)
 
     def expected_miou(self, entry: TableEntry, snr_db: float) -> float:
         """Linear in the SNR between the table's SNRs, the end values outside them."""
@@ -177,12 +192,14 @@ class RateQualityTable:
                 representation=e["representation"], downsample_factor=int(e["downsample_factor"]),
                 compression=e["compression"], jpeg_quality=int(e["jpeg_quality"]),
                 bandwidth_ratio=float(e["bandwidth_ratio"]), miou=tuple(float(v) for v in e["miou"]),
+                model=e.get("model"),
             )
             for e in data["entries"]
         )
         return cls(path=path, snrs_db=tuple(float(s) for s in data["snrs_db"]), entries=entries,
                    tolerance_miou=float(data["tolerance_miou"]), made_by=data["made_by"],
-                   images=int(data["images"]), split=data["split"])
+                   images=int(data["images"]), split=data["split"],
+                   link_adaptation={float(snr): scheme for snr, scheme in data.get("link_adaptation", {}).items()})
 
 
 def _table_problem(data: Any) -> str | None:
@@ -206,8 +223,11 @@ def _table_problem(data: Any) -> str | None:
     for entry in entries:
         if not isinstance(entry, dict):
             return "every entry must be an object"
-        if not isinstance(entry.get("representation"), str) or entry.get("compression") not in ("none", "jpeg"):
-            return "every entry needs a representation and a compression of none or jpeg"
+        if entry.get("representation") not in REPRESENTATION_LINKS or entry.get("compression") not in ("none", "jpeg"):
+            return (f"every entry needs a representation of {sorted(REPRESENTATION_LINKS)} and a compression of "
+                    "none or jpeg")
+        if entry["representation"] == "learned" and not isinstance(entry.get("model"), str):
+            return "every learned entry names its model"
         for key in ("downsample_factor", "jpeg_quality"):
             if not isinstance(entry.get(key), int) or entry[key] < 1:
                 return f"every entry needs an integer {key} >= 1"
@@ -217,7 +237,19 @@ def _table_problem(data: Any) -> str | None:
         if not isinstance(miou, list) or len(miou) != len(snrs) or any(
                 not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in miou):
             return "every entry needs one mIoU in [0, 1] per SNR"
+    adaptation = data.get("link_adaptation", {})
+    if not isinstance(adaptation, dict) or any(not _is_number(k) or not isinstance(v, (str, type(None)))
+                                               for k, v in adaptation.items()):
+        return "link_adaptation must map SNRs to scheme names"
     return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

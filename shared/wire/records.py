@@ -1,6 +1,6 @@
 """The transmission record: what one transmission carried and how, as both REST APIs report it.
 
-Channel (requested and measured SNR, channel uses), bits (payload, symbols, channel uses, the
+Link (its scheme and channel uses), channel (requested and measured SNR, channel uses), bits (payload, symbols, channel uses, the
 bandwidth ratio, the JPEG comparison),
 the semantic maps and the sampling are read from the transmission's wire header in one place,
 `TransmissionRecord.from_header`. The sender's 202 answer extends it with its URLs, the
@@ -12,7 +12,8 @@ from pydantic import BaseModel
 
 from gesco.v1 import gesco_pb2
 from shared.limits import SamplingOptions
-from shared.semantic import rate_quality
+from shared.semantic import codec, rate_quality
+from shared.semantic.links import LinkFraming
 from shared.wire import transport
 
 
@@ -51,6 +52,31 @@ class SemanticRecord(BaseModel):
     jpeg_quality: int
 
 
+class LinkRecord(BaseModel):
+    """How the scene travelled: the link (gesco.options.Link), its scheme and the channel uses it took."""
+
+    name: str
+    scheme: str
+    channel_uses: int  # complex channel uses
+    bandwidth_ratio: float  # complex channel uses per source value
+    code_blocks: int | None = None  # digital: LDPC code blocks
+    payload_bytes: int | None = None  # digital: the LZMA-coded label map
+    model: str | None = None  # learned: the map encoder
+
+    @classmethod
+    def of(cls, semantic: codec.SemanticHeader, framing: LinkFraming) -> LinkRecord:
+        uses = rate_quality.channel_uses(semantic.num_symbols)
+        common = {"name": framing.link.value, "channel_uses": uses,
+                  "bandwidth_ratio": rate_quality.bandwidth_ratio(uses, semantic.height, semantic.width)}
+        if framing.digital is not None:
+            return cls(scheme=f"{framing.digital.scheme}, labels {semantic.map_height}x{semantic.map_width}",
+                       code_blocks=framing.digital.num_blocks, payload_bytes=framing.digital.payload_bytes, **common)
+        if framing.learned_model is not None:
+            return cls(scheme=framing.learned_model, model=framing.learned_model, **common)
+        maps = f", JPEG q{semantic.jpeg_quality} maps" if semantic.compression is codec.Compression.JPEG else ""
+        return cls(scheme=f"present-class maps, factor {semantic.downsample_factor}{maps}", **common)
+
+
 class SamplingRecord(BaseModel):
     sampler: str | None  # None: the receiver's default (the sender reports what it asked for)
     steps: int | None  # None: the sampler's default
@@ -64,6 +90,8 @@ class TransmissionRecord(BaseModel):
     bits: BitsRecord
     semantic: SemanticRecord
     sampling: SamplingRecord
+    # None only in a record a receiver stored before links existed.
+    link: LinkRecord | None = None
 
     @classmethod
     def from_header(
@@ -75,6 +103,7 @@ class TransmissionRecord(BaseModel):
         """The record of a header whose semantic part is valid, sampled as `request` asks (with
         the sampler and steps of `resolved` once the receiver has filled in its defaults)."""
         semantic = transport.semantic_header_from_proto(header.semantic)
+        framing = transport.link_framing_from_proto(header.semantic)
         report = header.channel_report if header.HasField("channel_report") else None
         channel = ChannelRecord()
         if report is not None:
@@ -116,6 +145,7 @@ class TransmissionRecord(BaseModel):
                 seed=request.seed,
                 use_fds=request.use_fds,
             ),
+            link=LinkRecord.of(semantic, framing),
         )
 
 

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from gesco.options import SnrDefinition, names
+from gesco.options import Link, SnrDefinition, names
 from gesco.v1 import gesco_pb2
 from shared.limits import InvalidRequestError
 from shared.semantic import codec
+from shared.semantic.links import DigitalFraming, LinkFraming
 
 MAX_CHUNK_BYTES = 1 << 20
 TRANSMISSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
@@ -47,6 +48,10 @@ _SNR_DEFINITION_TO_PROTO = {
     SnrDefinition.PAPER_PSNR: gesco_pb2.SNR_DEFINITION_PAPER_PSNR,
 }
 _SNR_DEFINITION_FROM_PROTO = {value: key for key, value in _SNR_DEFINITION_TO_PROTO.items()}
+_LINK_TO_PROTO = {Link.MAPS: gesco_pb2.LINK_MAPS, Link.DIGITAL: gesco_pb2.LINK_DIGITAL,
+                  Link.LEARNED: gesco_pb2.LINK_LEARNED}
+# A header from a sender that predates links leaves it unset: the maps link.
+_LINK_FROM_PROTO = {gesco_pb2.LINK_UNSPECIFIED: Link.MAPS} | {value: key for key, value in _LINK_TO_PROTO.items()}
 
 
 def new_transmission_id() -> str:
@@ -80,9 +85,10 @@ def snr_definition_from_proto(value: int) -> str:
     return _SNR_DEFINITION_FROM_PROTO[value].value
 
 
-def semantic_header_to_proto(header: codec.SemanticHeader) -> gesco_pb2.SemanticHeader:
-    """The codec's header as the protobuf message the sender puts on the wire."""
-    return gesco_pb2.SemanticHeader(
+def semantic_header_to_proto(header: codec.SemanticHeader, framing: LinkFraming = LinkFraming()
+                             ) -> gesco_pb2.SemanticHeader:
+    """The codec's header and the link's framing as the protobuf message the sender puts on the wire."""
+    message = gesco_pb2.SemanticHeader(
         num_classes=header.num_classes,
         height=header.height,
         width=header.width,
@@ -95,7 +101,33 @@ def semantic_header_to_proto(header: codec.SemanticHeader) -> gesco_pb2.Semantic
         scale=header.scale,
         num_symbols=header.num_symbols,
         payload_bits=header.payload_bits,
+        link=_LINK_TO_PROTO[framing.link],
     )
+    if framing.digital is not None:
+        d = framing.digital
+        message.digital.CopyFrom(gesco_pb2.DigitalFraming(
+            scheme=d.scheme, num_blocks=d.num_blocks, block_info_bits=d.block_info_bits,
+            block_coded_bits=d.block_coded_bits, payload_bytes=d.payload_bytes, symbol_power=d.symbol_power))
+    if framing.learned_model is not None:
+        message.learned.model = framing.learned_model
+    return message
+
+
+def link_framing_from_proto(message: gesco_pb2.SemanticHeader) -> LinkFraming:
+    """The link and its framing of a received header; InvalidRequestError names the field."""
+    if message.link not in _LINK_FROM_PROTO:
+        raise InvalidRequestError(f"semantic.link must be LINK_MAPS, LINK_DIGITAL or LINK_LEARNED, got {message.link}")
+    link = _LINK_FROM_PROTO[message.link]
+    try:
+        digital = None
+        if link is Link.DIGITAL:
+            d = message.digital
+            digital = DigitalFraming(d.scheme, d.num_blocks, d.block_info_bits, d.block_coded_bits, d.payload_bytes,
+                                     d.symbol_power)
+        learned = message.learned.model[:80] if link is Link.LEARNED else None
+        return LinkFraming(link, digital, learned)
+    except ValueError as error:
+        raise InvalidRequestError(f"semantic.{str(error).removeprefix('semantic.')}") from None
 
 
 def semantic_header_from_proto(message: gesco_pb2.SemanticHeader) -> codec.SemanticHeader:
@@ -135,12 +167,22 @@ def semantic_header_from_proto(message: gesco_pb2.SemanticHeader) -> codec.Seman
         raise InvalidRequestError(f"semantic.jpeg_quality must be in {low}..100, got {quality}")
     if not math.isfinite(message.scale) or message.scale <= 0:
         raise InvalidRequestError(f"semantic.scale must be finite and > 0, got {message.scale}")
-    expected = len(ids) * message.map_height * message.map_width
-    if message.num_symbols != expected:
-        raise InvalidRequestError(
-            f"semantic.num_symbols must be {len(ids)} maps x {message.map_height}x"
-            f"{message.map_width} = {expected}, got {message.num_symbols}"
-        )
+    framing = link_framing_from_proto(message)
+    expected = framing.expected_symbols()
+    if framing.link is Link.MAPS:
+        expected = len(ids) * message.map_height * message.map_width
+        if message.num_symbols != expected:
+            raise InvalidRequestError(
+                f"semantic.num_symbols must be {len(ids)} maps x {message.map_height}x"
+                f"{message.map_width} = {expected}, got {message.num_symbols}"
+            )
+    elif expected is not None and message.num_symbols != expected:
+        raise InvalidRequestError(f"semantic.num_symbols must be the {expected} real symbols of the digital "
+                                  f"framing, got {message.num_symbols}")
+    elif not 1 <= message.num_symbols <= MAX_NUM_CLASSES * MAX_IMAGE_SIDE:
+        raise InvalidRequestError(f"semantic.num_symbols must be in 1..{MAX_NUM_CLASSES * MAX_IMAGE_SIDE}, "
+                                  f"got {message.num_symbols}")
+    expected = message.num_symbols
     return codec.SemanticHeader(
         num_classes=num_classes,
         height=message.height,

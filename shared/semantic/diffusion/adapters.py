@@ -13,7 +13,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from shared.semantic.checkpoints import load_checkpoint, save_checkpoint, weights_fingerprint
