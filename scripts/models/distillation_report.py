@@ -35,12 +35,25 @@ def paired(values: list[float], reference: list[float]) -> dict[str, float]:
 
 
 def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list[float],
-            definition: SnrDefinition) -> dict[str, Any]:
-    """Every configuration at every SNR; the first configuration is the reference."""
+            definition: SnrDefinition, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every configuration at every SNR; the first configuration is the reference. Rows of the
+    reference configuration found in `earlier` (a previous result on the same images, seeds and
+    teacher) are taken from it instead of being generated again."""
     ev = Evaluation(config)
     rows = []
+    reused = {(r["snr_db"], r["sampler"], r["steps"]): r for r in (earlier or {}).get("rows", [])
+              if (r["sampler"], r["steps"]) == configs[0]}
+    if earlier is not None:
+        settings = ("images", "definition", "guidance", "seed", "model")
+        mine = {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
+                "model": config.model}
+        if any(earlier[key] != mine[key] for key in settings):
+            raise ValueError(f"the earlier result was made with other {', '.join(settings)}")
     for snr_db in snrs:
         for sampler, steps in configs:
+            if (snr_db, sampler, steps) in reused:
+                rows.append(reused[(snr_db, sampler, steps)])
+                continue
             ev.use_sampling(sampler, steps)
             started = time.monotonic()
             images, _ = ev.semantic(METHODS["ours"], definition, snr_db)
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--reference-from", default=None,
+                   help="an earlier result JSON whose reference rows (same images, seeds, teacher) are reused")
     p.add_argument("--out", default="docs/distillation-val.json")
     p.add_argument("--report", default="docs/distillation-val.md")
     args = p.parse_args(argv)
@@ -105,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     config = EvaluationConfig(methods=("ours",), snrs=tuple(snrs), limit=args.limit, data_root=args.data_root,
                               model=args.model, segmenter=args.segmenter, sampler=first_sampler, steps=first_steps,
                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
-    result = compare(config, args.configs, snrs, SnrDefinition(args.definition))
+    earlier = json.loads(Path(args.reference_from).read_text()) if args.reference_from else None
+    result = compare(config, args.configs, snrs, SnrDefinition(args.definition), earlier)
     command = "python -m scripts.models.distillation_report " + shlex.join(sys.argv[1:] if argv is None else argv)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     Path(args.report).write_text(markdown(result, command))

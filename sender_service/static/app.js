@@ -21,6 +21,7 @@ let stripLinks = []; // the links the page sends (GET /v1/options), for its list
 let cancelRequested = false; // the user pressed Cancel during this Send or strip
 let busy = false;
 let detected = { kind: "label_map", why: "" }; // what the chosen input is, as detectKind() read it
+let detection = Promise.resolve(); // the detection of the chosen input while it runs
 
 // The user's own Cancel, said as the status, not as an error.
 class Cancelled extends Error {}
@@ -187,11 +188,15 @@ async function chosenFile() {
 }
 
 // A new example or upload: detect its kind again, and send it as detected unless overridden.
-async function inputChanged() {
+// A Send right after the choice waits for the detection (currentInput awaits `detection`).
+function inputChanged() {
   $("kind").value = "";
-  const chosen = await chosenFile();
-  detected = chosen ? await detectKind(chosen.blob) : { kind: "photo", why: "" };
-  showKind();
+  detection = (async () => {
+    const chosen = await chosenFile();
+    detected = chosen ? await detectKind(chosen.blob) : { kind: "photo", why: "" };
+    showKind();
+  })();
+  return detection;
 }
 
 function showKind() {
@@ -203,6 +208,7 @@ function showKind() {
 
 // The input to send: {blob, name, kind}, the kind as detected unless the list overrides it.
 async function currentInput() {
+  await detection;
   const chosen = await chosenFile();
   if (!chosen) throw new ApiError(0, "choose an example or upload an image", "file");
   return { ...chosen, kind: $("kind").value || detected.kind };
