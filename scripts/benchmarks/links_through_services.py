@@ -9,8 +9,9 @@ report's val label maps (evaluation.rate_quality's images, at 96x128) with each 
 average-power SNR with DDIM 10 steps and guidance 2, and scores every returned image with the
 evaluation's segmenter (`Evaluation.score`). Prints each request's mIoU, the report's column for
 the same images (docs/rate-quality/results.json) and the per-image paired difference with its
-standard error. Channel and sampling seeds are the services' (the image's index), not the
-evaluation's, so the pairing is by image, not by realisation.
+standard error. Each image is sampled with the evaluation's seed for it (`Evaluation.sampling_seed`,
+the report's), so where the link delivers the same condition the image is the report's; the
+channel's noise is the services' own.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def main() -> None:
                 for i, labels in enumerate(ev.labels):
                     fields = {"kind": "label_map", "link": link, "snr_db": str(args.snr_db),
                               "snr_definition": "average_power", "sampler": "ddim", "steps": "10",
-                              "guidance": "2", "seed": str(i), "wait": "true"}
+                              "guidance": "2", "seed": str(ev.sampling_seed(i)), "wait": "true"}
                     if budget:
                         fields["budget"] = budget
                     response = httpx.post(f"{stack.url('sender')}/v1/transmissions", data=fields,
