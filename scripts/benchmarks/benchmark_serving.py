@@ -345,15 +345,21 @@ def compute_bound(args: argparse.Namespace) -> Bound:
     batch stops paying (the throughput plateau), then the generator itself at the best batch."""
     import torch
 
+    from shared.semantic.diffusion.distilled import load_student
     from shared.semantic.diffusion.generator import SemanticImageGenerator
+    from shared.semantic.diffusion.samplers import DistilledSampler
 
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint)
     generator = SemanticImageGenerator.load(checkpoint if checkpoint.is_file() else None, args.device)
+    if args.sampler == DistilledSampler.name:  # the receiver runs its student, one unguided pass a step
+        generator = load_student(generator)
+        if generator is None:
+            raise SystemExit(f"the {DistilledSampler.name} sampler needs a student beside {checkpoint}")
     if args.channels_last:  # as the receiver runs it
         generator.use_channels_last()
-    passes = 1 if args.guidance == 0 else 2
+    passes = 1 if args.guidance == 0 or generator.is_student else 2
     per_image_ms: dict[int, float] = {}
     flat, batch = 0, 1
     with torch.inference_mode():
