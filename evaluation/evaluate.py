@@ -46,7 +46,7 @@ from evaluation.image_quality import (
     summarize,
 )
 from evaluation.schema import ABLATIONS, DEFINITION_TEXT, METHODS, Method
-from gesco.options import DEFAULT_GUIDANCE
+from gesco.options import DEFAULT_GUIDANCE, DISTILLATION_TEACHER
 from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
@@ -56,7 +56,7 @@ from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 from shared.semantic.diffusion.distilled import load_student
-from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, DistilledSampler
+from shared.semantic.diffusion.samplers import DistilledSampler
 from shared.semantic import rate_quality
 from shared.semantic.link import received_views, simulate_link
 from shared.semantic.segmenter import Segmenter
@@ -88,8 +88,10 @@ class EvaluationConfig:
     segmenter: str = "models/segmenter-camvid.pt"
     lpips: str | None = None
     inception: str | None = None
-    sampler: str = DEFAULT_SAMPLER
-    steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
+    # The base generator's own sampling (DDIM 10), which the reports score; the distilled student
+    # has its report (scripts/models/distillation_report.py).
+    sampler: str = DISTILLATION_TEACHER[0]
+    steps: int = DISTILLATION_TEACHER[1]
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     limit: int = 0
@@ -159,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="TorchScript Inception (NVIDIA inception-2015-12-05.pt); without it FID is n/a")
     p.add_argument("--sampler", default=d.sampler)
     p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"default: the receiver's, {d.sampler} {d.steps} (docs/sampler-sweep.md)")
+                   help=f"default: the base generator's, {d.sampler} {d.steps} (docs/sampler-sweep.md)")
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")

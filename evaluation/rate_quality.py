@@ -61,7 +61,7 @@ from evaluation.evaluate import (
 )
 from evaluation.image_quality import summarize
 from evaluation.separated import SchemeProbe, decode_jpeg_option, jpeg_options
-from gesco.options import DEFAULT_GUIDANCE
+from gesco.options import DEFAULT_GUIDANCE, DISTILLATION_TEACHER
 from shared.semantic import rate_quality
 from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map, one_hot
@@ -77,7 +77,6 @@ from shared.semantic.digital_link import (
 )
 from shared.semantic.ldpc import transmit_bytes
 from shared.semantic.diffusion.generator import SemanticImageGenerator
-from shared.semantic.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 from shared.semantic.link import received_condition, simulate_link
 from shared.semantic.map_jscc import load_map_jscc
 from shared.wire.imageio import resize_image
@@ -140,8 +139,10 @@ class RateQualityConfig:
     model: str = "models/diffusion-camvid.pt"
     adapters: bool = True  # ours through the condition adapter of its factor beside `model`, where one exists
     segmenter: str = "models/segmenter-camvid.pt"
-    sampler: str = DEFAULT_SAMPLER
-    steps: int = SAMPLERS[DEFAULT_SAMPLER].default_steps
+    # The base generator's own sampling (DDIM 10), which the reports score; the distilled student
+    # has its report (scripts/models/distillation_report.py).
+    sampler: str = DISTILLATION_TEACHER[0]
+    steps: int = DISTILLATION_TEACHER[1]
     guidance: float = DEFAULT_GUIDANCE
     seed: int = 0
     map_height: int = 96

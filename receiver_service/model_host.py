@@ -9,7 +9,6 @@ and encodes the results. It knows no queue and no protocol: the schedulers call 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gesco.options import DISTILLATION_TEACHER, Link
+from gesco.options import Link
 from receiver_service import views
 from receiver_service.jobs import Job, JobResult, LinkDecodeError, NotReadyError, elapsed_ms
 from receiver_service.settings import ReceiverSettings
@@ -26,7 +25,7 @@ from shared.semantic import codec, ldpc, link
 from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
-from shared.semantic.diffusion.samplers import DistilledSampler, resolve
+from shared.semantic.diffusion.samplers import DistilledSampler, resolve, teacher_options
 from shared.semantic.digital_link import decode_labels
 from shared.semantic.links import MAP_ENCODER_PATTERN
 from shared.semantic.map_jscc import MapJscc, load_map_jscc
@@ -237,8 +236,7 @@ class ModelHost:
             student = self.student
             if student is not None and downsample_factor == 1 and options.guidance == student.info.distilled_guidance:
                 return student, student.resolve(options)
-            teacher_sampler, teacher_steps = DISTILLATION_TEACHER
-            options = dataclasses.replace(options, sampler=teacher_sampler, steps=teacher_steps)
+            options = teacher_options(options)
         generator = self.generator_for(downsample_factor)
         return generator, generator.resolve(options)
 

@@ -394,6 +394,13 @@ def _device_of(model_fn: ModelFn) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def teacher_options(options: SamplingOptions) -> SamplingOptions:
+    """What runs for the distilled sampler where no student serves: the trajectory a student
+    imitates (gesco.options.DISTILLATION_TEACHER), at the request's guidance."""
+    sampler, steps = DISTILLATION_TEACHER
+    return dataclasses.replace(options, sampler=sampler, steps=steps)
+
+
 def resolve(options: SamplingOptions, max_steps: int) -> SamplingOptions:
     """`options` with its defaults filled in (DEFAULT_SAMPLER, then that sampler's default steps,
     at most `max_steps`) and checked against the registry and a chain of `max_steps`; LimitError
