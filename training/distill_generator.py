@@ -55,6 +55,7 @@ from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 from shared.semantic.diffusion.samplers import SAMPLERS, Chain, DistilledSampler, GuidedModel, student_timesteps
 from training.config_cli import config_parser
+from training.run_state import save_atomically
 from training.train_diffusion import TrainConfig
 
 VAL_SNRS_DB = (1.0, 10.0, 100.0)
@@ -155,9 +156,7 @@ class TrajectoryStore:
 
     def write(self, split: str, chunk: dict[str, torch.Tensor]) -> None:
         path = self.folder / f"{split}-{len(self.chunks(split)):05d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({**chunk, "teacher_fingerprint": self.fingerprint}, tmp)
-        tmp.replace(path)
+        save_atomically({**chunk, "teacher_fingerprint": self.fingerprint}, path)
 
     def load(self, split: str) -> dict[str, torch.Tensor]:
         """Every chunk of a split, concatenated; ValueError for chunks of another teacher."""
@@ -314,9 +313,7 @@ class Trainer:
                  "step": self.step, "best": self.best, "wall_seconds": self.wall_seconds,
                  "teacher_fingerprint": self.fingerprint, "config": dataclasses.asdict(self.cfg),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}}
-        tmp = self.out_dir / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / "state.pt")
+        save_atomically(state, self.out_dir / "state.pt")
         self.save_seconds = time.monotonic() - started
 
     def load_state(self) -> bool:

@@ -51,6 +51,7 @@ from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusi
 from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 from training.config_cli import config_parser
+from training.run_state import save_atomically
 from training.weight_parts import has_parts, load_parts, save_parts
 
 PARTS_KIND = "semantic-diffusion-training"
@@ -258,9 +259,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": self.rng.bit_generator.state, "python": random.getstate(),
                     "device": self.gen.get_state()},
         }
-        tmp = self.out_dir / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / "state.pt")
+        save_atomically(state, self.out_dir / "state.pt")
         self.save_seconds = time.monotonic() - started
 
     def parts_payload(self) -> dict:

@@ -67,6 +67,7 @@ from shared.semantic.segmenter import (
     score_segmentation,
 )
 from training.config_cli import config_parser
+from training.run_state import save_atomically
 
 SOURCE_SIZE = (192, 256)  # training crops are cut from the data at this resolution
 
@@ -407,9 +408,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
             "py_rng": random.getstate(), "np_rng": np.random.get_state(),
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.state_path)
+        save_atomically(state, self.state_path)
 
     def warm_start(self, path: Path) -> None:
         """Start from a shipped segmenter's weights (no optimiser state ships).

@@ -51,6 +51,7 @@ from shared.semantic.data import CAMVID_INFO, camvid
 from shared.semantic.segmenter import Segmenter, SegmenterNet
 from shared.semantic.upscaler import CHECKPOINT_KIND, UpscalerConfig, UpscalerNet, count_parameters
 from training.config_cli import config_parser
+from training.run_state import save_atomically
 
 
 @dataclass
@@ -240,9 +241,7 @@ class Trainer:
                  "step": self.step, "best_fd": self.best_fd, "wall_seconds": self.wall_seconds,
                  "config": dataclasses.asdict(self.cfg),
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}}
-        tmp = self.out_dir / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / "state.pt")
+        save_atomically(state, self.out_dir / "state.pt")
         self.save_seconds = time.monotonic() - started
 
     def load_state(self) -> bool:
