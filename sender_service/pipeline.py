@@ -121,11 +121,12 @@ class SegmenterLoader:
     def wait(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout) and self.segmenter is not None
 
-    def segment(self, image: np.ndarray) -> np.ndarray:
+    def segment(self, image: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+        """The photo's label map at `out_size`, segmented at the segmenter's own resolution."""
         if not self.ready:
             raise NotReadyError(self.error or "the segmenter is still loading")
         with self._lock:  # one forward pass at a time keeps memory flat under load
-            return self.segmenter.segment(image)
+            return self.segmenter.segment(image, out_size)
 
     def _load(self) -> None:
         from shared.semantic.segmenter import Segmenter, SegmenterConfig  # torch import off the startup path
@@ -195,10 +196,11 @@ def prepare_transmission(
     timings["decode"] = time.perf_counter() - started
 
     if request.kind == PHOTO:
-        image = _resize(image, height, width, cv2.INTER_AREA)
         started = time.perf_counter()
-        labels = segmenter.segment(image)
+        # The photo as decoded: the segmenter reads it at its own resolution, the map comes at the map size.
+        labels = segmenter.segment(image, (height, width))
         timings["segment"] = time.perf_counter() - started
+        image = _resize(image, height, width, cv2.INTER_AREA)
         image_bits = codec.jpeg_bits(image, settings.image_jpeg_quality)
         image_quality = settings.image_jpeg_quality
     else:

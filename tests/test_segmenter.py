@@ -120,6 +120,10 @@ def test_segment_size_round_trip() -> None:
     for shape in ((37, 53, 3), (24, 32, 3), (7, 300, 3)):
         out = seg.segment(rng.integers(0, 256, shape, dtype=np.uint8))
         assert out.shape == shape[:2] and out.dtype == np.uint8 and out.max() < SMALL.num_classes
+    # Another output size: the network's own prediction, resized nearest (not the photo shrunk first).
+    photo = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    own = seg.segment(photo, (SMALL.input_height, SMALL.input_width))
+    assert np.array_equal(seg.segment(photo, (12, 20)), cv2.resize(own, (20, 12), interpolation=cv2.INTER_NEAREST))
     batch = torch.rand(3, 3, 41, 29) * 2 - 1
     pred = seg.segment_batch(batch)
     assert pred.shape == (3, 41, 29) and pred.dtype == torch.int64

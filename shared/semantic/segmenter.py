@@ -308,8 +308,10 @@ class Segmenter:
         """(B, 3, h, w) in [-1, 1] at the network input size -> logits (B, K, h, w)."""
         return self.net(images.to(self.device, torch.float32))
 
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 RGB image of any size -> HxW uint8 label ids at the same size."""
+    def segment(self, image: np.ndarray, out_size: tuple[int, int] | None = None) -> np.ndarray:
+        """HxWx3 uint8 RGB image of any size -> uint8 label ids at `out_size` (height, width; default
+        the image's size). The network reads the image at its own input size whatever the output's,
+        so a label map wanted smaller than that is still segmented at the network's resolution."""
         if not isinstance(image, np.ndarray):
             raise ValueError(f"image must be a numpy array, not {type(image).__name__}")
         if image.dtype != np.uint8:
@@ -325,8 +327,9 @@ class Segmenter:
             image = cv2.resize(image, (iw, ih), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
         pred = self.logits(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
-        if (h, w) != (ih, iw):
-            pred = cv2.resize(pred, (w, h), interpolation=cv2.INTER_NEAREST)
+        oh, ow = out_size or (h, w)
+        if (oh, ow) != (ih, iw):
+            pred = cv2.resize(pred, (ow, oh), interpolation=cv2.INTER_NEAREST)
         return pred
 
     def segment_batch(self, images: torch.Tensor) -> torch.Tensor:
