@@ -55,6 +55,7 @@ from shared.semantic.codec import CodecConfig, encode_label_map
 from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.samplers import DistilledSampler
 from shared.semantic import rate_quality
@@ -97,6 +98,9 @@ class EvaluationConfig:
     limit: int = 0
     map_height: int = 96
     map_width: int = 128
+    # Ours' maps sent downsampled by this factor, generated as the services do: through the
+    # condition adapter of the factor beside `model` where there is one (not for a student).
+    downsample_factor: int = 1
     batch_size: int = 8
     ldpc_iterations: int = 20
     cliff_snrs: tuple[float, ...] = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
@@ -167,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")
     p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height = evaluated resolution")
     p.add_argument("--map-width", type=int, default=d.map_width)
+    p.add_argument("--downsample-factor", type=int, default=d.downsample_factor,
+                   help="ours' maps sent downsampled by this factor (through its condition adapter, as served)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images generated together")
     p.add_argument("--ldpc-iterations", type=int, default=d.ldpc_iterations)
     p.add_argument("--cliff-snrs", type=_floats, default=d.cliff_snrs,
@@ -274,7 +280,7 @@ class Evaluation:
         self.images = dataset.images[self.indices]
         self.labels = dataset.labels[self.indices]
         self.size = size
-        self.codec = CodecConfig(num_classes=self.info.num_classes)
+        self.codec = CodecConfig(num_classes=self.info.num_classes, downsample_factor=config.downsample_factor)
         self.encoded = [encode_label_map(label, self.codec) for label in self.labels]
         self.probe = SegmenterProbe(Segmenter.from_checkpoint(config.segmenter, self.device))
         self.lpips = TorchScriptLpips(config.lpips, self.device) if config.lpips else None
@@ -289,6 +295,7 @@ class Evaluation:
             else:
                 self.generators[key] = generator
         self.students: dict[str, SemanticImageGenerator] = {}  # the distilled sampler's, by model key
+        self.adapted: dict[str, SemanticImageGenerator] = {}  # the generator at downsample_factor, by model key
         self._check_sampling(config)
         self.real_labels, self.real_features = self.probe(self.images)
         self.real_inception = self.inception(self.images) if self.inception else None
@@ -299,6 +306,10 @@ class Evaluation:
         student beside it (shared/semantic/diffusion/distilled.py); ValueError when there is none."""
         generator = self.generators[key]
         if (sampler or self.config.sampler) != DistilledSampler.name:
+            if key == "model" and self.config.downsample_factor > 1:
+                if key not in self.adapted:
+                    self.adapted[key] = adapted_generators(generator).get(self.config.downsample_factor, generator)
+                return self.adapted[key]
             return generator
         if key not in self.students:
             student = load_student(generator)

@@ -44,9 +44,9 @@ def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list
     reused = {(r["snr_db"], r["sampler"], r["steps"]): r for r in (earlier or {}).get("rows", [])
               if (r["sampler"], r["steps"]) == configs[0]}
     if earlier is not None:
-        settings = ("images", "definition", "guidance", "seed", "model")
+        settings = ("images", "definition", "guidance", "seed", "model", "downsample_factor")
         mine = {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
-                "model": config.model}
+                "model": config.model, "downsample_factor": config.downsample_factor}
         if any(earlier[key] != mine[key] for key in settings):
             raise ValueError(f"the earlier result was made with other {', '.join(settings)}")
     for snr_db in snrs:
@@ -70,14 +70,16 @@ def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list
         row["fsd_over_reference"] = row["fsd"] / reference["fsd"] - 1
         row["time_over_reference"] = row["seconds_per_image"] / reference["seconds_per_image"]
     return {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
-            "model": config.model, "reference": list(configs[0]), "rows": rows}
+            "model": config.model, "downsample_factor": config.downsample_factor, "reference": list(configs[0]),
+            "rows": rows}
 
 
 def markdown(result: dict[str, Any], command: str) -> str:
     sampler, steps = result["reference"]
     lines = [
         "# The distilled student against its teacher", "",
-        f"{len(result['images'])} CamVid val images, our link with FDS, {result['definition']}, guidance "
+        f"{len(result['images'])} CamVid val images, our link with FDS, maps downsampled by "
+        f"{result['downsample_factor']}, {result['definition']}, guidance "
         f"{result['guidance']:g}, seed {result['seed']}, teacher `{result['model']}`. Same channel noise and sampling "
         f"seeds in every row; differences are paired per image against {sampler} {steps} at the same SNR "
         "(mean ± standard error). FSD: Frechet segmenter distance to the real images (lower is better). "
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--definition", default=SnrDefinition.PAPER_PSNR.value)
     p.add_argument("--limit", type=int, default=0, help="N val images evenly spread (0: all 101)")
     p.add_argument("--model", default="models/diffusion-camvid.pt", help="the teacher; its student lies beside it")
+    p.add_argument("--downsample-factor", type=int, default=1,
+                   help="maps sent downsampled (the teacher through its adapter for the factor, the student as it is)")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--data-root", default=None)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     (first_sampler, first_steps), *_ = args.configs
     config = EvaluationConfig(methods=("ours",), snrs=tuple(snrs), limit=args.limit, data_root=args.data_root,
                               model=args.model, segmenter=args.segmenter, sampler=first_sampler, steps=first_steps,
-                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                              downsample_factor=args.downsample_factor)
     earlier = json.loads(Path(args.reference_from).read_text()) if args.reference_from else None
     result = compare(config, args.configs, snrs, SnrDefinition(args.definition), earlier)
     command = "python -m scripts.models.distillation_report " + shlex.join(sys.argv[1:] if argv is None else argv)
