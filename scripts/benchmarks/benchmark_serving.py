@@ -140,6 +140,8 @@ def send(client: httpx.Client, stack: Stack, args: argparse.Namespace, kind: str
     """One transmission with wait=true: (end-to-end seconds, transmission id); raises on an error."""
     form = {"kind": kind, "snr_db": str(args.snr_db), "sampler": args.sampler, "steps": str(args.steps),
             "guidance": str(args.guidance), "seed": str(seed), "wait": "true"}
+    if args.downsample_factor:
+        form["downsample_factor"] = str(args.downsample_factor)
     path = EXAMPLES[kind]
     started = time.perf_counter()
     response = client.post(f"{stack.sender_url}/v1/transmissions", data=form,
@@ -450,7 +452,8 @@ def report(args: argparse.Namespace, runs: dict[str, Run], bound: Bound, command
         f"- model: {model.get('name')} (trained: {model.get('trained')}), {model.get('image_height')}x"
         f"{model.get('image_width')}, {model.get('parameters', 0) / 1e6:.2f} M parameters",
         f"- requests: sampler {args.sampler}, {args.steps} steps, guidance {args.guidance:g}, AWGN at "
-        f"{args.snr_db:g} dB, `wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
+        f"{args.snr_db:g} dB, maps downsampled by {args.downsample_factor or 'the sender default'}, "
+        f"`wait=true` (the sender's status requests: long polls of up to {args.long_poll_s:g} s, "
         f"{args.poll_interval_s:g} s apart when one comes back unfinished); request and continuous batching: "
         f"max batch size {args.max_batch_size} (request: max queue delay {args.max_queue_delay_ms:g} ms); "
         f"off: batch size 1; channels_last weights: {args.channels_last}"
@@ -543,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=0, help="0: the sampler's default")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--snr-db", type=float, default=10.0, help="channel SNR in dB (the paper's PSNR)")
+    parser.add_argument("--downsample-factor", type=int, default=0, help="the maps' downsampling (0: the sender's)")
     parser.add_argument("--checkpoint", default=str(REPO_ROOT / "models" / "diffusion-camvid.pt"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="receiver torch threads (0: torch's default)")
