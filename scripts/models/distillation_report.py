@@ -44,9 +44,9 @@ def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list
     reused = {(r["snr_db"], r["sampler"], r["steps"]): r for r in (earlier or {}).get("rows", [])
               if (r["sampler"], r["steps"]) == configs[0]}
     if earlier is not None:
-        settings = ("images", "definition", "guidance", "seed", "model", "downsample_factor")
+        settings = ("images", "definition", "guidance", "seed", "model", "segmenter", "downsample_factor")
         mine = {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
-                "model": config.model, "downsample_factor": config.downsample_factor}
+                "model": config.model, "segmenter": config.segmenter, "downsample_factor": config.downsample_factor}
         if any(earlier[key] != mine[key] for key in settings):
             raise ValueError(f"the earlier result was made with other {', '.join(settings)}")
     for snr_db in snrs:
@@ -70,7 +70,8 @@ def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list
         row["fsd_over_reference"] = row["fsd"] / reference["fsd"] - 1
         row["time_over_reference"] = row["seconds_per_image"] / reference["seconds_per_image"]
     return {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
-            "model": config.model, "downsample_factor": config.downsample_factor, "reference": list(configs[0]),
+            "model": config.model, "segmenter": config.segmenter, "downsample_factor": config.downsample_factor,
+            "reference": list(configs[0]),
             "rows": rows}
 
 
