@@ -561,12 +561,23 @@ class Stack:
         self.wait_healthy("receiver", started_after=before)
         return "healthy again"
 
-    def in_flight_ended(self) -> str:
+    def in_flight_handed_back(self) -> str:
+        """The job running when the receiver stopped was handed back to the shared queue and taken
+        up again (running or queued, not failed); then cancelled, so the check does not wait out
+        its steps a second time, and it must end `cancelled` (or `done`, had it finished)."""
         assert self.in_flight is not None
+        record = self.status(self.in_flight)
+        if record["status"] not in {"queued", "running", "done"}:
+            raise CheckFailed(f"{self.in_flight} is {record['status']} after the restart, expected it taken up again"
+                              + (f" ({record.get('error')})" if record.get("error") else ""))
+        taken_up = record["status"]
+        response = self.http.post(f"{self.receiver_url}/v1/transmissions/{self.in_flight}/cancel")
+        if response.status_code not in (200, 202, 409):  # 409: it had finished
+            raise CheckFailed(f"cancel answered {response.status_code}: {response.text[:300]}")
         record = self.wait_finished(self.in_flight)
-        if record["status"] not in {"failed", "done"}:
-            raise CheckFailed(f"{self.in_flight} ended {record['status']}, expected failed or done")
-        return f"{self.in_flight} {record['status']}" + (f" ({record.get('error')})" if record.get("error") else "")
+        if record["status"] not in {"cancelled", "done"}:
+            raise CheckFailed(f"{self.in_flight} ended {record['status']}, expected cancelled or done")
+        return f"{self.in_flight} {taken_up} after the restart, then {record['status']}"
 
     def earlier_kept(self) -> str:
         for transmission_id in self.earlier:
@@ -668,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Step("bad upload -> 400 JSON, next request succeeds", stack.bad_upload, SERVICES),
         Step("job in flight on the receiver", stack.submit_in_flight, RECEIVERS),
         Step("docker compose restart receiver", stack.restart_receiver, RECEIVERS),
-        Step("in-flight job ended", stack.in_flight_ended, RECEIVERS),
+        Step("in-flight job handed back, taken up again, cancelled", stack.in_flight_handed_back, RECEIVERS),
         Step("earlier transmissions kept (Redis on a volume)", stack.earlier_kept, RECEIVERS),
         Step("new request after the restart", stack.new_request, SERVICES),
         Step("channel process killed -> restart policy", stack.crash_channel, ("channel",)),
