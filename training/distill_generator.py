@@ -32,7 +32,6 @@ teacher needs a new --out-dir.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import signal
 import statistics
@@ -55,7 +54,7 @@ from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 from shared.semantic.diffusion.samplers import SAMPLERS, Chain, DistilledSampler, GuidedModel, student_timesteps
 from training.config_cli import config_parser
-from training.run_state import save_atomically
+from training.run_state import log_record, save_atomically
 from training.train_diffusion import TrainConfig
 
 VAL_SNRS_DB = (1.0, 10.0, 100.0)
@@ -343,10 +342,7 @@ class Trainer:
         save_checkpoint(self.export_path, CHECKPOINT_KIND, self.teacher.config, self.ema.state_dict(), meta)
 
     def log(self, record: dict) -> None:
-        line = json.dumps({"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
-        print(line, flush=True)
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(line + "\n")
+        log_record(self.out_dir, {"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
 
     def run(self) -> str:
         cfg = self.cfg

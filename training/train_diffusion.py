@@ -51,7 +51,7 @@ from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusi
 from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 from training.config_cli import config_parser
-from training.run_state import save_atomically
+from training.run_state import log_record, save_atomically
 from training.weight_parts import has_parts, load_parts, save_parts
 
 PARTS_KIND = "semantic-diffusion-training"
@@ -427,10 +427,7 @@ class Trainer:
         return path
 
     def log(self, record: dict) -> None:
-        line = json.dumps({"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
-        print(line, flush=True)
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(line + "\n")
+        log_record(self.out_dir, {"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
 
     def benchmark(self, steps: int) -> dict[str, float]:
         """Seconds per step: the optimiser step alone on one ready batch, the condition pipeline

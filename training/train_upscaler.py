@@ -28,7 +28,6 @@ the lowest distance so far.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import signal
@@ -51,7 +50,7 @@ from shared.semantic.data import CAMVID_INFO, camvid
 from shared.semantic.segmenter import Segmenter, SegmenterNet
 from shared.semantic.upscaler import CHECKPOINT_KIND, UpscalerConfig, UpscalerNet, count_parameters
 from training.config_cli import config_parser
-from training.run_state import save_atomically
+from training.run_state import log_record, save_atomically
 
 
 @dataclass
@@ -348,10 +347,7 @@ class Trainer:
         return scores["psnr"] > b["psnr"] and scores["frechet_segmenter_distance"] < b["frechet_segmenter_distance"]
 
     def log(self, record: dict) -> None:
-        line = json.dumps({"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
-        print(line, flush=True)
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(line + "\n")
+        log_record(self.out_dir, {"step": self.step, "wall_s": round(self.wall_seconds, 1), **record})
 
     def run(self) -> str:
         """Train until max_steps, the time budget or SIGTERM; save; return why it stopped."""
