@@ -31,6 +31,7 @@ teacher needs a new --out-dir.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import signal
@@ -151,7 +152,8 @@ class TrajectoryStore:
         return sorted(self.folder.glob(f"{split}-*.pt"))
 
     def count(self, split: str) -> int:
-        return sum(int(torch.load(p, weights_only=True)["final"].shape[0]) for p in self.chunks(split))
+        """Trajectories of a split on disk (memory-mapped: only the shapes are read)."""
+        return sum(int(torch.load(p, weights_only=True, mmap=True)["final"].shape[0]) for p in self.chunks(split))
 
     def write(self, split: str, chunk: dict[str, torch.Tensor]) -> None:
         path = self.folder / f"{split}-{len(self.chunks(split)):05d}.pt"
@@ -186,8 +188,8 @@ class Trainer:
         self.diffusion = self.teacher.diffusion
         self.timesteps = teacher_timesteps(self.diffusion)
         self.middle = int(np.flatnonzero(self.timesteps == student_timesteps(self.diffusion.num_timesteps, 2)[0])[0])
-        self.model = SemanticImageGenerator.load(cfg.teacher, device=str(self.device)).network.train()
-        self.ema = SemanticImageGenerator.load(cfg.teacher, device=str(self.device)).network.eval()
+        self.model = copy.deepcopy(self.teacher.network).train()
+        self.ema = copy.deepcopy(self.teacher.network).eval()
         self.ema.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.store = TrajectoryStore(self.out_dir / "trajectories", self.fingerprint)

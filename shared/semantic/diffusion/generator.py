@@ -19,8 +19,7 @@ from shared.semantic.device import select_device
 from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, to_device
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
-from shared.semantic.diffusion.samplers import (DEFAULT_SAMPLER, SAMPLERS, DistilledSampler, GuidedModel, StepCallback,
-                                                resolve, teacher_options)
+from shared.semantic.diffusion.samplers import SAMPLERS, DistilledSampler, GuidedModel, StepCallback, resolve
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -168,8 +167,6 @@ class SemanticImageGenerator:
             if sampling.guidance != self.info.distilled_guidance:
                 raise LimitError("guidance", f"the {DistilledSampler.name} sampler has guidance "
                                              f"{self.info.distilled_guidance:g} built in, got {sampling.guidance:g}")
-        elif not sampling.sampler and DEFAULT_SAMPLER == DistilledSampler.name:
-            sampling = teacher_options(sampling)  # the default, without a student: what it imitates
         elif sampling.sampler == DistilledSampler.name:
             raise LimitError("sampler", f"{DistilledSampler.name!r} runs on a distilled student of "
                                         f"{self.info.name}, and none is loaded")
