@@ -99,7 +99,8 @@ class EvaluationConfig:
     map_height: int = 96
     map_width: int = 128
     # Ours' maps sent downsampled by this factor, generated as the services do: through the
-    # condition adapter of the factor beside `model` where there is one (not for a student).
+    # condition adapter of the factor beside `model` where there is one (the distilled sampler: the
+    # factor's student).
     downsample_factor: int = 1
     batch_size: int = 8
     ldpc_iterations: int = 20
@@ -302,19 +303,21 @@ class Evaluation:
         self.plans: list[DigitalPlan] | None = None
 
     def generator(self, key: str, sampler: str | None = None) -> SemanticImageGenerator:
-        """The model a method samples with: the loaded one, or for the distilled sampler the
-        student beside it (shared/semantic/diffusion/distilled.py); ValueError when there is none."""
+        """The model a method samples with: the loaded one (for `model` at a downsample factor, with
+        that factor's adapter where there is one), or for the distilled sampler the factor's student
+        beside it (shared/semantic/diffusion/distilled.py); ValueError when there is none."""
         generator = self.generators[key]
+        factor = self.config.downsample_factor if key == "model" else 1
+        if factor > 1 and key not in self.adapted:
+            self.adapted[key] = adapted_generators(generator).get(factor, generator)
+        teacher = self.adapted.get(key, generator)
         if (sampler or self.config.sampler) != DistilledSampler.name:
-            if key == "model" and self.config.downsample_factor > 1:
-                if key not in self.adapted:
-                    self.adapted[key] = adapted_generators(generator).get(self.config.downsample_factor, generator)
-                return self.adapted[key]
-            return generator
+            return teacher
         if key not in self.students:
-            student = load_student(generator)
+            student = load_student(teacher, factor)
             if student is None:
-                raise ValueError(f"the {DistilledSampler.name} sampler needs a student beside {generator.info.checkpoint}")
+                raise ValueError(f"the {DistilledSampler.name} sampler needs a student for downsample factor {factor} "
+                                 f"beside {generator.info.checkpoint}")
             self.students[key] = student
         return self.students[key]
 

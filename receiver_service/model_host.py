@@ -23,7 +23,7 @@ from receiver_service.settings import ReceiverSettings
 from shared.limits import LimitError, SamplingOptions
 from shared.semantic import codec, ldpc, link
 from shared.semantic.diffusion.adapters import adapted_generators
-from shared.semantic.diffusion.distilled import load_student
+from shared.semantic.diffusion.distilled import load_students
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
 from shared.semantic.diffusion.samplers import DistilledSampler, resolve, teacher_options
 from shared.semantic.digital_link import decode_labels
@@ -113,8 +113,9 @@ class ModelHost:
         self.generator: SemanticImageGenerator | None = None
         # The base generator with a condition adapter, by downsample factor (loaded with it).
         self.adapted: dict[int, SemanticImageGenerator] = {}
-        # The distilled student of the base (loaded with it), which the distilled sampler runs on.
-        self.student: SemanticImageGenerator | None = None
+        # The distilled students by downsample factor (loaded with the base), which the distilled
+        # sampler runs on: each learned the base's trajectories (with that factor's adapter).
+        self.students: dict[int, SemanticImageGenerator] = {}
         # The learned link's map decoders by name, for the generator's classes and resolution.
         self.map_decoders: dict[str, MapJscc] = {}
         self.load_error: str | None = None
@@ -138,11 +139,11 @@ class ModelHost:
             except LimitError as error:
                 raise ValueError(f"the default {error}") from None
             adapted = adapted_generators(generator) if settings.adapters else {}
-            student = load_student(generator) if settings.distilled else None
+            students = load_students(generator, adapted) if settings.distilled else {}
             buckets, cuda_graphs = [], False
             if settings.batch_buckets or settings.cuda_graphs:
                 buckets, cuda_graphs = forward_buckets(settings, generator.device)
-            for each in (generator, *adapted.values(), *([student] if student else [])):
+            for each in (generator, *adapted.values(), *students.values()):
                 self._prepare(each, buckets, cuda_graphs)
             upscaler = self._load_upscaler(generator)
             map_decoders = self._load_map_decoders(generator)
@@ -154,11 +155,11 @@ class ModelHost:
             log.warning("checkpoint not found: serving an untrained model", extra={"checkpoint": str(checkpoint)})
         log.info("model loaded", extra={"model": generator.info.as_dict(), "batching": settings.batching,
                                         "adapters": {f: g.info.adapter for f, g in adapted.items()},
-                                        "student": student.info.checkpoint if student else None,
+                                        "students": {f: s.info.checkpoint for f, s in students.items()},
                                         "buckets": list(buckets), "cuda_graphs": cuda_graphs,
                                         "upscaler": upscaler.model_name if upscaler else None})
         self.adapted = adapted
-        self.student = student
+        self.students = students
         self.upscaler = upscaler
         self.map_decoders = map_decoders
         self.generator = generator
@@ -226,15 +227,15 @@ class ModelHost:
     def plan(self, options: SamplingOptions, downsample_factor: int) -> tuple[SemanticImageGenerator, SamplingOptions]:
         """The generator a job runs on and its sampling, resolved; LimitError naming the field.
 
-        The distilled sampler runs on the student when it can serve the job: maps sent at full
-        resolution, at the guidance it learned. Otherwise (no student, another downsample factor,
-        another guidance) the job runs the trajectory the student imitates, DDIM over 10 steps on
-        the base or its adapter, and its status says so: its sampler, steps and model are those that ran."""
+        The distilled sampler runs on the student of the job's downsample factor when there is one
+        and the job asks for the guidance it learned. Otherwise (no student for that factor, another
+        guidance) the job runs the trajectory a student imitates, DDIM over 10 steps on the base or
+        its adapter, and its status says so: its sampler, steps and model are those that ran."""
         base = self.base()
         options = resolve(options, base.diffusion.num_timesteps)  # the sampler's own limits, for every route
         if options.sampler == DistilledSampler.name:
-            student = self.student
-            if student is not None and downsample_factor == 1 and options.guidance == student.info.distilled_guidance:
+            student = self.students.get(downsample_factor)
+            if student is not None and options.guidance == student.info.distilled_guidance:
                 return student, student.resolve(options)
             options = teacher_options(options)
         generator = self.generator_for(downsample_factor)

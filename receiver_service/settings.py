@@ -27,9 +27,10 @@ class ReceiverSettings(ServiceSettings):
     # Use the condition adapters found beside the checkpoint (<stem>.f<factor>.adapter.pt) for maps
     # sent at their downsample factor; off: the base generator serves every factor.
     adapters: bool = True
-    # Serve the `distilled` sampler with the student found beside the checkpoint
-    # (<stem>.distilled.pt, shared/semantic/diffusion/distilled.py). Off, or no such file: the
-    # sampler falls back to the trajectory the student imitates (DDIM over 10 steps).
+    # Serve the `distilled` sampler with the students found beside the checkpoint, one per
+    # downsample factor (<stem>.distilled.pt for full-resolution maps, <stem>.f<factor>.distilled.pt;
+    # shared/semantic/diffusion/distilled.py). Off, or no student for a job's factor: the sampler
+    # falls back to the trajectory the student imitates (DDIM over 10 steps).
     distilled: bool = True
     # The second stage: the generated image upscaled with the received map by this checkpoint
     # (shared/semantic/upscaler.py). Off, or no such file: images stay at the generator's resolution.

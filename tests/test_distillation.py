@@ -17,7 +17,8 @@ from receiver_service.model_host import ModelHost
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
 from shared.limits import LimitError, SamplingOptions
-from shared.semantic.diffusion.distilled import load_student, student_path
+from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.diffusion.distilled import load_student, load_students, student_path
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.samplers import spaced_timesteps, student_timesteps
 from tests.receiver_helpers import make_settings, transmission, wait_for_status
@@ -103,9 +104,9 @@ def test_the_host_plans_the_student_where_it_serves_and_falls_back_elsewhere(dis
     assert host.load(), host.load_error
     student = SamplingOptions(sampler="distilled", guidance=2.0)
     generator, sampling = host.plan(student, 1)
-    assert generator is host.student and (sampling.sampler, sampling.steps) == ("distilled", 2)
+    assert generator is host.students[1] and (sampling.sampler, sampling.steps) == ("distilled", 2)
     generator, sampling = host.plan(dataclasses.replace(student, steps=1), 1)
-    assert generator is host.student and sampling.steps == 1
+    assert generator is host.students[1] and sampling.steps == 1
     for options, factor in ((student, 2), (dataclasses.replace(student, guidance=1.0), 1)):
         generator, sampling = host.plan(options, factor)  # the trajectory the student imitates
         assert generator is host.base() and (sampling.sampler, sampling.steps) == DISTILLATION_TEACHER
@@ -115,7 +116,7 @@ def test_the_host_plans_the_student_where_it_serves_and_falls_back_elsewhere(dis
     assert raised.value.field == "steps"
     assert host.plan(SamplingOptions(sampler="ddim", steps=4, guidance=2.0), 1)[0] is host.base()
     without = ModelHost(make_settings(tmp_path, checkpoint=teacher_path, distilled=False))
-    assert without.load() and without.student is None
+    assert without.load() and without.students == {}
     assert without.plan(student, 1)[1].sampler == DISTILLATION_TEACHER[0]
 
 
@@ -144,3 +145,55 @@ def test_the_receiver_samples_with_the_student_and_says_so(distilled, tmp_path: 
         else:
             assert not record["model"]["name"].endswith("-distilled")
             assert (sampling["sampler"], sampling["steps"]) == DISTILLATION_TEACHER
+
+
+# ------------------------------------------------------------------ a student per downsample factor
+
+
+@pytest.fixture(scope="module")
+def factor_student(distilled, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A copy of the tiny teacher and its student with a factor-2 adapter trained beside them, and
+    the factor-2 student, started from the full-resolution one by the recipe's --downsample-factor
+    and --init-from."""
+    tmp_path = tmp_path_factory.mktemp("factor")
+    (tmp_path / "models").mkdir()
+    teacher, full_student = (tmp_path / "models" / p.name for p in distilled[:2])
+    teacher.write_bytes(distilled[0].read_bytes())
+    full_student.write_bytes(distilled[1].read_bytes())
+    adapter = teacher.with_name("export.f2.adapter.pt")
+    assert train_diffusion.main(train_args(tmp_path, "adapter", "--init-from", str(teacher), "--trainable", "spade",
+                                           "--downsample-factor", "2", "--export-path", str(adapter),
+                                           "--max-steps", "4")) == "max_steps"  # from the base's step 2
+    argv = ["--data-root", str(tmp_path / "camvid"), "--teacher", str(teacher), "--out-dir", str(tmp_path / "student"),
+            "--downsample-factor", "2", "--init-from", str(full_student), "--train-trajectories", "4",
+            "--val-trajectories", "2", "--chunk-size", "4", "--link-height", "32", "--link-width", "32",
+            "--batch-size", "2", "--max-steps", "2", "--eval-every", "2", "--log-every", "1", "--device", "cpu"]
+    assert distill_generator.main(argv) == "max_steps"
+    return teacher, adapter, student_path(teacher, 2)
+
+
+def test_a_factor_student_learns_the_adapted_teacher_and_is_tied_to_its_adapter(factor_student) -> None:
+    teacher_path, adapter, path = factor_student
+    assert path.name == "export.f2.distilled.pt" and path.is_file()
+    record = torch.load(path, weights_only=True)["meta"]["distillation"]
+    assert (record["downsample_factor"], record["adapter"]) == (2, adapter.name)
+    base = SemanticImageGenerator.load(teacher_path, "cpu")
+    adapted = adapted_generators(base)
+    students = load_students(base, adapted)
+    assert sorted(students) == [1, 2] and all(s.is_student for s in students.values())
+    with pytest.raises(ValueError, match="other weights"):  # the base alone is not its teacher
+        load_student(base, 2)
+    with pytest.raises(ValueError, match="downsample factor 2, not 1"):
+        load_student(adapted[2], 1, path)
+
+
+def test_the_host_runs_each_factors_student_and_falls_back_where_there_is_none(factor_student, tmp_path: Path) -> None:
+    teacher_path, _, _ = factor_student
+    host = ModelHost(make_settings(tmp_path, checkpoint=teacher_path))
+    assert host.load(), host.load_error
+    options = SamplingOptions(sampler="distilled", guidance=2.0)
+    for factor in (1, 2):
+        generator, sampling = host.plan(options, factor)
+        assert generator is host.students[factor] and sampling.sampler == "distilled"
+    generator, sampling = host.plan(options, 4)  # no student (nor adapter) for factor 4
+    assert generator is host.base() and (sampling.sampler, sampling.steps) == DISTILLATION_TEACHER

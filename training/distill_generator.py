@@ -26,6 +26,11 @@ The recipe, one command, bounded by --minutes and resumable (run it again with t
    noise, against the teacher's images (MSE in [-1, 1]); whenever their mean improves, the EMA is
    exported (fp16) with its distillation record, beside the teacher by default.
 
+--downsample-factor F distils for maps sent at factor F: the link codes the maps at that factor, the
+teacher is the base with its factor-F condition adapter where one lies beside it, and the student
+is written as <stem>.fF.distilled.pt. --init-from starts the student from another student of the
+same network (the full-resolution one: it has learned the jump already) instead of the teacher.
+
 The trajectories and the state are tied to the teacher's weights (their fingerprint): a new
 teacher needs a new --out-dir.
 """
@@ -50,6 +55,7 @@ from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid
 from shared.semantic.device import select_device
+from shared.semantic.diffusion.adapters import adapter_path, with_adapter
 from shared.semantic.diffusion.distilled import student_path, teacher_fingerprint
 from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
@@ -67,6 +73,8 @@ class DistillConfig:
     teacher: str = "models/diffusion-camvid.pt"
     out_dir: str = "runs/distill"
     export_path: str = ""  # "": beside the teacher (distilled.student_path)
+    downsample_factor: int = 1  # the link's factor the student serves (its teacher: the base with that adapter)
+    init_from: str = ""  # a student checkpoint to start from ("": a copy of the teacher)
     guidance: float = DEFAULT_GUIDANCE  # the teacher's guidance, built into the student
     student_steps: tuple[int, ...] = (1, 2)  # the step counts validated (and trained for)
     # trajectories
@@ -183,17 +191,27 @@ class Trainer:
         self.teacher = SemanticImageGenerator.load(cfg.teacher, device=str(self.device))
         if not self.teacher.info.trained or self.teacher.is_student:
             raise ValueError(f"{cfg.teacher} is not a trained teacher checkpoint")
-        self.fingerprint = teacher_fingerprint(cfg.teacher)
-        self.export_path = Path(cfg.export_path) if cfg.export_path else student_path(cfg.teacher)
+        adapter = adapter_path(cfg.teacher, cfg.downsample_factor)
+        self.adapter = adapter if cfg.downsample_factor > 1 and adapter.is_file() else None
+        if self.adapter is not None:
+            self.teacher = with_adapter(self.teacher, self.adapter)
+        self.fingerprint = teacher_fingerprint(cfg.teacher, self.adapter)
+        self.export_path = Path(cfg.export_path) if cfg.export_path else student_path(cfg.teacher, cfg.downsample_factor)
         self.diffusion = self.teacher.diffusion
         self.timesteps = teacher_timesteps(self.diffusion)
         self.middle = int(np.flatnonzero(self.timesteps == student_timesteps(self.diffusion.num_timesteps, 2)[0])[0])
-        self.model = copy.deepcopy(self.teacher.network).train()
-        self.ema = copy.deepcopy(self.teacher.network).eval()
+        start = self.teacher.network
+        if cfg.init_from:
+            initial = SemanticImageGenerator.load(cfg.init_from, device=str(self.device))
+            if not initial.is_student or initial.config != self.teacher.config:
+                raise ValueError(f"--init-from {cfg.init_from}: not a student of this network")
+            start = initial.network
+        self.model = copy.deepcopy(start).train()
+        self.ema = copy.deepcopy(start).eval()
         self.ema.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.store = TrajectoryStore(self.out_dir / "trajectories", self.fingerprint)
-        self.codec = CodecConfig(num_classes=CAMVID_INFO.num_classes, downsample_factor=1)
+        self.codec = CodecConfig(num_classes=CAMVID_INFO.num_classes, downsample_factor=cfg.downsample_factor)
         self.link_size = (cfg.link_height, cfg.link_width)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.best, self.wall_seconds = 0, float("inf"), 0.0
@@ -338,6 +356,8 @@ class Trainer:
         meta = {"name": f"{info.name}-distilled", "step": self.step, "wall_seconds": round(self.wall_seconds),
                 "data": "CamVid train split (367 images)", "train_config": dataclasses.asdict(cfg),
                 "distillation": {"teacher": Path(cfg.teacher).name, "teacher_fingerprint": self.fingerprint,
+                                 "downsample_factor": cfg.downsample_factor,
+                                 "adapter": self.adapter.name if self.adapter else None,
                                  "teacher_sampler": DISTILLATION_TEACHER[0], "teacher_steps": DISTILLATION_TEACHER[1],
                                  "guidance": cfg.guidance, "steps": list(cfg.student_steps),
                                  "trajectories": trajectories, **{k: round(v, 6) for k, v in val.items()}}}

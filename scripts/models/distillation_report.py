@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=0, help="N val images evenly spread (0: all 101)")
     p.add_argument("--model", default="models/diffusion-camvid.pt", help="the teacher; its student lies beside it")
     p.add_argument("--downsample-factor", type=int, default=1,
-                   help="maps sent downsampled (the teacher through its adapter for the factor, the student as it is)")
+                   help="maps sent downsampled (the teacher through its adapter for the factor, the factor's student)")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--data-root", default=None)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)

@@ -10,33 +10,57 @@ the teacher's conditional and unconditional pair, and the `distilled` sampler
 
 A student file sits beside its teacher (<stem>.distilled.pt), is an ordinary generator checkpoint
 whose meta records what it was distilled from, and is tied to the teacher's weights by their
-fingerprint: a student is never served beside a base it was not distilled from.
+fingerprint: a student is never served beside a base it was not distilled from. A student for maps
+sent at a downsample factor F > 1 (<stem>.fF.distilled.pt) learned the trajectories of the base
+with its factor-F condition adapter (adapters.py) where there is one: its fingerprint covers the
+adapter's weights too.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from shared.semantic.checkpoints import load_checkpoint, weights_fingerprint
+from shared.semantic.diffusion.adapters import ADAPTER_KIND
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 
 
-def student_path(checkpoint: str | Path) -> Path:
-    """Where the student of `checkpoint` lives: beside it, <stem>.distilled.pt."""
+def student_path(checkpoint: str | Path, downsample_factor: int = 1) -> Path:
+    """Where the student of `checkpoint` for maps sent at `downsample_factor` lives: beside it,
+    <stem>.distilled.pt for full-resolution maps, <stem>.f<factor>.distilled.pt otherwise."""
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.stem}.distilled.pt")
+    factor = f".f{downsample_factor}" if downsample_factor > 1 else ""
+    return checkpoint.with_name(f"{checkpoint.stem}{factor}.distilled.pt")
 
 
-def teacher_fingerprint(checkpoint: str | Path) -> str:
-    """The fingerprint of every weight in a generator checkpoint, as its file holds them."""
-    return weights_fingerprint(load_checkpoint(checkpoint, CHECKPOINT_KIND)["state_dict"])
+def student_paths(checkpoint: str | Path) -> dict[int, Path]:
+    """The students found beside `checkpoint`, by downsample factor."""
+    checkpoint = Path(checkpoint)
+    found = {1: student_path(checkpoint)} if student_path(checkpoint).is_file() else {}
+    for path in checkpoint.parent.glob(f"{checkpoint.stem}.f*.distilled.pt"):
+        factor = path.name[len(checkpoint.stem) + 2:-len(".distilled.pt")]
+        if factor.isdigit() and int(factor) > 1:
+            found[int(factor)] = path
+    return dict(sorted(found.items()))
 
 
-def load_student(teacher: SemanticImageGenerator, path: str | Path | None = None) -> SemanticImageGenerator | None:
-    """The student beside `teacher`'s checkpoint (or at `path`), on the teacher's device; None when
-    there is none. ValueError, naming the file, for a file that is no student of these weights."""
+def teacher_fingerprint(checkpoint: str | Path, adapter: str | Path | None = None) -> str:
+    """The fingerprint of every weight of a teacher as its files hold them: the generator
+    checkpoint's, with the SPADE weights of its condition adapter where it has one."""
+    weights = dict(load_checkpoint(checkpoint, CHECKPOINT_KIND)["state_dict"])
+    if adapter is not None:
+        weights.update(load_checkpoint(adapter, ADAPTER_KIND)["state_dict"])
+    return weights_fingerprint(weights)
+
+
+def load_student(teacher: SemanticImageGenerator, downsample_factor: int = 1,
+                 path: str | Path | None = None) -> SemanticImageGenerator | None:
+    """The student of `teacher` (the base, or the base with its adapter for `downsample_factor`) for
+    maps sent at that factor, from beside the base's checkpoint (or at `path`), on the teacher's
+    device; None when there is none. ValueError, naming the file, for a file that is no student of
+    these weights or of this factor."""
     if teacher.info.checkpoint is None:
         return None
-    path = Path(path) if path is not None else student_path(teacher.info.checkpoint)
+    path = Path(path) if path is not None else student_path(teacher.info.checkpoint, downsample_factor)
     if not path.is_file():
         return None
     student = SemanticImageGenerator.load(path, device=str(teacher.device))
@@ -44,7 +68,25 @@ def load_student(teacher: SemanticImageGenerator, path: str | Path | None = None
         raise ValueError(f"{path} is a generator checkpoint without a distillation record")
     if student.config != teacher.config:
         raise ValueError(f"{path} has another network configuration than {teacher.info.name}")
-    recorded = load_checkpoint(path, CHECKPOINT_KIND)["meta"]["distillation"].get("teacher_fingerprint")
-    if recorded != teacher_fingerprint(teacher.info.checkpoint):
-        raise ValueError(f"{path} was distilled from other weights than {teacher.info.checkpoint}")
+    record = load_checkpoint(path, CHECKPOINT_KIND)["meta"]["distillation"]
+    if record.get("downsample_factor", 1) != downsample_factor:
+        raise ValueError(f"{path} was distilled for maps sent at downsample factor {record.get('downsample_factor', 1)}, "
+                         f"not {downsample_factor}")
+    if record.get("teacher_fingerprint") != teacher_fingerprint(teacher.info.checkpoint, teacher.info.adapter):
+        raise ValueError(f"{path} was distilled from other weights than {teacher.info.checkpoint}"
+                         + (f" with {teacher.info.adapter}" if teacher.info.adapter else ""))
     return student
+
+
+def load_students(base: SemanticImageGenerator,
+                  adapted: dict[int, SemanticImageGenerator]) -> dict[int, SemanticImageGenerator]:
+    """Every student beside the base's checkpoint, by downsample factor, each checked against its
+    teacher (the factor's adapted generator in `adapted`, else the base)."""
+    if base.info.checkpoint is None:
+        return {}
+    students = {}
+    for factor, path in student_paths(base.info.checkpoint).items():
+        student = load_student(adapted.get(factor, base), factor, path)
+        if student is not None:
+            students[factor] = student
+    return students
