@@ -210,6 +210,8 @@ class ModelHost:
             generator.compile(warm_up_batches=())  # warmed up at each bucket below instead
         elif self.settings.torch_compile:
             generator.compile()
+        elif self.settings.trace_network and generator.info.quantization is None:
+            generator.trace()
         if buckets:
             generator.use_buckets(buckets, cuda_graphs)
         generator.noise_on_device = self.settings.noise_on_device

@@ -45,6 +45,10 @@ class ReceiverSettings(ServiceSettings):
     # torch.compile 12-19% faster but compiles for minutes at every start on a small CPU.
     channels_last: bool = True
     torch_compile: bool = False
+    # Without torch_compile, run the networks as TorchScript traces: a forward then holds the
+    # interpreter lock only to start, so the gRPC loop writing to many watches does not stall
+    # sampling (SemanticImageGenerator.trace; docs/load-testing.md). Same images.
+    trace_network: bool = True
     # Jobs waiting behind the batch being generated. Unset: sized by the batch, 2 x max_batch_size
     # and at least 8, so a full batch can always form; below max_batch_size batches stay small.
     queue_size: int | None = Field(None, ge=1)

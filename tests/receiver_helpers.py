@@ -60,6 +60,9 @@ class FakeGenerator:
     def compile(self) -> None:
         self.inference_options.append("compile")
 
+    def trace(self) -> None:
+        self.inference_options.append("trace")
+
     def generate(self, conditions, sampling, seeds, step_callback=None):
         sampler, steps, guidance = sampling.sampler, sampling.steps, sampling.guidance
         self.calls.append(dict(shape=tuple(conditions.shape), sampler=sampler, steps=steps,

@@ -88,9 +88,23 @@ def test_channels_last_gives_the_same_images(fp32: SemanticImageGenerator) -> No
     assert np.abs(images.astype(int) - reference.astype(int)).max() <= 1
 
 
-def test_int8_models_are_not_compiled(int8: SemanticImageGenerator) -> None:
+def test_a_traced_network_gives_the_same_images_at_any_batch_size(fp32: SemanticImageGenerator) -> None:
+    traced = SemanticImageGenerator(copy.deepcopy(fp32.network), fp32.config, fp32.info, fp32.device)
+    traced.use_channels_last()
+    traced.trace()  # at batch 2
+    assert isinstance(traced.network, torch.jit.ScriptModule)
+    for count in (1, 3):
+        conditions, seeds = _conditions(count), list(range(count))
+        options = SamplingOptions(sampler="ddim", steps=4, guidance=2.0)
+        reference = fp32.generate(conditions, options, seeds)
+        assert np.abs(traced.generate(conditions, options, seeds).astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_int8_models_are_not_compiled_or_traced(int8: SemanticImageGenerator) -> None:
     with pytest.raises(ValueError, match="fp32"):
         int8.compile()
+    with pytest.raises(ValueError, match="fp32"):
+        int8.trace()
 
 
 def test_compile_warms_up_every_batch_size_and_guidance(monkeypatch, fp32: SemanticImageGenerator) -> None:

@@ -6,6 +6,7 @@ services, evaluation and benchmarks all go through it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -118,6 +119,27 @@ class SemanticImageGenerator:
                 self.network(torch.zeros(batch, cfg.in_channels, cfg.image_height, cfg.image_width, device=self.device),
                              torch.zeros(batch, dtype=torch.long, device=self.device),
                              torch.zeros(batch, cfg.num_classes, cfg.image_height, cfg.image_width, device=self.device))
+
+    def trace(self) -> None:
+        """Run the network as a TorchScript trace (traced at batch 2; any batch runs it).
+
+        Why: the eager network takes the interpreter lock back after each of its few hundred
+        operations, so any busy Python thread of the process (a receiver's gRPC event loop writing
+        to a thousand watches) stalls sampling for as long as it runs; a traced forward is one call
+        that takes the lock only to start and to return (scripts/benchmarks/benchmark_interpreter_lock.py).
+        The same outputs; conditions at the model's resolution only (the trace keeps the shapes of
+        its SPADE layers), which check_conditions guarantees. torch.jit is deprecated, but its
+        successor, torch.export, runs its modules operation by operation in Python."""
+        if self.info.quantization is not None:
+            raise ValueError(f"tracing is for fp32 models; this one is {self.info.quantization}")
+        cfg = self.config.unet
+        example = (torch.zeros(2, cfg.in_channels, cfg.image_height, cfg.image_width, device=self.device),
+                   torch.zeros(2, dtype=torch.long, device=self.device),
+                   torch.zeros(2, cfg.num_classes, cfg.image_height, cfg.image_width, device=self.device))
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            self.network = torch.jit.trace(self.network, example, check_trace=False)
 
     def use_buckets(self, buckets: Sequence[int], cuda_graphs: bool = False) -> dict[int, float]:
         """Call the network at these batch sizes only (a call's rows padded up to the next one),
