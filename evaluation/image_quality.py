@@ -215,3 +215,9 @@ def summarize(values: Sequence[float] | np.ndarray) -> dict[str, float | int]:
     if not finite.size:
         return {"mean": math.nan, "std": math.nan, "n": int(array.size)}
     return {"mean": float(finite.mean()), "std": float(finite.std()), "n": int(finite.size)}
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """Mean of the per-image differences values - reference, and its standard error."""
+    diff = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0}

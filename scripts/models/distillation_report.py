@@ -18,20 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from evaluation.evaluate import Evaluation, EvaluationConfig
+from evaluation.image_quality import paired_difference
 from evaluation.schema import METHODS
 from gesco.options import DEFAULT_GUIDANCE
 from scripts.benchmarks.sampler_sweep import parse_configs
 from shared.semantic.channels import SnrDefinition
-
-
-def paired(values: list[float], reference: list[float]) -> dict[str, float]:
-    """Mean of the per-image differences and its standard error."""
-    diff = np.asarray(values, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    return {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0}
 
 
 def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list[float],
@@ -66,7 +60,7 @@ def compare(config: EvaluationConfig, configs: list[tuple[str, int]], snrs: list
                   f"{seconds:.3f} s/image", file=sys.stderr, flush=True)
     for row in rows:
         reference = next(r for r in rows if r["snr_db"] == row["snr_db"] and (r["sampler"], r["steps"]) == configs[0])
-        row["miou_minus_reference"] = paired(row["per_image_miou"], reference["per_image_miou"])
+        row["miou_minus_reference"] = paired_difference(row["per_image_miou"], reference["per_image_miou"])
         row["fsd_over_reference"] = row["fsd"] / reference["fsd"] - 1
         row["time_over_reference"] = row["seconds_per_image"] / reference["seconds_per_image"]
     return {"images": ev.names, "definition": definition.value, "guidance": config.guidance, "seed": config.seed,
