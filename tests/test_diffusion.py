@@ -207,8 +207,10 @@ def test_samplers_register_under_the_name_their_class_declares() -> None:
 
 
 def test_resolve_fills_the_defaults_and_names_the_bad_field() -> None:
-    assert DEFAULT_SAMPLER == "ddim"
-    assert resolve(SamplingOptions(guidance=2.0), 1000) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    assert DEFAULT_SAMPLER == "distilled"
+    assert resolve(SamplingOptions(guidance=2.0), 1000) == SamplingOptions(sampler="distilled", steps=2, guidance=2.0)
+    # steps the default cannot run: the sampler of the trajectory it imitates, at those steps
+    assert resolve(SamplingOptions(steps=20, guidance=2.0), 1000) == SamplingOptions(sampler="ddim", steps=20, guidance=2.0)
     assert resolve(SamplingOptions(sampler="ddpm", guidance=0.0), 1000).steps == 50
     assert resolve(SamplingOptions(sampler="dpmpp2m", guidance=0.0), 8).steps == 8  # a short chain caps the default
     assert resolve(SamplingOptions(sampler="ddpm", steps=7, guidance=1.0), 1000).steps == 7

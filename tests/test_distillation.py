@@ -75,6 +75,11 @@ def test_a_student_runs_the_distilled_sampler_only_with_its_guidance(distilled) 
         assert raised.value.field == field
     with pytest.raises(LimitError, match="none is loaded"):
         teacher.resolve(SamplingOptions(sampler="distilled", guidance=2.0))
+    # the default sampler is the student's: a teacher runs the trajectory it imitates, or the steps asked for
+    assert teacher.resolve(SamplingOptions(guidance=2.0)) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    assert teacher.resolve(SamplingOptions(steps=1, guidance=2.0)) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    assert teacher.resolve(SamplingOptions(steps=30, guidance=2.0)) == SamplingOptions(sampler="ddim", steps=30, guidance=2.0)
+    assert student.resolve(SamplingOptions(guidance=2.0)).sampler == "distilled"
     size = (teacher.info.image_height, teacher.info.image_width)
     conditions = torch.rand(2, teacher.info.num_classes, *size)
     for steps in (1, 2):

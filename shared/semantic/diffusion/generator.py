@@ -20,7 +20,8 @@ from shared.semantic.device import select_device
 from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, to_device
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
-from shared.semantic.diffusion.samplers import SAMPLERS, DistilledSampler, GuidedModel, StepCallback, resolve
+from shared.semantic.diffusion.samplers import (SAMPLERS, DistilledSampler, GuidedModel, StepCallback,
+                                                default_for_teacher, resolve)
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -180,7 +181,11 @@ class SemanticImageGenerator:
         (a ValueError naming the field) for a sampler, steps or guidance this model cannot run.
 
         The distilled sampler runs on a student and a student runs nothing else; a student's
-        guidance is the one it learned (the request must ask for that scale)."""
+        guidance is the one it learned (the request must ask for that scale). A request without a
+        sampler gets the default, which on a model that is no student is the trajectory a student
+        imitates (samplers.default_for_teacher)."""
+        if not self.is_student:
+            sampling = default_for_teacher(sampling)
         if self.is_student:
             sampling = dataclasses.replace(sampling, sampler=sampling.sampler or DistilledSampler.name)
             if sampling.sampler != DistilledSampler.name:

@@ -401,11 +401,26 @@ def teacher_options(options: SamplingOptions) -> SamplingOptions:
     return dataclasses.replace(options, sampler=sampler, steps=steps)
 
 
+def default_sampler(steps: int = 0) -> str:
+    """The sampler of a request that names none: DEFAULT_SAMPLER, unless the request asks for more
+    steps than that sampler runs; then the sampler of the trajectory a student imitates, at those steps."""
+    limit = SAMPLERS[DEFAULT_SAMPLER].step_limit
+    return DISTILLATION_TEACHER[0] if limit and steps > limit else DEFAULT_SAMPLER
+
+
+def default_for_teacher(options: SamplingOptions) -> SamplingOptions:
+    """`options` for a model that is no distilled student: a request without a sampler whose default
+    is the distilled sampler runs the trajectory it imitates instead (teacher_options)."""
+    if options.sampler or default_sampler(options.steps) != DistilledSampler.name:
+        return options
+    return teacher_options(options)
+
+
 def resolve(options: SamplingOptions, max_steps: int) -> SamplingOptions:
-    """`options` with its defaults filled in (DEFAULT_SAMPLER, then that sampler's default steps,
+    """`options` with its defaults filled in (default_sampler, then that sampler's default steps,
     at most `max_steps`) and checked against the registry and a chain of `max_steps`; LimitError
     names the field."""
-    name = options.sampler or DEFAULT_SAMPLER
+    name = options.sampler or default_sampler(options.steps)
     if name not in SAMPLERS:
         raise LimitError("sampler", f"must be one of {sorted(SAMPLERS)}, got {name!r}")
     limit = min(max_steps, SAMPLERS[name].step_limit or max_steps)
