@@ -22,6 +22,7 @@ let cancelRequested = false; // the user pressed Cancel during this Send or stri
 let busy = false;
 let detected = { kind: "label_map", why: "" }; // what the chosen input is, as detectKind() read it
 let detection = Promise.resolve(); // the detection of the chosen input while it runs
+let choices = 0; // inputs chosen so far: a detection that finishes after a newer choice is dropped
 
 // The user's own Cancel, said as the status, not as an error.
 class Cancelled extends Error {}
@@ -189,11 +190,15 @@ async function chosenFile() {
 
 // A new example or upload: detect its kind again, and send it as detected unless overridden.
 // A Send right after the choice waits for the detection (currentInput awaits `detection`).
+// An older choice still loading (an example fetched from a busy sender) must not overwrite it.
 function inputChanged() {
   $("kind").value = "";
+  const choice = ++choices;
   detection = (async () => {
     const chosen = await chosenFile();
-    detected = chosen ? await detectKind(chosen.blob) : { kind: "photo", why: "" };
+    const found = chosen ? await detectKind(chosen.blob) : { kind: "photo", why: "" };
+    if (choice !== choices) return;
+    detected = found;
     showKind();
   })();
   return detection;
