@@ -4,8 +4,9 @@ the same images upscaled bicubically (the 48x64 output as it looked before the s
 At each SNR every val label map (at --map-height x --map-width, the sender's default 96x128) goes
 through our link: the codec at --downsample-factor, AWGN at the SNR (the paper's PSNR), FDS, with
 the channel noise seeded per SNR. The base generator (with the factor's condition adapter where one
-lies beside it, as the receiver serves it) samples DDIM 10 at guidance 2 from seed = the image's
-index; its 48x64 image is upscaled x4 by bicubic and by the upscaling stage, which also gets the FDS
+lies beside it, as the receiver serves it) samples at guidance 2 from seed = the image's index with
+--sampler (DDIM 10 by default; `distilled:2` runs the factor's student, as the receiver's default
+does); its 48x64 image is upscaled x4 by bicubic and by the upscaling stage, which also gets the FDS
 maps at the size they were sent, as the receiver gives them. One segmenter scores every row at
 192x256 against the ground truth: pooled mIoU (11 classes, void excluded), the per-image mIoU
 (paired differences stage - bicubic: mean and standard error) and the Frechet segmenter distance
@@ -35,10 +36,13 @@ from shared.semantic.batched_link import batched_conditions, resize_batch
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid, colorize
 from shared.semantic.diffusion.adapters import adapted_generators
+from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
+from shared.semantic.diffusion.samplers import DistilledSampler
 from shared.semantic.segmenter import Segmenter
 from shared.semantic.upscaler import Upscaler, bicubic
 
+TEACHER = SamplingOptions(sampler=DISTILLATION_TEACHER[0], steps=DISTILLATION_TEACHER[1], guidance=DEFAULT_GUIDANCE)
 ROWS = ("bicubic", "stage")  # the base's image upscaled bicubically, and by the stage
 GRID_SCENES = 6  # spread evenly over the val set (its neighbours are frames of one drive)
 
@@ -71,12 +75,10 @@ def received_maps(map_labels: np.ndarray, snr_db: float, factor: int, seed: int)
                               generator=torch.Generator().manual_seed(seed))
 
 
-def cascade_images(generator: SemanticImageGenerator, upscaler: Upscaler, maps: torch.Tensor,
-                   batch_size: int) -> dict[str, np.ndarray]:
-    """The base's images for the received maps (DDIM 10, guidance 2, seed = index), upscaled both ways."""
+def cascade_images(generator: SemanticImageGenerator, upscaler: Upscaler, maps: torch.Tensor, batch_size: int,
+                   sampling: SamplingOptions = TEACHER) -> dict[str, np.ndarray]:
+    """The generator's images for the received maps (seed = index), upscaled both ways."""
     cfg = generator.config.unet
-    sampler, steps = DISTILLATION_TEACHER
-    sampling = SamplingOptions(sampler=sampler, steps=steps, guidance=DEFAULT_GUIDANCE)
     out: dict[str, list[np.ndarray]] = {"base": [], **{row: [] for row in ROWS}}
     with torch.inference_mode():
         for start in range(0, len(maps), batch_size):
@@ -97,13 +99,19 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
     scorer = CascadeScorer(full.images[:count], full.labels[:count], Segmenter.from_checkpoint(args.segmenter, "cpu"))
     base = SemanticImageGenerator.load(args.model, device="cpu")
     generator = adapted_generators(base).get(args.downsample_factor, base) if args.downsample_factor > 1 else base
+    sampler, steps = args.sampler.split(":")
+    sampling = SamplingOptions(sampler=sampler, steps=int(steps), guidance=DEFAULT_GUIDANCE)
+    if sampler == DistilledSampler.name:
+        generator = load_student(generator, args.downsample_factor)
+        if generator is None:
+            raise SystemExit(f"no student for downsample factor {args.downsample_factor} beside {args.model}")
     upscaler = Upscaler.from_checkpoint(args.upscaler, "cpu")
     rows, grid = [], {}
     scenes = np.linspace(0, count - 1, GRID_SCENES).round().astype(int)
     for snr in args.snrs:
         started = time.monotonic()
         received = received_maps(maps.labels[:count], snr, args.downsample_factor, seed=int(1000 * snr))
-        images = cascade_images(generator, upscaler, received, args.batch_size)
+        images = cascade_images(generator, upscaler, received, args.batch_size, sampling)
         scores = {row: scorer(images[row]) for row in ROWS}
         diff = paired_difference(scores["stage"]["per_image_miou"], scores["bicubic"]["per_image_miou"])
         rows.append({"snr_db": snr, **scores, "stage_minus_bicubic_miou": diff,
@@ -114,7 +122,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
               f"{scores['stage']['miou']:.3f} / {scores['stage']['fsd']:.3f}, paired {diff['mean']:+.3f} ± {diff['se']:.3f}",
               flush=True)
     result = {"command": "python -m evaluation.cascade " + shlex.join(sys.argv[1:]), "images": count,
-              "model": generator.info.name, "upscaler": upscaler.model_name, "segmenter": args.segmenter,
+              "model": generator.info.name, "sampler": args.sampler, "upscaler": upscaler.model_name, "segmenter": args.segmenter,
               "downsample_factor": args.downsample_factor, "map_size": [args.map_height, args.map_width],
               "real": scorer.real, "rows": rows}
     if grid:
@@ -146,8 +154,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# The cascade at 192x256: the upscaling stage against bicubic", "",
         f"{result['images']} CamVid val images, our link with FDS at downsample factor {result['downsample_factor']} "
-        f"(maps {result['map_size'][0]}x{result['map_size'][1]}), the paper's PSNR; base `{result['model']}` "
-        f"(DDIM 10, guidance 2, seed = image index), stage `{result['upscaler']}`; scored at 192x256 by "
+        f"(maps {result['map_size'][0]}x{result['map_size'][1]}), the paper's PSNR; generator `{result['model']}` "
+        f"({result['sampler']}, guidance 2, seed = image index), stage `{result['upscaler']}`; scored at 192x256 by "
         f"`{result['segmenter']}`. Real 192x256 images: mIoU {result['real']['miou']:.3f}.", "",
         f"Command: `{result['command']}`", "",
         "| PSNR (dB) | bicubic: mIoU / FSD | stage: mIoU / FSD | stage - bicubic, per image (mean ± s.e.) | stage mIoU / real's |",
@@ -178,6 +186,7 @@ def main() -> None:
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--snrs", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 10.0, 100.0])
     p.add_argument("--downsample-factor", type=int, default=1)
+    p.add_argument("--sampler", default=":".join(map(str, DISTILLATION_TEACHER)), help="name:steps")
     p.add_argument("--map-height", type=int, default=96)
     p.add_argument("--map-width", type=int, default=128)
     p.add_argument("--limit", type=int, default=0, help="the first N val images (0: all 101)")
@@ -195,7 +204,7 @@ def main() -> None:
     if args.report:
         Path(args.report).write_text(markdown(result))
     if args.grid and grid:
-        cv2.imwrite(args.grid, cv2.cvtColor(grid_picture(grid), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(args.grid, cv2.cvtColor(grid_picture(grid), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     print(markdown(result))
 
 

@@ -45,7 +45,7 @@ def test_the_targets_say_met_or_missed_with_their_numbers() -> None:
         return {"snr_db": snr, "bicubic": {"miou": bicubic, "fsd": 2.0}, "stage": {"miou": stage, "fsd": 1.5},
                 "stage_minus_bicubic_miou": {"mean": stage - bicubic, "se": 0.01}}
 
-    result = {"images": 4, "downsample_factor": 1, "map_size": [96, 128], "model": "m", "upscaler": "u",
+    result = {"images": 4, "downsample_factor": 1, "sampler": "ddim:10", "map_size": [96, 128], "model": "m", "upscaler": "u",
               "segmenter": "s", "command": "c", "real": {"miou": 0.6},
               "rows": [row(1.0, 0.40, 0.50), row(100.0, 0.50, 0.55)]}
     lines = targets(result)
