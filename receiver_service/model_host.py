@@ -232,16 +232,17 @@ class ModelHost:
         The distilled sampler runs on the student of the job's downsample factor when there is one
         and the job asks for the guidance it learned. Otherwise (no student for that factor, another
         guidance) the job runs the trajectory a student imitates, DDIM over 10 steps on the base or
-        its adapter, and its status says so: its sampler, steps and model are those that ran."""
+        its adapter (a job that named no sampler: DDIM at the steps it asked for), and its status says
+        so: its sampler, steps and model are those that ran."""
         base = self.base()
-        options = resolve(options, base.diffusion.num_timesteps)  # the sampler's own limits, for every route
-        if options.sampler == DistilledSampler.name:
+        resolved = resolve(options, base.diffusion.num_timesteps)  # the sampler's own limits, for every route
+        if resolved.sampler == DistilledSampler.name:
             student = self.students.get(downsample_factor)
-            if student is not None and options.guidance == student.info.distilled_guidance:
-                return student, student.resolve(options)
-            options = teacher_options(options)
+            if student is not None and resolved.guidance == student.info.distilled_guidance:
+                return student, student.resolve(resolved)
+            resolved = teacher_options(options)
         generator = self.generator_for(downsample_factor)
-        return generator, generator.resolve(options)
+        return generator, generator.resolve(resolved)
 
     def output_size(self) -> tuple[int, int]:
         """(height, width) of the stored image: the settings, 0 meaning the last stage's resolution

@@ -27,8 +27,9 @@ API_KEY = "cli-test-key"
 LABELS = REPO_ROOT / "examples" / "street_labels.png"
 PHOTO = REPO_ROOT / "examples" / "street_photo.jpg"
 FAST = ("--steps", "1", "--guidance", "0")
-# Long enough to be watched and interrupted.
-SLOW = ("--sampler", "ddim", "--steps", "400", "--guidance", "0")
+# Long enough to be watched and interrupted, even where status requests are slow (a loaded machine)
+# and the traced network samples a step in tens of milliseconds.
+SLOW = ("--sampler", "ddim", "--steps", "1000", "--guidance", "0")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,8 @@ def test_ctrl_c_cancels_the_transmission_at_the_receiver(services, transport) ->
         transmission_id = process.stdout.readline().strip()  # printed as soon as the sender accepted it
         assert len(transmission_id) == 32, process.communicate(timeout=30)
         deadline = time.monotonic() + 120
-        while receiver_status(services, transmission_id)["status"] != "running" and time.monotonic() < deadline:
+        while (status := receiver_status(services, transmission_id)["status"]) != "running":
+            assert status == "queued" and time.monotonic() < deadline, f"never seen running: {status}"
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)

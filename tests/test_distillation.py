@@ -77,7 +77,7 @@ def test_a_student_runs_the_distilled_sampler_only_with_its_guidance(distilled) 
         teacher.resolve(SamplingOptions(sampler="distilled", guidance=2.0))
     # the default sampler is the student's: a teacher runs the trajectory it imitates, or the steps asked for
     assert teacher.resolve(SamplingOptions(guidance=2.0)) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
-    assert teacher.resolve(SamplingOptions(steps=1, guidance=2.0)) == SamplingOptions(sampler="ddim", steps=10, guidance=2.0)
+    assert teacher.resolve(SamplingOptions(steps=1, guidance=2.0)) == SamplingOptions(sampler="ddim", steps=1, guidance=2.0)
     assert teacher.resolve(SamplingOptions(steps=30, guidance=2.0)) == SamplingOptions(sampler="ddim", steps=30, guidance=2.0)
     assert student.resolve(SamplingOptions(guidance=2.0)).sampler == "distilled"
     size = (teacher.info.image_height, teacher.info.image_width)
@@ -123,6 +123,10 @@ def test_the_host_plans_the_student_where_it_serves_and_falls_back_elsewhere(dis
     without = ModelHost(make_settings(tmp_path, checkpoint=teacher_path, distilled=False))
     assert without.load() and without.students == {}
     assert without.plan(student, 1)[1].sampler == DISTILLATION_TEACHER[0]
+    # a request naming no sampler gets the default, the student where it serves, else DDIM at its steps
+    assert host.plan(SamplingOptions(steps=1, guidance=2.0), 1)[0] is host.students[1]
+    assert host.plan(SamplingOptions(steps=1, guidance=0.0), 1)[1] == SamplingOptions(sampler="ddim", steps=1, guidance=0.0)
+    assert host.plan(SamplingOptions(guidance=0.0), 1)[1] == SamplingOptions(sampler="ddim", steps=10, guidance=0.0)
 
 
 @pytest.mark.parametrize("batching", ["request", "continuous"])

@@ -395,10 +395,11 @@ def _device_of(model_fn: ModelFn) -> torch.device:
 
 
 def teacher_options(options: SamplingOptions) -> SamplingOptions:
-    """What runs for the distilled sampler where no student serves: the trajectory a student
-    imitates (gesco.options.DISTILLATION_TEACHER), at the request's guidance."""
+    """What runs for the distilled sampler where no student serves `options` (as the request gave
+    them): the trajectory a student imitates (DISTILLATION_TEACHER) at the request's guidance. A
+    request that named no sampler asked for the default, not for the student: it keeps its steps."""
     sampler, steps = DISTILLATION_TEACHER
-    return dataclasses.replace(options, sampler=sampler, steps=steps)
+    return dataclasses.replace(options, sampler=sampler, steps=steps if options.sampler else (options.steps or steps))
 
 
 def default_sampler(steps: int = 0) -> str:
@@ -410,7 +411,7 @@ def default_sampler(steps: int = 0) -> str:
 
 def default_for_teacher(options: SamplingOptions) -> SamplingOptions:
     """`options` for a model that is no distilled student: a request without a sampler whose default
-    is the distilled sampler runs the trajectory it imitates instead (teacher_options)."""
+    is the distilled sampler runs the teacher's sampler instead (teacher_options)."""
     if options.sampler or default_sampler(options.steps) != DistilledSampler.name:
         return options
     return teacher_options(options)
