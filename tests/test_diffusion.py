@@ -191,7 +191,7 @@ def test_samplers_register_under_the_name_their_class_declares() -> None:
     assert SAMPLERS == {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverPP2MSampler,
                         "distilled": DistilledSampler}
     assert (DDIMSampler.name, DDIMSampler.default_steps, DDIMSampler.step_limit) == ("ddim", 10, None)
-    assert (DistilledSampler.name, DistilledSampler.default_steps, DistilledSampler.step_limit) == ("distilled", 2, 2)
+    assert (DistilledSampler.name, DistilledSampler.default_steps, DistilledSampler.step_limit) == ("distilled", 1, 2)
     with pytest.raises(ValueError, match="registered already"):
         class Again(Sampler, name="ddim"):
             def sample(self, *args, **kwargs):
@@ -208,7 +208,7 @@ def test_samplers_register_under_the_name_their_class_declares() -> None:
 
 def test_resolve_fills_the_defaults_and_names_the_bad_field() -> None:
     assert DEFAULT_SAMPLER == "distilled"
-    assert resolve(SamplingOptions(guidance=2.0), 1000) == SamplingOptions(sampler="distilled", steps=2, guidance=2.0)
+    assert resolve(SamplingOptions(guidance=2.0), 1000) == SamplingOptions(sampler="distilled", steps=1, guidance=2.0)
     # steps the default cannot run: the sampler of the trajectory it imitates, at those steps
     assert resolve(SamplingOptions(steps=20, guidance=2.0), 1000) == SamplingOptions(sampler="ddim", steps=20, guidance=2.0)
     assert resolve(SamplingOptions(sampler="ddpm", guidance=0.0), 1000).steps == 50

@@ -66,7 +66,7 @@ def test_a_student_runs_the_distilled_sampler_only_with_its_guidance(distilled) 
     teacher_path, _, _ = distilled
     teacher = SemanticImageGenerator.load(teacher_path, "cpu")
     student = load_student(teacher)
-    assert student.resolve(SamplingOptions(guidance=2.0)) == SamplingOptions(sampler="distilled", steps=2, guidance=2.0)
+    assert student.resolve(SamplingOptions(guidance=2.0)) == SamplingOptions(sampler="distilled", steps=1, guidance=2.0)
     for options, field in ((SamplingOptions(sampler="ddim", guidance=2.0), "sampler"),
                            (SamplingOptions(guidance=1.0), "guidance"),
                            (SamplingOptions(sampler="distilled", steps=3, guidance=2.0), "steps")):
@@ -109,9 +109,9 @@ def test_the_host_plans_the_student_where_it_serves_and_falls_back_elsewhere(dis
     assert host.load(), host.load_error
     student = SamplingOptions(sampler="distilled", guidance=2.0)
     generator, sampling = host.plan(student, 1)
-    assert generator is host.students[1] and (sampling.sampler, sampling.steps) == ("distilled", 2)
-    generator, sampling = host.plan(dataclasses.replace(student, steps=1), 1)
-    assert generator is host.students[1] and sampling.steps == 1
+    assert generator is host.students[1] and (sampling.sampler, sampling.steps) == ("distilled", 1)
+    generator, sampling = host.plan(dataclasses.replace(student, steps=2), 1)
+    assert generator is host.students[1] and sampling.steps == 2
     for options, factor in ((student, 2), (dataclasses.replace(student, guidance=1.0), 1)):
         generator, sampling = host.plan(options, factor)  # the trajectory the student imitates
         assert generator is host.base() and (sampling.sampler, sampling.steps) == DISTILLATION_TEACHER
@@ -150,7 +150,7 @@ def test_the_receiver_samples_with_the_student_and_says_so(distilled, tmp_path: 
         assert record["status"] == "done", record
         sampling = record["sampling"]
         if factor == 1:
-            assert record["model"]["name"].endswith("-distilled") and (sampling["sampler"], sampling["steps"]) == ("distilled", 2)
+            assert record["model"]["name"].endswith("-distilled") and (sampling["sampler"], sampling["steps"]) == ("distilled", 1)
         else:
             assert not record["model"]["name"].endswith("-distilled")
             assert (sampling["sampler"], sampling["steps"]) == DISTILLATION_TEACHER
