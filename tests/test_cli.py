@@ -128,8 +128,10 @@ def test_a_budget_lets_the_sender_pick_a_coding_that_fits(services, transport) -
 def test_ctrl_c_cancels_the_transmission_at_the_receiver(services, transport) -> None:
     via = via_grpc(services) if transport else ()
     command = gesco_command(services, *via, "send", str(LABELS), "--no-progress", *SLOW)
+    # A suite run as a background job (`make test &`, nohup) hands its children SIGINT ignored, and
+    # Python keeps an ignored SIGINT: the client gets the default back, as at a terminal.
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=CLIENT_ENV)
+                               env=CLIENT_ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         transmission_id = process.stdout.readline().strip()  # printed as soon as the sender accepted it
         assert len(transmission_id) == 32, process.communicate(timeout=30)
