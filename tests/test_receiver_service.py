@@ -250,8 +250,8 @@ from tests.receiver_helpers import (  # noqa: E402
 )
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [({}, ["channels_last", "trace"]),
-                                                     ({"trace_network": False}, ["channels_last"]),
+@pytest.mark.parametrize(("overrides", "expected"), [({}, ["channels_last"]),
+                                                     ({"trace_network": True}, ["channels_last", "trace"]),
                                                      ({"channels_last": False, "torch_compile": True}, ["compile"])])
 def test_worker_applies_the_cpu_inference_settings(tmp_path, fake_generator, overrides, expected) -> None:
     store = TransmissionStore(tmp_path / "store", max_items=50, max_age_s=3600)

@@ -246,7 +246,7 @@ def run_load(cluster: Cluster, report_path, rate: int, duration_s: int, max_requ
     return subprocess.Popen(
         [sys.executable, "-m", "load.grpc_load", "--channel", f"127.0.0.1:{cluster.channel_port}",
          "--receiver-url", cluster.replicas["receiver-1"], "--rate", str(rate), "--duration-s", str(duration_s),
-         "--max-requests", str(max_requests), "--steps", "16", "--drain-s", "150", "--report", str(report_path)],
+         "--max-requests", str(max_requests), "--steps", "4", "--drain-s", "150", "--report", str(report_path)],
         cwd=REPO_ROOT, env={**os.environ, "GESCO_LOAD_RECEIVER_API_KEY": RECEIVER_KEY},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
