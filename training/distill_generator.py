@@ -55,7 +55,7 @@ from shared.semantic.checkpoints import save_checkpoint
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid
 from shared.semantic.device import select_device
-from shared.semantic.diffusion.adapters import adapter_path, with_adapter
+from shared.semantic.diffusion.adapters import adapter_paths, with_adapter
 from shared.semantic.diffusion.distilled import student_path, teacher_fingerprint
 from shared.semantic.diffusion.gaussian_diffusion import GaussianDiffusion
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
@@ -191,8 +191,7 @@ class Trainer:
         self.teacher = SemanticImageGenerator.load(cfg.teacher, device=str(self.device))
         if not self.teacher.info.trained or self.teacher.is_student:
             raise ValueError(f"{cfg.teacher} is not a trained teacher checkpoint")
-        adapter = adapter_path(cfg.teacher, cfg.downsample_factor)
-        self.adapter = adapter if cfg.downsample_factor > 1 and adapter.is_file() else None
+        self.adapter = adapter_paths(cfg.teacher).get(cfg.downsample_factor)
         if self.adapter is not None:
             self.teacher = with_adapter(self.teacher, self.adapter)
         self.fingerprint = teacher_fingerprint(cfg.teacher, self.adapter)

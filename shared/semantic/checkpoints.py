@@ -69,3 +69,15 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor], exclude: frozenset[
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def beside_by_factor(checkpoint: str | Path, suffix: str) -> dict[int, Path]:
+    """The files <stem>.f<factor>.<suffix> beside `checkpoint` (its condition adapters, its
+    students), by downsample factor > 1, in factor order."""
+    checkpoint = Path(checkpoint)
+    found = {}
+    for path in checkpoint.parent.glob(f"{checkpoint.stem}.f*.{suffix}"):
+        factor = path.name[len(checkpoint.stem) + 2:-len(f".{suffix}")]
+        if factor.isdigit() and int(factor) > 1:
+            found[int(factor)] = path
+    return dict(sorted(found.items()))

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from shared.semantic.checkpoints import load_checkpoint, save_checkpoint, weights_fingerprint
+from shared.semantic.checkpoints import beside_by_factor, load_checkpoint, save_checkpoint, weights_fingerprint
 from shared.semantic.diffusion.generator import SemanticDiffusionConfig, SemanticImageGenerator
 from shared.semantic.diffusion.unet import SpadeGroupNorm
 
@@ -84,13 +84,7 @@ def adapter_path(checkpoint: str | Path, downsample_factor: int) -> Path:
 
 def adapter_paths(checkpoint: str | Path) -> dict[int, Path]:
     """The adapters found beside `checkpoint`, by downsample factor."""
-    checkpoint = Path(checkpoint)
-    found = {}
-    for path in checkpoint.parent.glob(f"{checkpoint.stem}.f*.adapter.pt"):
-        factor = path.name[len(checkpoint.stem) + 2:-len(".adapter.pt")]
-        if factor.isdigit() and int(factor) > 1:
-            found[int(factor)] = path
-    return dict(sorted(found.items()))
+    return beside_by_factor(checkpoint, "adapter.pt")
 
 
 def adapted_generators(generator: SemanticImageGenerator) -> dict[int, SemanticImageGenerator]:

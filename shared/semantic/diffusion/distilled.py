@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.semantic.checkpoints import load_checkpoint, weights_fingerprint
+from shared.semantic.checkpoints import beside_by_factor, load_checkpoint, weights_fingerprint
 from shared.semantic.diffusion.adapters import ADAPTER_KIND
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
 
@@ -34,13 +34,8 @@ def student_path(checkpoint: str | Path, downsample_factor: int = 1) -> Path:
 
 def student_paths(checkpoint: str | Path) -> dict[int, Path]:
     """The students found beside `checkpoint`, by downsample factor."""
-    checkpoint = Path(checkpoint)
-    found = {1: student_path(checkpoint)} if student_path(checkpoint).is_file() else {}
-    for path in checkpoint.parent.glob(f"{checkpoint.stem}.f*.distilled.pt"):
-        factor = path.name[len(checkpoint.stem) + 2:-len(".distilled.pt")]
-        if factor.isdigit() and int(factor) > 1:
-            found[int(factor)] = path
-    return dict(sorted(found.items()))
+    full = student_path(checkpoint)
+    return {**({1: full} if full.is_file() else {}), **beside_by_factor(checkpoint, "distilled.pt")}
 
 
 def teacher_fingerprint(checkpoint: str | Path, adapter: str | Path | None = None) -> str:

@@ -20,8 +20,8 @@ from shared.semantic.device import select_device
 from shared.semantic.diffusion.forward_buckets import BucketedForward
 from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, GaussianDiffusion, to_device
 from shared.semantic.diffusion.quantization import INT8, int8_skeleton
-from shared.semantic.diffusion.samplers import (SAMPLERS, DistilledSampler, GuidedModel, StepCallback,
-                                                default_for_teacher, resolve)
+from shared.semantic.diffusion.samplers import (DEFAULT_SAMPLER, SAMPLERS, DistilledSampler, GuidedModel,
+                                                StepCallback, resolve, teacher_options)
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
 
 CHECKPOINT_KIND = "semantic-diffusion"
@@ -182,10 +182,8 @@ class SemanticImageGenerator:
 
         The distilled sampler runs on a student and a student runs nothing else; a student's
         guidance is the one it learned (the request must ask for that scale). A request without a
-        sampler gets the default, which on a model that is no student is the trajectory a student
-        imitates (samplers.default_for_teacher)."""
-        if not self.is_student:
-            sampling = default_for_teacher(sampling)
+        sampler gets the default, which on a model that is no student is the sampler a student
+        imitates, at the request's steps (samplers.teacher_options)."""
         if self.is_student:
             sampling = dataclasses.replace(sampling, sampler=sampling.sampler or DistilledSampler.name)
             if sampling.sampler != DistilledSampler.name:
@@ -194,6 +192,8 @@ class SemanticImageGenerator:
             if sampling.guidance != self.info.distilled_guidance:
                 raise LimitError("guidance", f"the {DistilledSampler.name} sampler has guidance "
                                              f"{self.info.distilled_guidance:g} built in, got {sampling.guidance:g}")
+        elif not sampling.sampler and DEFAULT_SAMPLER == DistilledSampler.name:
+            sampling = teacher_options(sampling)
         elif sampling.sampler == DistilledSampler.name:
             raise LimitError("sampler", f"{DistilledSampler.name!r} runs on a distilled student of "
                                         f"{self.info.name}, and none is loaded")

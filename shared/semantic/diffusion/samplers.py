@@ -409,14 +409,6 @@ def default_sampler(steps: int = 0) -> str:
     return DISTILLATION_TEACHER[0] if limit and steps > limit else DEFAULT_SAMPLER
 
 
-def default_for_teacher(options: SamplingOptions) -> SamplingOptions:
-    """`options` for a model that is no distilled student: a request without a sampler whose default
-    is the distilled sampler runs the teacher's sampler instead (teacher_options)."""
-    if options.sampler or default_sampler(options.steps) != DistilledSampler.name:
-        return options
-    return teacher_options(options)
-
-
 def resolve(options: SamplingOptions, max_steps: int) -> SamplingOptions:
     """`options` with its defaults filled in (default_sampler, then that sampler's default steps,
     at most `max_steps`) and checked against the registry and a chain of `max_steps`; LimitError
