@@ -288,6 +288,28 @@ def test_training_script_resumes_exactly(tmp_path: Path) -> None:
     assert seg.segment(np.zeros((12, 16, 3), np.uint8)).shape == (12, 16)
 
 
+def test_lovasz_softmax_equals_one_minus_iou_at_hard_predictions() -> None:
+    from training.train_segmenter import lovasz_softmax
+
+    torch.manual_seed(2)
+    labels = torch.randint(0, 4, (2, 6, 8))
+    labels[0, 0] = 11  # void
+    labels[1, 1] = -100  # padding
+    predicted = torch.randint(0, 4, (2, 6, 8))
+    logits = F.one_hot(predicted, 12).permute(0, 3, 1, 2).float() * 1e4  # softmax is one-hot
+    keep = (labels != 11) & (labels != -100)
+    expected = []
+    for c in labels[keep].unique().tolist():
+        truth, guess = (labels == c) & keep, (predicted == c) & keep
+        expected.append(1 - (truth & guess).sum().item() / (truth | guess).sum().item())
+    assert lovasz_softmax(logits, labels, [11, -100]).item() == pytest.approx(np.mean(expected), abs=1e-5)
+    perfect = F.one_hot(labels.clamp(0, 11), 12).permute(0, 3, 1, 2).float() * 1e4
+    assert lovasz_softmax(perfect, labels, [11, -100]).item() == pytest.approx(0.0, abs=1e-6)
+    soft = torch.randn(2, 12, 6, 8, requires_grad=True)
+    lovasz_softmax(soft, labels, [11, -100]).backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0
+
+
 def test_scale_crop_zoom_out_pads_with_the_ignored_label() -> None:
     from training.train_segmenter import scale_crop
 

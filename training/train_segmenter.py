@@ -14,6 +14,9 @@ Choices:
   label frequencies of the 11 real classes (0.5: the square root of median-frequency balancing,
   which lifts pole, sign, pedestrian, bicyclist and fence without the over-prediction of full
   balancing). Void gets the small fixed `void_weight` (0 ignores it).
+* `iou_loss_weight` adds the Lovasz-softmax loss (Berman et al., 2018), a convex surrogate of
+  1 - IoU per class averaged over the classes present in the batch: cross-entropy counts pixels,
+  so a two-pixel-wide pole barely moves it, while the IoU surrogate weighs each class alike.
 * Augmentation: random scale and crop (a window of 1/s of the frame, s in [scale_min, scale_max];
   s < 1 zooms out and pads the border, whose pixels the loss ignores), horizontal flips (done
   by the dataset), brightness/contrast/saturation/hue jitter, time-of-day colour casts (warm
@@ -100,6 +103,7 @@ class TrainConfig:
     # loss
     void_weight: float = 0.1  # 0 -> void ignored
     weight_power: float = 0.5  # 1 = median-frequency balancing, 0.5 = its square root, 0 = unweighted
+    iou_loss_weight: float = 0.0  # weight of the Lovasz-softmax term added to cross-entropy (0 = off)
     # augmentation
     scale_min: float = 1.0  # crop window = frame / s, s drawn in [scale_min, scale_max] (1 = whole frame)
     scale_max: float = 1.75
@@ -138,6 +142,39 @@ def class_weights(freq: np.ndarray, void_id: int, void_weight: float, power: flo
     w[real] = (np.median(f) / f) ** power
     w[void_id] = void_weight
     return torch.tensor(w, dtype=torch.float32)
+
+
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore: list[int]) -> torch.Tensor:
+    """Lovasz-softmax loss over the batch's pixels, averaged over the classes present.
+
+    For each class the pixels' errors |[y = c] - p_c| are sorted in decreasing order and weighted
+    by the increments of the Jaccard loss along that order (the Lovasz extension), which makes the
+    sum a tight convex surrogate of 1 - IoU_c. Pixels whose label is in `ignore` do not count,
+    and neither do the ignored classes themselves.
+    """
+    probs = logits.softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    flat = labels.reshape(-1)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    for value in ignore:
+        keep &= flat != value
+    probs, flat = probs[keep], flat[keep]
+    losses = []
+    for c in range(probs.shape[1]):
+        if c in ignore:
+            continue
+        fg = (flat == c).float()
+        if fg.sum() == 0:
+            continue
+        errors = (fg - probs[:, c]).abs()
+        errors_sorted, order = errors.sort(descending=True)
+        fg_sorted = fg[order]
+        total = fg_sorted.sum()
+        intersection = total - fg_sorted.cumsum(0)
+        union = total + (1.0 - fg_sorted).cumsum(0)
+        jaccard = 1.0 - intersection / union
+        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        losses.append(torch.dot(errors_sorted, jaccard))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
 
 
 def scale_crop(image: torch.Tensor, labels: torch.Tensor, out_hw: tuple[int, int], scale: float,
@@ -472,7 +509,10 @@ class Trainer:
         lr = lr_at(self.step, self.cfg, self.total_steps if self.total_steps else 10**9)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        loss = F.cross_entropy(self.model(x), y, weight=self.weights, ignore_index=self.ignore)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, weight=self.weights, ignore_index=self.ignore)
+        if self.cfg.iou_loss_weight > 0:
+            loss = loss + self.cfg.iou_loss_weight * lovasz_softmax(logits, y, [self.void_id, -100])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

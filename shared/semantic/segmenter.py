@@ -262,7 +262,12 @@ def _config_from_dict(d: dict[str, Any]) -> SegmenterConfig:
 
 
 class Segmenter:
-    """Inference wrapper around a segmenter network (eval mode, float32, no gradients)."""
+    """Inference wrapper around a segmenter network (eval mode, float32, no gradients).
+
+    The network runs in channels-last memory format: its convolutions are faster that way on CPU
+    (docs/benchmarks-segmenter.md), and the class axis of its logits is then the innermost one,
+    so the per-pixel argmax reads contiguous memory.
+    """
 
     def __init__(
         self,
@@ -272,7 +277,7 @@ class Segmenter:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.net = net.to(self.device).float().eval()
+        self.net = net.to(self.device).float().eval().to(memory_format=torch.channels_last)
         self.config: SegmenterConfig = net.config
         self.trained = trained
         self.meta: dict[str, Any] = dict(meta or {})
@@ -306,7 +311,7 @@ class Segmenter:
     @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) in [-1, 1] at the network input size -> logits (B, K, h, w)."""
-        return self.net(images.to(self.device, torch.float32))
+        return self.net(images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last))
 
     def segment(self, image: np.ndarray, out_size: tuple[int, int] | None = None) -> np.ndarray:
         """HxWx3 uint8 RGB image of any size -> uint8 label ids at `out_size` (height, width; default
@@ -348,7 +353,7 @@ class Segmenter:
             x = images.to(self.device, torch.float32)
             if (h, w) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            pred = self.net(x).argmax(1)
+            pred = self.logits(x).argmax(1)
             if (h, w) != size:
                 pred = F.interpolate(pred[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         return pred.to(images.device)
