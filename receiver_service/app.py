@@ -174,6 +174,9 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         hub.notify_finished(transmission_id)
 
     store = create_store(settings, on_finished=finished)
+    if not settings.sampling and not store.shares_jobs:
+        raise ValueError("GESCO_RECEIVER_SAMPLING=false: a serving replica hands its jobs to sampling replicas "
+                         "through the shared Redis store; set GESCO_RECEIVER_REDIS_URL")
     metrics = ServiceMetrics(queue=True)
     worker = GenerationWorker(settings, store, metrics)
     metrics.queue_depth.set_function(lambda: worker.queue_depth)

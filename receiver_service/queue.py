@@ -40,10 +40,13 @@ class JobQueue:
     """Queued jobs, oldest first, bounded by `capacity`, and the jobs held until released."""
 
     def __init__(self, store: JobStore, capacity: int,
-                 generator_for: Callable[[int], SemanticImageGenerator] | None = None) -> None:
-        """`generator_for(downsample_factor)` rebuilds the jobs taken from a shared store."""
+                 generator_for: Callable[[int], SemanticImageGenerator] | None = None, forwards: bool = False) -> None:
+        """`generator_for(downsample_factor)` rebuilds the jobs taken from a shared store.
+        `forwards`: a serving replica's queue, whose jobs all go to the shared queue (`forward`),
+        which `capacity` then bounds."""
         self.store = store
         self.capacity = capacity
+        self.forwards = forwards
         self._generator_for = generator_for
         # Guards the collections below; notified when a job arrives or the queue closes.
         self._changed = threading.Condition()
@@ -82,7 +85,7 @@ class JobQueue:
     # --- admission ------------------------------------------------------------------------------
     def check_capacity(self) -> None:
         """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
-        if self.depth >= self.capacity:
+        if (self.store.shared_queue_depth() if self.forwards else self.depth) >= self.capacity:
             raise QueueFullError(self.retry_after_s())
 
     def retry_after_s(self) -> int:
@@ -107,6 +110,15 @@ class JobQueue:
             self._waiting.append(job)
             self._held[job.transmission_id] = job
             self._changed.notify_all()
+        return ahead
+
+    def forward(self, job: Job, record: dict) -> int:
+        """A serving replica's admission: store the job, unowned and with its inputs, at the end
+        of the shared queue for a sampling replica to claim; return the jobs ahead of it there.
+        Raises DuplicateTransmissionError or QueueFullError."""
+        self.check_capacity()
+        ahead = self.store.shared_queue_depth()
+        self.store.create(record, encode_job_input(job), shared_queue=True)
         return ahead
 
     def cancel(self, transmission_id: str, reason: str) -> None:

@@ -321,26 +321,32 @@ class RedisTransmissionStore:
 
     # ----------------------------------------------------------------------------- records
 
-    def create(self, record: dict[str, Any], job_input: bytes = b"") -> None:
+    def create(self, record: dict[str, Any], job_input: bytes = b"", shared_queue: bool = False) -> None:
         """Store a new job's record, owned by this replica at epoch 0, with `job_input` (what
-        another replica needs to redo it); DuplicateTransmissionError if its id is taken."""
+        another replica needs to redo it); DuplicateTransmissionError if its id is taken.
+        `shared_queue` (a serving replica's job): unowned instead, at the end of `pending`, for
+        a sampling replica to claim."""
         transmission_id = validate_transmission_id(record["id"])
         created_at, status = float(record["created_at"]), str(record["status"])
+        if shared_queue and not (job_input and status == JobStatus.QUEUED.value):
+            raise ValueError("a job for the shared queue must be queued and carry its inputs")
         self._register()
         key = self._record_key(transmission_id)
+        owner = "" if shared_queue else self.replica_id
 
         def put(pipe: Pipeline) -> None:
             if pipe.exists(key):
                 raise DuplicateTransmissionError(transmission_id)
             pipe.multi()
-            pipe.hset(key, mapping={"owner": self.replica_id, "epoch": 0,
-                                    **({"input": job_input} if job_input else {})})
+            pipe.hset(key, mapping={"owner": owner, "epoch": 0, **({"input": job_input} if job_input else {})})
             pipe.zadd(self._key("index"), {transmission_id: created_at})
-            if status not in FINISHED:  # a live lease and a listed owner, or a sweep would miss it
+            if shared_queue:
+                pipe.rpush(self._key("pending"), transmission_id)
+            elif status not in FINISHED:  # a live lease and a listed owner, or a sweep would miss it
                 pipe.set(self._key("lease", self.replica_id), self._token, px=self._lease_ms)
                 pipe.sadd(self._key("owners"), self.replica_id)
                 pipe.sadd(self._key("owned", self.replica_id), transmission_id)
-            self._queue_write(pipe, transmission_id, record, self.replica_id, announce=False)
+            self._queue_write(pipe, transmission_id, record, owner, announce=False)
 
         with _redis_errors():
             self._transact(put, key)
@@ -541,6 +547,11 @@ class RedisTransmissionStore:
         if jobs:
             log.info("took over handed-back jobs", extra={"transmission_ids": [job[0] for job in jobs]})
         return jobs
+
+    def shared_queue_depth(self) -> int:
+        """Jobs in `pending`, waiting for a sampling replica to claim them."""
+        with _redis_errors():
+            return int(self._client.llen(self._key("pending")))
 
     def hand_back(self, transmission_ids: Collection[str]) -> list[str]:
         """Give this replica's jobs back to the shared queue (it stops; they have not started);

@@ -32,6 +32,12 @@ class ReceiverSettings(ServiceSettings):
     # shared/semantic/diffusion/distilled.py). Off, or no student for a job's factor: the sampler
     # falls back to the trajectory the student imitates (DDIM over 10 steps).
     distilled: bool = True
+    # false: a serving replica. It answers the REST and gRPC APIs and serves watches, and puts each
+    # job it receives into the shared queue (needs the Redis store) for the sampling replicas,
+    # never sampling itself, so a thousand watch streams do not share a process, and its
+    # interpreter lock, with sampling (docs/scaling.md). It still loads the models, which
+    # validating a request needs.
+    sampling: bool = True
     # The second stage: the generated image upscaled with the received map by this checkpoint
     # (shared/semantic/upscaler.py). Off, or no such file: images stay at the generator's resolution.
     upscale: bool = True

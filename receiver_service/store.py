@@ -115,9 +115,12 @@ class TransmissionStore:
             self.evict()
             return recovered
 
-    def create(self, record: dict[str, Any], job_input: bytes = b"") -> None:
+    def create(self, record: dict[str, Any], job_input: bytes = b"", shared_queue: bool = False) -> None:
         """Store a new job's record; DuplicateTransmissionError if its id is taken. No other
-        process could redo the job, so `job_input` is not kept (the Redis store keeps it)."""
+        process could redo the job, so `job_input` is not kept (the Redis store keeps it), and
+        there is no shared queue to put it in."""
+        if shared_queue:
+            raise ValueError("the disk store has no shared queue: a serving replica needs the Redis store")
         transmission_id = validate_transmission_id(record["id"])
         with self._lock:
             if transmission_id in self._index:
@@ -194,6 +197,10 @@ class TransmissionStore:
     def hand_back(self, transmission_ids: Collection[str]) -> list[str]:
         """Nobody to hand jobs to: they stay queued, and the next open fails them."""
         return []
+
+    def shared_queue_depth(self) -> int:
+        """No shared queue: none of its jobs wait in one."""
+        return 0
 
     def set_progress(self, transmission_ids: Collection[str], step: int, steps: int) -> None:
         """Nothing to share: the worker of this one process answers for the step it samples."""

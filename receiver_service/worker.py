@@ -37,7 +37,7 @@ class GenerationWorker:
         self.metrics = metrics
         self.host = ModelHost(settings)
         assert settings.queue_size is not None  # sized by the batch when unset (settings.py)
-        self.queue = JobQueue(store, settings.queue_size, self.host.generator_for)
+        self.queue = JobQueue(store, settings.queue_size, self.host.generator_for, forwards=not settings.sampling)
         self.completion = Completion(self.queue, self.host, settings.encode_workers, metrics)
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
 
@@ -65,15 +65,15 @@ class GenerationWorker:
         if self.settings.queue_size < self.settings.max_batch_size:
             log.warning("the queue is smaller than the batch: batches stay smaller than max_batch_size",
                         extra={"queue_size": self.settings.queue_size, "max_batch_size": self.settings.max_batch_size})
-        if not self.queue.closed:
+        if self.settings.sampling and not self.queue.closed:
             self._thread.start()
 
     def submit(self, job: Job, record: dict) -> int:
-        """Queue a validated job with its status record; return the jobs ahead of it.
-        Raises NotReadyError, DuplicateTransmissionError, QueueFullError."""
+        """Queue a validated job with its status record (a serving replica: in the shared queue);
+        return the jobs ahead of it. Raises NotReadyError, DuplicateTransmissionError, QueueFullError."""
         if not self.ready or self.queue.closed:
             raise NotReadyError(self.load_error or "the model is still loading")
-        return self.queue.admit(job, record)
+        return self.queue.admit(job, record) if self.settings.sampling else self.queue.forward(job, record)
 
     def cancel(self, transmission_id: str, reason: str) -> None:
         self.queue.cancel(transmission_id, reason)

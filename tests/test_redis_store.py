@@ -469,6 +469,20 @@ def test_a_cancelled_job_waiting_in_the_shared_queue_is_not_taken(make_store):
     assert b.claim(5) == [(IDS[1], b"inputs-1", 2)]
 
 
+def test_a_serving_replicas_job_goes_unowned_to_the_shared_queue(make_store):
+    serving, sampling = make_store("serving"), make_store("sampling")
+    serving.create(record(IDS[0], 1.0), b"inputs-0", shared_queue=True)
+    serving.create(record(IDS[1], 2.0), b"inputs-1", shared_queue=True)
+    assert serving.shared_queue_depth() == sampling.shared_queue_depth() == 2
+    with pytest.raises(DuplicateTransmissionError):
+        serving.create(record(IDS[0], 1.0), b"inputs-0", shared_queue=True)
+    with pytest.raises(ValueError, match="inputs"):
+        serving.create(record(IDS[2], 3.0), b"", shared_queue=True)
+    assert serving.close() == []  # it owns none of them: nothing to fail or hand back
+    assert sampling.claim(1) == [(IDS[0], b"inputs-0", 1)]
+    assert sampling.shared_queue_depth() == 1 and sampling.get(IDS[1])["status"] == "queued"
+
+
 def test_close_hands_own_unfinished_jobs_back_at_once(make_store):
     a, b = make_store("a"), make_store("b")
     a.create(record(IDS[0], 1.0), b"inputs-0")

@@ -312,3 +312,40 @@ def test_a_watch_on_one_replica_follows_a_job_sampled_on_another(tmp_path, stepp
         everyone = asyncio.run(run())
     for received in everyone:
         assert_every_step_then_the_image(received)
+
+
+def test_a_serving_replica_queues_its_jobs_for_the_sampling_ones_and_serves_their_watches(
+        tmp_path, stepping_generator, redis_url, monkeypatch) -> None:
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", redis_url.url)
+    monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", PASSWORD)
+    sampling = make_settings(tmp_path / "sampling")
+    serving = make_settings(tmp_path / "serving", sampling=False)
+    with contextlib.ExitStack() as running:
+        for name, settings in (("sampling", sampling), ("serving", serving)):
+            monkeypatch.setenv("GESCO_RECEIVER_REDIS_REPLICA_ID", name)
+            running.enter_context(ready_client(settings, stepping_generator))
+        stepping_generator.gate.clear()
+        transmission_id = send(serving.grpc_port)
+
+        async def run() -> list[list]:
+            watching = asyncio.create_task(watch_all(f"127.0.0.1:{serving.grpc_port}", transmission_id, 50))
+            await asyncio.sleep(1.0)
+            stepping_generator.gate.set()
+            return await watching
+
+        everyone = asyncio.run(run())
+        samplers = [thread for thread in threading.enumerate() if thread.name == "generation-worker"]
+        owner = redis_url.client().hget(next(redis_url.client().scan_iter(f"*tx:{transmission_id}")), "owner")
+    assert len(everyone) == 50
+    for received in everyone:
+        assert_every_step_then_the_image(received)
+    assert owner == b"sampling"  # claimed from the shared queue by the sampling replica
+    assert len(samplers) == 1  # the serving replica never started its sampling thread
+
+
+def test_a_serving_replica_needs_the_shared_store(tmp_path, monkeypatch) -> None:
+    from receiver_service.app import create_app
+
+    monkeypatch.delenv("GESCO_RECEIVER_REDIS_URL", raising=False)
+    with pytest.raises(ValueError, match="GESCO_RECEIVER_REDIS_URL"):
+        create_app(make_settings(tmp_path, sampling=False))
