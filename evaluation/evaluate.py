@@ -6,13 +6,17 @@
         --segmenter models/segmenter-camvid.pt --sampler ddim --steps 10 --guidance 2 --seed 0 \\
         --out docs/results
 
-Every image is evaluated at the sender's map size (96x128 by default): the label map that is
-sent and the original image are the dataset's, resized there. Ours and the ablations go through
-the receiver's pipeline (`shared.semantic.link.simulate_link`, then `generator.generate`), the generated
-image is resized from the model's resolution to the map size for the metrics. Channel noise and
-sampling seeds derive from --seed and the image index only, so every method sees the same channel
-realisation for an image and SNR, and a run is reproducible. Writes results.json, plots/*.png and
-grid*.png under --out and the report there as results.md, or at --report (see `evaluation.report`).
+Every image is evaluated at --image-height x --image-width, by default the sender's map size
+(--map-height x --map-width, 96x128): the original image and the ground-truth label map are the
+dataset's, resized there; the label map that is sent is that map resized to the map size (nearest
+neighbour), as the sender takes its map at its map size. Ours and the ablations go through the
+receiver's pipeline: codec, channel and FDS (`shared.semantic.link`), `generator.generate`, then with
+--upscaler the receiver's upscaling stage (`shared.semantic.upscaler`, given the received maps at the
+size they were sent); the image is then resized to the evaluated size for the metrics. The analog
+and digital baselines send the image at the evaluated size. Channel noise and sampling seeds derive
+from --seed and the image index only, so every method sees the same channel realisation for an
+image and SNR, and a run is reproducible. Writes results.json, plots/*.png and grid*.png under
+--out and the report there as results.md, or at --report (see `evaluation.report`).
 """
 from __future__ import annotations
 
@@ -49,18 +53,19 @@ from evaluation.schema import ABLATIONS, DEFINITION_TEXT, METHODS, Method
 from gesco.options import DEFAULT_GUIDANCE, DISTILLATION_TEACHER
 from shared.limits import SamplingOptions
 from shared.paths import REPO_ROOT
-from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
+from shared.semantic.channels import ChannelConfig, ChannelOutput, SnrDefinition, apply_channel
 from shared.semantic.checkpoints import load_checkpoint
 from shared.semantic.codec import CodecConfig, encode_label_map
 from shared.semantic.data import CAMVID_INFO, camvid, default_data_root
 from shared.semantic.device import select_device
-from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator
+from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGenerator, to_uint8_images
 from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.samplers import DistilledSampler
 from shared.semantic import rate_quality
-from shared.semantic.link import received_views, simulate_link
+from shared.semantic.link import ReceivedViews, received_views, resize_maps
 from shared.semantic.segmenter import Segmenter
+from shared.semantic.upscaler import Upscaler
 from shared.wire.imageio import resize_image  # as the receiver sizes its output
 
 DEFAULT_SNRS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 100.0)
@@ -98,6 +103,12 @@ class EvaluationConfig:
     limit: int = 0
     map_height: int = 96
     map_width: int = 128
+    # The evaluated resolution, at least the map size; 0: the map size's.
+    image_height: int = 0
+    image_width: int = 0
+    # The receiver's upscaling stage after the generator (its checkpoint); "": none, the generated
+    # image is resized bicubically to the evaluated size.
+    upscaler: str = ""
     # Ours' maps sent downsampled by this factor, generated as the services do: through the
     # condition adapter of the factor beside `model` where there is one (the distilled sampler: the
     # factor's student).
@@ -125,6 +136,22 @@ class EvaluationConfig:
         sampling = self.sampling  # a LimitError (a ValueError naming the field) out of the limits
         if not sampling.sampler or not sampling.steps:
             raise ValueError("sampler and steps must be given (not the receiver's defaults): the results record them")
+        (height, width), (map_height, map_width) = self.image_size, self.map_size
+        if height < map_height or width < map_width:
+            raise ValueError(f"the evaluated size {height}x{width} (image height and width) is below the map size "
+                             f"{map_height}x{map_width}: the evaluated images are the map size or larger")
+        if self.upscaler and not Path(self.upscaler).is_file():
+            raise ValueError(f"upscaler {self.upscaler} not found")
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        """The size of the label map the sender takes (before any downsampling)."""
+        return self.map_height, self.map_width
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The evaluated resolution: image height and width, each 0 for the map's."""
+        return self.image_height or self.map_height, self.image_width or self.map_width
 
     @property
     def sampling(self) -> SamplingOptions:
@@ -170,8 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")
-    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height = evaluated resolution")
+    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height")
     p.add_argument("--map-width", type=int, default=d.map_width)
+    p.add_argument("--image-height", type=int, default=d.image_height,
+                   help="evaluated resolution, at least the map's: images and ground truth are loaded there (0: the map's)")
+    p.add_argument("--image-width", type=int, default=d.image_width)
+    p.add_argument("--upscaler", default=d.upscaler,
+                   help="checkpoint of the receiver's upscaling stage, run on ours' and the ablations' generated images "
+                        "(default: none, they are resized bicubically)")
     p.add_argument("--downsample-factor", type=int, default=d.downsample_factor,
                    help="ours' maps sent downsampled by this factor (through its condition adapter, as served)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images generated together")
@@ -273,16 +306,17 @@ class Evaluation:
         self.info = CAMVID_INFO
         root = Path(config.data_root).expanduser() if config.data_root else default_data_root()
         self.data_root = root
-        size = (config.map_height, config.map_width)
-        dataset = camvid(root, config.split, size=size)
+        self.size, self.map_size = config.image_size, config.map_size  # evaluated, sent
+        dataset = camvid(root, config.split, size=self.size)
         self.split_size = len(dataset)
         self.indices = evenly_spread(len(dataset), config.limit)
         self.names = [dataset.pairs[i][0].name for i in self.indices]
         self.images = dataset.images[self.indices]
-        self.labels = dataset.labels[self.indices]
-        self.size = size
+        self.labels = dataset.labels[self.indices]  # the ground truth every metric compares with
+        self.map_labels = self.labels if self.map_size == self.size else np.stack([
+            cv2.resize(label, self.map_size[::-1], interpolation=cv2.INTER_NEAREST) for label in self.labels])
         self.codec = CodecConfig(num_classes=self.info.num_classes, downsample_factor=config.downsample_factor)
-        self.encoded = [encode_label_map(label, self.codec) for label in self.labels]
+        self.encoded = [encode_label_map(label, self.codec) for label in self.map_labels]
         self.probe = SegmenterProbe(Segmenter.from_checkpoint(config.segmenter, self.device))
         self.lpips = TorchScriptLpips(config.lpips, self.device) if config.lpips else None
         self.inception = TorchScriptInception(config.inception, self.device) if config.inception else None
@@ -298,6 +332,8 @@ class Evaluation:
         self.students: dict[str, SemanticImageGenerator] = {}  # the distilled sampler's, by model key
         self.adapted: dict[str, SemanticImageGenerator] = {}  # the generator at downsample_factor, by model key
         self._check_sampling(config)
+        self.upscaler = Upscaler.from_checkpoint(config.upscaler, self.device) if config.upscaler else None
+        self._check_upscaler()
         self.real_labels, self.real_features = self.probe(self.images)
         self.real_inception = self.inception(self.images) if self.inception else None
         self.plans: list[DigitalPlan] | None = None
@@ -325,6 +361,19 @@ class Evaluation:
         """Every loaded model can run this sampler and steps (an unknown sampler fails here, not mid-run)."""
         for key in self.generators:
             self.generator(key, config.sampler).resolve(config.sampling)
+
+    def _check_upscaler(self) -> None:
+        """The stage takes every loaded model's images and classes (a mismatch fails here, not mid-run)."""
+        if self.upscaler is None:
+            return
+        stage = self.upscaler.config
+        for key, generator in self.generators.items():
+            info = generator.info
+            if (stage.in_height, stage.in_width, stage.num_classes) != (info.image_height, info.image_width,
+                                                                         info.num_classes):
+                raise ValueError(f"upscaler {_relative(self.config.upscaler)} takes {stage.in_height}x{stage.in_width} "
+                                 f"images of {stage.num_classes} classes; {key} {_relative(self.config.model_path(key))} "
+                                 f"makes {info.image_height}x{info.image_width} of {info.num_classes}")
 
     def use_sampling(self, sampler: str, steps: int) -> None:
         """Generate with another sampler from now on (the sampler sweep), checked as at the start."""
@@ -356,29 +405,45 @@ class Evaluation:
     def sampling_seed(self, position: int) -> int:
         return _seed(self.config.seed, 1, self.indices[position])
 
+    def receive(self, position: int, definition: SnrDefinition, snr_db: float,
+                use_fds: bool = True) -> tuple[ChannelOutput, ReceivedViews]:
+        """An image's maps through the channel, as the receiver has them: at the size they were sent."""
+        encoded = self.encoded[position]
+        output = apply_channel(encoded.symbols, self.channel(definition, snr_db),
+                               seed=self.channel_seed(position, definition, snr_db), map_scale=encoded.header.scale)
+        return output, received_views(output.symbols, encoded.header, use_fds)
+
     # --- transmissions -----------------------------------------------------------------------------
     def semantic(self, method: Method, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
         generator = self.generator(method.model)
         height, width = generator.info.image_height, generator.info.image_width
-        channel = self.channel(definition, snr_db)
         sampling = self.config.sampling
         outputs, measured, map_accuracy = [], [], []
         for start in range(0, len(self.images), self.config.batch_size):
             positions = range(start, min(start + self.config.batch_size, len(self.images)))
-            conditions = []
+            received, conditions = [], []
             for i in positions:
-                link = simulate_link(self.labels[i], self.codec, channel, seed=self.channel_seed(i, definition, snr_db),
-                                     out_size=(height, width), use_fds=bool(method.fds))
-                conditions.append(link.condition)
-                measured.append(link.channel.measured_snr_db)
-                sent = cv2.resize(self.labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
-                map_accuracy.append(float((link.condition.argmax(0) == sent).mean()))
+                output, views = self.receive(i, definition, snr_db, use_fds=bool(method.fds))
+                condition = resize_maps(views.fds_maps, (height, width))  # the FDS maps, or the raw ones without
+                received.append(views.fds_maps)
+                conditions.append(condition)
+                measured.append(output.measured_snr_db)
+                sent = cv2.resize(self.map_labels[i], (width, height), interpolation=cv2.INTER_NEAREST)
+                map_accuracy.append(float((condition.argmax(0) == sent).mean()))
             generated = generator.generate(torch.from_numpy(np.stack(conditions)), sampling,
                                            [self.sampling_seed(i) for i in positions])
-            outputs.extend(resize_image(image, *self.size) for image in generated)
+            outputs.extend(resize_image(image, *self.size) for image in self.upscale(generated, received))
         uses = [self.semantic_uses(i) for i in range(len(self.images))]
         extra = {"channel_uses": uses, "measured_snr_db": measured, "condition_pixel_accuracy": map_accuracy}
         return np.stack(outputs), extra
+
+    def upscale(self, generated: np.ndarray, received: list[np.ndarray]) -> np.ndarray:
+        """The generated images through the upscaling stage, given the received maps as the receiver
+        gives them (receiver_service.model_host.finish_image); unchanged without a stage."""
+        if self.upscaler is None:
+            return generated
+        images = torch.from_numpy(generated).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return to_uint8_images(self.upscaler(images, torch.from_numpy(np.stack(received)).float()))
 
     def analog(self, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
         channel = self.channel(definition, snr_db)
@@ -448,7 +513,7 @@ class Evaluation:
             "raw_rgb_bits": [image.size * 8 for image in self.images],
             "jpeg_q75_bits": [len(jpeg_encode(image, 75)) * 8 for image in self.images],
             "label_map_png_bits": [len(cv2.imencode(".png", labels.astype(np.uint8),
-                                                    [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]) * 8 for labels in self.labels],
+                                                    [cv2.IMWRITE_PNG_COMPRESSION, 9])[1]) * 8 for labels in self.map_labels],
             "digital_jpeg_quality": [p.jpeg_quality for p in plans],
             "digital_mcs": [p.mcs.name for p in plans],
             "digital_jpeg_bits": [p.jpeg_bits for p in plans],
@@ -477,11 +542,9 @@ class Evaluation:
             for snr_db in snrs_db:
                 sums = {key: np.zeros(3) for key in ("raw_on_0", "raw_on_1", "fds_on_0", "fds_on_1")}
                 for i, encoded in enumerate(self.encoded):
-                    received = apply_channel(encoded.symbols, self.channel(definition, snr_db),
-                                             seed=self.channel_seed(i, definition, snr_db), map_scale=encoded.header.scale)
-                    views = received_views(received.symbols, encoded.header)
+                    _, views = self.receive(i, definition, snr_db)
                     ids = list(encoded.header.present_class_ids)
-                    sent = self.labels[i][None] == np.asarray(ids)[:, None, None]
+                    sent = self.map_labels[i][None] == np.asarray(ids)[:, None, None]
                     for name, maps in (("raw", views.noisy_maps[ids]), ("fds", views.fds_maps[ids])):
                         for bit, mask in (("0", ~sent), ("1", sent)):
                             values = maps[mask].astype(np.float64)
@@ -505,7 +568,8 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     ev = Evaluation(config)
-    _log(f"evaluating {len(ev.indices)} of {ev.split_size} {config.split} images at {ev.size[0]}x{ev.size[1]}")
+    _log(f"evaluating {len(ev.indices)} of {ev.split_size} {config.split} images at {ev.size[0]}x{ev.size[1]} "
+         f"(maps {ev.map_size[0]}x{ev.map_size[1]}; generated images by {config.upscaler or 'bicubic'})")
     snrs = sorted(set(config.snrs))
     grid_position = min(max(config.grid_image, 0), len(ev.indices) - 1)
     methods_info: dict[str, Any] = {}
@@ -518,7 +582,7 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
                               "noisy_training": method.noisy_training, "definitions": []}
     results: dict[str, Any] = {}
     grid: dict[str, Any] = {"scene": ev.names[grid_position], "original": ev.images[grid_position],
-                            "labels": ev.labels[grid_position], "segmented": ev.real_labels[grid_position],
+                            "labels": ev.map_labels[grid_position], "segmented": ev.real_labels[grid_position],
                             "images": {}}
     timings: dict[str, float] = {}
     cache = ConfigCache(None if config.cache_dir is None else Path(config.cache_dir), {
@@ -527,6 +591,8 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
         "guidance": config.guidance, "ldpc_iterations": config.ldpc_iterations,
         "segmenter": file_stamp(config.segmenter), "lpips": file_stamp(config.lpips),
         "inception": file_stamp(config.inception),
+        # Only where the map size differs from the evaluated one: caches of runs before the option still match.
+        **({"map_size": list(ev.map_size)} if ev.map_size != ev.size else {}),
     })
     for definition in config.definitions:
         per_definition: dict[str, Any] = {}
@@ -544,6 +610,8 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
             for snr_db in sorted(set(config.ablation_snrs)) if name in ABLATIONS else snrs:
                 key = {"method": name, "definition": definition.value, "snr": snr_key(snr_db),
                        "model": file_stamp(config.model_path(method.model)) if method.model else None}
+                if method.kind == "semantic" and config.upscaler:  # the baselines' images do not depend on it
+                    key["upscaler"] = file_stamp(config.upscaler)
                 cached = cache.load(key)
                 if cached is not None:
                     scores, grid_image = cached
@@ -643,8 +711,11 @@ def _settings(ev: Evaluation, config: EvaluationConfig, snrs: list[float], comma
         "device": str(ev.device),
         "dataset": "CamVid", "split": config.split, "data_root": _relative(ev.data_root),
         "images": len(ev.indices), "split_images": ev.split_size, "image_names": ev.names,
-        "evaluated_resolution": list(ev.size),
+        "evaluated_resolution": list(ev.size), "map_size": list(ev.map_size),
         "generator_resolution": {k: [g.info.image_height, g.info.image_width] for k, g in ev.generators.items()},
+        "upscaler": None if ev.upscaler is None else {
+            "path": _relative(config.upscaler), "name": ev.upscaler.model_name,
+            "output_resolution": [ev.upscaler.config.out_height, ev.upscaler.config.out_width]},
         "snrs_db": snrs, "ablation_snrs_db": sorted(set(config.ablation_snrs)),
         "definitions": [d.value for d in config.definitions],
         "ablation_definitions": [d.value for d in config.ablation_definitions],

@@ -26,7 +26,6 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         return os.path.relpath(path, link_base)
 
     ours_info = (s["models"]["model"] or {}).get("info") or {}
-    height, width = s["evaluated_resolution"]
     lines = [f"# Evaluation on CamVid {s['split']}: the paper's tables", ""]
     if results.get("summary"):
         lines += [" ".join(results["summary"].split()), ""]
@@ -47,12 +46,11 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         "",
         f"- Images: {s['images']} of the {s['split_images']} {s['split']} images"
         + (" (all)." if s["images"] == s["split_images"] else ", evenly spread over the split."),
-        f"- Evaluated resolution: {height}x{width}, the sender's map size. The label map that is sent and the original "
-        "image are the dataset's, resized there (nearest neighbour and area). Every metric compares with them.",
+        _resolution_line(s),
         f"- Generation: sampler `{s['sampler']}`, {s['steps']} steps, classifier-free guidance {s['guidance']:g}, "
         f"seed {s['seed']}. Generated images are made at the models' resolution "
         f"{', '.join(sorted({f'{v[0]}x{v[1]}' for v in s['generator_resolution'].values()})) or '—'} "
-        f"and resized (bicubic) to {height}x{width} for the metrics, as the receiver does for its output size.",
+        + _stage_text(s),
         f"- Noisy-trained model: `{s['models']['model']['path']}`"
         + (f" ({ours_info.get('name')}, {ours_info.get('training_steps')} training steps)." if ours_info else
            f" — {s['models']['model']['unavailable']}."),
@@ -100,6 +98,39 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
     return "\n".join(lines)
 
 
+def _resolution_line(s: dict[str, Any]) -> str:
+    """The evaluated resolution and the map size, and which label map is which."""
+    height, width = s["evaluated_resolution"]
+    map_height, map_width = s.get("map_size", s["evaluated_resolution"])  # reports from before the option: equal
+    if (height, width) == (map_height, map_width):
+        return (f"- Evaluated resolution: {height}x{width}, the sender's map size. The label map that is sent and the "
+                "original image are the dataset's, resized there (nearest neighbour and area). Every metric compares "
+                "with them.")
+    return (f"- Evaluated resolution: {height}x{width}; the sender's map size is {map_height}x{map_width}. The original "
+            f"image and the ground-truth label map are the dataset's, resized to {height}x{width} (area and nearest "
+            f"neighbour); the label map that is sent is that map resized to {map_height}x{map_width} (nearest "
+            f"neighbour), as the sender takes its map at its map size. Every metric compares with the {height}x{width} "
+            f"image and labels; the analog and digital baselines send the {height}x{width} image.")
+
+
+def _stage_text(s: dict[str, Any]) -> str:
+    """How the generated images reach the evaluated resolution: the upscaling stage, or bicubic."""
+    height, width = s["evaluated_resolution"]
+    stage = s.get("upscaler")
+    if stage is None:
+        return (f"and resized (bicubic) to {height}x{width} for the metrics, as the receiver does for its output "
+                "size.")
+    out_height, out_width = stage["output_resolution"]
+    text = (f"and upscaled to {out_height}x{out_width} by the receiver's upscaling stage `{stage['path']}` "
+            f"({stage['name']}), conditioned on the received maps at the size they were sent (after FDS; the raw "
+            "maps for the methods without FDS), as the receiver does")
+    if (out_height, out_width) == (height, width):
+        return text + "."
+    shrinking = height <= out_height and width <= out_width  # as shared.wire.imageio.resize_image chooses
+    return (text + f"; then resized ({'area' if shrinking else 'bicubic'}) to {height}x{width} for the metrics, as "
+            "the receiver does for its output size.")
+
+
 def _table5(results: dict[str, Any]) -> list[str]:
     lines = ["", "## Ablations at PSNR 10 dB (layout of Table 5)", "",
              "| FDS | Noisy training | LPIPS | mIoU | pixel accuracy | SSIM | paper LPIPS | paper mIoU |",
@@ -141,6 +172,7 @@ def _conditions_section(results: dict[str, Any]) -> list[str]:
 def _bits_section(results: dict[str, Any]) -> list[str]:
     summary = results["bits"]["summary"]
     height, width = results["settings"]["evaluated_resolution"]
+    map_height, map_width = results["settings"].get("map_size", (height, width))
 
     def row(label: str, bits_key: str | None, uses_key: str | None) -> str:
         bits = _cell(summary[bits_key], 0) if bits_key else "—"
@@ -176,6 +208,9 @@ def _bits_section(results: dict[str, Any]) -> list[str]:
              f"The bandwidth ratio is the complex channel uses per real value of the {height}x{width}x3 source image "
              f"({height * width * 3:,} values; docs/rate-quality.md): the analog image's is 1/2. "
              "docs/rate-quality.md compares the representations at equal channel uses."]
+    if (map_height, map_width) != (height, width):
+        lines += ["", f"Ours' maps and the label map's PNG are at the sender's map size {map_height}x{map_width}; "
+                  f"the images (raw, JPEG, analog, digital) at {height}x{width}."]
     return lines
 
 

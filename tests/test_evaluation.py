@@ -283,6 +283,92 @@ def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     assert (out / "grid.png").stat().st_size > 0 and (out / "grid_average_power.png").exists()
 
 
+def _tiny_upscaler(path: Path, in_height: int, in_width: int, name: str) -> Path:
+    """An untrained upscaling stage (x4, exactly bicubic until trained) saved as the receiver loads it."""
+    from shared.semantic.upscaler import CHECKPOINT_KIND as UPSCALER_KIND
+    from shared.semantic.upscaler import UpscalerConfig, UpscalerNet
+
+    config = UpscalerConfig(num_classes=12, in_height=in_height, in_width=in_width, channels=8, blocks=1,
+                            mid_channels=8, mid_blocks=1, out_channels=4, spade_hidden=4, out_spade_hidden=4)
+    save_checkpoint(path, UPSCALER_KIND, config, UpscalerNet(config).state_dict(), {"name": name})
+    return path
+
+
+def test_evaluate_at_twice_the_map_size_through_the_upscaling_stage(fake_setup: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    from evaluation import markdown, report
+    from shared.semantic.upscaler import Upscaler
+
+    root = fake_setup["root"]
+    # The generator makes 12x16: the stage's x4 makes 48x64, twice the 24x32 maps.
+    upscaler = _tiny_upscaler(tmp_path / "upscaler.pt", TINY.image_height, TINY.image_width, "tiny-upscaler")
+    calls = []
+    stage_call = Upscaler.__call__
+
+    def spy(self: Upscaler, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        calls.append((tuple(images.shape), tuple(conditions.shape)))
+        return stage_call(self, images, conditions)
+
+    monkeypatch.setattr(Upscaler, "__call__", spy)
+    argv = ["--data-root", str(root / "camvid"), "--snrs", "10", "--limit", "2", "--definitions", "paper_psnr",
+            "--methods", "ours,no_fds,analog,digital,real", "--model", str(root / "diffusion.pt"),
+            "--segmenter", str(root / "segmenter.pt"), "--sampler", "ddim", "--steps", "2", "--map-height", str(H),
+            "--map-width", str(W), "--image-height", str(2 * H), "--image-width", str(2 * W), "--upscaler", str(upscaler),
+            "--cliff-snrs=", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    parser = evaluate._parser()
+    config = evaluate.config_from_args(parser, parser.parse_args(argv), evaluate.EvaluationConfig)
+    results = evaluate.run(config, "the command")
+    # Ours and no_fds: the 12x16 images with the received maps as sent (24x32, factor 1), one batch each.
+    assert calls == [((2, 3, 12, 16), (2, 12, H, W))] * 2
+    grid = results["grid"]
+    assert grid["original"].shape == (2 * H, 2 * W, 3) and grid["labels"].shape == (H, W)  # the map that is sent
+    assert {name: image["10"].shape for name, image in grid["images"]["paper_psnr"].items()} == \
+        {name: (2 * H, 2 * W, 3) for name in ("ours", "no_fds", "analog", "digital")}
+    settings = results["settings"]
+    assert settings["evaluated_resolution"] == [2 * H, 2 * W] and settings["map_size"] == [H, W]
+    assert settings["upscaler"] == {"path": evaluate._relative(upscaler), "name": "tiny-upscaler",
+                                    "output_resolution": [2 * H, 2 * W]}
+    for name, per_snr in results["results"]["paper_psnr"].items():
+        scores = per_snr["no channel" if name == "real" else "10"]
+        assert len(scores["per_image"]["miou"]) == 2 and 0 <= scores["miou"]["mean"] <= 1, name
+        if name != "real":
+            assert scores["bandwidth_ratio"]["mean"] == pytest.approx(scores["channel_uses"]["mean"] / (4 * H * W * 3))
+    # Ours sends 5 maps of 24x32; the analog image is the 48x64 one; the digital link fits within ours' uses.
+    bits = results["bits"]["summary"]
+    assert bits["ours_channel_uses"]["mean"] == 5 * H * W / 2 and bits["ours_bandwidth_ratio"]["mean"] == pytest.approx(5 / 24)
+    assert bits["analog_channel_uses"]["mean"] == 4 * H * W * 3 / 2 and bits["raw_rgb_bits"]["mean"] == 4 * H * W * 3 * 8
+    assert bits["digital_channel_uses"]["mean"] <= bits["ours_channel_uses"]["mean"] or bits["digital_over_budget"]
+    report.write_all(results, tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert f"Evaluated resolution: {2 * H}x{2 * W}; the sender's map size is {H}x{W}." in text
+    assert f"upscaled to {2 * H}x{2 * W} by the receiver's upscaling stage `{evaluate._relative(upscaler)}` (tiny-upscaler)" in text
+    assert f"## Bits and channel uses per image at {2 * H}x{2 * W}" in text
+    # A stage whose output is not the evaluated size is followed by the receiver's resize, and the report says so.
+    assert markdown._stage_text({"evaluated_resolution": [H, W], "upscaler": settings["upscaler"]}).endswith(
+        f"then resized (area) to {H}x{W} for the metrics, as the receiver does for its output size.")
+
+    # The cache keys hold the stage (for the methods it runs in) and the map size.
+    without_stage = evaluate.run(replace(config, upscaler="", methods=("ours", "analog")), "the command")
+    assert without_stage["settings"]["configurations_from_cache"] == 1 and without_stage["settings"]["upscaler"] is None
+    other_maps = evaluate.run(replace(config, map_height=2 * H, map_width=2 * W, methods=("analog",)), "the command")
+    assert other_maps["settings"]["configurations_from_cache"] == 0
+    assert len(calls) == 2  # neither ran the stage again
+
+    with pytest.raises(ValueError, match=f"evaluated size {H // 2}x{2 * W} .* below the map size {H}x{W}"):
+        evaluate.EvaluationConfig(map_height=H, map_width=W, image_height=H // 2, image_width=2 * W)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv[:argv.index("--image-height") + 1] + [str(H - 1)] + argv[argv.index("--image-width"):])
+    assert exit_info.value.code == 2 and f"below the map size {H}x{W}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="upscaler .*missing.pt not found"):
+        replace(config, upscaler=str(tmp_path / "missing.pt"))
+    other_stage = _tiny_upscaler(tmp_path / "other.pt", 6, 8, "other")
+    with pytest.raises(ValueError, match="takes 6x8 images of 12 classes; model .* makes 12x16 of 12"):
+        evaluate.Evaluation(replace(config, upscaler=str(other_stage)))
+
+
 def test_code_block_layouts_are_valid_5g_codes() -> None:
     from sionna.phy.fec.ldpc import LDPC5GEncoder
 
