@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -17,6 +18,7 @@ from load import watch_load
 from receiver_service import watch_hub
 from receiver_service.grpc_server import WATCH_RETRY_AFTER_S, build_grpc_server
 from receiver_service.redis_store import RedisTransmissionStore
+from receiver_service.settings import ReceiverSettings
 from receiver_service.store import TransmissionStore
 from receiver_service.watch_hub import WatchHub
 from receiver_service.worker import GenerationWorker
@@ -291,49 +293,48 @@ def test_the_steps_of_one_replicas_jobs_reach_the_others_listeners(redis_url) ->
             store.close()
 
 
-def test_a_watch_on_one_replica_follows_a_job_sampled_on_another(tmp_path, stepping_generator, redis_url,
-                                                                  monkeypatch) -> None:
+@contextlib.contextmanager
+def replicas_on_redis(monkeypatch, redis_url, generator, replicas: dict[str, ReceiverSettings]) -> Iterator[None]:
+    """In-process receiver apps sharing the test's Redis, one per replica id."""
     monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", redis_url.url)
     monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", PASSWORD)
-    replicas = [make_settings(tmp_path / name) for name in ("sampling", "watched")]
     with contextlib.ExitStack() as running:
-        for name, settings in zip(("sampling", "watched"), replicas):
+        for name, settings in replicas.items():
             monkeypatch.setenv("GESCO_RECEIVER_REDIS_REPLICA_ID", name)  # read as the app is made
-            running.enter_context(ready_client(settings, stepping_generator))
+            running.enter_context(ready_client(settings, generator))
+        yield
+
+
+def watch_from_the_first_step(generator: SteppingGenerator, port: int, transmission_id: str, count: int) -> list[list]:
+    """`count` watches opened while the job waits at its first step, then the job let go: what each received."""
+
+    async def run() -> list[list]:
+        watching = asyncio.create_task(watch_all(f"127.0.0.1:{port}", transmission_id, count))
+        await asyncio.sleep(1.0)
+        generator.gate.set()
+        return await watching
+
+    return asyncio.run(run())
+
+
+def test_a_watch_on_one_replica_follows_a_job_sampled_on_another(tmp_path, stepping_generator, redis_url,
+                                                                  monkeypatch) -> None:
+    sampling, watched = make_settings(tmp_path / "sampling"), make_settings(tmp_path / "watched")
+    with replicas_on_redis(monkeypatch, redis_url, stepping_generator, {"sampling": sampling, "watched": watched}):
         stepping_generator.gate.clear()
-        transmission_id = send(replicas[0].grpc_port)
-
-        async def run() -> list[list]:
-            watching = asyncio.create_task(watch_all(f"127.0.0.1:{replicas[1].grpc_port}", transmission_id, 50))
-            await asyncio.sleep(1.0)
-            stepping_generator.gate.set()
-            return await watching
-
-        everyone = asyncio.run(run())
+        transmission_id = send(sampling.grpc_port)
+        everyone = watch_from_the_first_step(stepping_generator, watched.grpc_port, transmission_id, 50)
     for received in everyone:
         assert_every_step_then_the_image(received)
 
 
 def test_a_serving_replica_queues_its_jobs_for_the_sampling_ones_and_serves_their_watches(
         tmp_path, stepping_generator, redis_url, monkeypatch) -> None:
-    monkeypatch.setenv("GESCO_RECEIVER_REDIS_URL", redis_url.url)
-    monkeypatch.setenv("GESCO_RECEIVER_REDIS_PASSWORD", PASSWORD)
-    sampling = make_settings(tmp_path / "sampling")
-    serving = make_settings(tmp_path / "serving", sampling=False)
-    with contextlib.ExitStack() as running:
-        for name, settings in (("sampling", sampling), ("serving", serving)):
-            monkeypatch.setenv("GESCO_RECEIVER_REDIS_REPLICA_ID", name)
-            running.enter_context(ready_client(settings, stepping_generator))
+    sampling, serving = make_settings(tmp_path / "sampling"), make_settings(tmp_path / "serving", sampling=False)
+    with replicas_on_redis(monkeypatch, redis_url, stepping_generator, {"sampling": sampling, "serving": serving}):
         stepping_generator.gate.clear()
         transmission_id = send(serving.grpc_port)
-
-        async def run() -> list[list]:
-            watching = asyncio.create_task(watch_all(f"127.0.0.1:{serving.grpc_port}", transmission_id, 50))
-            await asyncio.sleep(1.0)
-            stepping_generator.gate.set()
-            return await watching
-
-        everyone = asyncio.run(run())
+        everyone = watch_from_the_first_step(stepping_generator, serving.grpc_port, transmission_id, 50)
         samplers = [thread for thread in threading.enumerate() if thread.name == "generation-worker"]
         owner = redis_url.client().hget(next(redis_url.client().scan_iter(f"*tx:{transmission_id}")), "owner")
     assert len(everyone) == 50
