@@ -28,6 +28,9 @@ REDIS_SERVER = "redis-server"
 CHANNEL_METRICS_OFFSET = 9051 - 50051
 # Roles a caller can give settings for (`services(settings=...)`), by the module each runs.
 ROLES = {"receiver": "receiver_service", "channel": "channel_sim", "sender": "sender_service"}
+# Serving replicas run at this niceness, so the sampling replicas' processes get their cores first
+# (docs/scale-out.md, "A serving replica for the watches").
+SERVING_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Ports:
     channel: int
     receivers: int = 1
     redis: int = 0  # the port of a redis-server run beside the services; 0: none
+    # The last `serving` receivers are serving replicas (GESCO_RECEIVER_SAMPLING=false): the channel
+    # and the sender reach only them, and they hand every job to the sampling ones through Redis.
+    serving: int = 0
     sender_grpc: int = 50050
     # The channel's Prometheus port. None: it follows the channel port (CHANNEL_METRICS_OFFSET);
     # 0: any free port, which the channel picks and logs (the launcher picks one and reports it).
@@ -84,9 +90,11 @@ class Service:
     probe: str = ""  # the health probe of its gRPC port (shared/wire/health_probe.HOPS); "": its name
     command: tuple[str, ...] = ()  # a program to run instead of `python -m module`
     redis_ready: str | None = None  # redis URL answering PING once ready
+    niceness: int = 0  # run under `nice -n niceness` (0: as the launcher runs)
 
     def argv(self) -> list[str]:
-        return list(self.command) if self.command else [sys.executable, "-m", self.module]
+        argv = list(self.command) if self.command else [sys.executable, "-m", self.module]
+        return ["nice", "-n", str(self.niceness), *argv] if self.niceness else argv
 
     @property
     def url(self) -> str | None:
@@ -115,8 +123,10 @@ def services(ports: Ports, host: str = "127.0.0.1", redis_config: Path | None = 
     for index in range(ports.receivers):
         http_port, grpc_port = ports.receiver_http + index, ports.receiver_grpc + index
         url = f"http://{url_host(host)}:{http_port}"
-        receiver_urls.append(url)
-        receiver_addresses.append(f"{url_host(host)}:{grpc_port}")
+        serving = index >= ports.receivers - ports.serving
+        if serving or not ports.serving:  # with serving replicas, clients and the channel reach only them
+            receiver_urls.append(url)
+            receiver_addresses.append(f"{url_host(host)}:{grpc_port}")
         name = f"receiver-{index + 1}" if ports.receivers > 1 else "receiver"
         listen = {
             "GESCO_RECEIVER_HOST": host,
@@ -126,10 +136,12 @@ def services(ports: Ports, host: str = "127.0.0.1", redis_config: Path | None = 
             # Unique among the replicas, and the same after a restart (which then fails what its
             # predecessor left unfinished at once).
             "GESCO_RECEIVER_REDIS_REPLICA_ID": name,
+            **({"GESCO_RECEIVER_SAMPLING": "false"} if serving else {}),
             **settings.get("receiver", {}),
         }
         wiring = {"GESCO_RECEIVER_REDIS_URL": redis_url} if redis_url else {}
-        started.append(Service(name, ROLES["receiver"], f"{url}/readyz", grpc_port, listen, wiring, probe="receiver"))
+        started.append(Service(name, ROLES["receiver"], f"{url}/readyz", grpc_port, listen, wiring, probe="receiver",
+                               niceness=SERVING_NICENESS if serving else 0))
     sender_wiring = {
         "GESCO_SENDER_CHANNEL_ADDRESS": f"{url_host(host)}:{ports.channel}",
         "GESCO_SENDER_RECEIVER_PUBLIC_URL": receiver_urls[0],

@@ -60,7 +60,8 @@ class Job:
     sampling: SamplingOptions
     seed: int
     use_fds: bool
-    # The base generator, or its condition adapter for the transmission's downsample factor.
+    # The base generator, its condition adapter for the transmission's downsample factor, or that
+    # factor's distilled student (ModelHost.plan).
     generator: SemanticImageGenerator
     # The link and its framing; the digital link's noise std per real symbol (the demapper's, from
     # the channel's report); the learned link's decoder (a MapJscc).
@@ -116,7 +117,8 @@ _INPUT_PREFIX = struct.Struct(">BI")  # version, length of the JSON part
 
 def encode_job_input(job: Job) -> bytes:
     """What a replica needs to redo `job` from the start: its header, sampling, seed and the
-    received symbols (float32, zlib-compressed); the generator is found again by the factor."""
+    received symbols (float32, zlib-compressed); the generator is found again by the factor and
+    the sampler (the distilled one runs on the factor's student)."""
     meta = json.dumps({
         "request_id": job.request_id,
         "semantic": dataclasses.asdict(job.semantic),
@@ -130,8 +132,9 @@ def encode_job_input(job: Job) -> bytes:
 
 
 def decode_job_input(transmission_id: str, data: bytes, epoch: int,
-                     generator_for: Callable[[int], SemanticImageGenerator]) -> Job:
-    """The job `encode_job_input` stored, held at `epoch`; ValueError if the data is not one."""
+                     generator_for: Callable[[int, str], SemanticImageGenerator]) -> Job:
+    """The job `encode_job_input` stored, held at `epoch`, on the generator `generator_for(downsample
+    factor, sampler)` gives; ValueError if the data is not one or no such generator is loaded."""
     try:
         version, length = _INPUT_PREFIX.unpack_from(data)
         if version != INPUT_VERSION:
@@ -145,9 +148,10 @@ def decode_job_input(transmission_id: str, data: bytes, epoch: int,
         symbols = np.frombuffer(zlib.decompress(data[start + length:]), dtype="<f4").reshape(meta["shape"])
     except (struct.error, KeyError, TypeError, zlib.error, json.JSONDecodeError) as error:
         raise ValueError(f"unreadable job input: {type(error).__name__}: {error}") from None
-    return Job(transmission_id, str(meta["request_id"]), semantic, symbols.astype(np.float32),
-               SamplingOptions(**meta["sampling"]), seed=int(meta["seed"]), use_fds=bool(meta["use_fds"]),
-               generator=generator_for(semantic.downsample_factor), epoch=epoch)
+    sampling = SamplingOptions(**meta["sampling"])
+    return Job(transmission_id, str(meta["request_id"]), semantic, symbols.astype(np.float32), sampling,
+               seed=int(meta["seed"]), use_fds=bool(meta["use_fds"]),
+               generator=generator_for(semantic.downsample_factor, sampling.sampler), epoch=epoch)
 
 
 def elapsed_ms(started: float) -> float:

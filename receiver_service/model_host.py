@@ -222,8 +222,16 @@ class ModelHost:
             raise NotReadyError(self.load_error or "the model is still loading")
         return self.generator
 
-    def generator_for(self, downsample_factor: int) -> SemanticImageGenerator:
-        """The generator for maps sent at `downsample_factor`: its condition adapter, else the base."""
+    def generator_for(self, downsample_factor: int, sampler: str = "") -> SemanticImageGenerator:
+        """The generator for maps sent at `downsample_factor`: its condition adapter, else the base;
+        for a job `plan` gave the distilled sampler (one rebuilt from its stored inputs), that
+        factor's student. ValueError when this process has no such student."""
+        if sampler == DistilledSampler.name:
+            student = self.students.get(downsample_factor)
+            if student is None:
+                raise ValueError(f"the job runs on the distilled student for downsample factor {downsample_factor}, "
+                                 "which this receiver has not loaded")
+            return student
         return self.adapted.get(downsample_factor, self.base())
 
     def plan(self, options: SamplingOptions, downsample_factor: int) -> tuple[SemanticImageGenerator, SamplingOptions]:

@@ -40,8 +40,9 @@ class JobQueue:
     """Queued jobs, oldest first, bounded by `capacity`, and the jobs held until released."""
 
     def __init__(self, store: JobStore, capacity: int,
-                 generator_for: Callable[[int], SemanticImageGenerator] | None = None, forwards: bool = False) -> None:
-        """`generator_for(downsample_factor)` rebuilds the jobs taken from a shared store.
+                 generator_for: Callable[[int, str], SemanticImageGenerator] | None = None,
+                 forwards: bool = False) -> None:
+        """`generator_for(downsample_factor, sampler)` rebuilds the jobs taken from a shared store.
         `forwards`: a serving replica's queue, whose jobs all go to the shared queue (`forward`),
         which `capacity` then bounds."""
         self.store = store

@@ -3,6 +3,9 @@
     python scripts/launch.py up [--foreground]   start receiver, channel and sender; wait until ready
     python scripts/launch.py up --receivers 3 --redis
                                                  Debian's redis-server and three receivers sharing it
+    python scripts/launch.py up --receivers 2 --serving 1 --redis
+                                                 one sampling receiver and a serving replica in front
+                                                 of it, for many watches (docs/scale-out.md)
     python scripts/launch.py status              which are running and ready
     python scripts/launch.py demo                send the bundled example, save the generated image
     python scripts/launch.py down                SIGTERM, then SIGKILL after a grace period
@@ -16,7 +19,9 @@ launcher wires the addresses between the services unless those are set explicitl
 spreads over every receiver (a list of their gRPC addresses), the receivers share the Redis job
 store (its password, if any, from GESCO_RECEIVER_REDIS_PASSWORD; persistence on, under run/redis),
 and the sender hands out the first receiver's URL (any replica answers for any transmission).
-Several receivers need a shared store: --redis, or GESCO_RECEIVER_REDIS_URL naming one.
+Several receivers need a shared store: --redis, or GESCO_RECEIVER_REDIS_URL naming one. With
+--serving N the last N receivers are serving replicas (GESCO_RECEIVER_SAMPLING=false, at nice 10):
+the channel spreads over them only and the sender hands out the first of them.
 Pid files, logs, the port map and the demo output live under run/ (git-ignored). Run it with the
 project's virtual environment (`make up` does). The gRPC readiness checks speak TLS to a server
 configured for it, with its client's files (shared/wire/health_probe.py).
@@ -188,7 +193,7 @@ def tail(path: Path, lines: int = 25) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     ports = Ports(args.sender_port, args.receiver_http_port, args.receiver_grpc_port, args.channel_port,
-                  receivers=args.receivers, redis=args.redis_port if args.redis else 0,
+                  receivers=args.receivers, redis=args.redis_port if args.redis else 0, serving=args.serving,
                   sender_grpc=args.sender_grpc_port, channel_metrics=args.channel_metrics_port)
     if ports.channel_metrics_port == 0:  # any free port: picked here, so the port map can tell it
         ports = dataclasses.replace(ports, channel_metrics=free_port())
@@ -250,6 +255,9 @@ def up_problem(ports: Ports) -> str | None:
     """Why `up` cannot start these services, if so."""
     if not 1 <= ports.receivers <= MAX_RECEIVERS:
         return f"--receivers must be 1 to {MAX_RECEIVERS}"
+    if not 0 <= ports.serving < ports.receivers:
+        return (f"--serving must be 0 to {ports.receivers - 1}: of the {ports.receivers} receivers, at least one "
+                "samples (add --receivers)")
     if ports.redis and shutil.which(REDIS_SERVER) is None:
         return (f"--redis needs Debian's {REDIS_SERVER}: `make redis` (or apt-get install redis-server) "
                 "installs it")
@@ -406,6 +414,7 @@ def load_ports(args: argparse.Namespace) -> Ports:
     return Ports(**{name: value if value is not None else int(saved.get(name, _default_port(name)))
                     for name, value in explicit.items()},
                  receivers=int(saved.get("receivers", 1)), redis=int(saved.get("redis", 0)),
+                 serving=int(saved.get("serving", 0)),
                  channel_metrics=None if metrics is None else int(metrics))
 
 
@@ -415,7 +424,8 @@ def print_urls(ports: Ports, host: str) -> None:
     print(f"sender gRPC      {host}:{ports.sender_grpc}")
     for index in range(ports.receivers):
         http_port = ports.receiver_http + index
-        print(f"receiver REST    http://{host}:{http_port}   (API docs: http://{host}:{http_port}/docs)")
+        role = ", serving replica" if index >= ports.receivers - ports.serving else ""
+        print(f"receiver REST    http://{host}:{http_port}   (API docs: http://{host}:{http_port}/docs{role})")
     print(f"channel gRPC     {host}:{ports.channel}")
     print(f"channel metrics  http://{host}:{ports.channel_metrics_port}/metrics")
     for index in range(ports.receivers):
@@ -462,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops all")
     up.add_argument("--receivers", type=int, default=1,
                     help="receiver replicas on consecutive ports, the channel spreading over them (default 1)")
+    up.add_argument("--serving", type=int, default=0,
+                    help="of the receivers, this many (the last ones) are serving replicas: they take the channel's "
+                         "streams and the clients' calls and watches, and hand every job to the others through "
+                         "Redis, at nice 10 (docs/scale-out.md; default 0)")
     up.add_argument("--redis", action="store_true",
                     help="run Debian's redis-server as the receivers' shared job store (persistence on; "
                          "password from GESCO_RECEIVER_REDIS_PASSWORD if set)")

@@ -13,6 +13,7 @@ import torch
 from gesco.options import DISTILLATION_TEACHER
 from gesco.v1 import gesco_pb2
 from receiver_service.grpc_server import queue_transmission
+from receiver_service.jobs import Job, decode_job_input, encode_job_input
 from receiver_service.model_host import ModelHost
 from receiver_service.store import TransmissionStore
 from receiver_service.worker import GenerationWorker
@@ -21,6 +22,7 @@ from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student, load_students, student_path
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.diffusion.samplers import spaced_timesteps, student_timesteps
+from shared.wire import transport
 from tests.receiver_helpers import make_settings, transmission, wait_for_status
 from tests.training_helpers import train_args
 from training import distill_generator, train_diffusion
@@ -206,3 +208,23 @@ def test_the_host_runs_each_factors_student_and_falls_back_where_there_is_none(f
         assert generator is host.students[factor] and sampling.sampler == "distilled"
     generator, sampling = host.plan(options, 4)  # no student (nor adapter) for factor 4
     assert generator is host.base() and (sampling.sampler, sampling.steps) == DISTILLATION_TEACHER
+
+
+def test_a_distilled_job_handed_to_another_replica_runs_on_its_factors_student(factor_student, tmp_path: Path) -> None:
+    """A job's stored inputs (what a shared store hands over) name its sampler: the replica that
+    takes it rebuilds it on the student `plan` chose, and one without that student says so."""
+    teacher_path, _, _ = factor_student
+    host = ModelHost(make_settings(tmp_path, checkpoint=teacher_path))
+    assert host.load(), host.load_error
+    for factor in (1, 2):
+        generator, sampling = host.plan(SamplingOptions(sampler="distilled", guidance=2.0), factor)
+        header, symbols = transmission(sampling=gesco_pb2.SamplingRequest(sampler="distilled", guidance=2.0),
+                                       factor=factor)
+        job = Job(header.transmission_id, "req", transport.semantic_header_from_proto(header.semantic), symbols, sampling,
+                  seed=0, use_fds=True, generator=generator)
+        rebuilt = decode_job_input(job.transmission_id, encode_job_input(job), 1, host.generator_for)
+        assert rebuilt.generator is host.students[factor] and rebuilt.sampling == sampling
+    without = ModelHost(make_settings(tmp_path, checkpoint=teacher_path, distilled=False))
+    assert without.load()
+    with pytest.raises(ValueError, match="distilled student for downsample factor 2"):
+        decode_job_input(job.transmission_id, encode_job_input(job), 1, without.generator_for)

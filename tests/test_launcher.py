@@ -172,6 +172,21 @@ def test_several_receivers_share_redis_and_the_channel_spreads_over_them(clean_e
     assert set(ports.in_use().values()) == {8000, 50050, 50051, 9051, 8001, 8002, 8003, 50052, 50053, 50054, 6390}
 
 
+def test_serving_replicas_take_the_clients_and_the_channel_and_run_niced(clean_env) -> None:
+    ports = launch.Ports(8000, 8001, 50052, 50051, receivers=3, redis=6390, serving=1)
+    by_name = {service.name: service for service in launch.services(ports)}
+    sampling, serving = [by_name[f"receiver-{index}"] for index in (1, 2)], by_name["receiver-3"]
+    assert launch.process_env(serving)["GESCO_RECEIVER_SAMPLING"] == "false"
+    assert serving.argv()[:3] == ["nice", "-n", "10"] and serving.argv()[3:5] == [sys.executable, "-m"]
+    assert all("GESCO_RECEIVER_SAMPLING" not in launch.process_env(r) and r.argv()[0] == sys.executable
+               for r in sampling)
+    assert launch.process_env(by_name["channel"])["GESCO_CHANNEL_RECEIVER_ADDRESS"] == "127.0.0.1:50054"
+    assert launch.process_env(by_name["sender"])["GESCO_SENDER_RECEIVER_PUBLIC_URL"] == "http://127.0.0.1:8003"
+    clean_env.setenv("GESCO_RECEIVER_REDIS_URL", "redis://redis.example.test:6379/0")
+    assert launch.up_problem(launch.Ports(8000, 8001, 50052, 50051, receivers=2, serving=1)) is None
+    assert "--serving" in launch.up_problem(launch.Ports(8000, 8001, 50052, 50051, receivers=2, serving=2))
+
+
 def test_the_channel_metrics_port_follows_the_channel_port_so_two_stacks_do_not_collide(clean_env) -> None:
     defaults = ChannelSettings()
     assert launch.Ports(8000, 8001, 50052, defaults.port).channel_metrics_port == defaults.metrics_port
