@@ -6,10 +6,18 @@
 
 Every representation goes through the same channel simulator (`shared.semantic.channels`) at
 several rates, and every received scene is scored by the project's segmenter (mIoU, void
-excluded) against the sent label map, at the sender's map size:
+excluded) against the ground-truth label map, at the evaluated resolution: --image-height x
+--image-width, by default the sender's map size (--map-height x --map-width, 96x128). As in
+`evaluation.evaluate`, the label map that is sent is the ground truth resized to the map size
+(nearest neighbour), and the image baselines send the image at the evaluated size, whose values
+are the bandwidth ratio's denominator. A generated 48x64 scene reaches the evaluated size through
+the receiver's upscaling stage (--upscaler, `shared.semantic.upscaler`), given the maps that
+representation's receiver has (ours: the received FDS maps at the map size, as the receiver's
+views; separated: the decoded label map's at the size it was sent; learned: the decoder's class
+probabilities), else bicubically:
 
 * `ours`: the present-class maps as analog symbols, area-downsampled by each of --factors, then
-  the receiver's pipeline (`shared.semantic.link.simulate_link`: inverse codec, FDS) and the
+  the receiver's pipeline (`shared.semantic.link`: inverse codec, FDS) and the
   noisy-trained generator, which conditions on 48x64 whatever arrives; `ours_jpeg` the same with
   JPEG-compressed maps. As the services serve them: at a factor with a condition adapter beside
   --model (`shared.semantic.diffusion.adapters`, <stem>.f<factor>.adapter.pt) through that adapter,
@@ -26,9 +34,9 @@ The budget-driven representations run at each of --ratios (complex channel uses 
 the fixed-scheme ones at --fixed-ratios over --snrs and --cliff-snrs. Channel and sampling seeds
 depend on --seed and the image only, as in `evaluation.evaluate`, whose data and networks this
 reuses. Finished configurations are cached (--cache-dir) under a key that names every file they
-depend on (an adapter too), so an interrupted run resumes. Writes
-results.json and the figures under --out, the report (--report) and the sender's table (--table,
-`evaluation.rate_quality_report`).
+depend on (an adapter and the upscaling stage too) and the map size, so an interrupted run
+resumes. Writes results.json and the figures under --out, the report (--report) and the sender's
+table (--table, `evaluation.rate_quality_report`).
 """
 from __future__ import annotations
 
@@ -77,7 +85,7 @@ from shared.semantic.digital_link import (
 )
 from shared.semantic.ldpc import transmit_bytes
 from shared.semantic.diffusion.generator import SemanticImageGenerator
-from shared.semantic.link import received_condition, simulate_link
+from shared.semantic.link import received_views, resize_maps
 from shared.semantic.map_jscc import load_map_jscc
 from shared.wire.imageio import resize_image
 
@@ -147,6 +155,11 @@ class RateQualityConfig:
     seed: int = 0
     map_height: int = 96
     map_width: int = 128
+    # The evaluated resolution (0: the map size's) and the receiver's upscaling stage ("": none,
+    # bicubic), as in `evaluation.evaluate`.
+    image_height: int = EvaluationConfig.image_height
+    image_width: int = EvaluationConfig.image_width
+    upscaler: str = EvaluationConfig.upscaler
     batch_size: int = 8
     ldpc_iterations: int = 20
     device: str = "auto"
@@ -171,7 +184,8 @@ class RateQualityConfig:
             split=self.split, data_root=self.data_root, snrs=self.snrs, methods=("ours",),
             definitions=(self.definition,), ablation_definitions=(), model=self.model, segmenter=self.segmenter,
             sampler=self.sampler, steps=self.steps, guidance=self.guidance, seed=self.seed, limit=self.limit,
-            map_height=self.map_height, map_width=self.map_width, batch_size=self.batch_size,
+            map_height=self.map_height, map_width=self.map_width, image_height=self.image_height,
+            image_width=self.image_width, upscaler=self.upscaler, batch_size=self.batch_size,
             ldpc_iterations=self.ldpc_iterations, device=self.device, threads=self.threads, cache_dir=None)
 
 
@@ -206,8 +220,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--map-height", type=int, default=d.map_height)
+    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height")
     p.add_argument("--map-width", type=int, default=d.map_width)
+    p.add_argument("--image-height", type=int, default=d.image_height,
+                   help="evaluated resolution, at least the map's: images and ground truth are loaded there (0: the map's)")
+    p.add_argument("--image-width", type=int, default=d.image_width)
+    p.add_argument("--upscaler", default=d.upscaler,
+                   help="checkpoint of the receiver's upscaling stage, run on every generated scene with the maps its "
+                        "receiver has (default: none, they are resized bicubically)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--ldpc-iterations", type=int, default=d.ldpc_iterations)
     p.add_argument("--device", default=d.device)
@@ -233,7 +253,10 @@ class RateQualityRun:
         self.adapted = adapted_generators(self.generator) if config.adapters else {}  # factor -> generator
         self.definition = config.definition
         self.num_classes = self.ev.info.num_classes
-        self.height, self.width = self.ev.size
+        self.height, self.width = self.ev.size  # evaluated: the images, the scores, the image baselines
+        self.map_height, self.map_width = self.ev.map_size  # sent: the label map, ours' maps
+        # What a generated scene depends on beyond its configuration: the upscaling stage, if any.
+        self.stage = {"upscaler": file_stamp(config.upscaler)} if config.upscaler else {}
         self.probe = SchemeProbe(config.seed, max_iterations=config.ldpc_iterations)
         self.schemes: dict[str, str | None] = {}  # average-power SNR -> the scheme link adaptation picks
         # Two caches: what arrived (every image; it does not depend on the segmenter) and its scores.
@@ -244,6 +267,8 @@ class RateQualityRun:
             "names": self.ev.names, "size": list(self.ev.size), "seed": config.seed, "sampler": config.sampler,
             "steps": config.steps, "guidance": config.guidance, "ldpc_iterations": config.ldpc_iterations,
             "model": file_stamp(config.model),
+            # Only where the map size differs from the evaluated one: caches of runs before the option still match.
+            **({"map_size": list(self.ev.map_size)} if self.ev.map_size != self.ev.size else {}),
         }
         self.received = ConfigCache(None if directory is None else directory / "received", received)
         self.cache = ConfigCache(None if directory is None else directory / "scores",
@@ -282,15 +307,19 @@ class RateQualityRun:
                 self.received.save(key, {"scheme": self.schemes[text]}, np.zeros(1))
         return next((m for m in MCS_TABLE if m.name == self.schemes[text]), None)
 
-    def generate(self, conditions: list[np.ndarray], generator: SemanticImageGenerator | None = None) -> np.ndarray:
+    def generate(self, conditions: list[np.ndarray], maps: list[np.ndarray],
+                 generator: SemanticImageGenerator | None = None) -> np.ndarray:
         """Images at the evaluated size for one condition per image, sampled with each image's seed, by
-        `generator` (an adapted one) or the base generator."""
+        `generator` (an adapted one) or the base generator; then through the upscaling stage with
+        `maps`, what the receiver gives it (one per image, at the size they arrived), where there is
+        a stage; then resized to the evaluated size (bicubic when enlarging)."""
         generator = generator or self.generator
         outputs = []
         for start in range(0, len(conditions), self.config.batch_size):
             positions = range(start, min(start + self.config.batch_size, len(conditions)))
             batch = torch.from_numpy(np.stack([conditions[i] for i in positions]))
             generated = generator.generate(batch, self.ev.config.sampling, [self.ev.sampling_seed(i) for i in positions])
+            generated = self.ev.upscale(generated, [maps[i] for i in positions])
             outputs.extend(resize_image(image, self.height, self.width) for image in generated)
         return np.stack(outputs)
 
@@ -305,6 +334,8 @@ class RateQualityRun:
         its scene is the one the grid shows (not for an ablation)."""
         key = {"method": f"{representation}_{rate.replace('/', 'over')}", "definition": self.definition.value,
                "snr": snr_key(snr_db), "stamp": stamp}
+        if REPRESENTATIONS[representation].kind == "semantic":  # the image baselines' do not depend on the stage
+            key |= self.stage
         cached = self.cache.load(key)
         if cached is not None:
             scores, grid_image = cached
@@ -335,15 +366,20 @@ class RateQualityRun:
              ) -> tuple[np.ndarray, dict[str, Any]]:
         codec = CodecConfig(num_classes=self.num_classes, downsample_factor=factor, compression=compression,
                             jpeg_quality=self.config.map_jpeg_quality)
-        conditions, uses, bits, measured = [], [], [], []
-        for i, labels in enumerate(self.ev.labels):
-            link = simulate_link(labels, codec, self.channel(snr_db), seed=self.seed(i, snr_db), out_size=self.out_size)
-            conditions.append(link.condition)
-            uses.append(link.channel.channel_uses)
-            bits.append(link.encoded.header.payload_bits)
-            measured.append(link.channel.measured_snr_db)
-        return self.generate(conditions, generator), {"channel_uses": uses, "payload_bits": bits,
-                                                      "measured_snr_db": measured}
+        conditions, maps, uses, bits, measured = [], [], [], [], []
+        for i, labels in enumerate(self.ev.map_labels):
+            # shared.semantic.link.simulate_link's steps, keeping the received maps for the stage.
+            encoded = encode_label_map(labels, codec)
+            received = apply_channel(encoded.symbols, self.channel(snr_db), seed=self.seed(i, snr_db),
+                                     map_scale=encoded.header.scale)
+            views = received_views(received.symbols, encoded.header)
+            conditions.append(resize_maps(views.fds_maps, self.out_size))
+            maps.append(views.fds_maps)  # the receiver's views: at the map size (enlarged from factor f)
+            uses.append(received.channel_uses)
+            bits.append(encoded.header.payload_bits)
+            measured.append(received.measured_snr_db)
+        return self.generate(conditions, maps, generator), {"channel_uses": uses, "payload_bits": bits,
+                                                            "measured_snr_db": measured}
 
     def adapter_info(self, factor: int) -> dict[str, Any] | None:
         """The adapter ours uses at `factor` (its file and steps), or None for the base generator."""
@@ -373,7 +409,7 @@ class RateQualityRun:
     # --- separated links ----------------------------------------------------------------------------
     def label_options(self) -> list[list[SourceOption]]:
         if self._label_options is None:
-            self._label_options = [label_options(labels, self.num_classes) for labels in self.ev.labels]
+            self._label_options = [label_options(labels, self.num_classes) for labels in self.ev.map_labels]
         return self._label_options
 
     def jpeg_options(self) -> list[list[SourceOption]]:
@@ -382,17 +418,20 @@ class RateQualityRun:
         return self._jpeg_options
 
     def label_scenes(self, factor: int) -> np.ndarray:
-        """The generated images of the exact label maps at `factor`: what a decoded separated link gives."""
-        key = {"method": f"separated_scenes_f{factor}", "definition": "none", "snr": "clean"}
+        """The generated images of the exact label maps at `factor`: what a decoded separated link gives
+        (the receiver codes the decoded map as one-hot maps, FDS, as `receiver_service.model_host` does)."""
+        key = {"method": f"separated_scenes_f{factor}", "definition": "none", "snr": "clean"} | self.stage
         cached = self.received.load(key)
         if cached is not None:
             return cached[1]
-        conditions = []
-        for labels in self.ev.labels:
+        conditions, maps = [], []
+        for labels in self.ev.map_labels:
             small = majority_downsample(labels, factor, self.num_classes)
             encoded = encode_label_map(small, CodecConfig(num_classes=self.num_classes))
-            conditions.append(received_condition(encoded.symbols, encoded.header, self.out_size))
-        images = self.generate(conditions)
+            views = received_views(encoded.symbols, encoded.header)
+            conditions.append(resize_maps(views.fds_maps, self.out_size))
+            maps.append(views.fds_maps)  # at the size the label map was sent: the map size over `factor`
+        images = self.generate(conditions, maps)
         self.received.save(key, {"factor": factor}, images)
         _log(f"separated: scenes of the label maps at factor {factor} generated")
         return images
@@ -421,7 +460,7 @@ class RateQualityRun:
                                   map_scale=self.image_scale(i), max_iterations=self.config.ldpc_iterations)
             received = None
             if sent.data is not None and semantic:
-                decoded = decode_labels(sent.data, (self.height // option.factor, self.width // option.factor))
+                decoded = decode_labels(sent.data, (self.map_height // option.factor, self.map_width // option.factor))
                 received = None if decoded is None else self.label_scenes(option.factor)[i]
             elif sent.data is not None:
                 received = decode_jpeg_option(sent.data, option, self.height, self.width)
@@ -449,7 +488,7 @@ class RateQualityRun:
 
     def learned(self, model: torch.nn.Module, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
         conditions, uses, measured = [], [], []
-        for i, labels in enumerate(self.ev.labels):
+        for i, labels in enumerate(self.ev.map_labels):
             maps = torch.from_numpy(one_hot(labels, self.num_classes))[None]
             with torch.inference_mode():
                 symbols = model.encode(maps)[0].numpy()
@@ -458,7 +497,8 @@ class RateQualityRun:
             conditions.append(model.condition(torch.from_numpy(received.symbols)[None])[0].numpy())
             uses.append(received.channel_uses)
             measured.append(received.measured_snr_db)
-        return self.generate(conditions), {"channel_uses": uses, "measured_snr_db": measured}
+        # The receiver gives the stage the decoder's class probabilities (receiver_service.model_host).
+        return self.generate(conditions, conditions), {"channel_uses": uses, "measured_snr_db": measured}
 
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -501,7 +541,7 @@ class RateQualityRun:
         if name in ("ours", "ours_jpeg"):
             compression = Compression.JPEG if name == "ours_jpeg" else Compression.NONE
             for factor in config.jpeg_factors if name == "ours_jpeg" else config.factors:
-                if self.height % factor or self.width % factor:
+                if self.map_height % factor or self.map_width % factor:
                     continue
                 generator = self.adapted.get(factor, self.generator)
                 yield (f"f{factor}", {"downsample_factor": factor, "compression": compression.value,
@@ -530,7 +570,7 @@ class RateQualityRun:
                 except (FileNotFoundError, ValueError) as error:
                     yield path, None, snrs, f"not run: {error}", None
                     continue
-                if (model.config.map_height, model.config.map_width) != (self.height, self.width) \
+                if (model.config.map_height, model.config.map_width) != (self.map_height, self.map_width) \
                         or (model.config.out_height, model.config.out_width) != self.out_size:
                     yield path, None, snrs, (f"not run: {_relative(path)} codes {model.config.map_height}x"
                                              f"{model.config.map_width} maps for a {model.config.out_height}x"
@@ -566,7 +606,8 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     runner = RateQualityRun(config)
     ev = runner.ev
-    _log(f"rate-quality: {len(ev.indices)} of {ev.split_size} {config.split} images at {ev.size[0]}x{ev.size[1]}, "
+    _log(f"rate-quality: {len(ev.indices)} of {ev.split_size} {config.split} images at {ev.size[0]}x{ev.size[1]} "
+         f"(maps {ev.map_size[0]}x{ev.map_size[1]}; generated scenes by {config.upscaler or 'bicubic'}), "
          f"{config.definition.value} SNRs {list(config.snrs)}")
     results = runner.run()
     results["settings"] = {
@@ -578,8 +619,12 @@ def run(config: RateQualityConfig, command: str) -> dict[str, Any]:
                                         for per_snr in per_rate.values() for entry in per_snr.values()), 1),
         "torch_threads": torch.get_num_threads(),
         "device": str(ev.device), "split": config.split, "images": len(ev.indices), "split_images": ev.split_size,
-        "image_names": ev.names, "evaluated_resolution": list(ev.size), "source_values": ev.source_values,
-        "generator_resolution": list(runner.out_size), "snrs_db": sorted(set(config.snrs)),
+        "image_names": ev.names, "evaluated_resolution": list(ev.size), "map_size": list(ev.map_size),
+        "source_values": ev.source_values, "generator_resolution": list(runner.out_size),
+        "upscaler": None if ev.upscaler is None else {
+            "path": _relative(config.upscaler), "name": ev.upscaler.model_name,
+            "output_resolution": [ev.upscaler.config.out_height, ev.upscaler.config.out_width]},
+        "snrs_db": sorted(set(config.snrs)),
         "definition": config.definition.value, "ratios": [rate_quality.ratio_text(r) for r in config.ratios],
         "fixed_ratios": [rate_quality.ratio_text(r) for r in config.fixed_ratios], "design_snr_db": config.design_snr,
         "cliff_snrs_db": sorted(set(config.cliff_snrs)), "sampler": config.sampler, "steps": config.steps,

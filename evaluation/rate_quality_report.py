@@ -86,6 +86,17 @@ def _snr_keys(results: dict[str, Any]) -> list[str]:
     return [f"{s:g}" for s in results["settings"]["snrs_db"]]
 
 
+def _map_size(settings: dict[str, Any]) -> tuple[int, int]:
+    """The sender's map size (results from before --image-height/--image-width: the evaluated resolution)."""
+    height, width = settings.get("map_size", settings["evaluated_resolution"])
+    return height, width
+
+
+def _at_map_size(settings: dict[str, Any]) -> bool:
+    """Evaluated at the sender's map size, the generated scenes resized bicubically (the options' defaults)."""
+    return tuple(settings["evaluated_resolution"]) == _map_size(settings) and settings.get("upscaler") is None
+
+
 # --- checks, default and table ----------------------------------------------------------------------
 def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The two targets on this run, each PASS, FAIL or NOT EVALUATED with what was observed: within a
@@ -197,8 +208,14 @@ def default_choice(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def sender_table(results: dict[str, Any]) -> dict[str, Any]:
     """The rate-quality table the sender chooses from: the settings it can send, mIoU per SNR (with the
-    adapter the receiver serves each one through, as scored), and the link adaptation measured."""
+    adapter the receiver serves each one through, as scored), and the link adaptation measured.
+
+    Its bandwidth ratios count as the sender counts them (`shared.semantic.rate_quality`): per value
+    of the image at the sender's map size, whatever the evaluated resolution; a run at another
+    resolution, or through the upscaling stage, records both sizes and the stage beside the mIoU."""
     snrs = _snr_keys(results)
+    s = results["settings"]
+    to_sender = s["source_values"] / rate_quality.source_values(*_map_size(s))  # 1 at the map size
     entries = []
     for name, info in results["representations"].items():
         if not info["sendable"]:
@@ -212,16 +229,19 @@ def sender_table(results: dict[str, Any]) -> dict[str, Any]:
                      "compression": rate_info.get("compression", "none"),
                      "jpeg_quality": rate_info.get("jpeg_quality", 75),
                      "adapter": None if rate_info.get("adapter") is None else rate_info["adapter"]["path"],
-                     "bandwidth_ratio": float(np.mean([per_snr[s]["bandwidth_ratio"]["mean"] for s in snrs])),
-                     "miou": [round(per_snr[s]["miou"]["mean"], 4) for s in snrs]}
+                     "bandwidth_ratio": float(np.mean([per_snr[snr]["bandwidth_ratio"]["mean"] for snr in snrs]))
+                     * to_sender,
+                     "miou": [round(per_snr[snr]["miou"]["mean"], 4) for snr in snrs]}
             if name == "learned":
                 entry["model"] = Path(rate_info["checkpoint"]).stem
             entries.append(entry)
-    s = results["settings"]
     table = {"version": rate_quality.TABLE_VERSION, "snr_definition": s["definition"],
              "snrs_db": [float(x) for x in snrs], "tolerance_miou": TOLERANCE_MIOU, "made_by": s["command"],
              "images": s["images"], "split": s["split"], "sampler": s["sampler"], "steps": s["steps"],
              "channel": "awgn", "link_adaptation": dict(results.get("link_adaptation", {})), "entries": entries}
+    if not _at_map_size(s):  # where the mIoU was measured; a table at the map size is as before the options
+        table |= {"evaluated_resolution": list(s["evaluated_resolution"]), "map_size": list(_map_size(s)),
+                  "upscaler": None if s.get("upscaler") is None else s["upscaler"]["path"]}
     rate_quality.RateQualityTable.from_dict(table, "the table being written")  # what the sender will accept
     return table
 
@@ -230,7 +250,7 @@ def _separated_entries(results: dict[str, Any], snrs: list[str]) -> list[dict[st
     """The digital link's label map at each factor: the mIoU of a configuration that sent every image at
     that factor and lost none (a decoded label map gives the same scene at any SNR), with its ratio at
     the scheme of each SNR left to the sender, which codes the map itself."""
-    height, width = results["settings"]["evaluated_resolution"]
+    height, width = _map_size(results["settings"])  # the label map's options are named at the map size
     images = results["settings"]["images"]
     found: dict[int, float] = {}
     for per_snr in results["results"]["separated"].values():
@@ -248,10 +268,11 @@ def _separated_entries(results: dict[str, Any], snrs: list[str]) -> list[dict[st
 
 def _mean_separated_ratio(results: dict[str, Any], factor: int, height: int, width: int) -> float:
     """The label map's mean size at `factor` over the most efficient scheme's bits per channel use, as a
-    ratio: the least it takes (the sender codes each map at the scheme for the SNR and counts it)."""
+    ratio: the least it takes (the sender codes each map at the scheme for the SNR and counts it, per
+    value of the image at its map size, `height` x `width`)."""
     bits = results["sizes"].get(f"labels {height // factor}x{width // factor}", {}).get("mean", 1.0)
     efficiency = max(mcs.spectral_efficiency for mcs in MCS_TABLE)
-    return float(bits / efficiency / results["settings"]["source_values"])
+    return float(bits / efficiency / rate_quality.source_values(height, width))
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -378,7 +399,6 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
     def link(path: Path) -> str:
         return os.path.relpath(path, link_base)
 
-    height, width = s["evaluated_resolution"]
     lines = ["# The rate-quality frontier: mIoU against bandwidth ratio and SNR", ""]
     if results.get("summary"):
         lines += [" ".join(results["summary"].split()), ""]
@@ -392,23 +412,15 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
     lines += [
         "## Bandwidth ratio",
         "",
-        f"The bandwidth ratio of a transmission is its number of complex channel uses per real value of the source, "
-        f"the {height}x{width} RGB image at the sender's map size: {s['source_values']:,} values. Two real symbols "
-        "make one complex channel use (docs/snr-definitions.md). The analog image sends every value once: ratio 1/2. "
-        "Ours sends C present-class maps of (H/f) x (W/f) values, f the downsampling factor: ratio C / (6 f²), "
-        f"2.0 at f = 1 with CamVid's 12 classes (the evaluated images have "
-        f"{s['present_classes']['mean']:.1f} present classes on average). A digital link's channel uses are its "
-        "coded bits over the bits per QAM symbol. Every transmission record of the services reports the ratio "
-        "(`bits.bandwidth_ratio`), and the evaluation's results carry it beside the channel uses.",
+        _bandwidth_text(s),
         "",
         "## Settings",
         "",
-        f"- {s['images']} of the {s['split_images']} CamVid {s['split']} images, evenly spread; evaluated at "
-        f"{height}x{width}; mIoU of the project's segmenter (`{s['segmenter']['path']}`, void excluded) on the received "
-        f"scene against the sent label map. The segmenter on the real images: {s['real_miou']['mean']:.3f}.",
+        _resolution_text(s),
         f"- Generator `{s['model']['path']}` ({s['generator_resolution'][0]}x{s['generator_resolution'][1]}), sampler "
         f"`{s['sampler']}` with {s['steps']} steps, guidance {s['guidance']:g}, seed {s['seed']}: a small image "
         f"count and few steps, to fit a 2-core CPU. {_adapters_text(s)}",
+        *_stage_lines(results),
         f"- SNR: {DEFINITION_TITLE[s['definition']]} — {DEFINITION_TEXT[s['definition']]}. "
         "`--definition paper_psnr` runs the paper's PSNR instead.",
         "- Channel: AWGN through `shared.semantic.channels.apply_channel`, the channel simulator's code, for every "
@@ -478,6 +490,87 @@ def _equal_uses_section(results: dict[str, Any]) -> list[str]:
                 cells.append("—" if found is None else f"{found[1]:.3f} ({found[0]})")
             lines.append(f"| {rate_quality.ratio_text(ratio)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _bandwidth_text(s: dict[str, Any]) -> str:
+    """The bandwidth ratio's definition, with its denominator at the evaluated resolution."""
+    height, width = s["evaluated_resolution"]
+    present = f"(the evaluated images have {s['present_classes']['mean']:.1f} present classes on average)"
+    closing = ("A digital link's channel uses are its coded bits over the bits per QAM symbol. Every transmission "
+               "record of the services reports the ratio (`bits.bandwidth_ratio`), and the evaluation's results carry "
+               "it beside the channel uses.")
+    map_height, map_width = _map_size(s)
+    if (height, width) == (map_height, map_width):
+        return (f"The bandwidth ratio of a transmission is its number of complex channel uses per real value of the "
+                f"source, the {height}x{width} RGB image at the sender's map size: {s['source_values']:,} values. Two "
+                "real symbols make one complex channel use (docs/snr-definitions.md). The analog image sends every "
+                "value once: ratio 1/2. Ours sends C present-class maps of (H/f) x (W/f) values, f the downsampling "
+                f"factor: ratio C / (6 f²), 2.0 at f = 1 with CamVid's 12 classes {present}. " + closing)
+    times = height * width / (map_height * map_width)  # source values per map position, over 3
+    return (f"The bandwidth ratio of a transmission is its number of complex channel uses per real value of the "
+            f"source, the {height}x{width} RGB image at the evaluated resolution: {s['source_values']:,} values (the "
+            f"sender's map size is {map_height}x{map_width}). Two real symbols make one complex channel use "
+            "(docs/snr-definitions.md). The analog image sends every value of the evaluated image once: ratio 1/2. "
+            f"Ours sends C present-class maps of ({map_height}/f) x ({map_width}/f) values, f the downsampling factor: "
+            f"ratio C / ({6 * times:g} f²), {12 / (6 * times):g} at f = 1 with CamVid's 12 classes {present}. "
+            "A digital link's channel uses are its coded bits over the bits per QAM symbol. The services' transmission "
+            f"records (`bits.bandwidth_ratio`) and the sender's table count per value of the {map_height}x{map_width} "
+            f"image at the map size instead: {times:g} times the ratios here.")
+
+
+def _resolution_text(s: dict[str, Any]) -> str:
+    """The evaluated resolution and the map size, and what the mIoU compares with."""
+    height, width = s["evaluated_resolution"]
+    map_height, map_width = _map_size(s)
+    images = f"- {s['images']} of the {s['split_images']} CamVid {s['split']} images, evenly spread; "
+    segmenter = (f"mIoU of the project's segmenter (`{s['segmenter']['path']}`, void excluded) on the received scene "
+                 "against the ")
+    real = f"The segmenter on the real images: {s['real_miou']['mean']:.3f}."
+    if (height, width) == (map_height, map_width):
+        return images + f"evaluated at {height}x{width}; " + segmenter + "sent label map. " + real
+    return (images + f"evaluated at {height}x{width}: the images and the ground-truth label maps are the dataset's, "
+            f"resized there (area and nearest neighbour); the label map that is sent is that map resized to the sender's "
+            f"map size {map_height}x{map_width} (nearest neighbour), and the image baselines (digital, analog) send the "
+            f"{height}x{width} image. " + segmenter + f"{height}x{width} ground truth. " + real)
+
+
+# What each semantic representation's receiver gives the upscaling stage (receiver_service.model_host),
+# by family (ours and ours_jpeg, separated and separated_fixed, learned).
+STAGE_MAPS = {
+    "ours": "ours and ours_jpeg the received maps after FDS at the sender's map size {map_height}x{map_width} (at "
+            "factor f enlarged bilinearly from the ({map_height}/f) x ({map_width}/f) sent, as the receiver's views)",
+    "separated": "the separated links the decoded label map as one-hot maps after FDS, at the size it was sent "
+                 "({map_height}/f) x ({map_width}/f)",
+    "learned": "the learned encoder the decoder's class probabilities, {generated} as it returns them",
+}
+
+
+def _stage_lines(results: dict[str, Any]) -> list[str]:
+    """How the generated scenes reach the evaluated resolution: the upscaling stage with the maps each
+    receiver has, or bicubic (no line at the map size without a stage, as before the options)."""
+    s = results["settings"]
+    if _at_map_size(s):
+        return []
+    height, width = s["evaluated_resolution"]
+    generated = "x".join(str(v) for v in s["generator_resolution"])
+    stage = s.get("upscaler")
+    if stage is None:
+        return [f"- Generated scenes ({generated}) are resized (bicubic) to {height}x{width} for the metrics, as the "
+                "receiver does for its output size without an upscaling stage."]
+    out_height, out_width = stage["output_resolution"]
+    ran = {name.removesuffix("_jpeg").removesuffix("_fixed") for name, info in results["representations"].items()
+           if info["kind"] == "semantic"}
+    map_height, map_width = _map_size(s)
+    given = "; ".join(text.format(map_height=map_height, map_width=map_width, generated=generated)
+                      for name, text in STAGE_MAPS.items() if name in ran)
+    text = (f"- Every generated scene ({generated}) is upscaled to {out_height}x{out_width} by the receiver's upscaling "
+            f"stage `{stage['path']}` ({stage['name']}), conditioned on the maps that representation's receiver has, "
+            f"as the receiver does" + (f": {given}" if given else ""))
+    if (out_height, out_width) != (height, width):
+        shrinking = height <= out_height and width <= out_width  # as shared.wire.imageio.resize_image chooses
+        text += (f"; then resized ({'area' if shrinking else 'bicubic'}) to {height}x{width} for the metrics, as the "
+                 "receiver does for its output size")
+    return [text + ". The image baselines are not generated: the stage does not apply to them."]
 
 
 def _adapters_text(settings: dict[str, Any]) -> str:

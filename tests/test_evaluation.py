@@ -475,6 +475,92 @@ def test_rate_quality_end_to_end(fake_setup: dict[str, Path]) -> None:
     assert rescored["settings"]["configurations_from_cache"] == 0 and rescored["results"] == results["results"]
 
 
+def test_rate_quality_at_twice_the_map_size_through_the_upscaling_stage(fake_setup: dict[str, Path], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import replace
+
+    from evaluation import rate_quality, rate_quality_report
+    from shared.semantic.map_jscc import CHECKPOINT_KIND as JSCC_KIND
+    from shared.semantic.map_jscc import MapJscc, MapJsccConfig
+    from shared.semantic.upscaler import Upscaler
+
+    root = fake_setup["root"]
+    # The generator makes 12x16: the stage's x4 makes 48x64, twice the 24x32 maps.
+    upscaler = _tiny_upscaler(tmp_path / "upscaler.pt", TINY.image_height, TINY.image_width, "tiny-upscaler")
+    jscc = MapJsccConfig(map_height=H, map_width=W, out_height=12, out_width=16, channels=2, width=16)
+    save_checkpoint(tmp_path / "jscc.pt", JSCC_KIND, jscc, MapJscc(jscc).state_dict(), {"steps": 0})
+    calls = []
+    stage_call = Upscaler.__call__
+
+    def spy(self: Upscaler, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        calls.append((tuple(images.shape), tuple(conditions.shape)))
+        return stage_call(self, images, conditions)
+
+    monkeypatch.setattr(Upscaler, "__call__", spy)
+    argv = ["--data-root", str(root / "camvid"), "--limit", "2", "--snrs", "10", "--representations",
+            "ours,separated,learned,digital,analog", "--factors", "1,2", "--ratios", "2,1/4",
+            "--learned", str(tmp_path / "jscc.pt"), "--model", str(root / "diffusion.pt"),
+            "--segmenter", str(root / "segmenter.pt"), "--sampler", "ddim", "--steps", "2",
+            "--map-height", str(H), "--map-width", str(W), "--image-height", str(2 * H), "--image-width", str(2 * W),
+            "--upscaler", str(upscaler), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    parser = rate_quality._parser()
+    config = evaluate.config_from_args(parser, parser.parse_args(argv), rate_quality.RateQualityConfig)
+    results = rate_quality.run(config, "the command")
+    # Every generated scene through the stage with the maps its receiver has: ours' received FDS maps
+    # at the 24x32 map size at f1 and f2 (the receiver's views), the separated link's label map
+    # decoded at factor 1 (its scenes made once for both ratios), the learned decoder's 12x16 probabilities.
+    assert sorted(calls) == sorted([((2, 3, 12, 16), (2, 12, H, W))] * 3 + [((2, 3, 12, 16), (2, 12, 12, 16))])
+    assert results["grid_original"].shape == (2 * H, 2 * W, 3)
+    for name, per_rate in results["grid"].items():
+        for rate, per_snr in per_rate.items():
+            assert per_snr["10"].shape == (2 * H, 2 * W, 3), (name, rate)
+    settings = results["settings"]
+    assert settings["evaluated_resolution"] == [2 * H, 2 * W] and settings["map_size"] == [H, W]
+    assert settings["source_values"] == 4 * H * W * 3
+    assert settings["upscaler"] == {"path": evaluate._relative(upscaler), "name": "tiny-upscaler",
+                                    "output_resolution": [2 * H, 2 * W]}
+    # The ratios count the 48x64 image's values: ours' 5 maps of 24x32 at f1 are 1/2, the learned
+    # encoder's 12 channel uses 1/768; the image baselines send the 48x64 image within their budgets.
+    source = 4 * H * W * 3
+    assert results["results"]["ours"]["f1"]["10"]["bandwidth_ratio"]["mean"] == pytest.approx(5 * H * W / 2 / source)
+    assert set(results["results"]["learned"]) == {"1/768"}
+    for name in ("separated", "digital", "analog"):
+        for rate, per_snr in results["results"][name].items():
+            assert per_snr["10"]["channel_uses"]["mean"] <= rate_quality.rate_quality.parse_ratio(rate) * source
+            assert len(per_snr["10"]["per_image"]["miou"]) == 2
+    assert results["results"]["analog"]["2"]["10"]["channel_uses"]["mean"] == 2 * source
+    rate_quality_report.write_all(results, tmp_path / "rq", tmp_path / "rq.md", tmp_path / "table.json")
+    report = (tmp_path / "rq.md").read_text()
+    assert f"the {2 * H}x{2 * W} RGB image at the evaluated resolution: {source:,} values (the sender's map size is " \
+           f"{H}x{W})" in report
+    assert f"evaluated at {2 * H}x{2 * W}: the images and the ground-truth label maps" in report
+    assert f"resized to the sender's map size {H}x{W} (nearest neighbour)" in report
+    assert (f"upscaled to {2 * H}x{2 * W} by the receiver's upscaling stage `{evaluate._relative(upscaler)}` "
+            "(tiny-upscaler)") in report
+    # The sender's table says where its mIoU was measured and keeps the sender's ratios (per value at the map size).
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert (table["evaluated_resolution"], table["map_size"], table["upscaler"]) == (
+        [2 * H, 2 * W], [H, W], evaluate._relative(upscaler))
+    f1 = next(e for e in table["entries"] if (e["representation"], e["downsample_factor"]) == ("ours", 1))
+    assert f1["bandwidth_ratio"] == pytest.approx(5 * H * W / 2 / (H * W * 3))
+
+    # The cache keys hold the stage (for the generated scenes only) and the map size.
+    without_stage = rate_quality.run(replace(config, upscaler=""), "the command")
+    assert without_stage["settings"]["configurations_from_cache"] == 4  # digital and analog at 2 ratios
+    assert without_stage["settings"]["upscaler"] is None and len(calls) == 4
+    assert without_stage["results"]["digital"] == results["results"]["digital"]
+    other_maps = rate_quality.run(replace(config, map_height=2 * H, map_width=2 * W,
+                                          representations=("analog",)), "the command")
+    assert other_maps["settings"]["configurations_from_cache"] == 0
+
+    with pytest.raises(ValueError, match=f"evaluated size {H // 2}x{2 * W} .* below the map size {H}x{W}"):
+        rate_quality.RateQualityConfig(map_height=H, map_width=W, image_height=H // 2, image_width=2 * W)
+    with pytest.raises(SystemExit) as exit_info:
+        rate_quality.main(argv[:argv.index("--image-height") + 1] + [str(H - 1)] + argv[argv.index("--image-width"):])
+    assert exit_info.value.code == 2 and f"below the map size {H}x{W}" in capsys.readouterr().err
+
+
 def test_rate_quality_serves_ours_through_the_adapter_of_its_factor(fake_setup: dict[str, Path],
                                                                   tmp_path: Path) -> None:
     from evaluation import rate_quality
