@@ -205,6 +205,8 @@ def create_app(settings: ReceiverSettings | None = None) -> FastAPI:
         finally:
             log.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
             health.set_serving(False)
+            if store.shares_jobs:  # the other replicas take the waiting jobs now, not after the calls' grace
+                await asyncio.to_thread(worker.hand_back_waiting)
             await asyncio.to_thread(lambda: grpc_server.stop(settings.shutdown_grace_s).wait())
             worker.stop(settings.shutdown_grace_s)
             failed = store.close()

@@ -84,19 +84,24 @@ class GenerationWorker:
     def held_ids(self) -> set[str]:
         return self.queue.held_ids()
 
-    def stop(self, timeout: float) -> None:
-        """Take no more jobs, hand the waiting ones back (a shared store gives them to the other
-        replicas at once) and wait up to `timeout` s for the ones in progress (and their PNGs).
-
-        With the disk store, jobs still queued or running stay so; the next start marks them
-        failed. A shared store hands back what is left when it closes.
-        """
-        deadline = time.monotonic() + timeout
+    def hand_back_waiting(self) -> None:
+        """Take no more jobs and hand the waiting ones back: a shared store gives them to the other
+        replicas at once (idempotent)."""
         waiting = self.queue.close()
         try:
             self.store.hand_back([job.transmission_id for job in waiting])
         except StoreUnavailableError as error:  # their owner's lease expires; another replica takes them
             log.warning("waiting jobs not handed back", extra={"error": str(error)})
+
+    def stop(self, timeout: float) -> None:
+        """Take no more jobs, hand the waiting ones back (`hand_back_waiting`) and wait up to
+        `timeout` s for the ones in progress (and their PNGs).
+
+        With the disk store, jobs still queued or running stay so; the next start marks them
+        failed. A shared store hands back what is left when it closes.
+        """
+        deadline = time.monotonic() + timeout
+        self.hand_back_waiting()
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.completion.stop(max(0.0, deadline - time.monotonic()))
