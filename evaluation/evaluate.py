@@ -197,14 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--limit", type=int, default=d.limit, help="evaluate N images evenly spread over the split (0: all)")
-    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height")
-    p.add_argument("--map-width", type=int, default=d.map_width)
-    p.add_argument("--image-height", type=int, default=d.image_height,
-                   help="evaluated resolution, at least the map's: images and ground truth are loaded there (0: the map's)")
-    p.add_argument("--image-width", type=int, default=d.image_width)
-    p.add_argument("--upscaler", default=d.upscaler,
-                   help="checkpoint of the receiver's upscaling stage, run on ours' and the ablations' generated images "
-                        "(default: none, they are resized bicubically)")
+    add_resolution_arguments(p, d, "ours' and the ablations' generated images")
     p.add_argument("--downsample-factor", type=int, default=d.downsample_factor,
                    help="ours' maps sent downsampled by this factor (through its condition adapter, as served)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images generated together")
@@ -224,6 +217,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--notes", default=None,
                    help="TOML with a summary and the explanation of each acceptance check (evaluation.checks.load_notes)")
     return p
+
+
+def add_resolution_arguments(p: argparse.ArgumentParser, d: Any, generated: str) -> None:
+    """The map size, the evaluated resolution and the upscaling stage, with the defaults of `d`
+    (a config); `generated` says which images the stage runs on."""
+    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height")
+    p.add_argument("--map-width", type=int, default=d.map_width)
+    p.add_argument("--image-height", type=int, default=d.image_height,
+                   help="evaluated resolution, at least the map's: images and ground truth are loaded there (0: the map's)")
+    p.add_argument("--image-width", type=int, default=d.image_width)
+    p.add_argument("--upscaler", default=d.upscaler,
+                   help=f"checkpoint of the receiver's upscaling stage, run on {generated} "
+                        "(default: none, they are resized bicubically)")
 
 
 def _seed(*parts: int) -> int:

@@ -56,6 +56,7 @@ from evaluation.cache import ConfigCache, file_stamp
 from evaluation.checks import load_notes
 from evaluation.evaluate import (
     GREY,
+    add_resolution_arguments,
     Evaluation,
     EvaluationConfig,
     _floats,
@@ -220,14 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--map-height", type=int, default=d.map_height, help="the sender's map height")
-    p.add_argument("--map-width", type=int, default=d.map_width)
-    p.add_argument("--image-height", type=int, default=d.image_height,
-                   help="evaluated resolution, at least the map's: images and ground truth are loaded there (0: the map's)")
-    p.add_argument("--image-width", type=int, default=d.image_width)
-    p.add_argument("--upscaler", default=d.upscaler,
-                   help="checkpoint of the receiver's upscaling stage, run on every generated scene with the maps its "
-                        "receiver has (default: none, they are resized bicubically)")
+    add_resolution_arguments(p, d, "every generated scene with the maps its receiver has")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--ldpc-iterations", type=int, default=d.ldpc_iterations)
     p.add_argument("--device", default=d.device)

@@ -206,6 +206,21 @@ explanation = "Written for another run."
 
 
 # --- end to end ------------------------------------------------------------------------------------
+def spy_on_the_stage(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The (images, conditions) shapes of every call of the upscaling stage, from now on."""
+    from shared.semantic.upscaler import Upscaler
+
+    calls = []
+    stage_call = Upscaler.__call__
+
+    def spy(self: Upscaler, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        calls.append((tuple(images.shape), tuple(conditions.shape)))
+        return stage_call(self, images, conditions)
+
+    monkeypatch.setattr(Upscaler, "__call__", spy)
+    return calls
+
+
 def test_evaluate_end_to_end(fake_setup: dict[str, Path]) -> None:
     root = fake_setup["root"]
     out = root / "results"
@@ -300,19 +315,11 @@ def test_evaluate_at_twice_the_map_size_through_the_upscaling_stage(fake_setup: 
     from dataclasses import replace
 
     from evaluation import markdown, report
-    from shared.semantic.upscaler import Upscaler
 
     root = fake_setup["root"]
     # The generator makes 12x16: the stage's x4 makes 48x64, twice the 24x32 maps.
     upscaler = _tiny_upscaler(tmp_path / "upscaler.pt", TINY.image_height, TINY.image_width, "tiny-upscaler")
-    calls = []
-    stage_call = Upscaler.__call__
-
-    def spy(self: Upscaler, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        calls.append((tuple(images.shape), tuple(conditions.shape)))
-        return stage_call(self, images, conditions)
-
-    monkeypatch.setattr(Upscaler, "__call__", spy)
+    calls = spy_on_the_stage(monkeypatch)
     argv = ["--data-root", str(root / "camvid"), "--snrs", "10", "--limit", "2", "--definitions", "paper_psnr",
             "--methods", "ours,no_fds,analog,digital,real", "--model", str(root / "diffusion.pt"),
             "--segmenter", str(root / "segmenter.pt"), "--sampler", "ddim", "--steps", "2", "--map-height", str(H),
@@ -483,21 +490,13 @@ def test_rate_quality_at_twice_the_map_size_through_the_upscaling_stage(fake_set
     from evaluation import rate_quality, rate_quality_report
     from shared.semantic.map_jscc import CHECKPOINT_KIND as JSCC_KIND
     from shared.semantic.map_jscc import MapJscc, MapJsccConfig
-    from shared.semantic.upscaler import Upscaler
 
     root = fake_setup["root"]
     # The generator makes 12x16: the stage's x4 makes 48x64, twice the 24x32 maps.
     upscaler = _tiny_upscaler(tmp_path / "upscaler.pt", TINY.image_height, TINY.image_width, "tiny-upscaler")
     jscc = MapJsccConfig(map_height=H, map_width=W, out_height=12, out_width=16, channels=2, width=16)
     save_checkpoint(tmp_path / "jscc.pt", JSCC_KIND, jscc, MapJscc(jscc).state_dict(), {"steps": 0})
-    calls = []
-    stage_call = Upscaler.__call__
-
-    def spy(self: Upscaler, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        calls.append((tuple(images.shape), tuple(conditions.shape)))
-        return stage_call(self, images, conditions)
-
-    monkeypatch.setattr(Upscaler, "__call__", spy)
+    calls = spy_on_the_stage(monkeypatch)
     argv = ["--data-root", str(root / "camvid"), "--limit", "2", "--snrs", "10", "--representations",
             "ours,separated,learned,digital,analog", "--factors", "1,2", "--ratios", "2,1/4",
             "--learned", str(tmp_path / "jscc.pt"), "--model", str(root / "diffusion.pt"),
