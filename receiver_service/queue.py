@@ -84,10 +84,13 @@ class JobQueue:
         return waiting
 
     # --- admission ------------------------------------------------------------------------------
-    def check_capacity(self) -> None:
-        """Raise QueueFullError now, so a full receiver need not read a stream it will refuse."""
-        if (self.store.shared_queue_depth() if self.forwards else self.depth) >= self.capacity:
+    def check_capacity(self) -> int:
+        """Raise QueueFullError now, so a full receiver need not read a stream it will refuse; else
+        return the jobs waiting (a serving replica's: those in the shared queue)."""
+        waiting = self.store.shared_queue_depth() if self.forwards else self.depth
+        if waiting >= self.capacity:
             raise QueueFullError(self.retry_after_s())
+        return waiting
 
     def retry_after_s(self) -> int:
         """Seconds until a queue slot is likely free: the recent time per job, at least 1."""
@@ -117,8 +120,7 @@ class JobQueue:
         """A serving replica's admission: store the job, unowned and with its inputs, at the end
         of the shared queue for a sampling replica to claim; return the jobs ahead of it there.
         Raises DuplicateTransmissionError or QueueFullError."""
-        self.check_capacity()
-        ahead = self.store.shared_queue_depth()
+        ahead = self.check_capacity()
         self.store.create(record, encode_job_input(job), shared_queue=True)
         return ahead
 

@@ -21,7 +21,7 @@ import torch
 
 from evaluation.image_quality import paired_difference, pooled_miou, segmentation_scores
 from shared.semantic.data import CAMVID_CLASSES, CAMVID_INFO, camvid
-from shared.semantic.segmenter import Segmenter
+from shared.semantic.segmenter import Segmenter, per_class_iou
 
 LABEL_SIZE = (192, 256)  # the data's resolution: the labels every file is scored against
 BATCH = 8
@@ -31,12 +31,6 @@ def predict(path: Path, images: torch.Tensor) -> np.ndarray:
     """Label ids of every val image at LABEL_SIZE from the segmenter file at `path`."""
     seg = Segmenter.from_checkpoint(path, "cpu")
     return np.concatenate([seg.segment_batch(images[i:i + BATCH]).numpy() for i in range(0, len(images), BATCH)])
-
-
-def per_class_iou(confusion: np.ndarray) -> list[float]:
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    return [float(t / u) if u else float("nan") for t, u in zip(tp, union)]
 
 
 def compare(paths: list[Path], names: list[str], data_root: str) -> dict:
@@ -49,7 +43,7 @@ def compare(paths: list[Path], names: list[str], data_root: str) -> dict:
                                                        CAMVID_INFO.ignore_index)
         rows.append({"name": name, "path": str(path), "pooled_miou": pooled_miou(pooled, CAMVID_INFO.ignore_index),
                      "pixel_accuracy": float(np.mean(accuracies)), "per_image_miou": ious.tolist(),
-                     "per_class_iou": per_class_iou(pooled)})
+                     "per_class_iou": per_class_iou(pooled).tolist()})
     for row in rows[1:]:
         row["paired_vs_first"] = paired_difference(row["per_image_miou"], rows[0]["per_image_miou"])
     return {"images": len(val), "rows": rows}
