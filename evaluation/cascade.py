@@ -39,6 +39,7 @@ from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.generator import SemanticImageGenerator, to_uint8_images
 from shared.semantic.diffusion.samplers import DistilledSampler
+from shared.semantic.fds import DEFAULT_FDS_VARIANT, FdsVariant
 from shared.semantic.segmenter import Segmenter
 from shared.semantic.upscaler import Upscaler, bicubic
 
@@ -66,12 +67,13 @@ class CascadeScorer:
         return {**self.scores(predicted), "fsd": frechet_distance(features, self.real_features)}
 
 
-def received_maps(map_labels: np.ndarray, snr_db: float, factor: int, seed: int) -> torch.Tensor:
+def received_maps(map_labels: np.ndarray, snr_db: float, factor: int, seed: int,
+                  fds_variant: FdsVariant = DEFAULT_FDS_VARIANT) -> torch.Tensor:
     """The FDS maps the receiver gets at `snr_db`, at the size they were sent (the map size / factor)."""
     labels = torch.from_numpy(map_labels).long()
     size = (labels.shape[-2] // factor, labels.shape[-1] // factor)
     return batched_conditions(labels, CodecConfig(num_classes=CAMVID_INFO.num_classes, downsample_factor=factor),
-                              torch.full((len(labels),), snr_db), size, use_fds=True,
+                              torch.full((len(labels),), snr_db), size, use_fds=True, fds_variant=fds_variant,
                               generator=torch.Generator().manual_seed(seed))
 
 
@@ -110,7 +112,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
     scenes = np.linspace(0, count - 1, GRID_SCENES).round().astype(int)
     for snr in args.snrs:
         started = time.monotonic()
-        received = received_maps(maps.labels[:count], snr, args.downsample_factor, seed=int(1000 * snr))
+        received = received_maps(maps.labels[:count], snr, args.downsample_factor, seed=int(1000 * snr),
+                                 fds_variant=FdsVariant(args.fds_variant))
         images = cascade_images(generator, upscaler, received, args.batch_size, sampling)
         scores = {row: scorer(images[row]) for row in ROWS}
         diff = paired_difference(scores["stage"]["per_image_miou"], scores["bicubic"]["per_image_miou"])
@@ -123,7 +126,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, np.nda
               flush=True)
     result = {"command": "python -m evaluation.cascade " + shlex.join(sys.argv[1:]), "images": count,
               "model": generator.info.name, "sampler": args.sampler, "upscaler": upscaler.model_name, "segmenter": args.segmenter,
-              "downsample_factor": args.downsample_factor, "map_size": [args.map_height, args.map_width],
+              "downsample_factor": args.downsample_factor, "fds_variant": args.fds_variant, "map_size": [args.map_height, args.map_width],
               "real": scorer.real, "rows": rows}
     if grid:
         grid.update(labels=full.labels[scenes], real=full.images[scenes])
@@ -153,7 +156,7 @@ def targets(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# The cascade at 192x256: the upscaling stage against bicubic", "",
-        f"{result['images']} CamVid val images, our link with FDS at downsample factor {result['downsample_factor']} "
+        f"{result['images']} CamVid val images, our link with FDS (`{result.get('fds_variant', 'paper')}`) at downsample factor {result['downsample_factor']} "
         f"(maps {result['map_size'][0]}x{result['map_size'][1]}), the paper's PSNR; generator `{result['model']}` "
         f"({result['sampler']}, guidance 2, seed = image index), stage `{result['upscaler']}`; scored at 192x256 by "
         f"`{result['segmenter']}`. Real 192x256 images: mIoU {result['real']['miou']:.3f}.", "",
@@ -186,6 +189,8 @@ def main() -> None:
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
     p.add_argument("--snrs", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 10.0, 100.0])
     p.add_argument("--downsample-factor", type=int, default=1)
+    p.add_argument("--fds-variant", default=DEFAULT_FDS_VARIANT.value, choices=[v.value for v in FdsVariant],
+                   help="the receiver's FDS (paper: eq. 2 as published)")
     p.add_argument("--sampler", default=":".join(map(str, DISTILLATION_TEACHER)), help="name:steps")
     p.add_argument("--map-height", type=int, default=96)
     p.add_argument("--map-width", type=int, default=128)

@@ -62,6 +62,7 @@ from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticImageGe
 from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.distilled import load_student
 from shared.semantic.diffusion.samplers import DistilledSampler
+from shared.semantic.fds import DEFAULT_FDS_VARIANT, FdsVariant
 from shared.semantic import rate_quality
 from shared.semantic.link import ReceivedViews, received_views, resize_maps
 from shared.semantic.segmenter import Segmenter
@@ -113,6 +114,9 @@ class EvaluationConfig:
     # condition adapter of the factor beside `model` where there is one (the distilled sampler: the
     # factor's student).
     downsample_factor: int = 1
+    # The FDS variant of the methods with FDS (shared/semantic/fds.py): the receiver's by default;
+    # "paper" is eq. 2 as published.
+    fds_variant: FdsVariant = DEFAULT_FDS_VARIANT
     batch_size: int = 8
     ldpc_iterations: int = 20
     cliff_snrs: tuple[float, ...] = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0)
@@ -131,6 +135,7 @@ class EvaluationConfig:
             raise ValueError("snrs is empty")
         for name in ("definitions", "ablation_definitions"):
             object.__setattr__(self, name, tuple(SnrDefinition(d) for d in getattr(self, name)))
+        object.__setattr__(self, "fds_variant", FdsVariant(self.fds_variant))
         if self.ablation_snrs is None:
             object.__setattr__(self, "ablation_snrs", self.snrs)
         sampling = self.sampling  # a LimitError (a ValueError naming the field) out of the limits
@@ -200,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     add_resolution_arguments(p, d, "ours' and the ablations' generated images")
     p.add_argument("--downsample-factor", type=int, default=d.downsample_factor,
                    help="ours' maps sent downsampled by this factor (through its condition adapter, as served)")
+    p.add_argument("--fds-variant", default=d.fds_variant.value, choices=[v.value for v in FdsVariant],
+                   help="the FDS of the methods with FDS (default: the receiver's; paper: eq. 2 as published)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images generated together")
     p.add_argument("--ldpc-iterations", type=int, default=d.ldpc_iterations)
     p.add_argument("--cliff-snrs", type=_floats, default=d.cliff_snrs,
@@ -417,7 +424,7 @@ class Evaluation:
         encoded = self.encoded[position]
         output = apply_channel(encoded.symbols, self.channel(definition, snr_db),
                                seed=self.channel_seed(position, definition, snr_db), map_scale=encoded.header.scale)
-        return output, received_views(output.symbols, encoded.header, use_fds)
+        return output, received_views(output.symbols, encoded.header, use_fds, self.config.fds_variant)
 
     # --- transmissions -----------------------------------------------------------------------------
     def semantic(self, method: Method, definition: SnrDefinition, snr_db: float) -> tuple[np.ndarray, dict[str, Any]]:
@@ -618,6 +625,8 @@ def run(config: EvaluationConfig, command: str) -> dict[str, Any]:
                        "model": file_stamp(config.model_path(method.model)) if method.model else None}
                 if method.kind == "semantic" and config.upscaler:  # the baselines' images do not depend on it
                     key["upscaler"] = file_stamp(config.upscaler)
+                if method.fds and config.fds_variant is not FdsVariant.PAPER:  # runs before the option used eq. 2
+                    key["fds_variant"] = config.fds_variant.value
                 cached = cache.load(key)
                 if cached is not None:
                     scores, grid_image = cached
@@ -726,7 +735,7 @@ def _settings(ev: Evaluation, config: EvaluationConfig, snrs: list[float], comma
         "definitions": [d.value for d in config.definitions],
         "ablation_definitions": [d.value for d in config.ablation_definitions],
         "sampler": config.sampler, "steps": config.steps, "guidance": config.guidance, "seed": config.seed,
-        "batch_size": config.batch_size, "ldpc_iterations": config.ldpc_iterations,
+        "fds_variant": config.fds_variant.value, "batch_size": config.batch_size, "ldpc_iterations": config.ldpc_iterations,
         "models": models,
         "segmenter": {"path": _relative(config.segmenter), "trained": segmenter.trained,
                       "input_size": [segmenter.config.input_height, segmenter.config.input_width],

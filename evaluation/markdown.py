@@ -51,6 +51,7 @@ def render(results: dict[str, Any], link_base: Path, out_dir: Path, plots: list[
         f"seed {s['seed']}. Generated images are made at the models' resolution "
         f"{', '.join(sorted({f'{v[0]}x{v[1]}' for v in s['generator_resolution'].values()})) or '—'} "
         + _stage_text(s),
+        _fds_line(s),
         f"- Noisy-trained model: `{s['models']['model']['path']}`"
         + (f" ({ours_info.get('name')}, {ours_info.get('training_steps')} training steps)." if ours_info else
            f" — {s['models']['model']['unavailable']}."),
@@ -111,6 +112,15 @@ def _resolution_line(s: dict[str, Any]) -> str:
             f"neighbour); the label map that is sent is that map resized to {map_height}x{map_width} (nearest "
             f"neighbour), as the sender takes its map at its map size. Every metric compares with the {height}x{width} "
             f"image and labels; the analog and digital baselines send the {height}x{width} image.")
+
+
+def _fds_line(s: dict[str, Any]) -> str:
+    """Which FDS the methods with FDS ran; reports from before the option ran eq. 2 as published."""
+    variant = s.get("fds_variant", "paper")
+    if variant == "paper":
+        return "- FDS: eq. 2 as published (`paper`), 3x3 average then 3x3 max pooling."
+    return (f"- FDS: `{variant}` (shared/semantic/fds.py; docs/fds.md compares it with eq. 2 as published, `paper`), "
+            "3x3 pooling.")
 
 
 def _stage_text(s: dict[str, Any]) -> str:

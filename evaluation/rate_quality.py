@@ -86,6 +86,7 @@ from shared.semantic.digital_link import (
 )
 from shared.semantic.ldpc import transmit_bytes
 from shared.semantic.diffusion.generator import SemanticImageGenerator
+from shared.semantic.fds import DEFAULT_FDS_VARIANT
 from shared.semantic.link import received_views, resize_maps
 from shared.semantic.map_jscc import load_map_jscc
 from shared.wire.imageio import resize_image
@@ -249,8 +250,10 @@ class RateQualityRun:
         self.num_classes = self.ev.info.num_classes
         self.height, self.width = self.ev.size  # evaluated: the images, the scores, the image baselines
         self.map_height, self.map_width = self.ev.map_size  # sent: the label map, ours' maps
-        # What a generated scene depends on beyond its configuration: the upscaling stage, if any.
-        self.stage = {"upscaler": file_stamp(config.upscaler)} if config.upscaler else {}
+        # What a generated scene depends on beyond its configuration: the upscaling stage, if any, and
+        # the receiver's FDS (runs before it was named in the key used eq. 2 as published).
+        self.stage = ({"upscaler": file_stamp(config.upscaler)} if config.upscaler else {}) | {
+            "fds_variant": DEFAULT_FDS_VARIANT.value}
         self.probe = SchemeProbe(config.seed, max_iterations=config.ldpc_iterations)
         self.schemes: dict[str, str | None] = {}  # average-power SNR -> the scheme link adaptation picks
         # Two caches: what arrived (every image; it does not depend on the segmenter) and its scores.

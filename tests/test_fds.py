@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.semantic.fds import FdsVariant, fds, fds_batched
+from shared.semantic.fds import DECIDE_ABOVE_NOISE_STD, FdsVariant, estimate_noise_std, fds, fds_batched
 
 NUM_CLASSES = 12
 HEIGHT, WIDTH = 32, 48
@@ -75,7 +75,7 @@ def test_fds_removes_most_channel_noise(variant: FdsVariant, seed: int) -> None:
 def test_kernel_one_is_identity() -> None:
     maps, ids, _ = blocky_present_maps(2)
     noisy = add_noise(maps, 0.6, 2)
-    out = fds(noisy, ids, NUM_CLASSES, avg_kernel=1, max_kernel=1)
+    out = fds(noisy, ids, NUM_CLASSES, avg_kernel=1, max_kernel=1, variant=FdsVariant.PAPER)
     torch.testing.assert_close(out[ids], noisy)
 
 
@@ -96,6 +96,65 @@ def test_argmax_variant_is_one_hot_over_present_classes() -> None:
     paper = fds(noisy, ids, NUM_CLASSES, variant=FdsVariant.PAPER)
     restricted = np.array(ids)[paper[ids].argmax(dim=0).numpy()]
     np.testing.assert_array_equal(out.argmax(dim=0).numpy(), restricted)
+
+
+def full_batch(examples: list[tuple[torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H, W) maps with garbage in the absent slots, and the (B, K) present mask."""
+    full = torch.full((len(examples), NUM_CLASSES, HEIGHT, WIDTH), 7.0)
+    mask = torch.zeros(len(examples), NUM_CLASSES, dtype=torch.bool)
+    for index, (maps, ids) in enumerate(examples):
+        full[index, ids] = maps
+        mask[index, ids] = True
+    return full, mask
+
+
+@pytest.mark.parametrize("std", [0.0, 0.1, 0.4, 0.9, 1.5])
+def test_noise_estimate_matches_the_channel_whatever_the_scene(std: float) -> None:
+    examples = [blocky_present_maps(seed, num_present=2 + 3 * seed, block=4 * 2**seed) for seed in range(3)]
+    full, mask = full_batch([(add_noise(maps, std, seed), ids) for seed, (maps, ids, _) in enumerate(examples)])
+    estimate = estimate_noise_std(full, mask)
+    np.testing.assert_allclose(estimate.numpy(), std, atol=0.03 + 0.04 * std)
+
+
+def test_noise_estimate_holds_for_soft_maps() -> None:
+    """Maps smoothed as area downsampling and bilinear enlarging smooth them still sum to 1 at every
+    pixel: the estimate is the noise's, not the scene's."""
+    maps, ids, _ = blocky_present_maps(6, num_present=6, block=4)
+    soft = torch.nn.functional.avg_pool2d(maps[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    assert bool(((soft > 0.1) & (soft < 0.9)).any())
+    estimate = estimate_noise_std(*full_batch([(add_noise(soft, 0.5, 6), ids)]))
+    assert float(estimate) == pytest.approx(0.5, abs=0.04)
+
+
+def test_two_pass_is_eq_2_of_the_decided_map() -> None:
+    maps, ids, _ = blocky_present_maps(7)
+    noisy = add_noise(maps, 0.9, 7)
+    decided = fds(noisy, ids, NUM_CLASSES, variant=FdsVariant.ARGMAX)
+    two_pass = fds(noisy, ids, NUM_CLASSES, variant=FdsVariant.TWO_PASS)
+    torch.testing.assert_close(two_pass, fds(decided[ids], ids, NUM_CLASSES, variant=FdsVariant.PAPER))
+    # A pooled 0/1 map: every value a count over a 3x3 window (4 or 6 pixels at the borders).
+    counts = two_pass * 36
+    torch.testing.assert_close(counts, counts.round(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_two_pass_cleans_heavy_noise_better_than_one(seed: int) -> None:
+    maps, ids, label_map = blocky_present_maps(seed)
+    noisy = add_noise(maps, 0.9, seed)
+    one = np.array(ids)[fds(noisy, ids, NUM_CLASSES, variant=FdsVariant.PAPER)[ids].argmax(dim=0).numpy()]
+    two = fds(noisy, ids, NUM_CLASSES, variant=FdsVariant.TWO_PASS).argmax(dim=0).numpy()
+    inside = interior_mask(label_map, radius=1)
+    assert np.mean(two[inside] == label_map[inside]) > np.mean(one[inside] == label_map[inside])
+
+
+def test_adaptive_decides_only_for_noisy_maps() -> None:
+    maps, ids, _ = blocky_present_maps(8)
+    quiet, loud = add_noise(maps, DECIDE_ABOVE_NOISE_STD - 0.15, 1), add_noise(maps, DECIDE_ABOVE_NOISE_STD + 0.15, 2)
+    full, mask = full_batch([(quiet, ids), (loud, ids)])
+    adaptive = fds_batched(full, mask, variant=FdsVariant.ADAPTIVE)
+    torch.testing.assert_close(adaptive[0], fds_batched(full, mask, variant=FdsVariant.PAPER)[0])
+    torch.testing.assert_close(adaptive[1], fds_batched(full, mask, variant=FdsVariant.TWO_PASS)[1])
+    assert not torch.equal(adaptive[0], fds_batched(full, mask, variant=FdsVariant.TWO_PASS)[0])
 
 
 @pytest.mark.parametrize("variant", list(FdsVariant))

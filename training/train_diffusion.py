@@ -50,6 +50,7 @@ from shared.semantic.diffusion.gaussian_diffusion import DiffusionConfig, Gaussi
 from shared.semantic.diffusion.generator import CHECKPOINT_KIND, SemanticDiffusionConfig
 from shared.semantic.diffusion.samplers import DDIMSampler, GuidedModel
 from shared.semantic.diffusion.unet import SemanticUNet, UNetConfig
+from shared.semantic.fds import DEFAULT_FDS_VARIANT, FdsVariant
 from training.config_cli import config_parser
 from training.run_state import log_record, save_atomically
 from training.weight_parts import has_parts, load_parts, save_parts
@@ -97,6 +98,9 @@ class TrainConfig:
     snr_definition: str = "paper_psnr"
     downsample_factor: int = 1
     use_fds: bool = True
+    # the FDS variant of the training link (shared/semantic/fds.py); the shipped files up to
+    # diffusion-camvid-next.pt were trained with "paper", eq. 2 as published
+    fds_variant: str = DEFAULT_FDS_VARIANT.value
     # "all" trains every weight; "spade" only the SPADE layers of an --init-from base, exported as
     # a condition adapter for this downsample factor (shared/semantic/diffusion/adapters.py)
     trainable: str = "all"
@@ -123,6 +127,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.amp not in AMP_DTYPES:
         parser.error(f"--amp must be one of {sorted(AMP_DTYPES)}, not {cfg.amp!r}")
+    if cfg.fds_variant not in {variant.value for variant in FdsVariant}:
+        parser.error(f"--fds-variant must be one of {[variant.value for variant in FdsVariant]}, not {cfg.fds_variant!r}")
     if cfg.trainable not in TRAINABLE:
         parser.error(f"--trainable must be one of {TRAINABLE}, not {cfg.trainable!r}")
     if cfg.trainable == "spade" and not cfg.init_from:
@@ -159,7 +165,8 @@ def reference_conditions(labels: torch.Tensor, cfg: TrainConfig, rng: np.random.
         snr_db = float(rng.choice(cfg.snr_values_db, p=probs)) if cfg.noisy_training else 100.0
         channel = ChannelConfig(snr_db=snr_db, snr_definition=SnrDefinition(cfg.snr_definition))
         link = simulate_link(label_map, codec_config(cfg), channel, seed=int(rng.integers(2**63)),
-                             out_size=(cfg.image_height, cfg.image_width), use_fds=cfg.use_fds)
+                             out_size=(cfg.image_height, cfg.image_width), use_fds=cfg.use_fds,
+                             fds_variant=FdsVariant(cfg.fds_variant))
         conditions.append(torch.from_numpy(link.condition))
     return torch.stack(conditions)
 
@@ -242,7 +249,8 @@ class Trainer:
             cond = clean_conditions(labs, self.size)
         else:
             cond = batched_conditions(labs, self.codec, torch.full((len(idx),), 100.0), self.size,
-                                      snr_definition=self.cfg.snr_definition, use_fds=self.cfg.use_fds, generator=g)
+                                      snr_definition=self.cfg.snr_definition, use_fds=self.cfg.use_fds,
+                                      fds_variant=FdsVariant(self.cfg.fds_variant), generator=g)
         return {
             "x0": x0, "labels": labs, "cond": cond,
             "t": torch.randint(0, self.diffusion.num_timesteps, (len(idx),), generator=g),
@@ -367,7 +375,7 @@ class Trainer:
             else:
                 snr = torch.full((n,), 100.0, device=self.device)
             cond = batched_conditions(labels, self.codec, snr, self.size, snr_definition=cfg.snr_definition,
-                                      use_fds=cfg.use_fds, generator=self.gen)
+                                      use_fds=cfg.use_fds, fds_variant=FdsVariant(cfg.fds_variant), generator=self.gen)
         else:
             cond = reference_conditions(labels, cfg, self.rng).to(self.device)
         drop = torch.rand(cond.shape[0], generator=self.gen, device=self.device) < cfg.condition_dropout

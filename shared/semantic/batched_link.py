@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from gesco.options import DEFAULT_SNR_DEFINITION, SnrDefinition, names
 from shared.limits import MAX_SNR_DB, MIN_SNR_DB
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map
-from shared.semantic.fds import FdsVariant, fds_batched
+from shared.semantic.fds import DEFAULT_FDS_VARIANT, FdsVariant, fds_batched
 
 SNR_DEFINITIONS = names(SnrDefinition)
 # On the CPU, batches go through in chunks of this many maps: a 64-map batch's (B, K, H, W)
@@ -101,7 +101,7 @@ def batched_conditions(
     out_size: tuple[int, int],
     snr_definition: str = DEFAULT_SNR_DEFINITION.value,
     use_fds: bool = True,
-    fds_variant: FdsVariant = FdsVariant.PAPER,
+    fds_variant: FdsVariant = DEFAULT_FDS_VARIANT,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(B, H, W) integer label maps -> (B, K, h, w) float32 model conditions on the labels' device.

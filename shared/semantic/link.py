@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shared.semantic.channels import ChannelConfig, ChannelOutput, apply_channel
 from shared.semantic.codec import CodecConfig, EncodedMaps, SemanticHeader, decode_present_maps, encode_label_map, reinsert_absent_classes
-from shared.semantic.fds import FdsVariant, fds
+from shared.semantic.fds import DEFAULT_FDS_VARIANT, FdsVariant, fds
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ReceivedViews:
 
 
 def received_views(symbols: np.ndarray, header: SemanticHeader, use_fds: bool = True,
-                   fds_variant: FdsVariant = FdsVariant.PAPER) -> ReceivedViews:
+                   fds_variant: FdsVariant = DEFAULT_FDS_VARIANT) -> ReceivedViews:
     """Invert the codec on received symbols and clean the maps with FDS."""
     present = decode_present_maps(symbols, header)
     noisy = reinsert_absent_classes(present, header.present_class_ids, header.num_classes)
@@ -47,7 +47,7 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def received_condition(symbols: np.ndarray, header: SemanticHeader, out_size: tuple[int, int],
-                       use_fds: bool = True, fds_variant: FdsVariant = FdsVariant.PAPER) -> np.ndarray:
+                       use_fds: bool = True, fds_variant: FdsVariant = DEFAULT_FDS_VARIANT) -> np.ndarray:
     """The (K, h, w) condition the diffusion model gets for these received symbols."""
     return resize_maps(received_views(symbols, header, use_fds, fds_variant).fds_maps, out_size)
 
@@ -61,7 +61,7 @@ class LinkResult:
 
 def simulate_link(label_map: np.ndarray, codec_config: CodecConfig, channel_config: ChannelConfig, seed: int,
                   out_size: tuple[int, int], use_fds: bool = True,
-                  fds_variant: FdsVariant = FdsVariant.PAPER) -> LinkResult:
+                  fds_variant: FdsVariant = DEFAULT_FDS_VARIANT) -> LinkResult:
     """Send a label map through codec and channel and return what the model will be conditioned on."""
     encoded = encode_label_map(label_map, codec_config)
     received = apply_channel(encoded.symbols, channel_config, seed=seed, map_scale=encoded.header.scale)
