@@ -181,12 +181,17 @@ def grid_picture(grid: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(rows, axis=0)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The data and the three networks of a cascade run, with the shipped files as defaults."""
     p.add_argument("--data-root", default="../shared/data/camvid")
     p.add_argument("--model", default="models/diffusion-camvid.pt")
     p.add_argument("--upscaler", default="models/upscaler-camvid.pt")
     p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--snrs", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 10.0, 100.0])
     p.add_argument("--downsample-factor", type=int, default=1)
     p.add_argument("--fds-variant", default=DEFAULT_FDS_VARIANT.value, choices=[v.value for v in FdsVariant],

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from shared.semantic.batched_link import SNR_DEFINITIONS, batched_conditions, draw_snr_db
-from shared.semantic.channels import ChannelConfig, SnrDefinition
+from shared.semantic.channels import ChannelConfig, SnrDefinition, apply_channel
 from shared.semantic.codec import CodecConfig, Compression, encode_label_map
+from shared.semantic.fds import FdsVariant
 from shared.semantic.link import received_condition, received_views, resize_maps, simulate_link
 
 
@@ -50,6 +51,20 @@ def test_received_views_and_condition_sizes() -> None:
     assert condition.min() >= 0.0 and condition.max() <= 1.0 + 1e-6
     # FDS's max pooling dilates every class by a pixel: away from edges the argmax is the label.
     np.testing.assert_array_equal(views.fds_maps.argmax(0)[8:24, 8:40], labels[8:24, 8:40])
+
+
+@pytest.mark.parametrize("snr_db, decided", [(1.0, True), (5.0, True), (10.0, False), (100.0, False)])
+def test_the_receivers_fds_decides_only_at_low_snr(snr_db: float, decided: bool) -> None:
+    """The link's FDS is the receiver's adaptive one: the maps' own noise estimate picks eq. 2 twice
+    with a decision between (below 7.5 dB of PSNR) or eq. 2 alone, with no SNR given to it."""
+    labels = blocky_label_map()
+    encoded = encode_label_map(labels, CodecConfig(num_classes=12))
+    received = apply_channel(encoded.symbols, ChannelConfig(snr_db=snr_db), seed=4, map_scale=encoded.header.scale)
+    served = received_views(received.symbols, encoded.header).fds_maps
+    expected = FdsVariant.TWO_PASS if decided else FdsVariant.PAPER
+    other = FdsVariant.PAPER if decided else FdsVariant.TWO_PASS
+    np.testing.assert_array_equal(served, received_views(received.symbols, encoded.header, fds_variant=expected).fds_maps)
+    assert not np.array_equal(served, received_views(received.symbols, encoded.header, fds_variant=other).fds_maps)
 
 
 def test_resize_maps_area_and_bilinear() -> None:

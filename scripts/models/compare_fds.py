@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation.cascade import TEACHER, CascadeScorer, cascade_images
+from evaluation.cascade import TEACHER, CascadeScorer, add_model_arguments, cascade_images
 from evaluation.image_quality import paired_difference, pooled_miou, segmentation_scores
 from shared.semantic.batched_link import batched_conditions, present_maps
 from shared.semantic.codec import CodecConfig
@@ -130,10 +130,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="../shared/data/camvid")
-    p.add_argument("--model", default="models/diffusion-camvid.pt")
-    p.add_argument("--upscaler", default="models/upscaler-camvid.pt")
-    p.add_argument("--segmenter", default="models/segmenter-camvid.pt")
+    add_model_arguments(p)
     p.add_argument("--variants", type=lambda s: [FdsVariant(v) for v in s.split(",")],
                    default=[FdsVariant.PAPER, FdsVariant.TWO_PASS, FdsVariant.ADAPTIVE])
     p.add_argument("--snrs", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 3.0, 5.0, 10.0, 100.0])
