@@ -7,8 +7,9 @@ same received maps. Two measures per variant:
 * the map: the argmax over the present classes against the sent label map (pixel accuracy and
   mIoU, 11 classes, void excluded), and the blind noise estimate `fds.estimate_noise_std` against
   the channel's true std;
-* the scene: the served cascade (the base generator, DDIM 10, guidance 2, seed = image position,
-  then the upscaling stage on the variant's maps) scored at 192x256 by the segmenter: pooled mIoU,
+* the scene: the served cascade (the base generator with the factor's condition adapter, DDIM 10,
+  guidance 2, seed = image position, then the upscaling stage on the variant's maps at the size
+  they were sent) scored at 192x256 by the segmenter: pooled mIoU,
   the Frechet segmenter distance, and the per-image mIoU paired against the first variant's.
 
 Variants whose maps equal an earlier variant's at an SNR reuse its scenes (ADAPTIVE is one of PAPER
@@ -32,9 +33,10 @@ import torch
 
 from evaluation.cascade import TEACHER, CascadeScorer, add_model_arguments, cascade_images
 from evaluation.image_quality import paired_difference, pooled_miou, segmentation_scores
-from shared.semantic.batched_link import batched_conditions, present_maps
+from shared.semantic.batched_link import batched_conditions, present_maps, resize_batch
 from shared.semantic.codec import CodecConfig
 from shared.semantic.data import CAMVID_INFO, camvid
+from shared.semantic.diffusion.adapters import adapted_generators
 from shared.semantic.diffusion.generator import SemanticImageGenerator
 from shared.semantic.fds import DECIDE_ABOVE_NOISE_STD, FdsVariant, estimate_noise_std, fds_batched
 from shared.semantic.segmenter import Segmenter
@@ -56,10 +58,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     sent = camvid(args.data_root, "val", size=MAP_SIZE)
     picks = np.linspace(0, len(full) - 1, args.limit or len(full)).round().astype(int)
     scorer = CascadeScorer(full.images[picks], full.labels[picks], Segmenter.from_checkpoint(args.segmenter, "cpu"))
-    generator = SemanticImageGenerator.load(args.model, device="cpu")
+    base = SemanticImageGenerator.load(args.model, device="cpu")
+    factor = args.downsample_factor
+    generator = adapted_generators(base).get(factor, base) if factor > 1 else base  # as the receiver serves it
+    sent_size = (MAP_SIZE[0] // factor, MAP_SIZE[1] // factor)
     upscaler = Upscaler.from_checkpoint(args.upscaler, "cpu")
     labels = torch.from_numpy(sent.labels[picks]).long()
-    codec = CodecConfig(num_classes=CAMVID_INFO.num_classes)
+    codec = CodecConfig(num_classes=CAMVID_INFO.num_classes, downsample_factor=factor)
     _, present = present_maps(labels, codec)
     rows = []
     for snr in args.snrs:
@@ -75,7 +80,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             maps = fds_batched(received, present, variant=variant)
             scene = next((scores for earlier, scores in done if torch.equal(earlier, maps)), None)
             if scene is None:
-                scene = scorer(cascade_images(generator, upscaler, maps, args.batch_size, TEACHER)["stage"])
+                # The stage reads the maps at the size they were sent, as evaluation.cascade gives them.
+                scene = scorer(cascade_images(generator, upscaler, resize_batch(maps, sent_size), args.batch_size,
+                                              TEACHER)["stage"])
                 done.append((maps, scene))
             row["variants"][variant.value] = {"map": map_scores(maps, present, sent.labels[picks]), **scene}
             print(f"{snr:g} dB {variant.value}: scene mIoU {scene['miou']:.4f} FSD {scene['fsd']:.3f} "
@@ -85,6 +92,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             scores["paired_vs_first"] = paired_difference(scores["per_image_miou"], first)
         rows.append(row)
     return {"command": "python -m scripts.models.compare_fds " + shlex.join(sys.argv[1:]), "images": len(picks),
+            "downsample_factor": factor,
             "model": generator.info.name, "upscaler": upscaler.model_name, "segmenter": args.segmenter,
             "threshold": DECIDE_ABOVE_NOISE_STD, "real_miou": scorer.real["miou"], "rows": rows}
 
@@ -94,9 +102,10 @@ def markdown(result: dict[str, Any]) -> str:
     first = names[0]
     lines = [
         "# FDS variants compared on CamVid val", "",
-        f"Produced by `{result['command']}`. {result['images']} val images spread evenly over the split; maps sent at "
-        f"{MAP_SIZE[0]}x{MAP_SIZE[1]}, AWGN at the paper's PSNR; scenes by `{result['model']}` (DDIM 10, guidance 2) "
-        f"and the stage `{result['upscaler']}`, scored at {SCENE_SIZE[0]}x{SCENE_SIZE[1]} by `{result['segmenter']}` "
+        f"Produced by `{result['command']}`. {result['images']} val images spread evenly over the split; label maps "
+        f"of {MAP_SIZE[0]}x{MAP_SIZE[1]} sent at downsample factor {result.get('downsample_factor', 1)} (FDS runs on the "
+        f"received maps enlarged to {MAP_SIZE[0]}x{MAP_SIZE[1]}, as the receiver's), AWGN at the paper's PSNR; scenes by `{result['model']}` (DDIM 10, guidance 2) "
+        f"(with the factor's condition adapter where one is shipped) and the stage `{result['upscaler']}`, scored at {SCENE_SIZE[0]}x{SCENE_SIZE[1]} by `{result['segmenter']}` "
         f"(the real images: mIoU {result['real_miou']:.3f}). ADAPTIVE decides above an estimated noise std of "
         f"{result['threshold']:g}.", "",
         "## Scenes: mIoU / FSD, and the per-image mIoU minus " + first + "'s (mean ± s.e.)", "",
@@ -134,6 +143,7 @@ def main() -> None:
     p.add_argument("--variants", type=lambda s: [FdsVariant(v) for v in s.split(",")],
                    default=[FdsVariant.PAPER, FdsVariant.TWO_PASS, FdsVariant.ADAPTIVE])
     p.add_argument("--snrs", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 3.0, 5.0, 10.0, 100.0])
+    p.add_argument("--downsample-factor", type=int, default=1, help="the codec's factor (the sender's option)")
     p.add_argument("--limit", type=int, default=32, help="val images, spread evenly (0: all 101)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
