@@ -88,22 +88,21 @@ def fds_batched(
     avg_kernel = _checked_kernel(avg_kernel, "avg_kernel")
     max_kernel = _checked_kernel(max_kernel, "max_kernel")
     variant = FdsVariant(variant)
-    averaged = F.avg_pool2d(
-        maps_full, avg_kernel, stride=1, padding=avg_kernel // 2, count_include_pad=False
-    )
-    pooled = F.max_pool2d(averaged, max_kernel, stride=1, padding=max_kernel // 2)
     mask = present_mask[:, :, None, None]
-    paper = pooled * mask.to(pooled.dtype)
+    pooled = _eq2(maps_full, avg_kernel, max_kernel)
     if variant is FdsVariant.PAPER:
-        return paper
-    decided = _one_hot_over_present(pooled, mask)
+        return pooled * mask.to(pooled.dtype)
     if variant is FdsVariant.ARGMAX:
-        return decided
-    two_pass = fds_batched(decided, present_mask, avg_kernel, max_kernel, FdsVariant.PAPER)
+        return _one_hot_over_present(pooled, mask)
     if variant is FdsVariant.TWO_PASS:
-        return two_pass
-    noisy = estimate_noise_std(maps_full, present_mask) > DECIDE_ABOVE_NOISE_STD
-    return torch.where(noisy[:, None, None, None], two_pass, paper)
+        return _eq2(_one_hot_over_present(pooled, mask), avg_kernel, max_kernel) * mask.to(pooled.dtype)
+    # ADAPTIVE: the second pass only for the maps whose noise calls for a decision.
+    out = pooled * mask.to(pooled.dtype)
+    noisy = _noise_std(maps_full, present_mask) > DECIDE_ABOVE_NOISE_STD
+    if bool(noisy.any()):
+        decided = _one_hot_over_present(pooled[noisy], mask[noisy])
+        out[noisy] = _eq2(decided, avg_kernel, max_kernel) * mask[noisy].to(pooled.dtype)
+    return out
 
 
 def estimate_noise_std(maps_full: torch.Tensor, present_mask: torch.Tensor) -> torch.Tensor:
@@ -114,9 +113,20 @@ def estimate_noise_std(maps_full: torch.Tensor, present_mask: torch.Tensor) -> t
     sum of C noise values: its mean square over the pixels is C sigma^2, whatever the scene.
     """
     _check_batched_inputs(maps_full, present_mask)
+    return _noise_std(maps_full, present_mask)
+
+
+def _noise_std(maps_full: torch.Tensor, present_mask: torch.Tensor) -> torch.Tensor:
+    """`estimate_noise_std` on checked inputs."""
     mask = present_mask[:, :, None, None].to(maps_full.dtype)
     excess = (maps_full * mask).sum(dim=1) - 1.0
     return torch.sqrt(excess.square().mean(dim=(1, 2)) / present_mask.sum(dim=1).to(maps_full.dtype))
+
+
+def _eq2(maps: torch.Tensor, avg_kernel: int, max_kernel: int) -> torch.Tensor:
+    """MaxPool(AvgPool(maps)), 'same'-size; the absent slots are the caller's to zero."""
+    averaged = F.avg_pool2d(maps, avg_kernel, stride=1, padding=avg_kernel // 2, count_include_pad=False)
+    return F.max_pool2d(averaged, max_kernel, stride=1, padding=max_kernel // 2)
 
 
 def _one_hot_over_present(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
